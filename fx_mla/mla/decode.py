@@ -110,7 +110,7 @@ class MLADecode(nn.Module):
         cfg = self.cfg
         check_decode_inputs(cfg, q_nope, q_pe, kv_cache, block_table, seq_lens, k_scale, q_scale)
         if not torch.compiler.is_compiling():
-            check_decode_data(cfg, kv_cache, block_table, seq_lens)
+            check_decode_data(cfg, kv_cache, block_table, seq_lens, int(self.dcp_rank))
         ql_nope = torch.einsum("bhp,hpl->bhl", q_nope, self.w_uk)
         q = torch.cat([ql_nope, q_pe], dim=-1)
         if cfg.dcp_size > 1:

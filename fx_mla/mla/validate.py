@@ -69,14 +69,13 @@ def check_block_ids(block_table: torch.Tensor, num_blocks: int) -> None:
                          f"for a cache of {num_blocks} blocks")
 
 
-def check_decode_data(cfg: MLAConfig, kv_cache, block_table, seq_lens) -> None:
+def check_decode_data(cfg: MLAConfig, kv_cache, block_table, seq_lens, rank: int) -> None:
     from .cache import local_count
 
     check_block_ids(block_table, kv_cache.shape[0])
     capacity = block_table.shape[1] * cfg.block_size
     for b, s in enumerate(seq_lens.tolist()):
         _expect(s >= 0, f"seq_lens[{b}] = {s} is negative")
-        # Rank 0 holds the largest share of every sequence, so its count bounds every rank's.
-        local = local_count(s, cfg.dcp_size, 0, cfg.interleave)
-        _expect(local <= capacity, f"seq_lens[{b}] = {s} needs {local} tokens on a rank, past the "
+        local = local_count(s, cfg.dcp_size, rank, cfg.interleave)
+        _expect(local <= capacity, f"seq_lens[{b}] = {s} needs {local} tokens on rank {rank}, past the "
                                    f"{capacity} tokens its block_table row holds")
