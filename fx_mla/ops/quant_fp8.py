@@ -1,0 +1,215 @@
+"""torch.ops.fx_mla.quant_fp8 family: FP8 quantization, saturating, round-to-nearest-even.
+
+Ops (registered on import):
+  quant_fp8(Tensor x, Tensor scale, ScalarType fp8_dtype, bool scale_is_reciprocal=False) -> Tensor
+  quant_fp8_dynamic(Tensor x, ScalarType fp8_dtype) -> (Tensor q, Tensor scale)
+  quant_fp8_per_token(Tensor x, ScalarType fp8_dtype) -> (Tensor q, Tensor scales)
+
+Semantics = the plain PyTorch chain, bitwise (NaN stays NaN; its sign/payload bits are not promised):
+  quant_fp8:           (x / scale).clamp(-fmax, fmax).to(fp8_dtype)   or  x * scale  when
+                       scale_is_reciprocal. The quotient takes torch's promoted dtype
+                       result_type(x, scale): a 0-dim scale keeps x.dtype (fp32 quotient rounded to
+                       bf16/fp16 before the clamp), a 1-element scale with dims promotes to fp32.
+                       On CPU and under Inductor the scale is used in fp32 as is. (Eager CUDA casts
+                       a 0-dim CUDA scale to x.dtype before dividing; we follow CPU and Inductor.)
+  quant_fp8_dynamic:   scale = fp8_scale_from_amax(x.abs().amax()) (0-dim fp32), then quant_fp8.
+  quant_fp8_per_token: scales = fp8_scale_from_amax(x.abs().amax(-1, keepdim=True)), shape
+                       x.shape[:-1] + (1,), fp32; q = (x / scales).clamp(..).to(fp8) (fp32 quotient).
+The CPU implementation is that chain (the test oracle); the CUDA one launches the Triton kernels of
+fx_mla/ops/kernels/quant_fp8.py, reading scales on the device (no host sync: CUDA-graph safe).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from fx_mla.ops._fp8 import (AMAX_FLOOR, FP8_MAX, check_fp8_dtype, check_input_tensor,
+                             check_scale_tensor, fp8_scale_from_amax, fp8_supported)
+
+__all__ = ["quant_fp8", "quant_fp8_dynamic", "quant_fp8_per_token", "fp8_scale_from_amax",
+           "quant_fp8_reference", "quant_fp8_dynamic_reference", "quant_fp8_per_token_reference"]
+
+# Launch configuration, in one place. These kernels are memory-bound streams: a tile of 4096
+# elements over 8 warps gives each thread 16 elements (two 16-byte bf16 loads) in flight.
+STATIC_BLOCK = 4096
+STATIC_WARPS = 8
+AMAX_BLOCK = 8192          # elements reduced by one stage-1 program of the dynamic scale
+AMAX_WARPS = 8
+FINALIZE_BLOCK = 1024      # partials folded per step by the single stage-2 program
+PER_TOKEN_MAX_BLOCK = 4096  # a row longer than this is processed in tiles, read twice
+PER_TOKEN_WARPS = 4
+
+
+# ---------------------------------------------------------------- validation
+
+def _check_static(x, scale, fp8_dtype):
+    check_fp8_dtype(fp8_dtype)
+    check_input_tensor(x)
+    check_scale_tensor(scale, x)
+
+
+def _check_dynamic(x, fp8_dtype):
+    check_fp8_dtype(fp8_dtype)
+    check_input_tensor(x)
+    if x.numel() == 0:
+        raise ValueError("x must have at least one element to compute a dynamic scale")
+
+
+def _check_per_token(x, fp8_dtype):
+    check_fp8_dtype(fp8_dtype)
+    check_input_tensor(x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dim (the token's features), got shape "
+                         f"{tuple(x.shape)}")
+
+
+def _check_cuda_capability(x, fp8_dtype):
+    reason = fp8_supported(fp8_dtype, torch.cuda.get_device_capability(x.device))
+    if reason is not None:
+        raise RuntimeError(f"quant_fp8 cannot run on {x.device}: {reason}")
+
+
+# ---------------------------------------------------------------- plain-torch references
+
+def quant_fp8_reference(x, scale, fp8_dtype, scale_is_reciprocal=False):
+    fmax = FP8_MAX[fp8_dtype]
+    y = x * scale if scale_is_reciprocal else x / scale
+    return y.clamp(-fmax, fmax).to(fp8_dtype).contiguous()
+
+
+def quant_fp8_dynamic_reference(x, fp8_dtype):
+    scale = fp8_scale_from_amax(x.abs().amax(), fp8_dtype)
+    return quant_fp8_reference(x, scale, fp8_dtype), scale
+
+
+def quant_fp8_per_token_reference(x, fp8_dtype):
+    scales = fp8_scale_from_amax(x.abs().amax(dim=-1, keepdim=True), fp8_dtype)
+    return quant_fp8_reference(x, scales, fp8_dtype), scales.contiguous()
+
+
+# ---------------------------------------------------------------- Triton launchers
+# Plain functions of contiguous tensors, so tests can drive them under TRITON_INTERPRET=1 on CPU.
+
+def _tl_fp8(fp8_dtype):
+    import triton.language as tl
+    return tl.float8e4nv if fp8_dtype == torch.float8_e4m3fn else tl.float8e5
+
+
+def launch_quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal, out):
+    import triton
+    from fx_mla.ops.kernels.quant_fp8 import _quant_fp8_kernel
+    n = x.numel()
+    if n == 0:
+        return out
+    round_to_input = torch.result_type(x, scale) != torch.float32
+    grid = (triton.cdiv(n, STATIC_BLOCK),)
+    _quant_fp8_kernel[grid](x, scale, out, n, FMAX=FP8_MAX[fp8_dtype],
+                            RECIPROCAL=bool(scale_is_reciprocal), ROUND_TO_INPUT=round_to_input,
+                            OUT_DTYPE=_tl_fp8(fp8_dtype), BLOCK=STATIC_BLOCK,
+                            num_warps=STATIC_WARPS)
+    return out
+
+
+def launch_dynamic_scale(x, scale_out, fp8_dtype):
+    import triton
+    from fx_mla.ops.kernels.quant_fp8 import (_quant_fp8_amax_finalize_kernel,
+                                              _quant_fp8_amax_partial_kernel)
+    n = x.numel()
+    n_partials = triton.cdiv(n, AMAX_BLOCK)
+    partials = torch.empty(n_partials, dtype=torch.float32, device=x.device)
+    _quant_fp8_amax_partial_kernel[(n_partials,)](x, partials, n, BLOCK=AMAX_BLOCK,
+                                                  num_warps=AMAX_WARPS)
+    _quant_fp8_amax_finalize_kernel[(1,)](partials, n_partials, scale_out, AMAX_FLOOR,
+                                          FMAX=FP8_MAX[fp8_dtype], BLOCK=FINALIZE_BLOCK,
+                                          num_warps=4)
+    return scale_out
+
+
+def launch_quant_fp8_per_token(x, fp8_dtype, out, scales_out):
+    import triton
+    from fx_mla.ops.kernels.quant_fp8 import _quant_fp8_per_token_kernel
+    n_cols = x.shape[-1]
+    n_rows = x.numel() // n_cols
+    if n_rows == 0:
+        return out, scales_out
+    block_n = min(triton.next_power_of_2(n_cols), PER_TOKEN_MAX_BLOCK)
+    _quant_fp8_per_token_kernel[(n_rows,)](x, out, scales_out, n_cols, AMAX_FLOOR,
+                                           FMAX=FP8_MAX[fp8_dtype], OUT_DTYPE=_tl_fp8(fp8_dtype),
+                                           BLOCK_N=block_n, SINGLE_TILE=block_n >= n_cols,
+                                           num_warps=PER_TOKEN_WARPS)
+    return out, scales_out
+
+
+# ---------------------------------------------------------------- registration
+
+@torch.library.custom_op("fx_mla::quant_fp8", mutates_args=())
+def quant_fp8(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
+              scale_is_reciprocal: bool = False) -> torch.Tensor:
+    """Static per-tensor FP8 quantization: (x / scale) or (x * scale), clamped, cast RNE."""
+    _check_static(x, scale, fp8_dtype)
+    return quant_fp8_reference(x, scale, fp8_dtype, scale_is_reciprocal)
+
+
+@quant_fp8.register_fake
+def _(x, scale, fp8_dtype, scale_is_reciprocal=False):
+    _check_static(x, scale, fp8_dtype)
+    return x.new_empty(x.shape, dtype=fp8_dtype)
+
+
+@quant_fp8.register_kernel("cuda")
+def _(x, scale, fp8_dtype, scale_is_reciprocal=False):
+    _check_static(x, scale, fp8_dtype)
+    _check_cuda_capability(x, fp8_dtype)
+    out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
+    return launch_quant_fp8(x.contiguous(), scale, fp8_dtype, scale_is_reciprocal, out)
+
+
+@torch.library.custom_op("fx_mla::quant_fp8_dynamic", mutates_args=())
+def quant_fp8_dynamic(x: torch.Tensor, fp8_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-tensor FP8 quantization; returns (q, scale) with scale a 0-dim fp32 tensor."""
+    _check_dynamic(x, fp8_dtype)
+    return quant_fp8_dynamic_reference(x, fp8_dtype)
+
+
+@quant_fp8_dynamic.register_fake
+def _(x, fp8_dtype):
+    _check_dynamic(x, fp8_dtype)
+    return x.new_empty(x.shape, dtype=fp8_dtype), x.new_empty((), dtype=torch.float32)
+
+
+@quant_fp8_dynamic.register_kernel("cuda")
+def _(x, fp8_dtype):
+    _check_dynamic(x, fp8_dtype)
+    _check_cuda_capability(x, fp8_dtype)
+    x = x.contiguous()
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    launch_dynamic_scale(x, scale, fp8_dtype)
+    out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
+    launch_quant_fp8(x, scale, fp8_dtype, False, out)
+    return out, scale
+
+
+@torch.library.custom_op("fx_mla::quant_fp8_per_token", mutates_args=())
+def quant_fp8_per_token(x: torch.Tensor,
+                        fp8_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 quantization (one scale per row of the last dim); returns (q, scales)."""
+    _check_per_token(x, fp8_dtype)
+    return quant_fp8_per_token_reference(x, fp8_dtype)
+
+
+@quant_fp8_per_token.register_fake
+def _(x, fp8_dtype):
+    _check_per_token(x, fp8_dtype)
+    return (x.new_empty(x.shape, dtype=fp8_dtype),
+            x.new_empty(tuple(x.shape[:-1]) + (1,), dtype=torch.float32))
+
+
+@quant_fp8_per_token.register_kernel("cuda")
+def _(x, fp8_dtype):
+    _check_per_token(x, fp8_dtype)
+    _check_cuda_capability(x, fp8_dtype)
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
+    scales = torch.empty(tuple(x.shape[:-1]) + (1,), dtype=torch.float32, device=x.device)
+    return launch_quant_fp8_per_token(x, fp8_dtype, out, scales)
