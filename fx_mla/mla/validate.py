@@ -14,9 +14,11 @@ from .config import MLAConfig
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _expect(cond: bool, message: str) -> None:
+def _expect(cond: bool, message) -> None:
+    """Raise ValueError(message()) unless cond. The message is built only on failure: formatting a symbolic
+    size while tracing would specialize it."""
     if not cond:
-        raise ValueError(message)
+        raise ValueError(message())
 
 
 def _check_tensor(name: str, t, dtypes, ndim: Optional[int], device: torch.device) -> None:
@@ -33,9 +35,9 @@ def _check_tensor(name: str, t, dtypes, ndim: Optional[int], device: torch.devic
 def check_cache(cfg: MLAConfig, kv_cache: torch.Tensor, device: torch.device, k_scale) -> None:
     _check_tensor("kv_cache", kv_cache, (cfg.cache_dtype,), 3, device)
     _expect(kv_cache.shape[1] == cfg.block_size and kv_cache.shape[2] == cfg.entry_size,
-            f"kv_cache must be [num_blocks, {cfg.block_size}, {cfg.entry_size}], got {tuple(kv_cache.shape)}")
+            lambda: f"kv_cache must be [num_blocks, {cfg.block_size}, {cfg.entry_size}], got {tuple(kv_cache.shape)}")
     _check_tensor("k_scale", k_scale, (torch.float32,), None, device)
-    _expect(k_scale.numel() == 1, f"k_scale must hold one element, got shape {tuple(k_scale.shape)}")
+    _expect(k_scale.numel() == 1, lambda: f"k_scale must hold one element, got shape {tuple(k_scale.shape)}")
 
 
 def check_decode_inputs(cfg: MLAConfig, q_nope, q_pe, kv_cache, block_table, seq_lens, k_scale, q_scale) -> None:
@@ -43,20 +45,21 @@ def check_decode_inputs(cfg: MLAConfig, q_nope, q_pe, kv_cache, block_table, seq
     _check_tensor("q_nope", q_nope, (cfg.dtype,), 3, device)
     batch = q_nope.shape[0]
     _expect(tuple(q_nope.shape[1:]) == (cfg.local_heads, cfg.qk_nope_head_dim),
-            f"q_nope must be [B, {cfg.local_heads}, {cfg.qk_nope_head_dim}], got {tuple(q_nope.shape)}")
+            lambda: f"q_nope must be [B, {cfg.local_heads}, {cfg.qk_nope_head_dim}], got {tuple(q_nope.shape)}")
     _check_tensor("q_pe", q_pe, (cfg.dtype,), 3, device)
     _expect(q_pe.shape[0] == batch and tuple(q_pe.shape[1:]) == (cfg.local_heads, cfg.qk_rope_head_dim),
-            f"q_pe must be [{batch}, {cfg.local_heads}, {cfg.qk_rope_head_dim}], got {tuple(q_pe.shape)}")
+            lambda: f"q_pe must be [{batch}, {cfg.local_heads}, {cfg.qk_rope_head_dim}], got {tuple(q_pe.shape)}")
     check_cache(cfg, kv_cache, device, k_scale)
     _check_tensor("block_table", block_table, (torch.int32,), 2, device)
-    _expect(block_table.shape[0] == batch, f"block_table must have {batch} rows (batch), got {block_table.shape[0]}")
+    _expect(block_table.shape[0] == batch,
+            lambda: f"block_table must have {batch} rows (batch), got {block_table.shape[0]}")
     _check_tensor("seq_lens", seq_lens, INDEX_DTYPES, 1, device)
-    _expect(seq_lens.shape[0] == batch, f"seq_lens must be [{batch}], got {tuple(seq_lens.shape)}")
+    _expect(seq_lens.shape[0] == batch, lambda: f"seq_lens must be [{batch}], got {tuple(seq_lens.shape)}")
     if cfg.quantize_query:
         if q_scale is None:
             raise ValueError("q_scale is required when MLAConfig.quantize_query is set")
         _check_tensor("q_scale", q_scale, (torch.float32,), None, device)
-        _expect(q_scale.numel() == 1, f"q_scale must hold one element, got shape {tuple(q_scale.shape)}")
+        _expect(q_scale.numel() == 1, lambda: f"q_scale must hold one element, got shape {tuple(q_scale.shape)}")
 
 
 def check_block_ids(block_table: torch.Tensor, num_blocks: int) -> None:
@@ -75,7 +78,7 @@ def check_decode_data(cfg: MLAConfig, kv_cache, block_table, seq_lens, rank: int
     check_block_ids(block_table, kv_cache.shape[0])
     capacity = block_table.shape[1] * cfg.block_size
     for b, s in enumerate(seq_lens.tolist()):
-        _expect(s >= 0, f"seq_lens[{b}] = {s} is negative")
+        _expect(s >= 0, lambda: f"seq_lens[{b}] = {s} is negative")
         local = local_count(s, cfg.dcp_size, rank, cfg.interleave)
-        _expect(local <= capacity, f"seq_lens[{b}] = {s} needs {local} tokens on rank {rank}, past the "
+        _expect(local <= capacity, lambda: f"seq_lens[{b}] = {s} needs {local} tokens on rank {rank}, past the "
                                    f"{capacity} tokens its block_table row holds")
