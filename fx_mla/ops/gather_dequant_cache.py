@@ -1,0 +1,370 @@
+"""torch.ops.fx_mla.gather_dequant_cache{,_paged}: gather a paged latent cache, dequantize, write contiguous.
+
+Ops (registered on import):
+  gather_dequant_cache_paged(Tensor cache, Tensor block_table, Tensor? scale, ScalarType out_dtype,
+                             str layout="plain", bool checked=False) -> Tensor          [B, max_blocks*bs, D_out]
+  gather_dequant_cache(Tensor cache, Tensor block_table, Tensor cu_seq_lens, Tensor token_to_seq,
+                       Tensor? seq_starts, Tensor? scale, ScalarType out_dtype, str layout="plain",
+                       bool checked=False) -> Tensor                                      [num_tokens, D_out]
+
+Semantics (bitwise the plain PyTorch below whenever that runs without an index error):
+- paged:  x = cache[block_table].view(B, max_blocks * bs, D)
+- token:  b = max(token_to_seq[t], 0); off = t - cu_seq_lens[b] + seq_starts[b] (0 for a padding token,
+          token_to_seq[t] < 0: it reads request 0's first slot); x[t] = cache[block_table[b, off // bs], off % bs]
+          (// and % round toward -inf, as torch's do; seq_starts None means zeros)
+- layout "plain" (cache [num_blocks, bs, D] of float8_e4m3fn, float8_e5m2, bfloat16, float16 or float32):
+  out = round_out(fp32(x) * scale) for an fp8 cache with a scale, round_out(fp32(x)) otherwise (a cast).
+  round_out is one round-to-nearest-even to out_dtype; fp8 -> fp32 is exact. This is what CPU eager and
+  Inductor compute for `x.to(out_dtype) * k_scale` with a 0-dim fp32 k_scale (and for a 1-element k_scale
+  with out_dtype=float32). (Eager CUDA first casts a 0-dim CUDA k_scale to bf16/fp16; we follow CPU and Inductor.)
+  A scale is accepted only with fp8 caches (for others `x.to(dt) * s` would round twice: not this op).
+- layout "fp8_ds_mla" (cache uint8 [num_blocks, bs, 656]: 512 e4m3 | 4 fp32 scales | 64 bf16 rope), D_out=576:
+  out[i] = round_out(fp32(e4m3[i]) * scale_i // 128) for i < 512; out[512 + k] = round_out(rope[k]).
+  There is no per-tensor scale on top (as in vLLM: the 4 group scales are the whole dequant); scale must be None.
+- Indices as torch takes them: a negative block id or block-table column wraps once (x + size). Anything still
+  out of range (request id >= B, block id outside the cache, column outside the row) reads nothing: that token's
+  row of the output is zeros. The kernels never form an address outside the cache, block table or metadata.
+- checked=True validates on the host first (syncs; not for CUDA graphs) and raises ValueError naming the
+  request and index; strict: negative block ids and out-of-row positions are errors there.
+The CPU implementation is the plain-torch reference (the test oracle); CUDA launches the Triton kernels of
+fx_mla/ops/kernels/gather_dequant_cache.py, reading the scale and all indices on the device (no host sync:
+the unchecked op is CUDA-graph capturable).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from fx_mla.ops._fp8 import FP8_DTYPES, fp8_supported
+
+__all__ = ["gather_dequant_cache", "gather_dequant_cache_paged", "gather_dequant_cache_reference",
+           "gather_dequant_cache_paged_reference", "launch_gather_dequant_cache", "LAYOUTS"]
+
+LAYOUTS = ("plain", "fp8_ds_mla")
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CACHE_DTYPES = FP8_DTYPES + OUT_DTYPES
+INDEX_DTYPES = (torch.int32, torch.int64)
+DS_MLA_ROW_BYTES, DS_MLA_LATENT, DS_MLA_GROUP, DS_MLA_ROPE = 656, 512, 128, 64
+DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
+
+# Launch configuration, in one place: (BLOCK_T tokens a program, num_warps, programs per SM when
+# persistent, 0 = one tile a program). A tile of 32 tokens x 576 fp8 keeps ~18 KB of loads in flight per
+# program and lets several programs share an SM, which hides the 3-deep dependent index chain
+# (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache). Chosen on H100 by bench_cache_gather.py.
+CONFIG = {"plain": (32, 4, 0), "fp8_ds_mla": (32, 4, 0)}
+
+
+# ---------------------------------------------------------------- validation
+
+def _tensor(name, t, dtypes, ndim, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {tuple(str(d) for d in dtypes)}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on the cache's device {device}, got {t.device}")
+
+
+def _check_common(cache, block_table, scale, out_dtype, layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    if layout == "plain":
+        _tensor("cache", cache, CACHE_DTYPES, 3, None)
+    else:
+        _tensor("cache", cache, (torch.uint8,), 3, None)
+        if cache.shape[2] != DS_MLA_ROW_BYTES:
+            raise ValueError(f"cache must be [num_blocks, block_size, {DS_MLA_ROW_BYTES}] bytes for layout "
+                             f"'fp8_ds_mla', got shape {tuple(cache.shape)}")
+    if cache.shape[1] == 0:
+        raise ValueError(f"cache must have block_size >= 1, got shape {tuple(cache.shape)}")
+    if cache.shape[2] > 1 and cache.stride(2) != 1:
+        raise ValueError(f"cache's last dim must be contiguous (stride 1), got strides {cache.stride()}")
+    _tensor("block_table", block_table, INDEX_DTYPES, 2, cache.device)
+    if scale is not None:
+        if layout == "fp8_ds_mla":
+            raise ValueError("scale must be None for layout 'fp8_ds_mla': each row carries its own group scales")
+        if cache.dtype not in FP8_DTYPES:
+            raise ValueError(f"scale is only accepted with an fp8 cache, got cache dtype {cache.dtype}")
+        _tensor("scale", scale, (torch.float32,), None, cache.device)
+        if scale.numel() != 1:
+            raise ValueError(f"scale must hold exactly one element, got shape {tuple(scale.shape)}")
+
+
+def _check_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts):
+    _tensor("cu_seq_lens", cu_seq_lens, INDEX_DTYPES, 1, cache.device)
+    _tensor("token_to_seq", token_to_seq, INDEX_DTYPES, 1, cache.device)
+    if seq_starts is not None:
+        _tensor("seq_starts", seq_starts, INDEX_DTYPES, 1, cache.device)
+
+
+def _check_sizes(cache, block_table, cu_seq_lens, seq_starts, layout):
+    """Size relations and alignment of real (not fake) tensors."""
+    batch = block_table.shape[0]
+    if cu_seq_lens is not None and cu_seq_lens.shape[0] != batch + 1:
+        raise ValueError(f"cu_seq_lens must be [{batch + 1}] (block_table rows + 1), got {tuple(cu_seq_lens.shape)}")
+    if seq_starts is not None and seq_starts.shape[0] != batch:
+        raise ValueError(f"seq_starts must be [{batch}] (block_table rows), got {tuple(seq_starts.shape)}")
+    if layout == "fp8_ds_mla" and (cache.stride(0) % 16 or cache.stride(1) % 16 or cache.data_ptr() % 16):
+        raise ValueError("an 'fp8_ds_mla' cache must have 16-byte aligned rows (strides and data pointer "
+                         f"multiples of 16), got strides {cache.stride()}")
+
+
+def _d_out(cache, layout):
+    return DS_MLA_D_OUT if layout == "fp8_ds_mla" else cache.shape[2]
+
+
+# ---------------------------------------------------------------- plain-torch references (the CPU impl)
+
+def _wrap(idx, size):
+    """torch's indexing: one wrap of negative indices; returns (index made safe, in-range mask)."""
+    idx = torch.where(idx < 0, idx + size, idx)
+    ok = (idx >= 0) & (idx < size)
+    return torch.where(ok, idx, torch.zeros_like(idx)), ok
+
+
+def _token_slots(num_blocks, block_size, block_table, cu_seq_lens, token_to_seq, seq_starts):
+    """(block id, slot in block, ok) of every output token, the chain of the module docstring."""
+    batch, max_blocks = block_table.shape
+    tts = token_to_seq.long()
+    valid = tts >= 0
+    b = tts.clamp_min(0)
+    ok = b < batch
+    b = torch.where(ok, b, torch.zeros_like(b))
+    ok &= batch > 0
+    t = torch.arange(tts.shape[0], device=tts.device)
+    if batch == 0:  # nothing to index; every token reads nothing
+        zero = torch.zeros_like(tts)
+        return zero, zero, ok
+    off = t - cu_seq_lens.long()[b]
+    if seq_starts is not None:
+        off = off + seq_starts.long()[b]
+    off = torch.where(valid, off, torch.zeros_like(off))
+    col, col_ok = _wrap(torch.div(off, block_size, rounding_mode="floor"), max_blocks)
+    blk = block_table.long()[b, col] if max_blocks > 0 else torch.zeros_like(b)
+    blk, blk_ok = _wrap(blk, num_blocks)
+    return blk, off % block_size, ok & col_ok & blk_ok
+
+
+def _dequant(x, scale, out_dtype, layout):
+    """Rows x [..., D] (or [..., 656] bytes) to out_dtype: fp32 upcast, times the scale, one rounding."""
+    if layout == "fp8_ds_mla":
+        lat = x[..., :DS_MLA_LATENT].view(torch.float8_e4m3fn).to(torch.float32)
+        sc = x[..., DS_MLA_LATENT:DS_MLA_LATENT + 16].view(torch.float32)
+        lat = lat.unflatten(-1, (4, DS_MLA_GROUP)) * sc.unsqueeze(-1)
+        rope = x[..., DS_MLA_LATENT + 16:].view(torch.bfloat16)
+        return torch.cat([lat.flatten(-2).to(out_dtype), rope.to(out_dtype)], dim=-1)
+    if scale is not None:
+        return (x.to(torch.float32) * scale.to(torch.float32).reshape(())).to(out_dtype)
+    return x.to(out_dtype)
+
+
+def gather_dequant_cache_paged_reference(cache, block_table, scale, out_dtype, layout="plain"):
+    batch, max_blocks = block_table.shape
+    bs = cache.shape[1]
+    d_out = _d_out(cache, layout)
+    if cache.shape[0] == 0 or batch * max_blocks == 0:
+        return torch.zeros(batch, max_blocks * bs, d_out, dtype=out_dtype, device=cache.device)
+    blk, ok = _wrap(block_table.long(), cache.shape[0])
+    x = cache[blk].view(batch, max_blocks * bs, cache.shape[-1])
+    y = _dequant(x, scale, out_dtype, layout)
+    mask = ok.repeat_interleave(bs, dim=1).unsqueeze(-1)
+    return torch.where(mask, y, torch.zeros((), dtype=out_dtype, device=y.device))
+
+
+def gather_dequant_cache_reference(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale,
+                                   out_dtype, layout="plain"):
+    n = token_to_seq.shape[0]
+    d_out = _d_out(cache, layout)
+    if cache.shape[0] == 0 or n == 0:
+        return torch.zeros(n, d_out, dtype=out_dtype, device=cache.device)
+    blk, slot, ok = _token_slots(cache.shape[0], cache.shape[1], block_table, cu_seq_lens, token_to_seq,
+                                 seq_starts)
+    y = _dequant(cache[blk, slot], scale, out_dtype, layout)
+    return torch.where(ok.unsqueeze(-1), y, torch.zeros((), dtype=out_dtype, device=y.device))
+
+
+# ---------------------------------------------------------------- checked mode (host-side, syncs)
+
+def _first(mask):
+    return [int(i) for i in mask.nonzero()[0].tolist()]
+
+
+def _check_block_ids(block_table, num_blocks, used=None, who=""):
+    bad = (block_table < 0) | (block_table >= num_blocks)
+    if used is not None:
+        bad &= used
+    if bool(bad.any()):
+        b, j = _first(bad)
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is out of range for "
+                         f"num_blocks={num_blocks}{who}")
+
+
+def _check_indices_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts):
+    batch, max_blocks = block_table.shape
+    bs, capacity = cache.shape[1], block_table.shape[1] * cache.shape[1]
+    cu, tts = cu_seq_lens.long(), token_to_seq.long()
+    ss = seq_starts.long() if seq_starts is not None else torch.zeros(batch, dtype=torch.long, device=cu.device)
+    if bool((cu[1:] < cu[:-1]).any()):
+        b = _first(cu[1:] < cu[:-1])[0]
+        raise ValueError(f"cu_seq_lens must be nondecreasing: cu_seq_lens[{b + 1}] = {int(cu[b + 1])} < "
+                         f"cu_seq_lens[{b}] = {int(cu[b])}")
+    if bool((ss < 0).any()):
+        b = _first(ss < 0)[0]
+        raise ValueError(f"seq_starts[{b}] = {int(ss[b])} is negative")
+    if batch > 0:
+        over = (cu[:-1] < cu[1:]) & (ss + (cu[1:] - cu[:-1]) > capacity)
+        if bool(over.any()):
+            b = _first(over)[0]
+            raise ValueError(f"seq_starts[{b}] + length = {int(ss[b])} + {int(cu[b + 1] - cu[b])} exceeds the pages "
+                             f"request {b} holds: {max_blocks} blocks x {bs} = {capacity} slots")
+    if tts.numel() == 0:
+        return
+    if bool((tts >= batch).any()):
+        t = _first(tts >= batch)[0]
+        raise ValueError(f"token_to_seq[{t}] = {int(tts[t])} is out of range for {batch} requests "
+                         f"(block_table rows)")
+    pad = tts < 0
+    if bool(pad.any()):
+        t = _first(pad)[0]
+        if batch == 0 or max_blocks == 0:
+            raise ValueError(f"padding token {t} (token_to_seq[{t}] = {int(tts[t])}) reads request 0's first slot, "
+                             f"but block_table has shape {tuple(block_table.shape)}")
+        _check_block_ids(block_table[:1, :1], cache.shape[0], who=f" (read by padding token {t})")
+    b = tts.clamp_min(0)
+    t = torch.arange(tts.shape[0], device=tts.device)
+    outside = ~pad & ((t < cu[b]) | (t >= cu[b + 1]))
+    if bool(outside.any()):
+        i = _first(outside)[0]
+        r = int(tts[i])
+        raise ValueError(f"token {i} is assigned to request {r} (token_to_seq[{i}] = {r}) but lies outside "
+                         f"[cu_seq_lens[{r}], cu_seq_lens[{r + 1}]) = [{int(cu[r])}, {int(cu[r + 1])})")
+    off = t - cu[b] + ss[b]
+    col = torch.where(pad, torch.zeros_like(off), off // bs)
+    used = torch.zeros(block_table.shape, dtype=torch.bool, device=block_table.device)
+    used[b[~pad], col[~pad]] = True
+    _check_block_ids(block_table, cache.shape[0], used, who=" (a token of that request reads it)")
+
+
+# ---------------------------------------------------------------- Triton launcher
+
+def _pick_block_d(d):
+    """Widest power-of-two chunk (16..128) that divides D; a masked 64 when D is not a multiple of 16."""
+    for w in (128, 64, 32, 16):
+        if d % w == 0:
+            return w
+    return 64
+
+
+def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out,
+                                layout="plain", config=None):
+    """Fill out ([n, D_out], or [B, T, D_out] when token_to_seq is None: the paged form). Device-agnostic
+    (CPU tensors run under TRITON_INTERPRET=1). config: (BLOCK_T, num_warps, programs_per_sm) override."""
+    import triton
+    from fx_mla.ops.kernels.gather_dequant_cache import (_gather_dequant_cache_fp8_ds_mla_kernel,
+                                                         _gather_dequant_cache_kernel)
+    paged = token_to_seq is None
+    n_tokens = out.shape[0] * out.shape[1] if paged else out.shape[0]
+    if n_tokens == 0:
+        return out
+    block_t, warps, per_sm = config or CONFIG[layout]
+    n_tiles = triton.cdiv(n_tokens, block_t)
+    grid = n_tiles
+    if per_sm and cache.is_cuda:
+        grid = min(n_tiles, per_sm * torch.cuda.get_device_properties(cache.device).multi_processor_count)
+    batch, max_blocks = block_table.shape
+    dummy = block_table  # metadata pointers the paged form never reads
+    args = (token_to_seq if not paged else dummy, cu_seq_lens if not paged else dummy,
+            seq_starts if seq_starts is not None else dummy, block_table,
+            n_tokens, batch, max_blocks, cache.shape[0], block_table.stride(0), block_table.stride(1),
+            cache.stride(0), cache.stride(1), max(max_blocks * cache.shape[1], 1), n_tiles)
+    common = dict(BLOCK_SIZE=cache.shape[1], BLOCK_T=block_t, PAGED=paged,
+                  HAS_SEQ_STARTS=seq_starts is not None, PERSISTENT=grid < n_tiles,
+                  ROUND_BY_BITS=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps)
+    if layout == "fp8_ds_mla":
+        _gather_dequant_cache_fp8_ds_mla_kernel[(grid,)](cache, out, *args, **common)
+    else:
+        _gather_dequant_cache_kernel[(grid,)](cache, out, scale if scale is not None else dummy, *args,
+                                              D=cache.shape[2], BLOCK_D=_pick_block_d(cache.shape[2]),
+                                              HAS_SCALE=scale is not None, **common)
+    return out
+
+
+def _check_cuda(cache, layout):
+    fp8 = torch.float8_e4m3fn if layout == "fp8_ds_mla" else cache.dtype
+    if fp8 in FP8_DTYPES:
+        reason = fp8_supported(fp8, torch.cuda.get_device_capability(cache.device))
+        if reason is not None:
+            raise RuntimeError(f"gather_dequant_cache cannot run on {cache.device}: {reason}")
+
+
+# ---------------------------------------------------------------- registration
+
+@torch.library.custom_op("fx_mla::gather_dequant_cache_paged", mutates_args=())
+def gather_dequant_cache_paged(cache: torch.Tensor, block_table: torch.Tensor, scale: Optional[torch.Tensor],
+                               out_dtype: torch.dtype, layout: str = "plain", checked: bool = False) -> torch.Tensor:
+    """Every page of each request: cache[block_table] as [B, max_blocks * block_size, D_out], dequantized."""
+    _check_common(cache, block_table, scale, out_dtype, layout)
+    _check_sizes(cache, block_table, None, None, layout)
+    if checked:
+        _check_block_ids(block_table, cache.shape[0])
+    return gather_dequant_cache_paged_reference(cache, block_table, scale, out_dtype, layout)
+
+
+@gather_dequant_cache_paged.register_fake
+def _(cache, block_table, scale, out_dtype, layout="plain", checked=False):
+    _check_common(cache, block_table, scale, out_dtype, layout)
+    return cache.new_empty((block_table.shape[0], block_table.shape[1] * cache.shape[1], _d_out(cache, layout)),
+                           dtype=out_dtype)
+
+
+@gather_dequant_cache_paged.register_kernel("cuda")
+def _(cache, block_table, scale, out_dtype, layout="plain", checked=False):
+    _check_common(cache, block_table, scale, out_dtype, layout)
+    _check_sizes(cache, block_table, None, None, layout)
+    _check_cuda(cache, layout)
+    if checked:
+        _check_block_ids(block_table, cache.shape[0])
+    out = torch.empty((block_table.shape[0], block_table.shape[1] * cache.shape[1], _d_out(cache, layout)),
+                      dtype=out_dtype, device=cache.device)
+    return launch_gather_dequant_cache(cache, block_table, None, None, None, scale, out, layout)
+
+
+@torch.library.custom_op("fx_mla::gather_dequant_cache", mutates_args=())
+def gather_dequant_cache(cache: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor,
+                         token_to_seq: torch.Tensor, seq_starts: Optional[torch.Tensor],
+                         scale: Optional[torch.Tensor], out_dtype: torch.dtype, layout: str = "plain",
+                         checked: bool = False) -> torch.Tensor:
+    """Token-parallel gather (chunked-prefill context): [token_to_seq.numel(), D_out], dequantized."""
+    _check_common(cache, block_table, scale, out_dtype, layout)
+    _check_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts)
+    _check_sizes(cache, block_table, cu_seq_lens, seq_starts, layout)
+    if checked:
+        _check_indices_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts)
+    return gather_dequant_cache_reference(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale,
+                                          out_dtype, layout)
+
+
+@gather_dequant_cache.register_fake
+def _(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out_dtype, layout="plain", checked=False):
+    _check_common(cache, block_table, scale, out_dtype, layout)
+    _check_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts)
+    return cache.new_empty((token_to_seq.shape[0], _d_out(cache, layout)), dtype=out_dtype)
+
+
+@gather_dequant_cache.register_kernel("cuda")
+def _(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out_dtype, layout="plain", checked=False):
+    _check_common(cache, block_table, scale, out_dtype, layout)
+    _check_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts)
+    _check_sizes(cache, block_table, cu_seq_lens, seq_starts, layout)
+    _check_cuda(cache, layout)
+    if checked:
+        _check_indices_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts)
+    out = torch.empty((token_to_seq.shape[0], _d_out(cache, layout)), dtype=out_dtype, device=cache.device)
+    return launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out,
+                                       layout)

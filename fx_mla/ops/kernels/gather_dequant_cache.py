@@ -1,0 +1,151 @@
+"""Triton kernels of gather_dequant_cache. Launched from fx_mla/ops/gather_dequant_cache.py.
+
+One program gathers a tile of BLOCK_T output tokens x the whole entry: the token -> cache-row index
+chain is computed once per token (a [BLOCK_T] vector), then the entry is streamed in BLOCK_D-wide
+chunks that are unrolled at compile time, so every chunk's load is independent and in flight at once.
+The cache is read once and never again: loads carry evict_first so the stream does not push the
+(small, reused) index arrays out of L2.
+
+Index semantics (same as the plain-torch reference, including torch's wrap-around of negative
+indices): a token whose request id, block-table column or block id is out of range after the
+wrap-around reads nothing and writes zeros. No address outside the cache, the block table or the
+metadata arrays is ever formed into a load.
+
+Rounding: fp8/bf16/fp16/fp32 -> fp32 is exact; x * scale is one fp32 multiply; the result is rounded
+once to the output dtype, round-to-nearest-even. ROUND_BY_BITS does that last rounding with integer
+arithmetic for bf16 outputs: only for TRITON_INTERPRET, whose fp32 -> bf16 conversion truncates.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_fp32_to(y, OUT_DTYPE: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
+    if OUT_DTYPE == tl.float32:
+        out = y
+    elif ROUND_BY_BITS and OUT_DTYPE == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(y != y, 0x7FC0, rounded)
+        out = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = y.to(OUT_DTYPE, fp_downcast_rounding="rtne")
+    return out
+
+
+@triton.jit
+def _floor_divmod(a, B: tl.constexpr):
+    # torch's // and % on int64 round toward -inf; make that explicit whatever the backend's division does
+    q = a // B
+    r = a - q * B
+    neg = r < 0
+    return tl.where(neg, q - 1, q), tl.where(neg, r + B, r)
+
+
+@triton.jit
+def _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks,
+                n_blocks, c_s0, c_s1, row_len,
+                BLOCK_T: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
+                HAS_SEQ_STARTS: tl.constexpr):
+    """Output token ids t [BLOCK_T] (int64), the element offset of each one's cache row, and a mask
+    `ok` of tokens that read the cache (others write zeros) and `live` of tokens that exist."""
+    t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # n_tokens < 2**31: the product fits
+    live = t < n_tokens
+    if PAGED:
+        # decode form: token t of the [B, row_len = max_blocks * block_size] output, request b = t // row_len
+        b = t // row_len
+        off = t - b * row_len
+        ok = live
+    else:
+        s = tl.load(tts_ptr + t, mask=live, other=0).to(tl.int64)
+        valid = s >= 0                 # negative request id: DCP padding token
+        b = tl.maximum(s, 0)
+        ok = live & (b < n_req)
+        start = tl.load(cu_ptr + b, mask=ok, other=0).to(tl.int64)
+        if HAS_SEQ_STARTS:
+            start -= tl.load(ss_ptr + b, mask=ok, other=0).to(tl.int64)
+        off = tl.where(valid, t - start, 0)
+    j, r = _floor_divmod(off, BLOCK_SIZE)
+    j = tl.where(j < 0, j + max_blocks, j)
+    ok = ok & (j >= 0) & (j < max_blocks)
+    blk = tl.load(bt_ptr + b * bt_s0 + j * bt_s1, mask=ok, other=0).to(tl.int64)
+    blk = tl.where(blk < 0, blk + n_blocks, blk)
+    ok = ok & (blk >= 0) & (blk < n_blocks)
+    row = tl.where(ok, blk * c_s0 + r * c_s1, 0)
+    return t, row, ok, live
+
+
+@triton.jit
+def _gather_dequant_cache_kernel(
+        cache_ptr, out_ptr, scale_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr,
+        n_tokens, n_req, max_blocks, n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len, n_tiles,
+        D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
+        PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
+    """Plain layout: out[t, :D] = round(fp32(cache[row(t), :D]) * scale) (no scale: a cast)."""
+    OUT_DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    if HAS_SCALE:
+        s = tl.load(scale_ptr)  # device scalar: no host sync, CUDA-graph capturable
+    # persistent: a grid of a few programs per SM strides over the tiles; else one tile a program
+    step = tl.num_programs(0) if PERSISTENT else n_tiles
+    for tile in range(tl.program_id(0), n_tiles, step):
+        t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
+                                       n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
+                                       BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
+        out_row = t * D
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            if D % BLOCK_D == 0:
+                ld_mask = ok[:, None]
+                st_mask = live[:, None]
+            else:
+                ld_mask = ok[:, None] & (d < D)[None, :]
+                st_mask = live[:, None] & (d < D)[None, :]
+            x = tl.load(cache_ptr + row[:, None] + d[None, :], mask=ld_mask, other=0.0,
+                        eviction_policy="evict_first")
+            y = x.to(tl.float32)
+            if HAS_SCALE:
+                y = y * s
+            tl.store(out_ptr + out_row[:, None] + d[None, :], _round_fp32_to(y, OUT_DTYPE, ROUND_BY_BITS),
+                     mask=st_mask)
+
+
+@triton.jit
+def _gather_dequant_cache_fp8_ds_mla_kernel(
+        cache_ptr, out_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr,
+        n_tokens, n_req, max_blocks, n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len, n_tiles,
+        BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+        PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr,
+        PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
+    """fp8_ds_mla layout, a 656-byte row: 512 e4m3 | 4 fp32 group scales | 64 bf16 rope.
+    out[t, i] = round(fp32(e4m3[i]) * scale[i // 128]) for i < 512, out[t, 512 + k] = rope[k]."""
+    OUT_DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    GROUP: tl.constexpr = 128
+    N_GROUPS: tl.constexpr = 4
+    LATENT: tl.constexpr = 512
+    ROPE: tl.constexpr = 64
+    D_OUT: tl.constexpr = LATENT + ROPE
+    # persistent: a grid of a few programs per SM strides over the tiles; else one tile a program
+    step = tl.num_programs(0) if PERSISTENT else n_tiles
+    for tile in range(tl.program_id(0), n_tiles, step):
+        t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
+                                       n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
+                                       BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
+        out_row = t * D_OUT
+        # typed pointers to each token's row parts (row offsets are multiples of 16 bytes)
+        lat_base = (cache_ptr + row).to(tl.pointer_type(tl.float8e4nv))
+        sc_base = (cache_ptr + row + LATENT).to(tl.pointer_type(tl.float32))
+        rope_base = (cache_ptr + row + LATENT + 4 * N_GROUPS).to(tl.pointer_type(tl.bfloat16))
+        g = tl.arange(0, GROUP)
+        for k in tl.static_range(N_GROUPS):
+            sc = tl.load(sc_base + k, mask=ok, other=0.0)
+            x = tl.load(lat_base[:, None] + (k * GROUP + g)[None, :], mask=ok[:, None], other=0.0,
+                        eviction_policy="evict_first")
+            y = x.to(tl.float32) * sc[:, None]
+            tl.store(out_ptr + out_row[:, None] + (k * GROUP + g)[None, :],
+                     _round_fp32_to(y, OUT_DTYPE, ROUND_BY_BITS), mask=live[:, None])
+        e = tl.arange(0, ROPE)
+        rope = tl.load(rope_base[:, None] + e[None, :], mask=ok[:, None], other=0.0,
+                       eviction_policy="evict_first")
+        tl.store(out_ptr + out_row[:, None] + (LATENT + e)[None, :],
+                 _round_fp32_to(rope.to(tl.float32), OUT_DTYPE, ROUND_BY_BITS), mask=live[:, None])
