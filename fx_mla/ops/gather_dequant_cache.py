@@ -275,8 +275,9 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     block_t, warps, per_sm = config or CONFIG[layout]
     n_tiles = triton.cdiv(n_tokens, block_t)
     grid = n_tiles
-    if per_sm and cache.is_cuda:
-        grid = min(n_tiles, per_sm * torch.cuda.get_device_properties(cache.device).multi_processor_count)
+    if per_sm:  # persistent: per_sm programs per SM (per "SM" of the CPU interpreter: one) stride over tiles
+        sms = torch.cuda.get_device_properties(cache.device).multi_processor_count if cache.is_cuda else 1
+        grid = min(n_tiles, per_sm * sms)
     batch, max_blocks = block_table.shape
     dummy = block_table  # metadata pointers the paged form never reads
     args = (token_to_seq if not paged else dummy, cu_seq_lens if not paged else dummy,
