@@ -54,6 +54,7 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # program and lets several programs share an SM, which hides the 3-deep dependent index chain
 # (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache). Chosen on H100 by bench_cache_gather.py.
 CONFIG = {"plain": (32, 4, 0), "fp8_ds_mla": (32, 4, 0)}
+MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
 
 # ---------------------------------------------------------------- validation
@@ -253,12 +254,14 @@ def _check_indices_token(cache, block_table, cu_seq_lens, token_to_seq, seq_star
 
 # ---------------------------------------------------------------- Triton launcher
 
-def _pick_block_d(d):
-    """Widest power-of-two chunk (16..128) that divides D; a masked 64 when D is not a multiple of 16."""
-    for w in (128, 64, 32, 16):
-        if d % w == 0:
-            return w
-    return 64
+def _split_entry(d):
+    """D as up to three power-of-two-wide parts (P1, P2, P3): P1 + P2 <= D, the masked P3 >= the rest."""
+    p1 = 1 << (d.bit_length() - 1)
+    rest = d - p1
+    p2 = 1 << (rest.bit_length() - 1) if rest else 0
+    rest -= p2
+    p3 = 1 << (rest - 1).bit_length() if rest else 0
+    return p1, p2, p3
 
 
 def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out,
@@ -270,7 +273,7 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
                                                          _gather_dequant_cache_kernel)
     paged = token_to_seq is None
     n_tokens = out.shape[0] * out.shape[1] if paged else out.shape[0]
-    if n_tokens == 0:
+    if n_tokens == 0 or out.shape[-1] == 0:
         return out
     block_t, warps, per_sm = config or CONFIG[layout]
     n_tiles = triton.cdiv(n_tokens, block_t)
@@ -289,9 +292,13 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
                   ROUND_BY_BITS=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps)
     if layout == "fp8_ds_mla":
         _gather_dequant_cache_fp8_ds_mla_kernel[(grid,)](cache, out, *args, **common)
-    else:
-        _gather_dequant_cache_kernel[(grid,)](cache, out, scale if scale is not None else dummy, *args,
-                                              D=cache.shape[2], BLOCK_D=_pick_block_d(cache.shape[2]),
+        return out
+    d = cache.shape[2]
+    for c0 in range(0, d, MAX_COLUMNS):  # wide entries: one launch per MAX_COLUMNS columns (576 takes one)
+        width = min(MAX_COLUMNS, d - c0)
+        p1, p2, p3 = _split_entry(width)
+        _gather_dequant_cache_kernel[(grid,)](cache[..., c0:], out[..., c0:], scale if scale is not None else dummy,
+                                              *args, D=width, OUT_STRIDE=d, P1=p1, P2=p2, P3=p3,
                                               HAS_SCALE=scale is not None, **common)
     return out
 

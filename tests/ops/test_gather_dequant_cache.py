@@ -323,7 +323,8 @@ def _interpreter_checks():
         for out_dtype in OUT_DTYPES:
             cache, p, scale = _token_inputs(1, 576, cache_dtype, **small)
             check(cache, p, scale, out_dtype, config=(8, 4, 0), what=f"576 {cache_dtype}->{out_dtype}")
-    for d, cache_dtype in [(320, torch.float8_e4m3fn), (288, torch.float8_e5m2), (40, torch.float16)]:
+    for d, cache_dtype in [(320, torch.float8_e4m3fn), (288, torch.float8_e5m2), (40, torch.float16),
+                           (100, torch.float32), (1100, torch.float8_e4m3fn)]:  # 3 parts; 2 column slices
         cache, p, scale = _token_inputs(2, d, cache_dtype, **small)
         check(cache, p, scale, torch.bfloat16, config=(4, 4, 0), what=f"D={d}")
     cache, p, scale = _token_inputs(3, 576, torch.float8_e4m3fn, starts=False, **small)

@@ -71,43 +71,76 @@ def _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n
     blk = tl.load(bt_ptr + b * bt_s0 + j * bt_s1, mask=ok, other=0).to(tl.int64)
     blk = tl.where(blk < 0, blk + n_blocks, blk)
     ok = ok & (blk >= 0) & (blk < n_blocks)
-    row = tl.where(ok, blk * c_s0 + r * c_s1, 0)
+    # no tl.where(ok, row, 0) here: a select hides the 16-byte alignment of the row from Triton's
+    # analysis and the cache loads fall back to single bytes. Rows of ~ok tokens are never loaded (masked).
+    row = blk * c_s0 + r * c_s1
     return t, row, ok, live
+
+
+@triton.jit
+def _load_part(cache_ptr, row, ok, OFF: tl.constexpr, W: tl.constexpr, VALID: tl.constexpr):
+    """Columns [OFF, OFF + VALID) of each token's cache row as a [BLOCK_T, W] tile (W a power of two)."""
+    d = OFF + tl.arange(0, W)
+    if VALID == W:
+        m = ok[:, None]
+    else:
+        m = ok[:, None] & (d < OFF + VALID)[None, :]
+    return tl.load(cache_ptr + row[:, None] + d[None, :], mask=m, other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _store_part(out_ptr, out_row, live, x, s, OFF: tl.constexpr, W: tl.constexpr, VALID: tl.constexpr,
+                HAS_SCALE: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
+    y = x.to(tl.float32)
+    if HAS_SCALE:
+        y = y * s
+    d = OFF + tl.arange(0, W)
+    if VALID == W:
+        m = live[:, None]
+    else:
+        m = live[:, None] & (d < OFF + VALID)[None, :]
+    tl.store(out_ptr + out_row[:, None] + d[None, :], _round_fp32_to(y, out_ptr.dtype.element_ty, ROUND_BY_BITS),
+             mask=m)
 
 
 @triton.jit
 def _gather_dequant_cache_kernel(
         cache_ptr, out_ptr, scale_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr,
         n_tokens, n_req, max_blocks, n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len, n_tiles,
-        D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        D: tl.constexpr, OUT_STRIDE: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
         PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
-    """Plain layout: out[t, :D] = round(fp32(cache[row(t), :D]) * scale) (no scale: a cast)."""
-    OUT_DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    """Plain layout: out[t, :D] = round(fp32(cache[row(t), :D]) * scale) (no scale: a cast); out rows are
+    OUT_STRIDE apart (the launcher gathers entries wider than 1024 in column slices).
+
+    The entry is read as up to three power-of-two-wide parts, D = P1 + P2 + (a masked P3), e.g.
+    576 = 512 + 64, 288 = 256 + 32. All parts are loaded before anything is stored: the compiler cannot
+    move a load above a store that might alias it, so load/store interleaved per chunk would wait one
+    memory latency per chunk; this way a thread has the whole tile's 16-byte loads in flight at once.
+    """
     if HAS_SCALE:
         s = tl.load(scale_ptr)  # device scalar: no host sync, CUDA-graph capturable
+    else:
+        s = 1.0
+    R3: tl.constexpr = D - P1 - P2
     # persistent: a grid of a few programs per SM strides over the tiles; else one tile a program
     step = tl.num_programs(0) if PERSISTENT else n_tiles
     for tile in range(tl.program_id(0), n_tiles, step):
         t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
                                        n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
                                        BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
-        out_row = t * D
-        for d0 in tl.static_range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            if D % BLOCK_D == 0:
-                ld_mask = ok[:, None]
-                st_mask = live[:, None]
-            else:
-                ld_mask = ok[:, None] & (d < D)[None, :]
-                st_mask = live[:, None] & (d < D)[None, :]
-            x = tl.load(cache_ptr + row[:, None] + d[None, :], mask=ld_mask, other=0.0,
-                        eviction_policy="evict_first")
-            y = x.to(tl.float32)
-            if HAS_SCALE:
-                y = y * s
-            tl.store(out_ptr + out_row[:, None] + d[None, :], _round_fp32_to(y, OUT_DTYPE, ROUND_BY_BITS),
-                     mask=st_mask)
+        out_row = t * OUT_STRIDE
+        x1 = _load_part(cache_ptr, row, ok, 0, P1, P1)
+        if P2 > 0:
+            x2 = _load_part(cache_ptr, row, ok, P1, P2, P2)
+        if P3 > 0:
+            x3 = _load_part(cache_ptr, row, ok, P1 + P2, P3, R3)
+        _store_part(out_ptr, out_row, live, x1, s, 0, P1, P1, HAS_SCALE, ROUND_BY_BITS)
+        if P2 > 0:
+            _store_part(out_ptr, out_row, live, x2, s, P1, P2, P2, HAS_SCALE, ROUND_BY_BITS)
+        if P3 > 0:
+            _store_part(out_ptr, out_row, live, x3, s, P1 + P2, P3, R3, HAS_SCALE, ROUND_BY_BITS)
 
 
 @triton.jit
@@ -118,14 +151,15 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr,
         PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
     """fp8_ds_mla layout, a 656-byte row: 512 e4m3 | 4 fp32 group scales | 64 bf16 rope.
-    out[t, i] = round(fp32(e4m3[i]) * scale[i // 128]) for i < 512, out[t, 512 + k] = rope[k]."""
+    out[t, i] = round(fp32(e4m3[i]) * scale[i // 128]) for i < 512, out[t, 512 + k] = round(rope[k]).
+    The latent is one [BLOCK_T, 4, 128] tile (group x element), loaded with the scales and the rope
+    before any store, for the same reason as in the plain kernel."""
     OUT_DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     GROUP: tl.constexpr = 128
     N_GROUPS: tl.constexpr = 4
     LATENT: tl.constexpr = 512
     ROPE: tl.constexpr = 64
     D_OUT: tl.constexpr = LATENT + ROPE
-    # persistent: a grid of a few programs per SM strides over the tiles; else one tile a program
     step = tl.num_programs(0) if PERSISTENT else n_tiles
     for tile in range(tl.program_id(0), n_tiles, step):
         t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
@@ -136,16 +170,17 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
         lat_base = (cache_ptr + row).to(tl.pointer_type(tl.float8e4nv))
         sc_base = (cache_ptr + row + LATENT).to(tl.pointer_type(tl.float32))
         rope_base = (cache_ptr + row + LATENT + 4 * N_GROUPS).to(tl.pointer_type(tl.bfloat16))
+        k = tl.arange(0, N_GROUPS)
         g = tl.arange(0, GROUP)
-        for k in tl.static_range(N_GROUPS):
-            sc = tl.load(sc_base + k, mask=ok, other=0.0)
-            x = tl.load(lat_base[:, None] + (k * GROUP + g)[None, :], mask=ok[:, None], other=0.0,
-                        eviction_policy="evict_first")
-            y = x.to(tl.float32) * sc[:, None]
-            tl.store(out_ptr + out_row[:, None] + (k * GROUP + g)[None, :],
-                     _round_fp32_to(y, OUT_DTYPE, ROUND_BY_BITS), mask=live[:, None])
         e = tl.arange(0, ROPE)
+        lat_off = k[None, :, None] * GROUP + g[None, None, :]            # [1, 4, 128]
+        ok3 = ok[:, None, None]
+        x = tl.load(lat_base[:, None, None] + lat_off, mask=ok3, other=0.0, eviction_policy="evict_first")
+        sc = tl.load(sc_base[:, None] + k[None, :], mask=ok[:, None], other=0.0)
         rope = tl.load(rope_base[:, None] + e[None, :], mask=ok[:, None], other=0.0,
                        eviction_policy="evict_first")
+        y = x.to(tl.float32) * sc[:, :, None]
+        tl.store(out_ptr + out_row[:, None, None] + lat_off, _round_fp32_to(y, OUT_DTYPE, ROUND_BY_BITS),
+                 mask=live[:, None, None])
         tl.store(out_ptr + out_row[:, None] + (LATENT + e)[None, :],
                  _round_fp32_to(rope.to(tl.float32), OUT_DTYPE, ROUND_BY_BITS), mask=live[:, None])
