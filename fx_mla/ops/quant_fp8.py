@@ -20,6 +20,7 @@ fx_mla/ops/kernels/quant_fp8.py, reading scales on the device (no host sync: CUD
 """
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -38,7 +39,8 @@ AMAX_BLOCK = 8192          # elements reduced by one stage-1 program of the dyna
 AMAX_WARPS = 8
 FINALIZE_BLOCK = 1024      # partials folded per step by the single stage-2 program
 PER_TOKEN_MAX_BLOCK = 4096  # a row longer than this is processed in tiles, read twice
-PER_TOKEN_WARPS = 4
+PER_TOKEN_TILE = 8192       # elements of one per-token tile: rows a program = TILE // row block
+PER_TOKEN_WARPS = 8
 
 
 # ---------------------------------------------------------------- validation
@@ -64,8 +66,14 @@ def _check_per_token(x, fp8_dtype):
                          f"{tuple(x.shape)}")
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device_index):
+    return torch.cuda.get_device_capability(device_index)
+
+
 def _check_cuda_capability(x, fp8_dtype):
-    reason = fp8_supported(fp8_dtype, torch.cuda.get_device_capability(x.device))
+    reason = fp8_supported(fp8_dtype, _capability(x.device.index if x.device.index is not None
+                                                  else torch.cuda.current_device()))
     if reason is not None:
         raise RuntimeError(f"quant_fp8 cannot run on {x.device}: {reason}")
 
@@ -102,7 +110,8 @@ def launch_quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal, out):
     n = x.numel()
     if n == 0:
         return out
-    round_to_input = torch.result_type(x, scale) != torch.float32
+    # torch's promotion of x / scale: a 0-dim scale keeps x.dtype, a scale with dims gives fp32
+    round_to_input = scale.dim() == 0 and x.dtype != torch.float32
     grid = (triton.cdiv(n, STATIC_BLOCK),)
     _quant_fp8_kernel[grid](x, scale, out, n, FMAX=FP8_MAX[fp8_dtype],
                             RECIPROCAL=bool(scale_is_reciprocal), ROUND_TO_INPUT=round_to_input,
@@ -134,82 +143,105 @@ def launch_quant_fp8_per_token(x, fp8_dtype, out, scales_out):
     if n_rows == 0:
         return out, scales_out
     block_n = min(triton.next_power_of_2(n_cols), PER_TOKEN_MAX_BLOCK)
-    _quant_fp8_per_token_kernel[(n_rows,)](x, out, scales_out, n_cols, AMAX_FLOOR,
-                                           FMAX=FP8_MAX[fp8_dtype], OUT_DTYPE=_tl_fp8(fp8_dtype),
-                                           BLOCK_N=block_n, SINGLE_TILE=block_n >= n_cols,
-                                           num_warps=PER_TOKEN_WARPS)
+    rows = max(1, PER_TOKEN_TILE // block_n)
+    _quant_fp8_per_token_kernel[(triton.cdiv(n_rows, rows),)](
+        x, out, scales_out, n_rows, n_cols, AMAX_FLOOR, FMAX=FP8_MAX[fp8_dtype],
+        OUT_DTYPE=_tl_fp8(fp8_dtype), ROWS=rows, BLOCK_N=block_n, SINGLE_TILE=block_n >= n_cols,
+        num_warps=PER_TOKEN_WARPS)
     return out, scales_out
 
 
 # ---------------------------------------------------------------- registration
+# Low-level torch.library registration (define + per-device impl + fake): the custom_op decorator
+# costs about 10 us more host time a call, which dominates small decode-time launches.
 
-@torch.library.custom_op("fx_mla::quant_fp8", mutates_args=())
-def quant_fp8(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
-              scale_is_reciprocal: bool = False) -> torch.Tensor:
-    """Static per-tensor FP8 quantization: (x / scale) or (x * scale), clamped, cast RNE."""
+_lib = torch.library.Library("fx_mla", "FRAGMENT")
+_lib.define("quant_fp8(Tensor x, Tensor scale, ScalarType fp8_dtype, bool scale_is_reciprocal=False)"
+            " -> Tensor")
+_lib.define("quant_fp8_dynamic(Tensor x, ScalarType fp8_dtype) -> (Tensor, Tensor)")
+_lib.define("quant_fp8_per_token(Tensor x, ScalarType fp8_dtype) -> (Tensor, Tensor)")
+
+
+def _quant_fp8_cpu(x, scale, fp8_dtype, scale_is_reciprocal=False):
     _check_static(x, scale, fp8_dtype)
     return quant_fp8_reference(x, scale, fp8_dtype, scale_is_reciprocal)
 
 
-@quant_fp8.register_fake
-def _(x, scale, fp8_dtype, scale_is_reciprocal=False):
+def _quant_fp8_fake(x, scale, fp8_dtype, scale_is_reciprocal=False):
     _check_static(x, scale, fp8_dtype)
     return x.new_empty(x.shape, dtype=fp8_dtype)
 
 
-@quant_fp8.register_kernel("cuda")
-def _(x, scale, fp8_dtype, scale_is_reciprocal=False):
+def _quant_fp8_cuda(x, scale, fp8_dtype, scale_is_reciprocal=False):
     _check_static(x, scale, fp8_dtype)
     _check_cuda_capability(x, fp8_dtype)
     out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
     return launch_quant_fp8(x.contiguous(), scale, fp8_dtype, scale_is_reciprocal, out)
 
 
-@torch.library.custom_op("fx_mla::quant_fp8_dynamic", mutates_args=())
-def quant_fp8_dynamic(x: torch.Tensor, fp8_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-tensor FP8 quantization; returns (q, scale) with scale a 0-dim fp32 tensor."""
+def _dynamic_cpu(x, fp8_dtype):
     _check_dynamic(x, fp8_dtype)
     return quant_fp8_dynamic_reference(x, fp8_dtype)
 
 
-@quant_fp8_dynamic.register_fake
-def _(x, fp8_dtype):
+def _dynamic_fake(x, fp8_dtype):
     _check_dynamic(x, fp8_dtype)
     return x.new_empty(x.shape, dtype=fp8_dtype), x.new_empty((), dtype=torch.float32)
 
 
-@quant_fp8_dynamic.register_kernel("cuda")
-def _(x, fp8_dtype):
+def _dynamic_cuda(x, fp8_dtype):
     _check_dynamic(x, fp8_dtype)
     _check_cuda_capability(x, fp8_dtype)
     x = x.contiguous()
     scale = torch.empty((), dtype=torch.float32, device=x.device)
     launch_dynamic_scale(x, scale, fp8_dtype)
     out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
-    launch_quant_fp8(x, scale, fp8_dtype, False, out)
-    return out, scale
+    return launch_quant_fp8(x, scale, fp8_dtype, False, out), scale
 
 
-@torch.library.custom_op("fx_mla::quant_fp8_per_token", mutates_args=())
-def quant_fp8_per_token(x: torch.Tensor,
-                        fp8_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-token FP8 quantization (one scale per row of the last dim); returns (q, scales)."""
+def _per_token_cpu(x, fp8_dtype):
     _check_per_token(x, fp8_dtype)
     return quant_fp8_per_token_reference(x, fp8_dtype)
 
 
-@quant_fp8_per_token.register_fake
-def _(x, fp8_dtype):
+def _per_token_fake(x, fp8_dtype):
     _check_per_token(x, fp8_dtype)
     return (x.new_empty(x.shape, dtype=fp8_dtype),
             x.new_empty(tuple(x.shape[:-1]) + (1,), dtype=torch.float32))
 
 
-@quant_fp8_per_token.register_kernel("cuda")
-def _(x, fp8_dtype):
+def _per_token_cuda(x, fp8_dtype):
     _check_per_token(x, fp8_dtype)
     _check_cuda_capability(x, fp8_dtype)
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
     scales = torch.empty(tuple(x.shape[:-1]) + (1,), dtype=torch.float32, device=x.device)
     return launch_quant_fp8_per_token(x, fp8_dtype, out, scales)
+
+
+for _name, _cpu, _cuda, _fake in (("quant_fp8", _quant_fp8_cpu, _quant_fp8_cuda, _quant_fp8_fake),
+                                  ("quant_fp8_dynamic", _dynamic_cpu, _dynamic_cuda, _dynamic_fake),
+                                  ("quant_fp8_per_token", _per_token_cpu, _per_token_cuda,
+                                   _per_token_fake)):
+    _lib.impl(_name, _cpu, "CPU")
+    _lib.impl(_name, _cuda, "CUDA")
+    torch.library.register_fake(f"fx_mla::{_name}", _fake, lib=_lib)
+
+
+# ---------------------------------------------------------------- Python entry points
+
+def quant_fp8(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
+              scale_is_reciprocal: bool = False) -> torch.Tensor:
+    """Static per-tensor FP8 quantization: (x / scale) or (x * scale), clamped, cast RNE."""
+    return torch.ops.fx_mla.quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal)
+
+
+def quant_fp8_dynamic(x: torch.Tensor, fp8_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-tensor FP8 quantization; returns (q, scale), scale a 0-dim fp32 tensor."""
+    return torch.ops.fx_mla.quant_fp8_dynamic(x, fp8_dtype)
+
+
+def quant_fp8_per_token(x: torch.Tensor,
+                        fp8_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 quantization (one scale per row of the last dim); returns (q, scales)."""
+    return torch.ops.fx_mla.quant_fp8_per_token(x, fp8_dtype)

@@ -291,7 +291,8 @@ def _interpreter_checks():
 
     gen = torch.Generator().manual_seed(5)
     # small tiles so the multi-program, multi-partial and tiled-row paths all run on small tensors
-    qmod.STATIC_BLOCK, qmod.AMAX_BLOCK, qmod.FINALIZE_BLOCK, qmod.PER_TOKEN_MAX_BLOCK = 256, 64, 4, 32
+    qmod.STATIC_BLOCK, qmod.AMAX_BLOCK, qmod.FINALIZE_BLOCK = 256, 64, 4
+    qmod.PER_TOKEN_MAX_BLOCK, qmod.PER_TOKEN_TILE = 32, 128  # 4 rows a program, last one partial
     for xd in XDTYPES:
         for fd in FP8:
             x = _special_values(_rand((3, 301), xd, fd, gen), fd)

@@ -74,33 +74,36 @@ def _quant_fp8_amax_finalize_kernel(partial_ptr, n_partials, scale_ptr, amax_flo
 
 
 @triton.jit
-def _quant_fp8_per_token_kernel(x_ptr, out_ptr, scale_ptr, n_cols, amax_floor,
-                                FMAX: tl.constexpr, OUT_DTYPE: tl.constexpr,
+def _quant_fp8_per_token_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, amax_floor,
+                                FMAX: tl.constexpr, OUT_DTYPE: tl.constexpr, ROWS: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr):
-    """Per-token scale: one program per row; scale[row] = max(amax(|row|), floor) / FMAX."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * n_cols
-    out_row = out_ptr + row * n_cols
-    cols = tl.arange(0, BLOCK_N)
+    """Per-token scale: ROWS rows per program; scale[row] = max(amax(|row|), floor) / FMAX.
+    Several rows a program, so a short row (576 values) is not one tiny program each."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    base = rows[:, None] * n_cols
+    cols = tl.arange(0, BLOCK_N)[None, :]
     if SINGLE_TILE:
         # the whole row fits one tile: keep it in registers between amax and quantization
-        mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0)
-        amax = tl.reduce(tl.abs(x.to(tl.float32)), 0, _nan_max)
+        mask = row_mask[:, None] & (cols < n_cols)
+        x = tl.load(x_ptr + base + cols, mask=mask, other=0.0)
+        amax = tl.reduce(tl.abs(x.to(tl.float32)), 1, _nan_max)
         s = tl.math.div_rn(_nan_max(amax, amax_floor), FMAX)
-        q = _scaled_clamped_fp8(x, s, FMAX, False, False, OUT_DTYPE)
-        tl.store(out_row + cols, q, mask=mask)
+        s_tile = tl.broadcast_to(s[:, None], (ROWS, BLOCK_N))
+        q = _scaled_clamped_fp8(x, s_tile, FMAX, False, False, OUT_DTYPE)
+        tl.store(out_ptr + base + cols, q, mask=mask)
     else:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
-            mask = start + cols < n_cols
-            x = tl.load(x_row + start + cols, mask=mask, other=0.0)
+            mask = row_mask[:, None] & (start + cols < n_cols)
+            x = tl.load(x_ptr + base + start + cols, mask=mask, other=0.0)
             acc = _nan_max(acc, tl.abs(x.to(tl.float32)))
-        amax = tl.reduce(acc, 0, _nan_max)
+        amax = tl.reduce(acc, 1, _nan_max)
         s = tl.math.div_rn(_nan_max(amax, amax_floor), FMAX)
+        s_tile = tl.broadcast_to(s[:, None], (ROWS, BLOCK_N))
         for start in range(0, n_cols, BLOCK_N):
-            mask = start + cols < n_cols
-            x = tl.load(x_row + start + cols, mask=mask, other=0.0)
-            q = _scaled_clamped_fp8(x, s, FMAX, False, False, OUT_DTYPE)
-            tl.store(out_row + start + cols, q, mask=mask)
-    tl.store(scale_ptr + row, s)
+            mask = row_mask[:, None] & (start + cols < n_cols)
+            x = tl.load(x_ptr + base + start + cols, mask=mask, other=0.0)
+            q = _scaled_clamped_fp8(x, s_tile, FMAX, False, False, OUT_DTYPE)
+            tl.store(out_ptr + base + start + cols, q, mask=mask)
+    tl.store(scale_ptr + rows, s, mask=row_mask)
