@@ -1,0 +1,406 @@
+"""Pass ``cache_gather``: a paged-cache gather and its dequantize → ``fx_mla::gather_dequant_cache{,_paged}``.
+
+Rewrites (post-grad ATen forms, sizes symbolic; ``views`` = reshape/view/unsqueeze/squeeze nodes, replayed on the
+op's output, which has the same row-major element order):
+  index(cache, [I]) | index_select(cache, 0, I) → views → convert(dt) → views → [mul(·, s)] → [convert(dt2)]
+      cache [num_blocks, bs, D], I [B, M] or [N]     ⇒ gather_dequant_cache_paged(cache, I (unsqueezed to 2-D), s, dt)
+      rows [num_rows, D] (e.g. cache.view(-1, D))    ⇒ the same op on rows.unsqueeze(1) (a block size of 1): the
+                                                       flattened-slot form ``cache.view(-1, D)[slots]``
+  index(cache, [block_table[b, off // bs], off % bs]) → … the same tail, with the metadata chain of
+      fx_mla/mla/context.py: b = clamp_min(token_to_seq, 0), off = where(token_to_seq >= 0,
+      iota - cu_seq_lens[b] (+ seq_starts[b]), 0)  ⇒ gather_dequant_cache(cache, block_table, cu_seq_lens,
+                                                       token_to_seq, seq_starts, s, dt)
+The result is bitwise the unrewritten graph's: the upcast of an fp8 (or any) cache entry is exact, the product
+with the scale is one fp32 multiply, and the op rounds once to the output dtype, as ATen does for
+``x.to(dt) * s``. Executors that round a 0-dim fp32 scale to bf16/fp16 first (eager CUDA; Inductor with
+``emulate_precision_casts``) get the scale rounded the same way in the rewritten graph. Inductor without
+``emulate_precision_casts`` does not round bf16 intermediates it fuses: bitwise equality then holds where the
+dequantized tensor is materialized (as when it feeds a matmul), not where Inductor would fuse it into later
+pointwise ops.
+Matches only when: a dtype conversion follows the gather (the anchor; a bare same-dtype gather is already one
+copy); every node before the chain's end has no other user except ``sym_size`` (rewired to an equal size); the
+scale is a one-element fp32 tensor (or of the conversion's dtype) on the cache's device, else the chain ends
+before the multiply (the cast alone is still fused).
+Declines (reported): cache dtype or output dtype the op does not cover, a cache whose last dim is not contiguous,
+fp8 on CUDA below compute capability 8.9, index dtypes other than int32/int64, index patterns not recognised
+(more than 2-D block indices, other token index arithmetic, indexing another dim), metadata shapes the op
+rejects, fp8 rows gathered without a dequantize (e.g. feeding an all-gather after quant_before_gather's mirror
+rewrite: the op has no fp8 → fp8 copy), and other users of the gathered fp8 rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx
+
+from ..ops import gather_dequant_cache as _gdc  # registers the ops
+from ..ops._fp8 import FP8_DTYPES, fp8_supported
+from .match import is_op, node_shape, same_size, static_int, tensor_val
+
+PASS = "cache_gather"
+aten, prims = torch.ops.aten, torch.ops.prims
+PAGED = torch.ops.fx_mla.gather_dequant_cache_paged.default
+TOKEN = torch.ops.fx_mla.gather_dequant_cache.default
+CONVERT = prims.convert_element_type.default
+RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+VIEWS = RESHAPES + (aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+SIZE_OPS = (aten.sym_size.int,)
+INDEX_DTYPES = (torch.int32, torch.int64)
+FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16) + FP8_DTYPES
+Shape = tuple
+_NAMER: list = [None]  # the report's GraphNamer, so reasons use the printed graph's names (set by run)
+
+
+def _n(node) -> str:
+    return "%" + (_NAMER[0].name(node) if _NAMER[0] is not None else node.name)
+
+
+def _sz(size) -> str:
+    return _NAMER[0].render_expr(size) if _NAMER[0] is not None else str(size)
+
+
+@dataclasses.dataclass
+class Tail:
+    """What follows the gather: the chain up to ``end`` (views and elementwise nodes), the output dtype, the scale
+    node (or None) and the ``sym_size`` users of chain nodes."""
+    nodes: list
+    end: torch.fx.Node
+    out_dtype: torch.dtype
+    scale: Optional[torch.fx.Node]
+    sizes: list
+
+
+@dataclasses.dataclass
+class Source:
+    """How the gather reads the cache: ``paged`` (blocks or rows through a 1-D/2-D index) or ``token``."""
+    kind: str
+    cache: torch.fx.Node
+    index: Optional[torch.fx.Node] = None
+    rows: bool = False                       # a 2-D [num_rows, D] source, addressed as block size 1
+    meta: tuple = ()                         # token form: (block_table, cu_seq_lens, token_to_seq, seq_starts)
+
+
+def run(graph: torch.fx.Graph, ctx: Any) -> None:
+    _NAMER[0] = getattr(ctx, "namer", None)
+    for gather in [n for n in graph.nodes if is_op(n, aten.index.Tensor, aten.index_select.default)]:
+        src = gather.args[0]
+        dtype = _dtype(src)
+        if dtype not in FLOATS:
+            continue
+        tail = _tail(gather)
+        if isinstance(tail, str):
+            if dtype in FP8_DTYPES:
+                ctx.declined(PASS, gather, tail)
+            continue
+        source = _source(gather)
+        reason = source if isinstance(source, str) else _guard(ctx, source, tail)
+        if reason:
+            ctx.declined(PASS, gather, reason)
+            continue
+        plan = _plan_sizes(graph, tail, gather, source)
+        if isinstance(plan, str):
+            ctx.declined(PASS, gather, plan)
+            continue
+        new = _rewrite(graph, ctx, gather, source, tail, plan)
+        what = "token-parallel gather" if source.kind == "token" else ("row gather" if source.rows else "paged gather")
+        scale = "" if tail.scale is None else " × scale"
+        ctx.matched(PASS, [gather, tail.end, new],
+                    f"{what} of a {_short(dtype)} cache{scale} → {_short(tail.out_dtype)} fused into "
+                    f"{new.target.name()}")
+
+
+# ---------------------------------------------------------------- the dequantize tail
+
+def _tail(gather: torch.fx.Node) -> Union[Tail, str]:
+    """Walk views, one conversion, an optional scale multiply and an optional second conversion."""
+    nodes, sizes = [], []
+    cur, end, scale, converts = gather, None, None, 0
+    src_dtype = _dtype(gather)
+    while converts < 2:
+        real = [u for u in cur.users if not is_op(u, *SIZE_OPS)]
+        sizes += [(u, cur) for u in cur.users if is_op(u, *SIZE_OPS)]
+        if len(real) != 1:
+            break
+        u = real[0]
+        if is_op(u, *VIEWS) and u.args[0] is cur:
+            nodes.append(u)
+            cur = u
+            continue
+        if is_op(u, CONVERT) and (converts == 0 or _dtype(cur) == torch.float32 and _dtype(u) in _gdc.OUT_DTYPES):
+            converts += 1  # a second one rounds the fp32 value (x.float() [* s]).to(dt) once, as the op does
+        elif converts == 1 and scale is None and src_dtype in FP8_DTYPES and _scale_of(u, cur) is not None:
+            scale = _scale_of(u, cur)
+        else:
+            break
+        nodes.append(u)
+        end = cur = u
+    if end is None:
+        users = ", ".join(f"{_n(u)}" for u in gather.users) or "nothing"
+        return (f"fp8 rows gathered without a dequantize (used by {users}): gather_dequant_cache has no "
+                f"fp8 → fp8 copy")
+    keep = nodes[:nodes.index(end) + 1]
+    chain = {gather, *keep}
+    return Tail(keep, end, _dtype(end), scale, [(u, o) for u, o in sizes if o in chain and o is not end])
+
+
+def _scale_of(mul: torch.fx.Node, x: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The scale operand of ``mul`` when it is a one-element tensor the op can take (same result dtype)."""
+    if not is_op(mul, aten.mul.Tensor) or len(mul.args) != 2:
+        return None
+    a, b = mul.args
+    s = b if a is x else a
+    if s is x or not isinstance(s, torch.fx.Node):
+        return None
+    sv, xv, mv = tensor_val(s), tensor_val(x), tensor_val(mul)
+    if sv is None or static_int(sv.numel()) != 1 or sv.dim() > xv.dim() or sv.device != xv.device:
+        return None
+    if sv.dtype not in (torch.float32, xv.dtype) or mv.dtype not in _gdc.OUT_DTYPES:
+        return None
+    return s
+
+
+# ---------------------------------------------------------------- the gather
+
+def _source(gather: torch.fx.Node) -> Union[Source, str]:
+    src = gather.args[0]
+    ndim = len(node_shape(src))
+    if is_op(gather, aten.index_select.default):
+        dim = gather.args[1] + ndim if gather.args[1] < 0 else gather.args[1]
+        if dim != 0:
+            return f"index_select on dim {dim}: only rows (dim 0) of the cache are gathered by the op"
+        indices = [gather.args[2]]
+    else:
+        indices = list(gather.args[1])
+    if any(not isinstance(i, torch.fx.Node) for i in indices) or ndim not in (2, 3):
+        return (f"index pattern not recognised: a {ndim}-D source indexed by "
+                f"[{', '.join(_n(i) if isinstance(i, torch.fx.Node) else repr(i) for i in indices)}]")
+    for i in indices:
+        if _dtype(i) not in INDEX_DTYPES:
+            return f"index {_n(i)} has dtype {_short(_dtype(i))}; the op takes int32 or int64 indices"
+    if len(indices) == 1:
+        if len(node_shape(indices[0])) not in (1, 2):
+            return f"block index {_n(indices[0])} has {len(node_shape(indices[0]))} dims; the op takes 1 or 2"
+        return Source("paged", src, indices[0], rows=ndim == 2)
+    if len(indices) == 2 and ndim == 3:
+        meta = _token_meta(src, *indices)
+        return meta if isinstance(meta, str) else Source("token", src, meta=meta)
+    return f"index pattern not recognised: {len(indices)} indices into a {ndim}-D source"
+
+
+def _strip_upcast(node):
+    """``x`` for an exact int32 → int64 conversion of ``x``, else ``node`` itself."""
+    if is_op(node, CONVERT) and _dtype(node) == torch.int64 and _dtype(node.args[0]) in INDEX_DTYPES:
+        return node.args[0]
+    return node
+
+
+def _is_size(value, size) -> bool:
+    v = value.meta.get("val") if isinstance(value, torch.fx.Node) else value
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) and same_size(v, size)
+
+
+def _token_meta(cache, blk, slot) -> Union[tuple, str]:
+    """(block_table, cu_seq_lens, token_to_seq, seq_starts) of context.py's index chain, or why not."""
+    bs = node_shape(cache)[1]
+    no = "token index not recognised: "
+    if not (is_op(slot, aten.remainder.Scalar, aten.remainder.Tensor) and _is_size(slot.args[1], bs)):
+        return no + f"{_n(slot)} is not (position % block_size)"
+    off = slot.args[0]
+    if not (is_op(blk, aten.index.Tensor) and len(blk.args[1]) == 2):
+        return no + f"{_n(blk)} is not block_table[request, position // block_size]"
+    table, (b, col) = blk.args
+    if not (is_op(col, aten.div.Tensor_mode) and col.args[0] is off and _is_size(col.args[1], bs)
+            and col.kwargs.get("rounding_mode") == "floor"):
+        return no + f"{_n(col)} is not position // block_size of the same position"
+    if not (is_op(b, aten.clamp_min.default) and b.args[1] == 0):
+        return no + f"request index {_n(b)} is not clamp_min(token_to_seq, 0) (padding tokens)"
+    tts = _strip_upcast(b.args[0])
+    if not (is_op(off, aten.where.self) and is_op(off.args[0], aten.ge.Scalar) and off.args[0].args[1] == 0
+            and _strip_upcast(off.args[0].args[0]) is tts and is_op(off.args[2], aten.full.default)
+            and off.args[2].args[1] == 0):
+        return no + f"position {_n(off)} is not where(token_to_seq >= 0, ..., 0)"
+    raw, starts = off.args[1], None
+    if is_op(raw, aten.add.Tensor):
+        x, y = raw.args
+        raw, starts = (x, y) if is_op(x, aten.sub.Tensor) else (y, x)
+        if not (is_op(starts, aten.index.Tensor) and list(starts.args[1]) == [b]):
+            return no + f"{_n(starts)} is not seq_starts[request]"
+        starts = _strip_upcast(starts.args[0])
+    if not (is_op(raw, aten.sub.Tensor) and is_op(raw.args[0], prims.iota.default)
+            and raw.args[0].kwargs.get("start") == 0 and raw.args[0].kwargs.get("step") == 1
+            and is_op(raw.args[1], aten.index.Tensor) and list(raw.args[1].args[1]) == [b]):
+        return no + f"{_n(raw)} is not arange(num_tokens) - cu_seq_lens[request]"
+    cu, table = _strip_upcast(raw.args[1].args[0]), _strip_upcast(table)
+    meta = (table, cu, tts, starts)
+    for node, ndim in zip(meta, (2, 1, 1, 1)):
+        if node is not None and (_dtype(node) not in INDEX_DTYPES or len(node_shape(node)) != ndim):
+            return no + f"{_n(node)} must be a {ndim}-D int32/int64 tensor"
+    batch, n = node_shape(table)[0], node_shape(tts)[0]
+    for node, want, what in ((cu, batch + 1, "rows + 1"), (starts, batch, "rows")):
+        if node is not None and not same_size(node_shape(node)[0], want):
+            return (f"{_n(node)} has {_sz(node_shape(node)[0])} entries, not provably block_table's {what} "
+                    f"({_sz(want)}), "
+                    "which the op requires; torch._check the sizes in the model so the compiler knows them")
+    if not (same_size(node_shape(raw.args[0])[0], n) and same_size(node_shape(blk)[0], n)):
+        return no + "positions are not one per token_to_seq entry"
+    return meta
+
+
+# ---------------------------------------------------------------- guards
+
+def _guard(ctx: Any, source: Source, tail: Tail) -> Optional[str]:
+    cache, dtype = source.cache, _dtype(source.cache)
+    if dtype not in _gdc.CACHE_DTYPES:
+        return f"cache dtype {_short(dtype)} is not covered by the op (fp8 e4m3/e5m2, bf16, fp16, fp32)"
+    if tail.out_dtype not in _gdc.OUT_DTYPES:
+        return f"output dtype {_short(tail.out_dtype)} is not covered by the op (bf16, fp16, fp32)"
+    val = tensor_val(cache)
+    if not (static_int(val.shape[-1]) == 1 or static_int(val.stride(-1)) == 1):
+        return (f"cache {_n(cache)} is not contiguous in its last dim (strides ({', '.join(_sz(x) for x in val.stride())})): "
+                "the op reads each row with stride 1")
+    for node in (source.index, *source.meta, tail.scale):
+        if node is not None and tensor_val(node).device != val.device:
+            return f"{_n(node)} is on {tensor_val(node).device}, the cache on {val.device}"
+    if ctx.device.type == "cuda" and dtype in FP8_DTYPES:
+        reason = fp8_supported(dtype, ctx.capability)
+        if reason:
+            return f"{reason} (the op's Triton kernel)"
+    return None
+
+
+def _scale_rounded_by_executor(ctx: Any, tail: Tail) -> bool:
+    """Whether the unrewritten graph's executor rounds a 0-dim fp32 scale to the bf16/fp16 output dtype first."""
+    if tail.scale is None or _dtype(tail.scale) != torch.float32 or tail.out_dtype == torch.float32:
+        return False
+    if getattr(ctx.options, "inner", "inductor") == "eager":
+        return ctx.device.type == "cuda" and tensor_val(tail.scale).dim() == 0
+    from torch._inductor import config as inductor_config
+
+    return bool(inductor_config.emulate_precision_casts)
+
+
+# ---------------------------------------------------------------- rewrite
+
+def _out_shape(source: Source) -> Shape:
+    if source.kind == "token":
+        return (node_shape(source.meta[2])[0], node_shape(source.cache)[-1])
+    idx, cache = node_shape(source.index), node_shape(source.cache)
+    rows, cols = (1, idx[0]) if len(idx) == 1 else idx
+    return (rows, cols * (1 if source.rows else cache[1]), cache[-1])
+
+
+def _plan_sizes(graph, tail: Tail, gather, source: Source) -> Union[list, str]:
+    """For each sym_size user of a chain node: an int, ("new", dim) on the op's output, or an existing node."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    plan, out = [], _out_shape(source)
+    for user, owner in tail.sizes:
+        size = node_shape(owner)[user.args[1]]
+        if static_int(size) is not None:
+            plan.append((user, static_int(size)))
+            continue
+        if order[user] > order[tail.end]:
+            dims = [d for d, s in enumerate(out) if same_size(s, size)]
+            if dims:
+                plan.append((user, ("new", dims[0])))
+                continue
+        found = [n for n in graph.nodes if order[n] < order[user] and n not in (user, *(u for u, _ in tail.sizes))
+                 and isinstance(n.meta.get("val"), torch.SymInt) and same_size(n.meta["val"], size)]
+        if not found:
+            return (f"{_n(user)} = sym_size({_n(owner)}) ({_sz(size)}) is used before the chain ends and no "
+                    "equal size is available there")
+        plan.append((user, found[0]))
+    return plan
+
+
+def _rewrite(graph, ctx, gather, source: Source, tail: Tail, plan: list) -> torch.fx.Node:
+    end = tail.end
+
+    def call(target, *args):
+        node = graph.call_function(target, args)
+        _set_val(node)
+        return node
+
+    with graph.inserting_before(end):
+        scale = tail.scale
+        if scale is not None and _dtype(scale) != torch.float32:
+            scale = call(CONVERT, scale, torch.float32)  # bf16/fp16 → fp32 is exact
+        elif _scale_rounded_by_executor(ctx, tail):
+            scale = call(CONVERT, call(CONVERT, scale, tail.out_dtype), torch.float32)
+        if source.kind == "token":
+            new = call(TOKEN, source.cache, *source.meta, scale, tail.out_dtype)
+        else:
+            cache = call(aten.unsqueeze.default, source.cache, 1) if source.rows else source.cache
+            table = source.index if len(node_shape(source.index)) == 2 else call(aten.unsqueeze.default,
+                                                                                  source.index, 0)
+            new = call(PAGED, cache, table, scale, tail.out_dtype)
+        out = _replay_views(graph, call, new, gather, tail)
+    end.replace_all_uses_with(out)
+    for user, value in plan:
+        if isinstance(value, int):
+            for uu in list(user.users):
+                uu.args = torch.fx.node.map_arg(uu.args, lambda a: value if a is user else a)
+                uu.kwargs = torch.fx.node.map_arg(uu.kwargs, lambda a: value if a is user else a)
+        elif isinstance(value, tuple):
+            user.replace_input_with(user.args[0], new)
+            user.args = (new, value[1])
+        else:
+            user.replace_all_uses_with(value)
+    return new
+
+
+def _replay_views(graph, call, new, gather, tail: Tail) -> torch.fx.Node:
+    """``new`` viewed as ``tail.end`` is: the chain's views replayed from the last reshape (row-major order is the
+    same), or from a reshape to the gather's shape when the chain has none."""
+    views = [n for n in tail.nodes if is_op(n, *VIEWS)]
+    starts = [i for i, n in enumerate(views) if is_op(n, *RESHAPES)]
+    cur, shape = new, node_shape(new)
+    if starts:
+        views = views[starts[-1]:]
+        if _same_shape(shape, node_shape(views[0])):
+            views = views[1:]
+    elif not _same_shape(shape, node_shape(gather)):
+        cur = call(aten.reshape.default, cur, [_size_arg(graph, call, gather, d) for d in
+                                               range(len(node_shape(gather)))])
+    for v in views:
+        cur = call(v.target, cur, *v.args[1:])
+    return cur
+
+
+def _size_arg(graph, call, gather, dim):
+    """Size ``dim`` of the gather's result as an int, or a sym_size of the index or the cache that equals it."""
+    size = node_shape(gather)[dim]
+    if static_int(size) is not None:
+        return static_int(size)
+    candidates = [gather.args[2] if is_op(gather, aten.index_select.default) else gather.args[1][0], gather.args[0]]
+    for node in candidates:
+        for d, s in enumerate(node_shape(node)):
+            if same_size(s, size):
+                return call(aten.sym_size.int, node, d)
+    raise AssertionError(f"size {size} of {_n(gather)} not found")  # unreachable: [*I.shape, *cache.shape[1:]]
+
+
+def _same_shape(a: Shape, b: Shape) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def _set_val(node: torch.fx.Node) -> None:
+    from torch._guards import detect_fake_mode
+
+    vals = [a.meta.get("val") for a in node.all_input_nodes]
+    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    with fake_mode:
+        node.meta["val"] = node.target(*args, **kwargs)
+
+
+def _dtype(node) -> Optional[torch.dtype]:
+    v = tensor_val(node)
+    return None if v is None else v.dtype
+
+
+def _short(dtype) -> str:
+    from ..report import short_dtype
+
+    return short_dtype(dtype) if dtype is not None else "?"
