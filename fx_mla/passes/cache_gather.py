@@ -84,17 +84,25 @@ class Source:
 
 def run(graph: torch.fx.Graph, ctx: Any) -> None:
     _NAMER[0] = getattr(ctx, "namer", None)
+    if _NAMER[0] is not None:
+        _NAMER[0].update(graph)  # name earlier passes' nodes now, as the printed graph will
     for gather in [n for n in graph.nodes if is_op(n, aten.index.Tensor, aten.index_select.default)]:
         src = gather.args[0]
         dtype = _dtype(src)
         if dtype not in FLOATS:
             continue
-        tail = _tail(gather)
+        root, tail = None, _pre_dequant(gather)
+        if tail is not None:  # dequant(x)[I] ⇒ the op on x: e.g. the reorder of DCP's all-gathered fp8 context
+            root, tail = tail
+        else:
+            tail = _tail(gather)
         if isinstance(tail, str):
             if dtype in FP8_DTYPES:
                 ctx.declined(PASS, gather, tail)
             continue
         source = _source(gather)
+        if root is not None and not isinstance(source, str):
+            source, dtype = dataclasses.replace(source, cache=root), _dtype(root)
         reason = source if isinstance(source, str) else _guard(ctx, source, tail)
         if reason:
             ctx.declined(PASS, gather, reason)
@@ -105,10 +113,10 @@ def run(graph: torch.fx.Graph, ctx: Any) -> None:
             continue
         new = _rewrite(graph, ctx, gather, source, tail, plan)
         what = "token-parallel gather" if source.kind == "token" else ("row gather" if source.rows else "paged gather")
+        what += f" of {'dequantized ' if root is not None else 'a '}{_short(dtype)} {'rows' if root else 'cache'}"
         scale = "" if tail.scale is None else " × scale"
-        ctx.matched(PASS, [gather, tail.end, new],
-                    f"{what} of a {_short(dtype)} cache{scale} → {_short(tail.out_dtype)} fused into "
-                    f"{new.target.name()}")
+        ctx.matched(PASS, [gather, new] if root is not None else [gather, tail.end, new],
+                    f"{what}{scale} → {_short(tail.out_dtype)} fused into {new.target.name()}")
 
 
 # ---------------------------------------------------------------- the dequantize tail
@@ -137,12 +145,31 @@ def _tail(gather: torch.fx.Node) -> Union[Tail, str]:
         nodes.append(u)
         end = cur = u
     if end is None:
-        users = ", ".join(f"{_n(u)}" for u in gather.users) or "nothing"
-        return (f"fp8 rows gathered without a dequantize (used by {users}): gather_dequant_cache has no "
-                f"fp8 → fp8 copy")
+        users = ", ".join(_n(u) for u in cur.users if not is_op(u, *SIZE_OPS)) or "nothing"
+        if len(real) > 1:
+            return f"the gathered fp8 rows {_n(cur)} have several users ({users}): the fp8 intermediate is needed"
+        return f"fp8 rows gathered without a dequantize (used by {users}): the op has no fp8 → fp8 copy"
     keep = nodes[:nodes.index(end) + 1]
     chain = {gather, *keep}
     return Tail(keep, end, _dtype(end), scale, [(u, o) for u, o in sizes if o in chain and o is not end])
+
+
+def _pre_dequant(gather: torch.fx.Node) -> Optional[tuple]:
+    """(x, Tail ending at ``gather``) when the gathered tensor is ``dequant(x)`` used only by the gather."""
+    src, root = gather.args[0], gather.args[0]
+    for _ in range(3):  # convert, mul by the scale, convert
+        if is_op(root, CONVERT):
+            root = root.args[0]
+        elif is_op(root, aten.mul.Tensor):
+            root = next((a for a in root.args if _scale_of(root, a) is not None), root)
+        else:
+            break
+    if root is src or _dtype(root) not in _gdc.CACHE_DTYPES:
+        return None
+    tail = _tail(root)
+    if isinstance(tail, str) or tail.end is not src or tail.sizes or any(is_op(n, *VIEWS) for n in tail.nodes):
+        return None
+    return root, Tail([], gather, tail.out_dtype, tail.scale, [])
 
 
 def _scale_of(mul: torch.fx.Node, x: torch.fx.Node) -> Optional[torch.fx.Node]:
