@@ -1,0 +1,255 @@
+"""Fused FP8 MLA decode (torch.ops.fx_mla.mla_decode_fp8) vs the plain-PyTorch step, against the roofline.
+
+For each (B, H, context) shape, block size 64, FP8 e4m3 cache, bf16 query: the fused op (default config, and
+with --sweep every candidate config, each checked against an fp32 reference first), the op with an FP8 query,
+fx_mla.mla.decode.paged_decode_attention in eager and under torch.compile(backend="inductor", dynamic=False).
+Roofline floor = max(FP8 KV bytes / copy bandwidth, FLOPs / bf16 matmul rate), FLOPs = 2*B*H*S*(576+512), both
+ceilings measured in this run (device-to-device copy of 1 GiB, bytes read + written; 8192^3 bf16 matmul).
+Shapes whose cache would fit in L2 rotate over several disjoint block tables (distinct cache pages).
+Writes benchmarks/results/decode.json (and a copy to $OUT when set); prints a table.
+
+  PYTHONPATH=. python benchmarks/bench_decode.py [--sweep] [--budget SECONDS] [--shapes 1x128x65536,...]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fx_mla.mla.decode import paged_decode_attention  # noqa: E402
+from fx_mla.ops import mla_decode_fp8 as dmod  # noqa: E402
+
+SHAPES = [(1, 128, 65536), (8, 128, 16384), (16, 128, 32768), (64, 128, 4096), (32, 16, 16384), (128, 16, 8192)]
+BLOCK, LAT, ROPE = 64, 512, 64
+D = LAT + ROPE
+SM_SCALE = 1.0 / math.sqrt(128 + 64)
+C = dmod.DecodeConfig
+SWEEP = {  # candidate configs, by head count (the default from choose_config is always measured too)
+    16: [C(16, 64, 8, 3, 1), C(16, 32, 8, 3, 1), C(16, 128, 8, 2, 1), C(16, 64, 8, 2, 2), C(16, 64, 4, 2, 1, True),
+         C(16, 128, 8, 2, 1, True), C(16, 64, 4, 3, 2)],
+    128: [C(32, 32, 8, 3, 1), C(64, 64, 8, 2, 1), C(32, 64, 8, 2, 1), C(64, 32, 8, 3, 1), C(64, 64, 8, 1, 1),
+          C(16, 64, 8, 2, 1), C(64, 32, 8, 2, 2)],
+}
+
+
+def bench_ms(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def measure_ceilings():
+    n = 1 << 28
+    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    copy_tbps = 2 * src.numel() * 4 / (bench_ms(lambda: dst.copy_(src)) * 1e-3) / 1e12
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_tflops = 2 * 8192 ** 3 / (bench_ms(lambda: a @ b) * 1e-3) / 1e12
+    return copy_tbps, mm_tflops
+
+
+def make_inputs(batch, heads, ctx, rotations, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    per = batch * ctx // BLOCK
+    num_blocks = per * rotations + 1
+    cache = torch.empty(num_blocks, BLOCK, D, dtype=torch.float8_e4m3fn, device="cuda")
+    for i in range(0, num_blocks, 4096):  # fp32 temporaries in chunks
+        x = torch.randn(min(4096, num_blocks - i), BLOCK, D, device="cuda", generator=g)
+        cache[i:i + x.shape[0]] = (x * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+    perm = torch.randperm(num_blocks - 1, device="cuda", generator=g).int()
+    tables = [perm[r * per:(r + 1) * per].view(batch, ctx // BLOCK).contiguous() for r in range(rotations)]
+    k_scale = torch.tensor([1.0 / 64], device="cuda")
+    q = torch.randn(batch, heads, D, device="cuda", generator=g).to(torch.bfloat16)
+    q_scale = (q.float().abs().amax() / 448).reshape(1)
+    q8 = (q.float() / q_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return cache, tables, lens, k_scale, q, q8, q_scale
+
+
+def time_us(call, tables):
+    """Median time of one call: a CUDA graph holding one call per block table (distinct cache pages, so a
+    cache that fits in L2 is not re-read from L2), replayed; host launch overhead stays out for every variant.
+    Falls back to launching from Python (rotating the tables) where capture fails."""
+    for t in tables:
+        call(t)  # compiles / warms up outside the capture
+    torch.cuda.synchronize()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for t in tables:
+                call(t)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for t in tables:
+                call(t)
+        us = bench_ms(graph.replay) * 1e3 / len(tables)
+        del graph
+        return us, "cuda_graph"
+    except Exception:  # noqa: BLE001
+        torch.cuda.synchronize()
+        it = itertools.cycle(tables)
+        return bench_ms(lambda: call(next(it))) * 1e3, "python_launch"
+
+
+def rel_err(x, ref):
+    return float((x.float() - ref.float()).norm() / ref.float().norm())
+
+
+def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start):
+    """JSON after every shape, so a run cut short still leaves its numbers."""
+    speedups = [r["speedup_vs_inductor"] for r in rows if "speedup_vs_inductor" in r]
+    small_h = [r["pct_of_copy_bw"] for r in rows if r["heads"] <= 16]
+    summary = dict(min_pct_of_roofline=min((r["pct_of_roofline"] for r in rows), default=None),
+                   min_speedup_vs_inductor=min(speedups) if speedups and len(speedups) == len(rows) else None,
+                   min_pct_of_copy_bw_16_heads=min(small_h) if small_h else None,
+                   min_best_pct_of_roofline=min((r.get("best_pct_of_roofline", r["pct_of_roofline"]) for r in rows),
+                                                default=None),
+                   shapes_done=len(rows))
+    result = dict(name="decode", date=datetime.date.today().isoformat(), device=props.name,
+                  sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
+                  copy_tbps=copy_tbps, bf16_matmul_tflops=mm_tflops, block_size=BLOCK, cache_dtype="float8_e4m3fn",
+                  query_dtype="bfloat16", timing="median of CUDA-graph replays (triton.testing.do_bench)",
+                  rows=rows, sweep=sweep_rows, summary=summary, seconds=time.time() - t_start)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    if os.environ.get("OUT"):
+        shutil.copy(path, os.path.join(os.environ["OUT"], os.path.basename(path)))
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="time every candidate config of SWEEP too")
+    ap.add_argument("--sweep-shapes", default="", help="limit the sweep to these shapes (BxHxS,...)")
+    ap.add_argument("--shapes", default="", help="BxHxS,... (default: the six shapes of issue 6)")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds; optional parts are skipped past it")
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "decode.json"))
+    args = ap.parse_args()
+    t_start = time.time()
+    left = lambda: args.budget - (time.time() - t_start)  # noqa: E731
+    parse = lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",") if x]  # noqa: E731
+    shapes = parse(args.shapes) or SHAPES
+    sweep_shapes = parse(args.sweep_shapes) or shapes
+
+    props = torch.cuda.get_device_properties(0)
+    copy_tbps, mm_tflops = measure_ceilings()
+    print(f"{props.name}: copy {copy_tbps:.2f} TB/s (read+write), bf16 matmul {mm_tflops:.0f} TFLOP/s", flush=True)
+    op = torch.ops.fx_mla.mla_decode_fp8
+    compiled = torch.compile(paged_decode_attention, backend="inductor", dynamic=False)
+    rows, sweep_rows = [], []
+    for batch, heads, ctx in shapes:
+        kv_bytes = batch * ctx * D  # fp8: one byte an entry
+        io_bytes = kv_bytes + batch * heads * (D * 2 + LAT * 2 + 4)
+        flops = 2 * batch * heads * ctx * (D + LAT)
+        floor_s = max(kv_bytes / (copy_tbps * 1e12), flops / (mm_tflops * 1e12))
+        rotations = max(1, min(8, math.ceil(3 * props.L2_cache_size / kv_bytes)))
+        cache, tables, lens, k_scale, q, q8, q_scale = make_inputs(batch, heads, ctx, rotations)
+        row = dict(batch=batch, heads=heads, context=ctx, kv_bytes=kv_bytes, io_bytes=io_bytes, flops=flops,
+                   floor_us=floor_s * 1e6, bound="memory" if kv_bytes / copy_tbps > flops / mm_tflops / 1e3
+                   else "compute", rotations=rotations)
+        ref_o, ref_lse = dmod.mla_decode_fp8_reference(q, cache, tables[0], lens, k_scale, None, SM_SCALE, LAT,
+                                                       torch.bfloat16)
+
+        def fused(cfg, qq=q, qs=None):
+            if cfg is None:  # the registered op, its own config choice
+                call = lambda t: op(qq, cache, t, lens, k_scale, qs, SM_SCALE, LAT, torch.bfloat16)  # noqa
+            else:
+                call = lambda t: dmod.launch_mla_decode_fp8(qq, cache, t, lens, k_scale, qs, SM_SCALE, LAT,  # noqa
+                                                            torch.bfloat16, config=cfg)
+            o, lse = call(tables[0])
+            err = rel_err(o, ref_o)
+            lse_err = float((lse - ref_lse).abs().max())
+            return time_us(call, tables)[0], err, lse_err
+
+        default = dmod.choose_config(heads)
+        try:
+            t_us, err, lse_err = fused(None)
+        except Exception as e:  # noqa: BLE001 - report, keep measuring the rest
+            t_us, err, lse_err = float("inf"), float("nan"), float("nan")
+            row["fused_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"  fused op failed: {row['fused_error']}", flush=True)
+        row.update(fused_us=t_us, fused_config=list(default), fused_rel_err=err, fused_lse_err=lse_err,
+                   pct_of_roofline=100 * row["floor_us"] / t_us, pct_of_copy_bw=100 * kv_bytes / (t_us * 1e-6)
+                   / (copy_tbps * 1e12), fused_tbps=kv_bytes / (t_us * 1e-6) / 1e12,
+                   fused_tflops=flops / (t_us * 1e-6) / 1e12)
+        try:
+            t8, err8, _ = fused(None, q8, q_scale)
+            row.update(fp8q_us=t8, fp8q_rel_err=err8)
+        except Exception as e:  # noqa: BLE001 - report, keep measuring
+            row.update(fp8q_error=f"{type(e).__name__}: {str(e)[:200]}")
+        if args.sweep and (batch, heads, ctx) in sweep_shapes:
+            best = (t_us, list(default))
+            for cfg in SWEEP[16 if heads <= 16 else 128]:
+                if left() < 60:
+                    print("  sweep: out of time budget", flush=True)
+                    break
+                try:
+                    ts, es, ls = fused(cfg)
+                    ok = es <= 1e-2 and ls <= 1e-3
+                    sweep_rows.append(dict(batch=batch, heads=heads, context=ctx, config=list(cfg), us=ts,
+                                           rel_err=es, lse_err=ls, ok=ok))
+                    print(f"  sweep {cfg}: {ts:8.1f} us  err {es:.2e} lse {ls:.1e}", flush=True)
+                    if ok and ts < best[0]:
+                        best = (ts, list(cfg))
+                except Exception as e:  # noqa: BLE001
+                    sweep_rows.append(dict(batch=batch, heads=heads, context=ctx, config=list(cfg),
+                                           error=f"{type(e).__name__}: {str(e)[:300]}"))
+                    print(f"  sweep {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            row.update(best_us=best[0], best_config=best[1], best_pct_of_roofline=100 * row["floor_us"] / best[0])
+        del ref_o, ref_lse
+        if not args.no_baselines:
+            eager = lambda t: paged_decode_attention(q, cache, t, lens, k_scale, SM_SCALE, LAT)  # noqa: E731
+            for name, fn in (("eager", eager), ("inductor", lambda t: compiled(q, cache, t, lens, k_scale,
+                                                                                SM_SCALE, LAT))):
+                if name == "inductor" and left() < 45:
+                    row["inductor_error"] = "skipped: out of time budget"
+                    continue
+                try:
+                    row[f"{name}_us"], row[f"{name}_timing"] = time_us(fn, tables)
+                    row[f"speedup_vs_{name}"] = row[f"{name}_us"] / row["fused_us"]
+                except torch.cuda.OutOfMemoryError as e:
+                    row[f"{name}_error"] = f"OOM: {str(e)[:120]}"
+                except Exception as e:  # noqa: BLE001
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"{batch}x{heads}x{ctx}: fused {t_us:.1f} us ({row['pct_of_roofline']:.0f}% of roofline, "
+              f"{row['pct_of_copy_bw']:.0f}% of copy bw), eager {row.get('eager_us', float('nan')):.1f}, "
+              f"inductor {row.get('inductor_us', float('nan')):.1f}  [{time.time() - t_start:.0f} s]", flush=True)
+        del cache, tables
+        torch.cuda.empty_cache()
+        write_results(args.out, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start)
+
+    result = write_results(args.out, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start)
+    summary = result["summary"]
+    print(f"\n{props.name}  torch {torch.__version__}  triton {triton.__version__}  copy {copy_tbps:.2f} TB/s  "
+          f"bf16 mm {mm_tflops:.0f} TFLOP/s")
+    print(f"{'B':>4} {'H':>4} {'S':>6} | {'floor':>7} {'fused':>8} {'%roof':>6} {'%copy':>6} {'TFLOP/s':>7} | "
+          f"{'fp8q':>8} | {'eager':>8} {'inductor':>8} {'x ind':>6} | best cfg")
+    for r in rows:
+        f = lambda k: f"{r[k]:8.1f}" if k in r else f"{'-':>8}"  # noqa: E731
+        print(f"{r['batch']:>4} {r['heads']:>4} {r['context']:>6} | {r['floor_us']:7.1f} {r['fused_us']:8.1f} "
+              f"{r['pct_of_roofline']:6.1f} {r['pct_of_copy_bw']:6.1f} {r['fused_tflops']:7.0f} | {f('fp8q_us')} | "
+              f"{f('eager_us')} {f('inductor_us')} {r.get('speedup_vs_inductor', float('nan')):6.2f} | "
+              f"{r.get('best_config', '')} {r.get('best_us', '')}")
+    print("summary:", json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

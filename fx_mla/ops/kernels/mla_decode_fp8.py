@@ -1,0 +1,210 @@
+"""Triton kernels of ``torch.ops.fx_mla.mla_decode_fp8``: split-K (flash-decoding) MLA attention over a paged cache.
+
+Stage 1 (``_mla_decode_fp8_kernel``): one program per (head group, split, request). It walks its share of the
+request's tokens in tiles of BLOCK_N, reads each tile of the paged cache once for all BLOCK_H heads, and keeps an
+online softmax in base 2 with fp32 accumulators. Stage 2 (``_mla_decode_fp8_combine_kernel``) merges the splits'
+(o, lse) by their log-sum-exp weights. With one split, stage 1 writes the final (o, lse) itself.
+
+Numerics (the launcher picks the constexprs):
+* An FP8 cache is multiplied in fp16 on the tensor cores: e4m3 and e5m2 convert to fp16 exactly (one
+  ``cvt.rn.f16x2.e4m3x2`` per two values on sm_89+, where the bf16 route costs three conversions). k_scale is
+  folded into the score scale and into the output instead of being applied per element.
+* A bf16 query with an FP8 cache is scaled by 2**-Q_SHIFT (exact) and rounded to fp16: exact for
+  2**-6 <= |q| <= 65504 * 2**8, absolute error <= 2**-17 below 2**-6; 2**Q_SHIFT goes into the score scale.
+* An FP8 query with the same FP8 cache dtype multiplies FP8 x FP8 for the scores (q_scale folded likewise);
+  the probabilities times V still run in fp16.
+* Sequence lengths are clamped to the block-table row and page ids to the cache, so bad metadata can give
+  wrong numbers but never an out-of-bounds read.
+"""
+import triton
+import triton.language as tl
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    # UPCAST only under TRITON_INTERPRET=1 with bf16 operands: the interpreter (triton 3.9) multiplies bf16
+    # tensors as their raw uint16 storage, so they go through fp32 there (exact products, same sums).
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _scores(q_nope, q_pe, k_nope, k_pe, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
+            SWAP: tl.constexpr, UPCAST: tl.constexpr):
+    """q . k over the latent and rope parts: [BLOCK_H, BLOCK_N] fp32. SWAP computes (k . q)^T instead, so the
+    tokens are the MMA's rows: 64 of them fill a Hopper warpgroup MMA even when there are only 16 heads,
+    and the query (the B operand) is read from shared memory instead of living in every warp's registers."""
+    if SWAP:
+        s = _dot(k_nope, tl.trans(q_nope), tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32), UPCAST)
+        if R > 0:
+            s = _dot(k_pe, tl.trans(q_pe), s, UPCAST)
+        s = tl.trans(s)
+    else:
+        s = _dot(q_nope, tl.trans(k_nope), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), UPCAST)
+        if R > 0:
+            s = _dot(q_pe, tl.trans(k_pe), s, UPCAST)
+    return s
+
+
+@triton.jit
+def _mla_decode_fp8_kernel(
+        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
+        out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+        sm_scale, num_heads, num_splits, num_blocks, max_blocks,
+        stride_q_b, stride_q_h, stride_kv_blk, stride_kv_tok, stride_bt_b, stride_o_b, stride_o_h,
+        PAGE: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr,
+        KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, FP8_DOT: tl.constexpr, Q_SHIFT: tl.constexpr,
+        SINGLE_SPLIT: tl.constexpr, SWAP: tl.constexpr, UPCAST: tl.constexpr):
+    pid_g = tl.program_id(0)  # head group varies fastest: groups of one tile run side by side and share L2
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+
+    heads = pid_g * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = heads < num_heads
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # Query tile, all heads of the group: [BLOCK_H, L] latent part and [BLOCK_H, R] rope part.
+    q_rows = q_ptr + pid_b * stride_q_b + heads[:, None] * stride_q_h
+    q_lmask = head_ok[:, None]
+    if L != BLOCK_L:
+        q_lmask = q_lmask & (offs_l[None, :] < L)
+    q_nope = tl.load(q_rows + offs_l[None, :], mask=q_lmask, other=0.0)
+    if R > 0:
+        q_rmask = head_ok[:, None]
+        if R != BLOCK_R:
+            q_rmask = q_rmask & (offs_r[None, :] < R)
+        q_pe = tl.load(q_rows + L + offs_r[None, :], mask=q_rmask, other=0.0)
+    else:
+        q_pe = 0  # placeholder: never used when R == 0
+
+    # Everything that scales a score goes into one fp32 factor (base-2 exponent).
+    qk_scale = sm_scale * 1.4426950408889634
+    v_scale = 1.0
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr)
+        qk_scale = qk_scale * k_scale
+        v_scale = k_scale
+    if Q_FP8:
+        qk_scale = qk_scale * tl.load(q_scale_ptr)
+    if Q_SHIFT > 0:
+        qk_scale = qk_scale * (1 << Q_SHIFT)
+    if not FP8_DOT and q_ptr.dtype.element_ty != COMPUTE:
+        # (The launcher converts q beforehand for the warpgroup-MMA configs: a query tile that comes
+        # straight from memory stays in shared memory as the MMA's A operand instead of in registers.)
+        if Q_SHIFT > 0:
+            q_nope = (q_nope.to(tl.float32) * (1.0 / (1 << Q_SHIFT))).to(COMPUTE)
+            if R > 0:
+                q_pe = (q_pe.to(tl.float32) * (1.0 / (1 << Q_SHIFT))).to(COMPUTE)
+        else:
+            q_nope = q_nope.to(COMPUTE)
+            if R > 0:
+                q_pe = q_pe.to(COMPUTE)
+
+    # This split's token range; the split length follows the request's own length (no host sync).
+    seq_len = tl.load(seq_lens_ptr + pid_b).to(tl.int32)
+    seq_len = tl.minimum(tl.maximum(seq_len, 0), max_blocks * PAGE)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_L, BLOCK_H], dtype=tl.float32)  # transposed: latent dims are the MMA's rows
+    else:
+        acc = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
+    bt_row = block_table_ptr + pid_b * stride_bt_b
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        tok_ok = pos < end
+        page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_blocks - 1)
+        rows = kv_ptr + page.to(tl.int64) * stride_kv_blk + (pos % PAGE) * stride_kv_tok
+        k_lmask = tok_ok[:, None]
+        if L != BLOCK_L:
+            k_lmask = k_lmask & (offs_l[None, :] < L)
+        k_nope = tl.load(rows[:, None] + offs_l[None, :], mask=k_lmask, other=0.0)
+        if R > 0:
+            k_rmask = tok_ok[:, None]
+            if R != BLOCK_R:
+                k_rmask = k_rmask & (offs_r[None, :] < R)
+            k_pe = tl.load(rows[:, None] + L + offs_r[None, :], mask=k_rmask, other=0.0)
+        else:
+            k_pe = 0
+
+        v = k_nope.to(COMPUTE)
+        if FP8_DOT:
+            s = _scores(q_nope, q_pe, k_nope, k_pe, BLOCK_H, BLOCK_N, R, SWAP, False)
+        else:
+            if R > 0:
+                k_pe = k_pe.to(COMPUTE)
+            s = _scores(q_nope, q_pe, v, k_pe, BLOCK_H, BLOCK_N, R, SWAP, UPCAST)
+        s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
+        # The tile's first token is always valid, so m_new is finite and exp2(-inf - m_new) = 0.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if SWAP:
+            acc = _dot(tl.trans(v), tl.trans(p.to(COMPUTE)), acc * alpha[None, :], UPCAST)
+        else:
+            acc = _dot(p.to(COMPUTE), v, acc * alpha[:, None], UPCAST)
+        m_i = m_new
+
+    if SWAP:
+        acc = tl.trans(acc)
+    has_tokens = l_i > 0.0
+    l_safe = tl.where(has_tokens, l_i, 1.0)
+    o = acc * (v_scale / l_safe)[:, None]
+    lse = tl.where(has_tokens, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_mask = head_ok[:, None]
+    if L != BLOCK_L:
+        o_mask = o_mask & (offs_l[None, :] < L)
+    if SINGLE_SPLIT:
+        o_rows = out_ptr + pid_b * stride_o_b + heads[:, None] * stride_o_h
+        tl.store(o_rows + offs_l[None, :], o.to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(lse_ptr + pid_b * num_heads + heads, lse, mask=head_ok)
+    else:
+        part = (pid_b * num_splits + pid_s) * num_heads + heads
+        tl.store(part_o_ptr + part[:, None] * L + offs_l[None, :], o, mask=o_mask)
+        tl.store(part_lse_ptr + part, lse, mask=head_ok)
+
+
+@triton.jit
+def _mla_decode_fp8_combine_kernel(
+        part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, num_heads, num_splits, stride_o_b, stride_o_h,
+        L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    """Merge the splits of one (request, head): o = sum_s exp(lse_s - lse) o_s, lse = logsumexp_s lse_s."""
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_all = tl.arange(0, SPLITS_POW2)
+    base = b * num_splits * num_heads + h
+    lses = tl.load(part_lse_ptr + base + offs_all * num_heads, mask=offs_all < num_splits, other=float("-inf"))
+    m = tl.max(lses, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: weights exp(-inf) = 0, no NaN
+    denom = tl.sum(tl.exp(lses - m_safe), 0)
+
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_s = tl.arange(0, BLOCK_S)
+    acc = tl.zeros([BLOCK_L], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        split = s0 + offs_s
+        s_ok = split < num_splits
+        lse_s = tl.load(part_lse_ptr + base + split * num_heads, mask=s_ok, other=float("-inf"))
+        w = tl.exp(lse_s - m_safe)
+        o_mask = s_ok[:, None]
+        if L != BLOCK_L:
+            o_mask = o_mask & (offs_l[None, :] < L)
+        o_s = tl.load(part_o_ptr + (base + split * num_heads)[:, None] * L + offs_l[None, :], mask=o_mask,
+                      other=0.0)
+        acc += tl.sum(w[:, None] * o_s, 0)
+
+    has_tokens = denom > 0.0
+    o = acc / tl.where(has_tokens, denom, 1.0)
+    lse = tl.where(has_tokens, m_safe + tl.log(tl.where(has_tokens, denom, 1.0)), float("-inf"))
+    l_mask = offs_l < L
+    tl.store(out_ptr + b * stride_o_b + h * stride_o_h + offs_l, o.to(out_ptr.dtype.element_ty), mask=l_mask)
+    tl.store(lse_ptr + b * num_heads + h, lse)
