@@ -1,0 +1,451 @@
+"""Quantize before the all-gather: FP8 bytes on the wire instead of bf16/fp16/fp32, bitwise the same result.
+
+Rewrites (x: the rank's local tensor; [reorg]: torch's ``split → getitem × N → cat(d)`` of a gather on dim d > 0;
+FP8 travels as uint8, since gloo cannot all-gather float8):
+
+* static per-tensor scale:   all_gather(x) → wait → [reorg] → quantize(·, s)
+                          ⇒  quant_fp8(x, s) → view(u8) → all_gather → wait → [reorg] → view(fp8)
+* dynamic per-tensor scale:  s = f(amax(|gathered|)): the amax becomes amax(|x|) → all_reduce(MAX) → wait (max is
+                             exact, so s is bitwise the same on every rank), then as above.
+* per-token scales (reductions over dims other than 0 and d): the whole chain runs on x's rows before the gather;
+  scales that later ops read (a dequant) are all-gathered as fp32 through the same [reorg].
+* mirror (context path):     all_gather(dequantize(x_fp8)) ⇒ dequantize(all_gather(x_fp8)); dequantize = converts
+                             and mul/div by replicated per-tensor scales (elementwise, so it commutes with the gather).
+
+"quantize" is the chain plain PyTorch decomposes to: converts, one ``div(·, s)`` or ``mul(·, s)`` (s a 1-element fp32
+tensor such as an input, a buffer, ``reciprocal(s)``, or a Python number), clamp / clamp_min / clamp_max to exactly
+±fp8 max in any order, converts that cannot round (bf16 → f32 → bf16 around the clamp), then the cast to
+float8_e4m3fn or float8_e5m2. quant_fp8 rounds the quotient to torch's promoted dtype as ATen does, so the FP8 bytes
+equal the unrewritten graph's. Where the unrewritten graph would round a 0-dim tensor scale to a bf16/fp16 input's
+dtype first (eager CUDA, Inductor with emulate_precision_casts), the pass rounds the scale the same way. A scale not
+derived from the gathered data must be rank-replicated: graph inputs, buffers and constants are assumed identical
+on every rank (as vLLM's q_scale/k_scale are); a scale computed from rank-local tensors is declined.
+
+Declines (reported; graph intact): group size not a static int; the gathered tensor or a step of its quantization
+has other users; an op that is not part of a quantization between the gather and the FP8 cast; no clamp, a clamp
+other than ±fp8 max, or a rounding convert after the scaling; a scale that is not 1-element fp32, is computed from
+rank-local data, or reads the gathered data other than through an amax; a Python-number divisor that is not a power
+of two (eager CPU divides, eager CUDA and Inductor multiply by its reciprocal); unsupported dtypes; a CUDA device
+below the capability quant_fp8 needs (fx_mla/ops/_fp8.py).
+"""
+from __future__ import annotations
+
+import math
+import operator
+import re
+from typing import Optional
+
+import torch
+import torch.fx
+from torch.fx import Node
+
+import fx_mla.ops.quant_fp8  # noqa: F401  (registers torch.ops.fx_mla.quant_fp8)
+from fx_mla.ops._fp8 import FP8_DTYPES, FP8_MAX, INPUT_DTYPES, fp8_supported
+
+from ..report import short_dtype
+from .match import AllGatherChain, match_all_gather, node_dtype, node_shape, same_size, tensor_val
+
+PASS = "quant_before_gather"
+aten, prims, c10d = torch.ops.aten, torch.ops.prims, torch.ops._c10d_functional
+CONVERT = prims.convert_element_type.default
+CLAMPS = (aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)
+SCALINGS = (aten.div.Tensor, aten.mul.Tensor)
+REDUCTIONS = (aten.amax.default, aten.max.default)
+CONSTANTS = (aten.full.default, aten.scalar_tensor.default)
+ANY_FP8 = FP8_DTYPES + (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+SEARCH_LIMIT = 64  # nodes visited looking for an FP8 cast downstream of a gather
+
+
+class Decline(Exception):
+    """A candidate left as it is; the message is the reason in the report (nodes as %fx_name)."""
+
+
+def run(graph: torch.fx.Graph, ctx) -> None:
+    canonical = {n.name: ctx.namer.name(n) for n in graph.nodes}  # the report prints canonical names
+    rename = (lambda text: re.sub(r"%(\w+)", lambda m: "%" + canonical.get(m.group(1), m.group(1)), text))
+    for ag in [n for n in graph.nodes if n.target is c10d.all_gather_into_tensor.default]:
+        chain = match_all_gather(ag)
+        if chain is None:
+            continue
+        fp8_cast = _find_fp8_cast(chain.result)
+        try:
+            if fp8_cast is not None:
+                _check_group(chain)
+                ctx.matched(PASS, [ag, fp8_cast], rename(_quant_before(graph, chain, fp8_cast, ctx)))
+            elif (deq := _dequant_chain(chain.source)) is not None:
+                _check_group(chain)
+                ctx.matched(PASS, [ag], rename(_dequant_after(graph, chain, *deq)))
+        except Decline as e:
+            ctx.declined(PASS, ag, rename(str(e)))
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _is(node, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _pointwise(node) -> bool:
+    return (isinstance(node, Node) and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and torch.Tag.pointwise in node.target.tags)
+
+
+def _op(node: Node) -> str:
+    return str(node.target) if node.op == "call_function" else node.op
+
+
+def _one_element(node) -> bool:
+    shape = node_shape(node)
+    return shape is not None and all(isinstance(s, int) and s == 1 for s in shape)
+
+
+def _same_shape(a, b) -> bool:
+    sa, sb = node_shape(a), node_shape(b)
+    return sa is not None and sb is not None and len(sa) == len(sb) and all(map(same_size, sa, sb))
+
+
+def _exact_in(d0: torch.dtype, t: torch.dtype) -> bool:
+    """Every ``d0`` value is exactly representable in ``t``."""
+    return t == d0 or t == torch.float64 or (t == torch.float32 and d0 in (torch.bfloat16, torch.float16))
+
+
+def _check_group(chain: AllGatherChain) -> None:
+    if type(chain.group_size) is not int or not isinstance(chain.group_name, str):
+        raise Decline(f"group size {chain.group_size!r} / group {chain.group_name!r} is not static")
+
+
+def _replicated(node) -> bool:
+    """Same value on every rank: a Python number, a floating 1-element graph input/buffer/constant, or a pointwise
+    function of those (graph inputs are assumed replicated: the graph cannot tell)."""
+    if not isinstance(node, Node):
+        return True
+    if node.op in ("placeholder", "get_attr"):
+        return _one_element(node) and bool(node_dtype(node) and node_dtype(node).is_floating_point)
+    return _is(node, *CONSTANTS) or (_pointwise(node) and _one_element(node)
+                                     and all(_replicated(i) for i in node.all_input_nodes))
+
+
+def _depends(node: Node, region, memo: dict) -> bool:
+    if node in region:
+        return True
+    if node not in memo:
+        memo[node] = False
+        memo[node] = any(_depends(i, region, memo) for i in node.all_input_nodes)
+    return memo[node]
+
+
+def _find_fp8_cast(start: Node) -> Optional[Node]:
+    """The first cast to an FP8 dtype reached from ``start`` through pointwise ops and amax/max reductions."""
+    seen, frontier, found = {start}, [start], []
+    while frontier and len(seen) < SEARCH_LIMIT:
+        nxt = []
+        for u in (u for n in frontier for u in n.users):
+            if u not in seen and (_pointwise(u) or _is(u, *REDUCTIONS)):
+                seen.add(u)
+                (found if _is(u, CONVERT) and u.args[1] in ANY_FP8 else nxt).append(u)
+        frontier = nxt
+    order = {n: i for i, n in enumerate(start.graph.nodes)}
+    return min(found, key=order.__getitem__) if found else None
+
+
+def _call(graph, target, *args, **kwargs) -> Node:
+    return graph.call_function(target, args, kwargs)
+
+
+def _set_vals(graph: torch.fx.Graph, nodes) -> None:
+    """(Re)compute ``meta['val']`` of new or retyped ``nodes``, in graph order, with the graph's fake mode."""
+    from torch._guards import detect_fake_mode
+
+    todo = set(nodes)
+    mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+    with mode if mode is not None else torch._subclasses.FakeTensorMode():
+        for n in graph.nodes:
+            if n in todo:
+                args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta["val"])
+                n.meta["val"] = n.target(*args, **kwargs)
+
+
+def _hoist(node, anchor: Node) -> None:
+    """Move ``node`` and its ancestors that sit after ``anchor`` to just before it (none may depend on it)."""
+    if not isinstance(node, Node):
+        return
+    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
+    todo, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in todo and order[n] > order[anchor]:
+            todo.add(n)
+            stack.extend(n.all_input_nodes)
+    for n in sorted(todo, key=order.__getitem__):
+        anchor.prepend(n)
+
+
+def _erase_dead(graph: torch.fx.Graph, nodes) -> None:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(nodes, key=order.__getitem__, reverse=True):
+        if not n.users:
+            graph.erase_node(n)
+
+
+def _gather_like(graph, chain: AllGatherChain, local: Node, after: Node) -> list[Node]:
+    """A second gather of ``local`` along the same group and dim: all_gather (before the chain's) → wait → [reorg]."""
+    with graph.inserting_before(chain.gather):
+        nodes = [_call(graph, c10d.all_gather_into_tensor.default, local, *chain.gather.args[1:])]
+    old_to_new = {chain.gather: nodes[0]}
+    for old in chain.nodes[1:]:
+        with graph.inserting_after(after if len(nodes) == 1 else nodes[-1]):
+            nodes.append(graph.node_copy(old, lambda a: old_to_new.get(a, a)))
+        old_to_new[old] = nodes[-1]
+    return nodes
+
+
+def _send_bytes(graph, chain: AllGatherChain, local_bytes: Node, fp8_dtype, new: list) -> Node:
+    """Gather ``local_bytes`` (uint8) through the existing chain; return the result viewed as ``fp8_dtype``."""
+    chain.gather.args = (local_bytes, *chain.gather.args[1:])
+    with graph.inserting_after(chain.result):
+        fp8 = _call(graph, aten.view.dtype, chain.result, fp8_dtype)
+    _set_vals(graph, set(new) | set(chain.nodes) | {fp8})
+    return fp8
+
+
+# ------------------------------------------------------------------------------------ quantize before the gather
+def _data_path(fp8_cast: Node, result: Node, region) -> list[Node]:
+    """The ops from the gathered tensor to the FP8 cast, following the data operand, in graph order."""
+    path, cur, memo = [], fp8_cast, {}
+    while cur is not result:
+        if cur in region:
+            raise Decline(f"the FP8 cast reads %{cur.name}, not the whole gathered tensor")
+        path.append(cur)
+        if _is(cur, CONVERT, *CLAMPS):
+            data = [cur.args[0]]
+        elif _is(cur, *SCALINGS):
+            data = [a for a in cur.args[:1 if cur.target is aten.div.Tensor else 2]
+                    if isinstance(a, Node) and _same_shape(a, result) and _depends(a, region, memo)]
+        else:
+            raise Decline(f"{_op(cur)} (%{cur.name}) between the all-gather and the FP8 cast is not part of "
+                          f"a quantization")
+        if len(data) != 1 or not isinstance(data[0], Node):
+            raise Decline(f"%{cur.name} ({_op(cur)}) does not scale the gathered tensor elementwise")
+        cur = data[0]
+    return path[::-1]
+
+
+def _chain_semantics(path: list[Node], chain: AllGatherChain):
+    """(converts before the scaling, the scaling op or None, fp8 dtype); checks the clamps and roundings after it."""
+    scalings = [n for n in path if _is(n, *SCALINGS)]
+    if len(scalings) > 1:
+        raise Decline(f"the chain scales twice (%{scalings[0].name}, %{scalings[1].name}); quant_fp8 scales once")
+    k = path.index(scalings[0]) if scalings else next(i for i, n in enumerate(path) if not _is(n, CONVERT)
+                                                      or n is path[-1])
+    pre, post = path[:k], path[k + bool(scalings):-1]
+    x_dtype = node_dtype(pre[-1]) if pre else node_dtype(chain.result)
+    fp8 = path[-1].args[1]
+    if x_dtype not in INPUT_DTYPES or fp8 not in FP8_DTYPES:
+        raise Decline(f"quantizes {short_dtype(x_dtype)} to {short_dtype(fp8)}; quant_fp8 takes bf16, fp16 or fp32 "
+                      f"to float8_e4m3fn or float8_e5m2")
+    d0 = node_dtype(chain.result)  # a dtype holding every value: narrowed by rounding converts, then the scaling
+    for c in pre:
+        d0 = d0 if _exact_in(d0, c.args[1]) else c.args[1]
+    d0 = node_dtype(scalings[0]) if scalings else d0
+    lo, hi, fmax = -math.inf, math.inf, FP8_MAX[fp8]
+    for n in post:
+        if _is(n, CONVERT):
+            if not _exact_in(d0, n.args[1]):
+                raise Decline(f"%{n.name} rounds the {short_dtype(d0)} values to {short_dtype(n.args[1])} before "
+                              f"the FP8 cast; quant_fp8 rounds once")
+            continue
+        low, high = (tuple(n.args[1:3]) + (None, None))[:2] if n.target is aten.clamp.default else \
+            ((n.args[1], None) if n.target is aten.clamp_min.default else (None, n.args[1]))
+        if any(b is not None and not isinstance(b, (int, float)) for b in (low, high)):
+            raise Decline(f"%{n.name} clamps to a non-constant bound")
+        lo, hi = max(lo, low if low is not None else lo), min(hi, high if high is not None else hi)
+    if (lo, hi) == (-math.inf, math.inf):
+        raise Decline("no clamp before the FP8 cast (eager casts overflow to NaN, compiled ones saturate); "
+                      "quant_fp8 saturates")
+    if (lo, hi) != (-fmax, fmax):
+        raise Decline(f"the chain clamps to [{lo:g}, {hi:g}]; quant_fp8 saturates to exactly ±{fmax:g}")
+    return pre, (scalings[0] if scalings else None), fp8
+
+
+def _scale_cone(scale: Node, chain: AllGatherChain, region, order):
+    """The scale's ops that read the gathered data, and how: None, 'tensor' (whole amax) or 'row' (per token)."""
+    cone, stack, memo = set(), [scale], {}
+    while stack:
+        n = stack.pop()
+        if n not in cone and n not in region and _depends(n, region, memo):
+            cone.add(n)
+            stack.extend(n.all_input_nodes)
+    kinds, ndim, whole = set(), len(node_shape(chain.result)), (chain.wait, chain.result)
+    for n in sorted(cone, key=order.__getitem__):
+        if _is(n, *REDUCTIONS):
+            src = n.args[0].args[0] if _is(n.args[0], aten.abs.default) else n.args[0]
+            dims = n.args[1] if len(n.args) > 1 else []
+            dims = {d % ndim for d in ([dims] if isinstance(dims, int) else dims)} or set(range(ndim))
+            if src not in whole or (n.target is aten.max.default and len(n.args) > 1):
+                raise Decline(f"the scale reads the gathered tensor through %{n.name} ({_op(n)}); only an amax of "
+                              f"the whole gathered tensor (or of its abs) can be made exact")
+            if dims == set(range(ndim)):
+                kinds.add("tensor")
+            elif 0 in dims or chain.dim in dims or src is not chain.result:
+                raise Decline(f"the per-token amax %{n.name} reduces over dim 0 or the gathered dim {chain.dim}")
+            else:
+                kinds.add("row")
+            continue
+        if _is(n, aten.abs.default) and n.args[0] in whole:
+            if any(u not in cone for u in n.users):
+                raise Decline(f"the gathered tensor's abs %{n.name} has other users")
+        elif not _pointwise(n) or any(i in region for i in n.all_input_nodes):
+            raise Decline(f"the scale depends on the gathered tensor through %{n.name} ({_op(n)}); only an amax "
+                          f"(all-reduced MAX, or per token along non-gathered dims) can be made exact")
+        if any(not (_replicated(i) and _one_element(i)) for i in n.all_input_nodes if i not in cone | region):
+            raise Decline(f"%{n.name} of the scale also reads a tensor that is not a replicated scalar")
+    if len(kinds) > 1:
+        raise Decline("the scale mixes a per-tensor and a per-token amax of the gathered tensor")
+    return cone, next(iter(kinds), None)
+
+
+def _scale_rounded_to_input(ctx, scale: Node, x_dtype: torch.dtype) -> bool:
+    """Would the unrewritten graph round this 0-dim scale to a bf16/fp16 input's dtype before dividing?
+
+    Eager CUDA casts a 0-dim CUDA operand to the common dtype; Inductor does when emulate_precision_casts is on.
+    CPU eager and default Inductor use it in fp32, as quant_fp8 does.
+    """
+    val = tensor_val(scale)
+    if x_dtype == torch.float32 or val is None or val.dim() != 0:
+        return False
+    if getattr(ctx.options, "inner", "inductor") == "eager":
+        return val.device.type == "cuda"
+    from torch._inductor import config as inductor_config
+    return bool(inductor_config.emulate_precision_casts)
+
+
+def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, ctx) -> str:
+    region = {chain.wait, *chain.nodes[2:]}
+    path = _data_path(fp8_cast, chain.result, region)
+    pre, scaling, fp8 = _chain_semantics(path, chain)
+    reason = fp8_supported(fp8, ctx.capability if ctx.is_cuda else None)
+    if reason:
+        raise Decline(f"quant_fp8 cannot run here: {reason}")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    scale = None
+    if scaling is not None:
+        data = path[path.index(scaling) - 1] if path.index(scaling) else chain.result
+        scale = scaling.args[1] if scaling.args[0] is data else scaling.args[0]
+    cone, kind = _scale_cone(scale, chain, region, order) if isinstance(scale, Node) else (set(), None)
+    for n in [chain.wait, *chain.nodes[2:], *path[:-1]]:
+        extra = [u for u in n.users if u not in set(path) | cone | set(chain.nodes)]
+        if extra:
+            raise Decline(f"the gathered {short_dtype(node_dtype(chain.result))} tensor (at %{n.name}) has other "
+                          f"users: {', '.join('%' + u.name for u in extra)}")
+    if kind == "row":
+        return _quantize_rows_locally(graph, chain, path, cone, fp8)
+    reciprocal = scaling is None or scaling.target is aten.mul.Tensor
+    if not isinstance(scale, Node):
+        value = 1.0 if scale is None else float(scale)
+        if not reciprocal and (not math.isfinite(value) or value == 0 or math.frexp(abs(value))[0] != 0.5):
+            raise Decline(f"divides by the Python number {value!r}: eager CPU divides, eager CUDA and Inductor "
+                          f"multiply by its reciprocal; use a tensor scale or multiply by 1/s")
+    elif node_dtype(scale) != torch.float32 or not _one_element(scale):
+        raise Decline(f"scale %{scale.name} is {short_dtype(node_dtype(scale))}{list(node_shape(scale))}; "
+                      f"quant_fp8 takes a 1-element fp32 scale")
+    elif kind is None and not _replicated(scale):
+        raise Decline(f"scale %{scale.name} is computed from rank-local data: it may differ between ranks")
+    gathered = f"{tensor_val(chain.result).element_size()}-byte {short_dtype(node_dtype(chain.result))}"
+    form = f"x {'*' if reciprocal else '/'} " + (f"{value!r}" if not isinstance(scale, Node) else f"%{scale.name}")
+    x, new = chain.source, []
+    with graph.inserting_before(chain.gather):
+        for amax in (n for n in sorted(cone, key=order.__getitem__) if _is(n, *REDUCTIONS)):
+            new += _all_reduced_amax(graph, amax, x, chain)
+        if not isinstance(scale, Node):
+            scale = _call(graph, aten.full.default, [], value, dtype=torch.float32,
+                          device=tensor_val(x).device, pin_memory=False)
+            new.append(scale)
+    _hoist(scale, chain.gather)
+    with graph.inserting_before(chain.gather):
+        for c in pre:
+            new.append(x := _call(graph, CONVERT, x, c.args[1]))
+        if _scale_rounded_to_input(ctx, scale, node_dtype(x)):
+            new.append(scale := _call(graph, CONVERT, _call(graph, CONVERT, scale, node_dtype(x)), torch.float32))
+            new.append(scale.args[0])
+            form += f" (scale rounded to {short_dtype(node_dtype(x))}, as the unrewritten graph does)"
+        new.append(q := _call(graph, torch.ops.fx_mla.quant_fp8.default, x, scale, fp8, reciprocal))
+        new.append(local_bytes := _call(graph, aten.view.dtype, q, torch.uint8))
+    fp8_cast.replace_all_uses_with(_send_bytes(graph, chain, local_bytes, fp8, new))
+    _erase_dead(graph, set(path) | cone)
+    dynamic = ", scale from an all-reduced amax" if kind else ""
+    return (f"quant_fp8({short_dtype(node_dtype(x))} → {short_dtype(fp8)}, {form}{dynamic}) before the all-gather; "
+            f"gathers 1-byte FP8 instead of {gathered}")
+
+
+def _all_reduced_amax(graph, amax: Node, x: Node, chain: AllGatherChain) -> list[Node]:
+    """amax(|x|) over this rank → all_reduce(MAX) → wait, in fp32 (exact for bf16/fp16; gloo reduces fp32)."""
+    nodes = [_call(graph, aten.abs.default, x)] if _is(amax.args[0], aten.abs.default) else []
+    nodes.append(graph.call_function(amax.target, (nodes[-1] if nodes else x, *amax.args[1:]), dict(amax.kwargs)))
+    dtype = node_dtype(amax)
+    if dtype != torch.float32:
+        nodes.append(_call(graph, CONVERT, nodes[-1], torch.float32))
+    nodes.append(_call(graph, c10d.all_reduce.default, nodes[-1], "max", chain.group_name))
+    nodes.append(_call(graph, c10d.wait_tensor.default, nodes[-1]))
+    if dtype != torch.float32:
+        nodes.append(_call(graph, CONVERT, nodes[-1], dtype))
+    amax.replace_all_uses_with(nodes[-1])
+    return nodes
+
+
+def _quantize_rows_locally(graph, chain: AllGatherChain, path, cone, fp8) -> str:
+    """Per-token scales (reductions over dims other than 0 and the gather dim): the chain runs on the local rows."""
+    local = set(path) | cone
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    env, new = {chain.result: chain.source}, []
+    for n in sorted(local, key=order.__getitem__):
+        for i in n.all_input_nodes:
+            if i not in env and i not in local:
+                _hoist(i, chain.gather)
+        with graph.inserting_before(chain.gather):
+            new.append(env.setdefault(n, graph.node_copy(n, lambda a: env.get(a, a))))
+    with graph.inserting_before(chain.gather):
+        new.append(local_bytes := _call(graph, aten.view.dtype, env[path[-1]], torch.uint8))
+    after, gathered = chain.result, 0
+    for n in sorted(cone, key=order.__getitem__):
+        if any(u not in local for u in n.users):  # e.g. the dequant's scale: gather the local scales
+            nodes = _gather_like(graph, chain, env[n], after)
+            n.replace_all_uses_with(nodes[-1], delete_user_cb=lambda u: u not in local)
+            new, after, gathered = new + nodes, nodes[-1], gathered + 1
+    path[-1].replace_all_uses_with(_send_bytes(graph, chain, local_bytes, fp8, new))
+    _erase_dead(graph, local)
+    return (f"per-token quantization to {short_dtype(fp8)} on the local rows before the all-gather; "
+            f"{gathered} fp32 scale tensor(s) all-gathered for later users")
+
+
+# ------------------------------------------------------------------------------------ mirror: dequant after gather
+def _dequant_chain(x: Node):
+    """(fp8 tensor, [convert(fp8 → ·), …, x]) when ``x`` is an elementwise dequantization of an FP8 tensor."""
+    chain, cur = [], x
+    while _is(cur, CONVERT, *SCALINGS):
+        chain.append(cur)
+        if _is(cur, CONVERT) and node_dtype(cur.args[0]) in FP8_DTYPES:
+            return cur.args[0], chain[::-1]
+        data = [a for a in cur.args[:1 if cur.target is aten.div.Tensor else 2]
+                if isinstance(a, Node) and _same_shape(a, cur)]
+        if len(data) != 1:
+            return None
+        cur = data[0]
+    return None
+
+
+def _dequant_after(graph: torch.fx.Graph, chain: AllGatherChain, x8: Node, deq: list[Node]) -> str:
+    for n in deq[1:]:
+        if any(not (_replicated(a) and _one_element(a)) for a in n.args[:2]
+               if isinstance(a, Node) and a not in deq):
+            raise Decline(f"the dequantization %{n.name} uses a scale that is not a replicated per-tensor scalar")
+    with graph.inserting_before(chain.gather):
+        local_bytes = _call(graph, aten.view.dtype, x8, torch.uint8)
+    env = {x8: _send_bytes(graph, chain, local_bytes, node_dtype(x8), [local_bytes])}
+    new = [env[x8]]
+    for n in deq:
+        with graph.inserting_after(new[-1]):
+            new.append(env.setdefault(n, graph.node_copy(n, lambda a: env.get(a, a))))
+    chain.result.replace_all_uses_with(new[-1], delete_user_cb=lambda u: u is not env[x8])
+    _set_vals(graph, new[1:])
+    _erase_dead(graph, deq)
+    return (f"dequantization moved after the all-gather: gathers {short_dtype(node_dtype(x8))} bytes instead of "
+            f"{short_dtype(node_dtype(deq[-1]))}")
