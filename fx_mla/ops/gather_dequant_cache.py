@@ -50,10 +50,11 @@ DS_MLA_ROW_BYTES, DS_MLA_LATENT, DS_MLA_GROUP, DS_MLA_ROPE = 656, 512, 128, 64
 DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 
 # Launch configuration, in one place: (BLOCK_T tokens a program, num_warps, programs per SM when
-# persistent, 0 = one tile a program). A tile of 32 tokens x 576 fp8 keeps ~18 KB of loads in flight per
-# program and lets several programs share an SM, which hides the 3-deep dependent index chain
-# (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache). Chosen on H100 by bench_cache_gather.py.
-CONFIG = {"plain": (32, 4, 0), "fp8_ds_mla": (32, 4, 0)}
+# persistent, 0 = one tile a program). Small tiles (16 tokens x 576 fp8, 48 registers a thread) let ~10
+# programs share an SM, so many independent index chains (token_to_seq -> cu_seq_lens/seq_starts ->
+# block_table -> cache) are in flight at once. Measured on H200 by bench_cache_gather.py --sweep:
+# (16, 4) beat (32, 4), (32, 8), (64, 4), (64, 8) and unpipelined persistent grids at 64K and 1M tokens.
+CONFIG = {"plain": (16, 4, 0), "fp8_ds_mla": (16, 4, 0)}
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
 
@@ -268,7 +269,6 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
                                 layout="plain", config=None):
     """Fill out ([n, D_out], or [B, T, D_out] when token_to_seq is None: the paged form). Device-agnostic
     (CPU tensors run under TRITON_INTERPRET=1). config: (BLOCK_T, num_warps, programs_per_sm) override."""
-    import triton
     from fx_mla.ops.kernels.gather_dequant_cache import (_gather_dequant_cache_fp8_ds_mla_kernel,
                                                          _gather_dequant_cache_kernel)
     paged = token_to_seq is None
@@ -276,7 +276,7 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     if n_tokens == 0 or out.shape[-1] == 0:
         return out
     block_t, warps, per_sm = config or CONFIG[layout]
-    n_tiles = triton.cdiv(n_tokens, block_t)
+    n_tiles = -(-n_tokens // block_t)
     grid = n_tiles
     if per_sm:  # persistent: per_sm programs per SM (per "SM" of the CPU interpreter: one) stride over tiles
         sms = torch.cuda.get_device_properties(cache.device).multi_processor_count if cache.is_cuda else 1
@@ -303,76 +303,111 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     return out
 
 
+_CAPABILITY = {}  # device index -> (major, minor), looked up once
+
+
 def _check_cuda(cache, layout):
     fp8 = torch.float8_e4m3fn if layout == "fp8_ds_mla" else cache.dtype
     if fp8 in FP8_DTYPES:
-        reason = fp8_supported(fp8, torch.cuda.get_device_capability(cache.device))
+        idx = cache.device.index
+        cap = _CAPABILITY.get(idx)
+        if cap is None:
+            cap = _CAPABILITY[idx] = torch.cuda.get_device_capability(cache.device)
+        reason = fp8_supported(fp8, cap)
         if reason is not None:
             raise RuntimeError(f"gather_dequant_cache cannot run on {cache.device}: {reason}")
 
 
 # ---------------------------------------------------------------- registration
+# torch.library.Library + register_fake rather than @custom_op: the dispatcher calls these functions directly,
+# which keeps the per-call host cost of the CUDA path to the checks and the Triton launch (custom_op's Python
+# wrapping added tens of microseconds a call, as much as the kernel itself at 64K tokens).
 
-@torch.library.custom_op("fx_mla::gather_dequant_cache_paged", mutates_args=())
-def gather_dequant_cache_paged(cache: torch.Tensor, block_table: torch.Tensor, scale: Optional[torch.Tensor],
-                               out_dtype: torch.dtype, layout: str = "plain", checked: bool = False) -> torch.Tensor:
-    """Every page of each request: cache[block_table] as [B, max_blocks * block_size, D_out], dequantized."""
+_LIB = torch.library.Library("fx_mla", "FRAGMENT")
+_LIB.define("gather_dequant_cache_paged(Tensor cache, Tensor block_table, Tensor? scale, ScalarType out_dtype, "
+            "str layout=\"plain\", bool checked=False) -> Tensor")
+_LIB.define("gather_dequant_cache(Tensor cache, Tensor block_table, Tensor cu_seq_lens, Tensor token_to_seq, "
+            "Tensor? seq_starts, Tensor? scale, ScalarType out_dtype, str layout=\"plain\", bool checked=False) "
+            "-> Tensor")
+
+
+def _paged_shape(cache, block_table, layout):
+    return (block_table.shape[0], block_table.shape[1] * cache.shape[1], _d_out(cache, layout))
+
+
+def _check_paged_call(cache, block_table, scale, out_dtype, layout, checked):
     _check_common(cache, block_table, scale, out_dtype, layout)
     _check_sizes(cache, block_table, None, None, layout)
     if checked:
         _check_block_ids(block_table, cache.shape[0])
-    return gather_dequant_cache_paged_reference(cache, block_table, scale, out_dtype, layout)
 
 
-@gather_dequant_cache_paged.register_fake
-def _(cache, block_table, scale, out_dtype, layout="plain", checked=False):
-    _check_common(cache, block_table, scale, out_dtype, layout)
-    return cache.new_empty((block_table.shape[0], block_table.shape[1] * cache.shape[1], _d_out(cache, layout)),
-                           dtype=out_dtype)
-
-
-@gather_dequant_cache_paged.register_kernel("cuda")
-def _(cache, block_table, scale, out_dtype, layout="plain", checked=False):
-    _check_common(cache, block_table, scale, out_dtype, layout)
-    _check_sizes(cache, block_table, None, None, layout)
-    _check_cuda(cache, layout)
-    if checked:
-        _check_block_ids(block_table, cache.shape[0])
-    out = torch.empty((block_table.shape[0], block_table.shape[1] * cache.shape[1], _d_out(cache, layout)),
-                      dtype=out_dtype, device=cache.device)
-    return launch_gather_dequant_cache(cache, block_table, None, None, None, scale, out, layout)
-
-
-@torch.library.custom_op("fx_mla::gather_dequant_cache", mutates_args=())
-def gather_dequant_cache(cache: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor,
-                         token_to_seq: torch.Tensor, seq_starts: Optional[torch.Tensor],
-                         scale: Optional[torch.Tensor], out_dtype: torch.dtype, layout: str = "plain",
-                         checked: bool = False) -> torch.Tensor:
-    """Token-parallel gather (chunked-prefill context): [token_to_seq.numel(), D_out], dequantized."""
+def _check_token_call(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out_dtype, layout, checked):
     _check_common(cache, block_table, scale, out_dtype, layout)
     _check_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts)
     _check_sizes(cache, block_table, cu_seq_lens, seq_starts, layout)
     if checked:
         _check_indices_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts)
+
+
+def _paged_cpu(cache, block_table, scale, out_dtype, layout="plain", checked=False):
+    _check_paged_call(cache, block_table, scale, out_dtype, layout, checked)
+    return gather_dequant_cache_paged_reference(cache, block_table, scale, out_dtype, layout)
+
+
+def _paged_cuda(cache, block_table, scale, out_dtype, layout="plain", checked=False):
+    _check_paged_call(cache, block_table, scale, out_dtype, layout, checked)
+    _check_cuda(cache, layout)
+    out = torch.empty(_paged_shape(cache, block_table, layout), dtype=out_dtype, device=cache.device)
+    return launch_gather_dequant_cache(cache, block_table, None, None, None, scale, out, layout)
+
+
+def _paged_fake(cache, block_table, scale, out_dtype, layout="plain", checked=False):
+    _check_common(cache, block_table, scale, out_dtype, layout)
+    return cache.new_empty(_paged_shape(cache, block_table, layout), dtype=out_dtype)
+
+
+def _token_cpu(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out_dtype, layout="plain",
+               checked=False):
+    _check_token_call(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out_dtype, layout, checked)
     return gather_dequant_cache_reference(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale,
                                           out_dtype, layout)
 
 
-@gather_dequant_cache.register_fake
-def _(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out_dtype, layout="plain", checked=False):
+def _token_cuda(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out_dtype, layout="plain",
+                checked=False):
+    _check_token_call(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out_dtype, layout, checked)
+    _check_cuda(cache, layout)
+    out = torch.empty((token_to_seq.shape[0], _d_out(cache, layout)), dtype=out_dtype, device=cache.device)
+    return launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out,
+                                       layout)
+
+
+def _token_fake(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out_dtype, layout="plain",
+                checked=False):
     _check_common(cache, block_table, scale, out_dtype, layout)
     _check_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts)
     return cache.new_empty((token_to_seq.shape[0], _d_out(cache, layout)), dtype=out_dtype)
 
 
-@gather_dequant_cache.register_kernel("cuda")
-def _(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out_dtype, layout="plain", checked=False):
-    _check_common(cache, block_table, scale, out_dtype, layout)
-    _check_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts)
-    _check_sizes(cache, block_table, cu_seq_lens, seq_starts, layout)
-    _check_cuda(cache, layout)
-    if checked:
-        _check_indices_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts)
-    out = torch.empty((token_to_seq.shape[0], _d_out(cache, layout)), dtype=out_dtype, device=cache.device)
-    return launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out,
-                                       layout)
+_LIB.impl("gather_dequant_cache_paged", _paged_cpu, "CPU")
+_LIB.impl("gather_dequant_cache_paged", _paged_cuda, "CUDA")
+torch.library.register_fake("fx_mla::gather_dequant_cache_paged", _paged_fake, lib=_LIB)
+_LIB.impl("gather_dequant_cache", _token_cpu, "CPU")
+_LIB.impl("gather_dequant_cache", _token_cuda, "CUDA")
+torch.library.register_fake("fx_mla::gather_dequant_cache", _token_fake, lib=_LIB)
+
+
+def gather_dequant_cache_paged(cache: torch.Tensor, block_table: torch.Tensor, scale: Optional[torch.Tensor],
+                               out_dtype: torch.dtype, layout: str = "plain", checked: bool = False) -> torch.Tensor:
+    """Every page of each request: cache[block_table] as [B, max_blocks * block_size, D_out], dequantized."""
+    return torch.ops.fx_mla.gather_dequant_cache_paged.default(cache, block_table, scale, out_dtype, layout, checked)
+
+
+def gather_dequant_cache(cache: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor,
+                         token_to_seq: torch.Tensor, seq_starts: Optional[torch.Tensor],
+                         scale: Optional[torch.Tensor], out_dtype: torch.dtype, layout: str = "plain",
+                         checked: bool = False) -> torch.Tensor:
+    """Token-parallel gather (chunked-prefill context): [token_to_seq.numel(), D_out], dequantized."""
+    return torch.ops.fx_mla.gather_dequant_cache.default(cache, block_table, cu_seq_lens, token_to_seq, seq_starts,
+                                                         scale, out_dtype, layout, checked)

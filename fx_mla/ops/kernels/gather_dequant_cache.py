@@ -124,23 +124,33 @@ def _gather_dequant_cache_kernel(
     else:
         s = 1.0
     R3: tl.constexpr = D - P1 - P2
-    # persistent: a grid of a few programs per SM strides over the tiles; else one tile a program
+    # PERSISTENT: a grid of a few programs per SM strides over the tiles, and the next tile's index chain
+    # (token_to_seq -> cu_seq_lens/seq_starts -> block_table: three dependent small loads) is issued while
+    # this tile's rows are in flight. Otherwise one tile a program (the loop body runs once).
     step = tl.num_programs(0) if PERSISTENT else n_tiles
-    for tile in range(tl.program_id(0), n_tiles, step):
-        t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
-                                       n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
-                                       BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
-        out_row = t * OUT_STRIDE
+    tile = tl.program_id(0)
+    t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
+                                   n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
+                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
+    for _ in range(tl.program_id(0), n_tiles, step):
         x1 = _load_part(cache_ptr, row, ok, 0, P1, P1)
         if P2 > 0:
             x2 = _load_part(cache_ptr, row, ok, P1, P2, P2)
         if P3 > 0:
             x3 = _load_part(cache_ptr, row, ok, P1 + P2, P3, R3)
+        if PERSISTENT:
+            tile += step
+            t_n, row_n, ok_n, live_n = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
+                                                   n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
+                                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
+        out_row = t * OUT_STRIDE
         _store_part(out_ptr, out_row, live, x1, s, 0, P1, P1, HAS_SCALE, ROUND_BY_BITS)
         if P2 > 0:
             _store_part(out_ptr, out_row, live, x2, s, P1, P2, P2, HAS_SCALE, ROUND_BY_BITS)
         if P3 > 0:
             _store_part(out_ptr, out_row, live, x3, s, P1 + P2, P3, R3, HAS_SCALE, ROUND_BY_BITS)
+        if PERSISTENT:
+            t, row, ok, live = t_n, row_n, ok_n, live_n
 
 
 @triton.jit
@@ -160,27 +170,35 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
     LATENT: tl.constexpr = 512
     ROPE: tl.constexpr = 64
     D_OUT: tl.constexpr = LATENT + ROPE
-    step = tl.num_programs(0) if PERSISTENT else n_tiles
-    for tile in range(tl.program_id(0), n_tiles, step):
-        t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
-                                       n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
-                                       BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
-        out_row = t * D_OUT
+    k = tl.arange(0, N_GROUPS)
+    g = tl.arange(0, GROUP)
+    e = tl.arange(0, ROPE)
+    lat_off = k[None, :, None] * GROUP + g[None, None, :]            # [1, 4, 128]
+    step = tl.num_programs(0) if PERSISTENT else n_tiles            # as in the plain kernel
+    tile = tl.program_id(0)
+    t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
+                                   n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
+                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
+    for _ in range(tl.program_id(0), n_tiles, step):
         # typed pointers to each token's row parts (row offsets are multiples of 16 bytes)
         lat_base = (cache_ptr + row).to(tl.pointer_type(tl.float8e4nv))
         sc_base = (cache_ptr + row + LATENT).to(tl.pointer_type(tl.float32))
         rope_base = (cache_ptr + row + LATENT + 4 * N_GROUPS).to(tl.pointer_type(tl.bfloat16))
-        k = tl.arange(0, N_GROUPS)
-        g = tl.arange(0, GROUP)
-        e = tl.arange(0, ROPE)
-        lat_off = k[None, :, None] * GROUP + g[None, None, :]            # [1, 4, 128]
-        ok3 = ok[:, None, None]
-        x = tl.load(lat_base[:, None, None] + lat_off, mask=ok3, other=0.0, eviction_policy="evict_first")
+        x = tl.load(lat_base[:, None, None] + lat_off, mask=ok[:, None, None], other=0.0,
+                    eviction_policy="evict_first")
         sc = tl.load(sc_base[:, None] + k[None, :], mask=ok[:, None], other=0.0)
         rope = tl.load(rope_base[:, None] + e[None, :], mask=ok[:, None], other=0.0,
                        eviction_policy="evict_first")
+        if PERSISTENT:
+            tile += step
+            t_n, row_n, ok_n, live_n = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
+                                                   n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
+                                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
+        out_row = t * D_OUT
         y = x.to(tl.float32) * sc[:, :, None]
         tl.store(out_ptr + out_row[:, None, None] + lat_off, _round_fp32_to(y, OUT_DTYPE, ROUND_BY_BITS),
                  mask=live[:, None, None])
         tl.store(out_ptr + out_row[:, None] + (LATENT + e)[None, :],
                  _round_fp32_to(rope.to(tl.float32), OUT_DTYPE, ROUND_BY_BITS), mask=live[:, None])
+        if PERSISTENT:
+            t, row, ok, live = t_n, row_n, ok_n, live_n
