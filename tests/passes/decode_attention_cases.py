@@ -1,0 +1,152 @@
+"""Decode attentions the decode_attention pass rewrites (or must decline), their inputs, a float64 reference and a
+compile helper. Shared by tests/passes/test_decode_attention.py (CPU) and tests/gpu/test_decode_attention_pass_gpu.py;
+no expecttest here (the GPU machines lack it).
+
+Each attention is code a model or a user writes over a paged cache ``[num_blocks, block_size, D]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+import fx_mla.backend  # noqa: F401  (registers backend="fx_mla")
+import fx_mla.ops.gather_dequant_cache  # noqa: F401
+import fx_mla.ops.mla_decode_fp8  # noqa: F401
+from fx_mla.mla import MLAConfig, fill_paged_cache
+from fx_mla.mla.decode import gather_pages, paged_decode_attention
+from fx_mla.mla.reference import stored_values
+
+L = 512
+SM_SCALE = 1.0 / math.sqrt(192)
+# The attentions below write the scale as the literal 192 ** -0.5: dynamo turns a global float (SM_SCALE) into a
+# graph input under dynamic=True, and the pass needs the scale as a constant (it declines a tensor scale).
+# Ragged lengths with an empty request; 4 requests, so the batch symbol stays apart from block counts.
+SEQ_LENS = [5, 0, 70, 33]
+
+
+# ---------------------------------------------------------------- attentions that match
+
+def model_attention(q, cache, block_table, seq_lens, k_scale):
+    """fx_mla/mla/decode.py's paged_decode_attention: logsumexp form, returns (o, lse)."""
+    return paged_decode_attention(q, cache, block_table, seq_lens, k_scale, 192 ** -0.5, L)
+
+
+def softmax_einsum_attention(q, cache, block_table, seq_lens, k_scale):
+    """User code: einsum scores, masked_fill of padded positions, torch.softmax in fp32, einsum with the latent."""
+    kv = gather_pages(cache, block_table, q.dtype, k_scale)
+    s = torch.einsum("bhd,btd->bht", q, kv) * 192 ** -0.5
+    pad = torch.arange(kv.shape[1], device=q.device)[None, :] >= seq_lens[:, None]
+    s = s.masked_fill(pad[:, None, :], float("-inf"))
+    p = torch.softmax(s.float(), dim=-1)
+    return torch.einsum("bht,btl->bhl", p.to(q.dtype), kv[..., :L])
+
+
+def where_matmul_attention(q, cache, block_table, seq_lens, k_scale):
+    """User code: matmul, division by sqrt(192), where(valid, s, -inf), logsumexp + exp; returns (o, lse)."""
+    kv = cache[block_table].view(block_table.shape[0], -1, cache.shape[-1])
+    if cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        kv = kv.to(q.dtype) * k_scale
+    s = torch.matmul(q, kv.transpose(1, 2)).float() / 192 ** 0.5
+    valid = seq_lens[:, None] > torch.arange(kv.shape[1], device=q.device)
+    s = torch.where(valid.unsqueeze(1), s, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.matmul(p.to(q.dtype), kv[:, :, :L]), lse
+
+
+def fused_gather_attention(q, cache, block_table, seq_lens, k_scale):
+    """After the cache_gather pass: the gather is fx_mla::gather_dequant_cache_paged; softmax form."""
+    kv = torch.ops.fx_mla.gather_dequant_cache_paged(cache, block_table, k_scale, q.dtype)
+    s = torch.einsum("bhd,btd->bht", q, kv).float() * 192 ** -0.5
+    s = s.masked_fill(torch.arange(kv.shape[1])[None, None, :] >= seq_lens[:, None, None], float("-inf"))
+    return torch.einsum("bht,btl->bhl", torch.softmax(s, -1).to(q.dtype), kv[..., :L])
+
+
+def fp8_query_attention(q, q_scale, cache, block_table, seq_lens, k_scale):
+    """Static FP8 query (quantize -> dequantize, as MLADecode writes it) then the model's attention."""
+    q_fp8 = (q / q_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return model_attention(q_fp8.to(q.dtype) * q_scale, cache, block_table, seq_lens, k_scale)
+
+
+# ---------------------------------------------------------------- attentions that must be declined
+
+def _scores(q, kv):
+    return torch.matmul(q, kv.transpose(1, 2)).float() * 192 ** -0.5
+
+
+def declined_attentions(q, cache, block_table, seq_lens, k_scale, keep):
+    """Four attentions over one cache, each with one defect; returns what each computes.
+
+    keep [B, T] bool: an arbitrary mask input (not a length mask); the probabilities of the second are also
+    returned; the third reads L = 544 latent entries (over the kernel's 512); the fourth is not masked at all.
+    """
+    kv = gather_pages(cache, block_table, q.dtype, k_scale)
+    pos = torch.arange(kv.shape[1], device=q.device)
+    pad = (pos[None, :] >= seq_lens[:, None])[:, None, :]
+    # distinct queries (exact power-of-two multiples), so that CSE cannot merge the four score matmuls
+    s1 = _scores(q, kv).masked_fill(~keep[:, None, :], float("-inf"))
+    o1 = torch.softmax(s1, -1).to(q.dtype) @ kv[..., :L]
+    p2 = torch.softmax(_scores(q * 2, kv).masked_fill(pad, float("-inf")), -1)
+    o2 = p2.to(q.dtype) @ kv[..., :L]
+    p3 = torch.softmax(_scores(q * 0.5, kv).masked_fill(pad, float("-inf")), -1)
+    o3 = p3.to(q.dtype) @ kv[..., :544]
+    o4 = torch.softmax(_scores(q * 0.25, kv), -1).to(q.dtype) @ kv[..., :L]
+    return o1, o2, p2, o3, o4
+
+
+def capability_attentions(q, q_scale, cache_fp8, table_fp8, cache_bf16, table_bf16, seq_lens, k_scale):
+    """One FP8-dequantized query attending an FP8 cache and a bf16 cache (for the capability guards)."""
+    q_fp8 = (q / q_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    qd = q_fp8.to(q.dtype) * q_scale
+    return (paged_decode_attention(qd, cache_fp8, table_fp8, seq_lens, k_scale, 192 ** -0.5, L),
+            paged_decode_attention(qd, cache_bf16, table_bf16, seq_lens, k_scale, 192 ** -0.5, L))
+
+
+# ---------------------------------------------------------------- inputs and the float64 reference
+
+def attention_problem(heads: int, block_size: int, kv_cache_dtype: str = "fp8", seq_lens: Sequence[int] = SEQ_LENS,
+                      seed: int = 0, device="cpu"):
+    """(args, stored): q [B, H, 576] bf16, paged cache, int32 block_table and seq_lens, fp32 k_scale; and the
+    float64 values the cache holds for each request ([S_b, 576])."""
+    cfg = MLAConfig(num_heads=heads, block_size=block_size, kv_cache_dtype=kv_cache_dtype)
+    g = torch.Generator().manual_seed(seed)
+    latents = [torch.randn(s, cfg.entry_size, generator=g) for s in seq_lens]
+    k_scale = torch.tensor(3.0 / 448, dtype=torch.float32)
+    cache, table = fill_paged_cache(cfg, latents, k_scale, generator=g)
+    q = (torch.randn(len(seq_lens), heads, cfg.entry_size, generator=g) * 2).to(torch.bfloat16)
+    lens = torch.tensor(list(seq_lens), dtype=torch.int32)
+    args = tuple(t.to(device) for t in (q, cache, table, lens, k_scale))
+    return args, stored_values(cfg, latents, k_scale)
+
+
+def reference_attention(q: torch.Tensor, stored, sm_scale: float = SM_SCALE, latent: int = L):
+    """Float64 (o [B, H, L], lse [B, H]); an empty request gives o = 0, lse = -inf."""
+    q = q.double().cpu()
+    outs, lses = [], []
+    for b, kv in enumerate(stored):
+        if kv.shape[0] == 0:
+            outs.append(torch.zeros(q.shape[1], latent, dtype=torch.float64))
+            lses.append(torch.full((q.shape[1],), float("-inf"), dtype=torch.float64))
+            continue
+        s = q[b] @ kv.T * sm_scale
+        lses.append(torch.logsumexp(s, -1))
+        outs.append(torch.softmax(s, -1) @ kv[:, :latent])
+    return torch.stack(outs), torch.stack(lses)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    finite = torch.isfinite(ref)
+    return float((out[finite] - ref[finite]).norm() / ref[finite].norm().clamp_min(1e-300))
+
+
+def compile_run(fn, args, passes=("decode_attention",), inner="eager", **options):
+    """Compile ``fn`` with the fx_mla backend (fullgraph, dynamic), run it once; returns (outputs, report)."""
+    reports = []
+    compiled = torch.compile(fn, backend="fx_mla", fullgraph=True, dynamic=True,
+                             options={"passes": tuple(passes), "inner": inner, "report": reports, **options})
+    with torch.no_grad():
+        out = compiled(*args)
+    return out, reports[-1]
