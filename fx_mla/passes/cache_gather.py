@@ -132,7 +132,7 @@ def _tail(gather: torch.fx.Node) -> Union[Tail, str]:
         if len(real) != 1:
             break
         u = real[0]
-        if is_op(u, *VIEWS) and u.args[0] is cur:
+        if is_op(u, *VIEWS, aten.clone.default) and u.args[0] is cur:  # clones are dropped: the op's output is new
             nodes.append(u)
             cur = u
             continue
@@ -200,6 +200,9 @@ def _source(gather: torch.fx.Node) -> Union[Source, str]:
         indices = [gather.args[2]]
     else:
         indices = list(gather.args[1])
+    if indices and indices[0] is None:
+        dim = next((d for d, i in enumerate(indices) if i is not None), 0)
+        return f"indexes dim {dim} of the source: the op gathers rows (dim 0) of the cache"
     if any(not isinstance(i, torch.fx.Node) for i in indices) or ndim not in (2, 3):
         return (f"index pattern not recognised: a {ndim}-D source indexed by "
                 f"[{', '.join(_n(i) if isinstance(i, torch.fx.Node) else repr(i) for i in indices)}]")

@@ -94,12 +94,11 @@ def compile_run(fn, args, passes, inner="eager", dynamic=True, **inductor_config
     reports: list = []
     torch._dynamo.reset()
     options = {"passes": list(passes), "inner": inner, "report": reports}
-    if inductor_config:
-        options["inductor_config"] = inductor_config
     compiled = torch.compile(fn, backend="fx_mla", options=options, dynamic=dynamic, fullgraph=True)
     from torch._inductor import config
 
-    with torch.no_grad(), config.patch(fx_graph_cache=False):
+    # Inductor settings as global patches: the passes read them while the graph compiles.
+    with torch.no_grad(), config.patch(fx_graph_cache=False, **inductor_config):
         out = compiled(*args)
     return out, reports[-1]
 
