@@ -49,12 +49,12 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 DS_MLA_ROW_BYTES, DS_MLA_LATENT, DS_MLA_GROUP, DS_MLA_ROPE = 656, 512, 128, 64
 DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 
-# Launch configuration, in one place: (BLOCK_T tokens a program, num_warps, programs per SM when
-# persistent, 0 = one tile a program). Small tiles (16 tokens x 576 fp8, 48 registers a thread) let ~10
-# programs share an SM, so many independent index chains (token_to_seq -> cu_seq_lens/seq_starts ->
-# block_table -> cache) are in flight at once. Measured on H200 by bench_cache_gather.py --sweep:
-# (16, 4) beat (32, 4), (32, 8), (64, 4), (64, 8) and unpipelined persistent grids at 64K and 1M tokens.
-CONFIG = {"plain": (16, 4, 0), "fp8_ds_mla": (16, 4, 0)}
+# Launch configuration, in one place: (BLOCK_T tokens a program, num_warps, programs per SM for a persistent
+# grid, 0 = one tile a program). Small tiles keep registers low (~32-48 a thread), so many programs share an SM
+# and many independent index chains (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache) are in
+# flight. Picked from bench_cache_gather.py --sweep on an H200 (benchmarks/RESULTS.md): larger tiles and the
+# pipelined persistent grid were slower at both 64K and 1M tokens.
+CONFIG = {"plain": (8, 4, 0), "fp8_ds_mla": (8, 2, 0)}
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
 
