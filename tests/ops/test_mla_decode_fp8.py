@@ -192,7 +192,8 @@ def _interpreter_checks():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     n = 0
     h16 = dmod.DecodeConfig(16, 32, 4, 1, 1)
-    h128_cfgs = (dmod.choose_config(128), dmod.DecodeConfig(32, 16, 4, 1, 1))
+    h16_prefetch = dmod.DecodeConfig(16, 16, 4, 1, 1, prefetch=True)
+    h128_cfgs = (dmod.choose_config(128), dmod.DecodeConfig(32, 16, 4, 1, 1, prefetch=True))
     # dtypes x block sizes x split counts, 16 heads, ragged lengths with an empty request
     for cache_dtype, q_dtype in ((E4M3, torch.bfloat16), (E5M2, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
                                  (torch.float16, torch.float16), (E4M3, E4M3), (torch.bfloat16, E4M3),
@@ -200,7 +201,8 @@ def _interpreter_checks():
         for block_size, splits in ((16, 1), (64, 3), (16, None)):
             p = make_problem([45, 0] if block_size == 16 else [100, 0], 16, block_size, cache_dtype, q_dtype,
                              seed=n)
-            out, lse = _run_kernel(p, config=h16 if block_size == 16 else None, num_splits=splits)
+            cfg = {1: h16, 3: h16_prefetch, None: None}[splits]  # None: choose_config's
+            out, lse = _run_kernel(p, config=cfg, num_splits=splits)
             check_close(out, lse, *reference_f64(p), what=f"{cache_dtype}/{q_dtype}/bs{block_size}/splits{splits}")
             n += 1
     # 128 heads at a tiny context, the default config and a 32-head-group one

@@ -25,25 +25,52 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
     # tensors as their raw uint16 storage, so they go through fp32 there (exact products, same sums).
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if a.dtype.is_fp8():
+        # Hopper's FP8 warpgroup MMA accumulates with a reduced-precision adder; adding its partial sums
+        # into the fp32 accumulator every 128 products keeps the scores at fp32 accuracy.
+        if a.shape[1] > 128:
+            return tl.dot(a, b, acc, max_num_imprecise_acc=128)
     return tl.dot(a, b, acc)
 
 
 @triton.jit
 def _scores(q_nope, q_pe, k_nope, k_pe, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
-            SWAP: tl.constexpr, UPCAST: tl.constexpr):
-    """q . k over the latent and rope parts: [BLOCK_H, BLOCK_N] fp32. SWAP computes (k . q)^T instead, so the
-    tokens are the MMA's rows: 64 of them fill a Hopper warpgroup MMA even when there are only 16 heads,
-    and the query (the B operand) is read from shared memory instead of living in every warp's registers."""
-    if SWAP:
-        s = _dot(k_nope, tl.trans(q_nope), tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32), UPCAST)
-        if R > 0:
-            s = _dot(k_pe, tl.trans(q_pe), s, UPCAST)
-        s = tl.trans(s)
-    else:
-        s = _dot(q_nope, tl.trans(k_nope), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), UPCAST)
-        if R > 0:
-            s = _dot(q_pe, tl.trans(k_pe), s, UPCAST)
+            UPCAST: tl.constexpr):
+    """q . k over the latent and rope parts: [BLOCK_H, BLOCK_N] fp32."""
+    s = _dot(q_nope, tl.trans(k_nope), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), UPCAST)
+    if R > 0:
+        s = _dot(q_pe, tl.trans(k_pe), s, UPCAST)
     return s
+
+
+@triton.jit
+def _tile_pages(bt_row, n0, end, num_blocks, offs_n, PAGE: tl.constexpr):
+    """Physical page of each token of the tile at n0, clamped into the cache (bad ids never read out of it)."""
+    pos = n0 + offs_n
+    page = tl.load(bt_row + pos // PAGE, mask=pos < end, other=0)
+    return tl.minimum(tl.maximum(page, 0), num_blocks - 1)
+
+
+@triton.jit
+def _tile_load(kv_ptr, pages, n0, end, offs_n, offs_l, offs_r, stride_kv_blk, stride_kv_tok, PAGE: tl.constexpr,
+               L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The tile's cache rows as stored: latent [BLOCK_N, BLOCK_L] and rope [BLOCK_N, BLOCK_R]; tokens at or
+    past `end` (the whole tile when n0 >= end) are masked to 0 and cost no memory traffic."""
+    pos = n0 + offs_n
+    tok_ok = pos < end
+    rows = kv_ptr + pages.to(tl.int64) * stride_kv_blk + (pos % PAGE) * stride_kv_tok
+    lmask = tok_ok[:, None]
+    if L != BLOCK_L:
+        lmask = lmask & (offs_l[None, :] < L)
+    k_nope = tl.load(rows[:, None] + offs_l[None, :], mask=lmask, other=0.0)
+    if R > 0:
+        rmask = tok_ok[:, None]
+        if R != BLOCK_R:
+            rmask = rmask & (offs_r[None, :] < R)
+        k_pe = tl.load(rows[:, None] + L + offs_r[None, :], mask=rmask, other=0.0)
+    else:
+        k_pe = 0  # placeholder: never used when R == 0
+    return k_nope, k_pe
 
 
 @triton.jit
@@ -55,7 +82,7 @@ def _mla_decode_fp8_kernel(
         PAGE: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr,
         KV_FP8: tl.constexpr, Q_FP8: tl.constexpr, FP8_DOT: tl.constexpr, Q_SHIFT: tl.constexpr,
-        SINGLE_SPLIT: tl.constexpr, SWAP: tl.constexpr, UPCAST: tl.constexpr):
+        SINGLE_SPLIT: tl.constexpr, PREFETCH: tl.constexpr, UPCAST: tl.constexpr):
     pid_g = tl.program_id(0)  # head group varies fastest: groups of one tile run side by side and share L2
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -112,50 +139,45 @@ def _mla_decode_fp8_kernel(
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    if SWAP:
-        acc = tl.zeros([BLOCK_L, BLOCK_H], dtype=tl.float32)  # transposed: latent dims are the MMA's rows
-    else:
-        acc = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
     bt_row = block_table_ptr + pid_b * stride_bt_b
+    if PREFETCH:
+        # Software pipelining by hand (a register double buffer): Triton's pipeliner does not stage loads
+        # that reach an mma.sync dot through the fp8 -> fp16 conversion, which leaves every tile's DRAM
+        # latency exposed. Tile i+1 is in flight while tile i computes; page ids run two tiles ahead.
+        pages = _tile_pages(bt_row, start, end, num_blocks, offs_n, PAGE)
+        k_nope_next, k_pe_next = _tile_load(kv_ptr, pages, start, end, offs_n, offs_l, offs_r, stride_kv_blk,
+                                            stride_kv_tok, PAGE, L, R, BLOCK_L, BLOCK_R)
+        pages = _tile_pages(bt_row, start + BLOCK_N, end, num_blocks, offs_n, PAGE)
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + offs_n
-        tok_ok = pos < end
-        page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0)
-        page = tl.minimum(tl.maximum(page, 0), num_blocks - 1)
-        rows = kv_ptr + page.to(tl.int64) * stride_kv_blk + (pos % PAGE) * stride_kv_tok
-        k_lmask = tok_ok[:, None]
-        if L != BLOCK_L:
-            k_lmask = k_lmask & (offs_l[None, :] < L)
-        k_nope = tl.load(rows[:, None] + offs_l[None, :], mask=k_lmask, other=0.0)
-        if R > 0:
-            k_rmask = tok_ok[:, None]
-            if R != BLOCK_R:
-                k_rmask = k_rmask & (offs_r[None, :] < R)
-            k_pe = tl.load(rows[:, None] + L + offs_r[None, :], mask=k_rmask, other=0.0)
+        if PREFETCH:
+            k_nope = k_nope_next
+            k_pe = k_pe_next
+            k_nope_next, k_pe_next = _tile_load(kv_ptr, pages, n0 + BLOCK_N, end, offs_n, offs_l, offs_r,
+                                                stride_kv_blk, stride_kv_tok, PAGE, L, R, BLOCK_L, BLOCK_R)
+            pages = _tile_pages(bt_row, n0 + 2 * BLOCK_N, end, num_blocks, offs_n, PAGE)
         else:
-            k_pe = 0
+            pages = _tile_pages(bt_row, n0, end, num_blocks, offs_n, PAGE)
+            k_nope, k_pe = _tile_load(kv_ptr, pages, n0, end, offs_n, offs_l, offs_r, stride_kv_blk,
+                                      stride_kv_tok, PAGE, L, R, BLOCK_L, BLOCK_R)
+        tok_ok = (n0 + offs_n) < end
 
         v = k_nope.to(COMPUTE)
         if FP8_DOT:
-            s = _scores(q_nope, q_pe, k_nope, k_pe, BLOCK_H, BLOCK_N, R, SWAP, False)
+            s = _scores(q_nope, q_pe, k_nope, k_pe, BLOCK_H, BLOCK_N, R, False)
         else:
             if R > 0:
                 k_pe = k_pe.to(COMPUTE)
-            s = _scores(q_nope, q_pe, v, k_pe, BLOCK_H, BLOCK_N, R, SWAP, UPCAST)
+            s = _scores(q_nope, q_pe, v, k_pe, BLOCK_H, BLOCK_N, R, UPCAST)
         s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
         # The tile's first token is always valid, so m_new is finite and exp2(-inf - m_new) = 0.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if SWAP:
-            acc = _dot(tl.trans(v), tl.trans(p.to(COMPUTE)), acc * alpha[None, :], UPCAST)
-        else:
-            acc = _dot(p.to(COMPUTE), v, acc * alpha[:, None], UPCAST)
+        acc = _dot(p.to(COMPUTE), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
 
-    if SWAP:
-        acc = tl.trans(acc)
     has_tokens = l_i > 0.0
     l_safe = tl.where(has_tokens, l_i, 1.0)
     o = acc * (v_scale / l_safe)[:, None]
