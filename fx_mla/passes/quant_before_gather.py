@@ -52,6 +52,7 @@ CLAMPS = (aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)
 SCALINGS = (aten.div.Tensor, aten.mul.Tensor)
 REDUCTIONS = (aten.amax.default, aten.max.default)
 CONSTANTS = (aten.full.default, aten.scalar_tensor.default)
+MOVES = (aten.split.Tensor, aten.cat.default)
 ANY_FP8 = FP8_DTYPES + (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 SEARCH_LIMIT = 64  # nodes visited looking for an FP8 cast downstream of a gather
 
@@ -134,12 +135,12 @@ def _depends(node: Node, region, memo: dict) -> bool:
 
 
 def _find_fp8_cast(start: Node) -> Optional[Node]:
-    """The first cast to an FP8 dtype reached from ``start`` through pointwise ops and amax/max reductions."""
+    """The first cast to an FP8 dtype reached from ``start`` through pointwise ops, amax/max and split/cat."""
     seen, frontier, found = {start}, [start], []
     while frontier and len(seen) < SEARCH_LIMIT:
         nxt = []
         for u in (u for n in frontier for u in n.users):
-            if u not in seen and (_pointwise(u) or _is(u, *REDUCTIONS)):
+            if u not in seen and (_pointwise(u) or _is(u, *REDUCTIONS, *MOVES) or u.target is operator.getitem):
                 seen.add(u)
                 (found if _is(u, CONVERT) and u.args[1] in ANY_FP8 else nxt).append(u)
         frontier = nxt
@@ -262,7 +263,7 @@ def _chain_semantics(path: list[Node], chain: AllGatherChain):
         raise Decline("no clamp before the FP8 cast (eager casts overflow to NaN, compiled ones saturate); "
                       "quant_fp8 saturates")
     if (lo, hi) != (-fmax, fmax):
-        raise Decline(f"the chain clamps to [{lo:g}, {hi:g}]; quant_fp8 saturates to exactly ±{fmax:g}")
+        raise Decline(f"the chain clamps to [{lo:g}, {hi:g}]; quant_fp8 saturates to exactly +-{fmax:g}")
     return pre, (scalings[0] if scalings else None), fp8
 
 
@@ -372,7 +373,7 @@ def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, 
     fp8_cast.replace_all_uses_with(_send_bytes(graph, chain, local_bytes, fp8, new))
     _erase_dead(graph, set(path) | cone)
     dynamic = ", scale from an all-reduced amax" if kind else ""
-    return (f"quant_fp8({short_dtype(node_dtype(x))} → {short_dtype(fp8)}, {form}{dynamic}) before the all-gather; "
+    return (f"quant_fp8({short_dtype(node_dtype(x))} -> {short_dtype(fp8)}, {form}{dynamic}) before the all-gather; "
             f"gathers 1-byte FP8 instead of {gathered}")
 
 

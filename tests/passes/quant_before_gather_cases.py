@@ -151,16 +151,16 @@ def variants_worker(rank, world_size, variants, device="cpu", inner="eager"):
 
 
 def model_worker(rank, world_size, cases, device="cpu"):
-    """cases: (dtype, fp8, inner) tuples. Per case: DecodeQuery's FP8 query and MLADecode's output, both ways."""
+    """cases: (dtype, fp8, inner, whole_step). Per case, both ways: DecodeQuery's FP8 query and, with whole_step,
+    MLADecode's output (else None)."""
     from tests.mla.problems import make_problem, rank_inputs
 
     results = []
-    for i, (dtype, fp8, inner) in enumerate(cases):
+    for i, (dtype, fp8, inner, whole_step) in enumerate(cases):
         pb = make_problem(model_config(world_size, dtype, fp8), SEQ_LENS, seed=i)
         module, args = rank_inputs(pb, rank, device=device)
         query = both(DecodeQuery(module), (args[0], args[1], args[6]), inner)
-        step = both(module, args, inner)
-        results.append((query, step))
+        results.append((query, both(module, args, inner) if whole_step else None))
     return results
 
 
@@ -174,3 +174,13 @@ def context_worker(rank, world_size, fp8="e4m3", device="cpu", inner="eager"):
     args = context_inputs(cfg, latents, CONTEXT_LENS, CONTEXT_STARTS, torch.tensor(3.0 / 448), rank)
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     return both(ContextGather(cfg).to(device), args, inner)
+
+
+def all_worker(rank, world_size, model_cases=(), context_fp8s=(), variants=(), device="cpu", variant_inner="eager"):
+    """Everything one spawn of ``world_size`` ranks checks, so a test session starts each world size once.
+
+    ``device="cuda"`` means this rank's GPU (fx_mla.launch sets it for NCCL ranks)."""
+    device = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device
+    return dict(model=model_worker(rank, world_size, model_cases, device),
+                context=[context_worker(rank, world_size, f, device) for f in context_fp8s],
+                variants=variants_worker(rank, world_size, variants, device, variant_inner))

@@ -1,0 +1,58 @@
+"""quant_before_gather on CUDA (marker cuda; multigpu for 2 GPUs; no expecttest): the rewritten graph against the
+unrewritten one, bitwise, over NCCL. Run: PYTHONPATH=. python3 -m pytest -m cuda tests/gpu/test_quant_before_gather_gpu.py
+
+With inner="inductor" the FP8 bytes come from quant_fp8's Triton kernel on one side and Inductor's code for the
+plain chain on the other; with inner="eager" the plain chain runs on ATen's CUDA kernels (the pass rounds a 0-dim
+scale to bf16 there, as eager CUDA does).
+"""
+import pytest
+import torch
+
+from fx_mla.launch import run_ranks
+from tests.passes import quant_before_gather_cases as cases
+
+pytestmark = pytest.mark.cuda
+
+VARIANTS = [cases.Variant(dim=d, dtype=t, fp8=f, scale=s, clamp=c, shape=(5, 4, 64))
+            for d, t, f, s, c in [(1, "bf16", "e4m3", "input_div", "clamp"), (0, "f16", "e5m2", "input_reciprocal",
+                                                                                 "min_max"),
+                                  (2, "f32", "e4m3", "python_mul", "max_min"), (1, "bf16", "e4m3", "buffer_div",
+                                                                               "float_clamp"),
+                                  (1, "bf16", "e4m3", "dynamic", "clamp"), (0, "bf16", "e5m2", "dynamic", "clamp"),
+                                  (1, "bf16", "e4m3", "per_token", "clamp"), (2, "bf16", "e4m3", "per_token",
+                                                                              "clamp")]]
+# (dtype, fp8, inner, whole decode step too): at world size 1 the model has no gather, only DecodeQuery does.
+MODEL = [(torch.bfloat16, "e4m3", "inductor", True), (torch.bfloat16, "e4m3", "eager", True),
+         (torch.float16, "e5m2", "inductor", False)]
+MODEL_WS1 = [(dtype, fp8, inner, False) for dtype, fp8, inner, _ in MODEL]
+
+
+def _check(per_rank, world_size):
+    for rank, result in enumerate(per_rank):
+        runs = [(f"model case {i} {w}", r) for i, pair in enumerate(result["model"])
+                for w, r in zip(("query", "step"), pair) if r is not None]
+        runs += [("context", r) for r in result["context"]]
+        runs += [(str(v), r) for v, r in zip(VARIANTS, result["variants"])]
+        for what, (base, new, matches, declines) in runs:
+            declined_on_purpose = "per_token" in what and "dim=2" in what
+            assert (not matches and declines) if declined_on_purpose else (len(matches) == 1 and not declines), \
+                (what, matches, declines)
+            for a, b in zip(base, new):
+                assert torch.equal(cases.bits(a), cases.bits(b)), f"{what}: rank {rank} of {world_size} differs"
+
+
+def test_quant_before_gather_bitwise_cuda_ws1():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("quant_fp8 needs compute capability >= 8.9")
+    per_rank = run_ranks(cases.all_worker, 1, MODEL_WS1, [], VARIANTS, "cuda", "inductor",
+                         backend="nccl", timeout=500)
+    _check(per_rank, 1)
+
+
+@pytest.mark.multigpu
+def test_quant_before_gather_bitwise_nccl_ws2():
+    if torch.cuda.device_count() < 2 or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs 2 GPUs of compute capability >= 8.9")
+    per_rank = run_ranks(cases.all_worker, 2, MODEL, ["e4m3", "e5m2"], VARIANTS, "cuda", "inductor",
+                         backend="nccl", timeout=500)
+    _check(per_rank, 2)
