@@ -58,7 +58,14 @@ LAST = (-1, 2)  # the token dim of [B, H, T]
 
 
 class Decline(Exception):
-    """A candidate that cannot be rewritten; the message is the reported reason."""
+    """A candidate that cannot be rewritten: the reported reason, with ``{}`` for the canonical names of ``nodes``."""
+
+    def __init__(self, reason: str, *nodes: torch.fx.Node):
+        super().__init__(reason)
+        self.reason, self.nodes = reason, nodes
+
+    def text(self, namer) -> str:
+        return self.reason.format(*("%" + namer.name(n) for n in self.nodes)) if self.nodes else self.reason
 
 
 # ---------------------------------------------------------------- layouts: views and casts between two nodes
@@ -76,15 +83,6 @@ def _back(node: Any, casts: bool = True) -> tuple[Any, list[torch.fx.Node]]:
         chain.append(node)
         node = node.args[0]
     return node, chain[::-1]
-
-
-def _forward(node: torch.fx.Node, casts: bool = True) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
-    """(end, chain): follow single real users through views (and casts) from ``node``."""
-    chain = []
-    while len(users := _real_users(node)) == 1 and (is_op(users[0], *VIEWS) or (casts and is_op(users[0], CONVERT))):
-        node = users[0]
-        chain.append(node)
-    return node, chain
 
 
 def _ones(shape) -> list[bool]:
@@ -141,17 +139,12 @@ def _paged_kv(node: Any) -> Optional[KV]:
     """The gathered, dequantized paged cache ``[B, T, D]`` that ``node`` is, or None."""
     if is_op(node, fx_mla.gather_dequant_cache_paged.default):
         if arg(node, 4, "layout", "plain") != "plain":
-            raise Decline("gather_dequant_cache_paged with layout "
-                          f"{arg(node, 4, 'layout')!r}: mla_decode_fp8 reads plain caches only")
+            raise Decline(f"{{}} has layout {arg(node, 4, 'layout')!r}: mla_decode_fp8 reads plain caches only", node)
         return KV(node, node.args[0], node.args[1], arg(node, 2, "scale"))
     x, scale = node, None
     if is_op(x, aten.mul.Tensor) and len(x.args) == 2:
-        a, b = x.args
-        if _one_element_f32(b) and is_op(a, CONVERT):
-            x, scale = a, b
-        elif _one_element_f32(a) and is_op(b, CONVERT):
-            x, scale = b, a
-        else:
+        x, scale = x.args if _one_element_f32(x.args[1]) else x.args[::-1]
+        if not _one_element_f32(scale):
             return None
     if is_op(x, CONVERT):
         x = x.args[0]
@@ -340,8 +333,7 @@ def _probs(p: torch.fx.Node, s: torch.fx.Node) -> tuple[str, Optional[torch.fx.N
         if is_op(total, aten.sum.dim_IntList) and total.args[0] is e and _last_dim(total, 1, "dim") and \
                 arg(total, 2, "keepdim", False) and _row_max(_exp_minus(e, s), s):
             return "softmax", None
-    raise Decline(f"the probabilities %{p.name} are not recognized as softmax or exp(s - logsumexp(s)) over the "
-                  "tokens")
+    raise Decline("the probabilities {} are not recognized as softmax or exp(s - logsumexp(s)) over the tokens", p)
 
 
 def _find_lse(s: torch.fx.Node, depth: int = 6) -> Optional[torch.fx.Node]:
@@ -419,7 +411,7 @@ def _latent_width(v_base: torch.fx.Node, kv: KV, head_dim: int, sizes: list) -> 
     return head_dim if end is None else min(_hint(_size(end), sizes), head_dim)
 
 
-def _check_users(plan: Plan, probs: torch.fx.Node, ctx) -> None:
+def _check_users(plan: Plan, probs: torch.fx.Node) -> None:
     """Every intermediate between the q·k bmm and (o, lse) is used only inside the attention."""
     order = {n: i for i, n in enumerate(plan.score_bmm.graph.nodes)}
     ends = [plan.value_bmm] + ([plan.lse] if plan.lse is not None else [])
@@ -442,8 +434,7 @@ def _check_users(plan: Plan, probs: torch.fx.Node, ctx) -> None:
         extra = [u for u in _real_users(n) if u not in inside]
         if extra:
             what = "the attention probabilities" if n is probs else "an intermediate of the attention"
-            raise Decline(f"{what} %{ctx.namer.name(n)} also feed %{ctx.namer.name(extra[0])}; rewriting would "
-                          "keep them alive")
+            raise Decline(what + " {} also feed {}; rewriting would keep them alive", n, extra[0])
 
 
 def _match(bmm: torch.fx.Node, ctx) -> Optional[Plan]:
@@ -471,17 +462,17 @@ def _match(bmm: torch.fx.Node, ctx) -> Optional[Plan]:
     head_dim = _hint(qs[2], sizes)
     latent = _latent_width(v_base, kv, head_dim, sizes)
     plan = Plan(bmm, vb, lse, kv, q, None, seq_lens, sc.sm_scale, latent, node_dtype(vb), "", sizes)
-    _check_users(plan, p, ctx)
+    _check_users(plan, p)
 
     cache_dtype = node_dtype(kv.cache)
     if node_dtype(kv.block_table) != torch.int32:
-        raise Decline(f"block_table is {node_dtype(kv.block_table)}; mla_decode_fp8 takes int32")
+        raise Decline(f"block_table is {short_dtype(node_dtype(kv.block_table))}; mla_decode_fp8 takes i32")
     if kv.k_scale is not None and cache_dtype not in FP8_DTYPES:
-        raise Decline(f"a {cache_dtype} cache multiplied by a scale: mla_decode_fp8 scales only FP8 caches")
+        raise Decline(f"a {short_dtype(cache_dtype)} cache multiplied by a scale: mla_decode_fp8 scales only FP8 caches")
     if kv.k_scale is not None and not _one_element_f32(kv.k_scale):
         raise Decline("k_scale is not a one-element float32 tensor")
     if plan.out_dtype not in OUT_DTYPES:
-        raise Decline(f"the output dtype {plan.out_dtype} is not bf16, fp16 or fp32")
+        raise Decline(f"the output dtype {short_dtype(plan.out_dtype)} is not bf16, fp16 or f32")
     cap = ctx.capability if ctx.is_cuda else None
     note = ""
     fp8 = _fp8_query(q)
@@ -496,8 +487,8 @@ def _match(bmm: torch.fx.Node, ctx) -> Optional[Plan]:
     if reason is not None:
         raise Decline(f"mla_decode_fp8 does not cover this attention: {reason}")
     qtype = "fp8 query with q_scale" if plan.q_scale is not None else f"{short_dtype(node_dtype(plan.q))} query"
-    plan.detail = (f"{form} attention over the paged {short_dtype(cache_dtype)} cache -> mla_decode_fp8 ({qtype}, L={latent}, "
-                   f"sm_scale={plan.sm_scale:.6g}, lse {'replaced' if lse is not None else 'unused'}){note}")
+    plan.detail = (f"{form} attention over the paged {short_dtype(cache_dtype)} cache -> mla_decode_fp8 ({qtype}, "
+                   f"L={latent}, sm_scale={plan.sm_scale:.6g}, lse {'replaced' if lse is not None else 'unused'}){note}")
     return plan
 
 
@@ -546,7 +537,10 @@ def run(graph: torch.fx.Graph, ctx) -> None:
         try:
             plan = _match(bmm, ctx)
         except Decline as e:
-            ctx.declined(PASS, bmm, str(e))
+            ctx.declined(PASS, bmm, e.text(ctx.namer))
+            continue
+        except Exception as e:  # noqa: BLE001 - a matcher bug must not fail the compile: report it, leave the graph
+            ctx.declined(PASS, bmm, f"decode_attention matcher error ({type(e).__name__}: {e}); graph left as is")
             continue
         if plan is None:
             continue

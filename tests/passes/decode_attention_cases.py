@@ -60,7 +60,8 @@ def fused_gather_attention(q, cache, block_table, seq_lens, k_scale):
     """After the cache_gather pass: the gather is fx_mla::gather_dequant_cache_paged; softmax form."""
     kv = torch.ops.fx_mla.gather_dequant_cache_paged(cache, block_table, k_scale, q.dtype)
     s = torch.einsum("bhd,btd->bht", q, kv).float() * 192 ** -0.5
-    s = s.masked_fill(torch.arange(kv.shape[1])[None, None, :] >= seq_lens[:, None, None], float("-inf"))
+    pad = torch.arange(kv.shape[1], device=q.device)[None, None, :] >= seq_lens[:, None, None]
+    s = s.masked_fill(pad, float("-inf"))
     return torch.einsum("bht,btl->bhl", torch.softmax(s, -1).to(q.dtype), kv[..., :L])
 
 
@@ -136,6 +137,20 @@ def reference_attention(q: torch.Tensor, stored, sm_scale: float = SM_SCALE, lat
     return torch.stack(outs), torch.stack(lses)
 
 
+def model_reference(pb, module, args):
+    """Float64 output of an MLADecode rank (DCP 1) on the query it computes itself in the model dtype (so the FP8
+    query rounds the same way), over the values the cache stores. ``pb`` is a tests.mla.problems.Problem."""
+    from fx_mla.mla.decode import quantize_dequantize_query
+
+    cfg = pb.cfg
+    with torch.no_grad():
+        q = torch.cat([torch.einsum("bhp,hpl->bhl", args[0], module.w_uk), args[1]], dim=-1)
+        if cfg.quantize_query:
+            q = quantize_dequantize_query(q, args[6], cfg.query_fp8_dtype)
+    o, _ = reference_attention(q, stored_values(cfg, pb.latents, pb.k_scale), cfg.sm_scale, cfg.kv_lora_rank)
+    return torch.einsum("bhl,hlv->bhv", o, module.w_uv.double().cpu())
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double().cpu(), ref.double().cpu()
     finite = torch.isfinite(ref)
@@ -143,10 +158,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def compile_run(fn, args, passes=("decode_attention",), inner="eager", **options):
-    """Compile ``fn`` with the fx_mla backend (fullgraph, dynamic), run it once; returns (outputs, report)."""
+    """Compile ``fn`` with the fx_mla backend (fullgraph, dynamic, no compile caches), run it once; returns
+    (outputs, report)."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
     reports = []
     compiled = torch.compile(fn, backend="fx_mla", fullgraph=True, dynamic=True,
                              options={"passes": tuple(passes), "inner": inner, "report": reports, **options})
-    with torch.no_grad():
+    # caches off: a graph served from Inductor's cache would run no pass and leave no report to check
+    with torch.no_grad(), inductor_config.patch(fx_graph_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
         out = compiled(*args)
     return out, reports[-1]

@@ -23,7 +23,7 @@ from fx_mla.report import CompileReport, GraphNamer, count_ops, format_graph
 from tests.mla.problems import make_problem, rank_inputs
 from tests.passes.decode_attention_cases import (L, SM_SCALE, attention_problem, capability_attentions, compile_run,
                                                  declined_attentions, fp8_query_attention, fused_gather_attention,
-                                                 model_attention, reference_attention, rel_err,
+                                                 model_attention, model_reference, reference_attention, rel_err,
                                                  softmax_einsum_attention, where_matmul_attention)
 
 OP = "fx_mla.mla_decode_fp8.default"
@@ -285,53 +285,55 @@ def test_decode_attention_cpu_rewrites_both_with_the_dequantized_query(capabilit
 
 # ---------------------------------------------------------------- the model, with the other passes, and DCP
 
-def _model_reference(pb, module, args):
-    """Float64 output of the module given the query it computes (same FP8 rounding), on the stored cache values."""
-    from fx_mla.mla.reference import stored_values
-
-    cfg = pb.cfg
-    with torch.no_grad():
-        q = torch.cat([torch.einsum("bhp,hpl->bhl", args[0], module.w_uk), args[1]], dim=-1)
-        if cfg.quantize_query:
-            q = quantize_dequantize_query(q, args[6], cfg.query_fp8_dtype)
-    o, _ = reference_attention(q, stored_values(cfg, pb.latents, pb.k_scale), cfg.sm_scale, cfg.kv_lora_rank)
-    return torch.einsum("bhl,hlv->bhv", o, module.w_uv.double())
-
-
-def test_decode_attention_model_after_quant_and_cache_gather_passes():
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_decode_attention_model_after_quant_and_cache_gather_passes(inner):
     cfg = MLAConfig(num_heads=16, block_size=16, kv_cache_dtype="fp8", quantize_query=True)
     pb = make_problem(cfg, [5, 0, 70, 33], seed=2)
     module, args = rank_inputs(pb, 0)
-    out, report = compile_run(module, args, passes=("quant_before_gather", "cache_gather", "decode_attention"))
+    out, report = compile_run(module, args, passes=("quant_before_gather", "cache_gather", "decode_attention"),
+                               inner=inner)
     only_match(report)
     assert "gather_dequant_cache_paged" not in report.graph_after and count_ops(report.graph_after)[OP] == 1
     with torch.no_grad():
         plain = module(*args)
-    assert rel_err(out, _model_reference(pb, module, args)) <= 1e-2 and rel_err(out, plain) <= 1e-2
+    assert rel_err(out, model_reference(pb, module, args)) <= 1e-2 and rel_err(out, plain) <= 1e-2
     assert out[1].abs().max() == 0 and not out.isnan().any()
 
 
 DCP_CASES = {2: dict(num_heads=16, block_size=16, kv_cache_dtype="fp8", quantize_query=True, interleave=1),
-             4: dict(num_heads=128, block_size=64, kv_cache_dtype="fp8", quantize_query=False, interleave=16)}
+             4: dict(num_heads=16, block_size=64, kv_cache_dtype="fp8", quantize_query=False, interleave=16)}
 DCP_LENS = [1, 3, 0, 21, 150]
 
 
+def _dcp_problem(dcp_size, group=None):
+    return make_problem(MLAConfig(**DCP_CASES[dcp_size], dcp_size=dcp_size, dcp_group=group), DCP_LENS,
+                        seed=dcp_size)
+
+
 def _dcp_worker(rank, world_size):
-    pb = make_problem(MLAConfig(**DCP_CASES[world_size], dcp_size=world_size), DCP_LENS, seed=world_size)
-    module, args = rank_inputs(pb, rank)
-    out, report = compile_run(module, args)
-    p = report.pass_report("decode_attention")
-    return out, len(p.matches), [d.reason for d in p.declines]
+    """DCP 4 over the world, DCP 2 over the pairs {0, 1} and {2, 3}: one spawn serves both group sizes."""
+    import torch.distributed as dist
+
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order
+    results = {}
+    for dcp_size, group, dcp_rank in ((4, None, rank), (2, pairs[rank // 2], rank % 2)):
+        module, args = rank_inputs(_dcp_problem(dcp_size, group), dcp_rank)
+        out, report = compile_run(module, args)
+        p = report.pass_report("decode_attention")
+        results[dcp_size] = (out, len(p.matches), [d.reason for d in p.declines])
+    return results
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_decode_attention_dcp_merge_equals_dcp1(world_size):
-    per_rank = run_ranks(_dcp_worker, world_size, timeout=300)
-    assert all(r[1:] == (1, []) for r in per_rank), [r[1:] for r in per_rank]
-    pb = make_problem(MLAConfig(**DCP_CASES[world_size], dcp_size=1), DCP_LENS, seed=world_size)
-    module, args = rank_inputs(pb, 0)
-    with torch.no_grad():
-        want = module(*args)
-    got = torch.cat([r[0] for r in per_rank], dim=1)
-    assert not got.isnan().any() and got[2].abs().max() == 0
-    assert rel_err(got, want) <= 1e-2 and rel_err(got, _model_reference(pb, module, args)) <= 1e-2
+def test_decode_attention_dcp2_and_dcp4_merge_equals_dcp1():
+    per_rank = run_ranks(_dcp_worker, 4, timeout=300)
+    for dcp_size, groups in ((4, [[0, 1, 2, 3]]), (2, [[0, 1], [2, 3]])):
+        assert all(r[dcp_size][1:] == (1, []) for r in per_rank), [r[dcp_size][1:] for r in per_rank]
+        pb = make_problem(MLAConfig(**DCP_CASES[dcp_size], dcp_size=1), DCP_LENS, seed=dcp_size)
+        module, args = rank_inputs(pb, 0)
+        with torch.no_grad():
+            want = module(*args)
+        ref = model_reference(pb, module, args)
+        for ranks in groups:  # the heads of each rank of a group, side by side
+            got = torch.cat([per_rank[r][dcp_size][0] for r in ranks], dim=1)
+            assert not got.isnan().any() and got[2].abs().max() == 0, (dcp_size, ranks)
+            assert rel_err(got, want) <= 1e-2 and rel_err(got, ref) <= 1e-2, (dcp_size, ranks, rel_err(got, want))
