@@ -201,7 +201,7 @@ def main():
         rotations = max(1, min(8, math.ceil(3 * props.L2_cache_size / kv_bytes)))
         cache, tables, lens, k_scale, q, q8, q_scale = make_inputs(batch, heads, ctx, rotations)
         row = dict(batch=batch, heads=heads, context=ctx, kv_bytes=kv_bytes, io_bytes=io_bytes, flops=flops,
-                   floor_us=floor_s * 1e6, bound="memory" if kv_bytes / copy_tbps > flops / mm_tflops / 1e3
+                   floor_us=floor_s * 1e6, bound="memory" if kv_bytes / copy_tbps > flops / mm_tflops
                    else "compute", rotations=rotations)
         ref_o, ref_lse = dmod.mla_decode_fp8_reference(q, cache, tables[0], lens, k_scale, None, SM_SCALE, LAT,
                                                        torch.bfloat16)
@@ -222,7 +222,7 @@ def main():
             lse_err = float((lse - ref_lse).abs().max())
             return time_us(call, tables)[0], err, lse_err
 
-        default = dmod.choose_config(heads)
+        default = dmod.choose_config(heads, False, props.shared_memory_per_block_optin)
         try:
             t_us, err, lse_err = fused(None)
         except Exception as e:  # noqa: BLE001 - report, keep measuring the rest

@@ -61,18 +61,30 @@ class DecodeConfig(tuple):
     prefetch = property(lambda self: self[5])
 
 
-def choose_config(num_heads: int) -> DecodeConfig:
+def choose_config(num_heads: int, fp8_dot: bool = False, max_shared: Optional[int] = None) -> DecodeConfig:
+    """The launch configuration; measured on an H200 (benchmarks/RESULTS.md, sweep in results/decode.json).
+
+    fp8_dot: FP8 query times an FP8 cache of the same dtype; max_shared: the device's shared memory a block
+    may opt into (None: assume Hopper's 227 KiB). The small-shared-memory fallbacks are untested on GPUs.
+    """
+    small_smem = max_shared is not None and max_shared < 227 * 1024
     # Up to 16 heads (DeepSeek-V2-Lite, or V3 under TP 8): one program holds every head, padded to the
-    # 16-row MMA minimum, so each cache tile is read once per request and split. The step is memory-bound;
-    # 8 warps keep the 16 x 576 query operand plus the 16 x 512 fp32 accumulator within 255 registers.
-    # The kernel double-buffers tiles in registers (prefetch) since Triton does not pipeline these loads.
+    # 16-row MMA minimum, so each cache tile is read once per request and split. mma.sync keeps the 16 x 576
+    # query operand in every warp's registers; 8 warps fit it with the 16 x 512 fp32 accumulator in 255
+    # registers (no spills). Triton does not pipeline these loads, so the kernel prefetches (H200, 32 x 16 x
+    # 16384: 264 us with prefetch, 285 us with Triton's 2-stage setting that leaves the load synchronous).
     if num_heads <= 16:
-        return DecodeConfig(16, 64, 8, 1, 1, prefetch=True)
+        return DecodeConfig(16, 32 if small_smem else 64, 8, 1, 1, prefetch=True)
     # More heads: 64-head groups (the Hopper warpgroup MMA height). A 64 x 512 fp32 accumulator takes 128
     # registers a thread over 8 warps; 128 heads would need the whole register file, so the groups of one
-    # tile are adjacent programs (grid axis 0) and the second reads the tile from L2, not DRAM. Triton
-    # pipelines these loads itself (num_stages 2: cp.async into shared memory).
-    return DecodeConfig(64, 64, 8, 2, 1)
+    # tile are adjacent programs (grid axis 0) and the second reads the tile from L2, not DRAM. 128-token
+    # tiles (221 KiB of shared memory, no cp.async staging) beat 64-token tiles with 2 stages (H200,
+    # 1 x 128 x 65536: 103 vs 117 us); the FP8-query form needs 236 KiB at 128 tokens (Triton 3.9), too much.
+    if small_smem:
+        return DecodeConfig(32, 32, 8, 1, 1, prefetch=True)
+    if fp8_dot:
+        return DecodeConfig(64, 64, 8, 2, 1)
+    return DecodeConfig(64, 128, 8, 1, 1)
 
 
 def kernel_unsupported_reason(q_dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, kv_lora_rank: int,
@@ -189,6 +201,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _max_shared(device: torch.device) -> Optional[int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+
+
 def _num_splits(batch: int, groups: int, max_len: int, block_n: int, num_sms: int, occupancy: int) -> int:
     """Splits per request so that about occupancy * num_sms programs run; at least 4 tiles a split."""
     programs = batch * groups
@@ -217,7 +234,10 @@ def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, 
     if block_table.stride(1) != 1:
         block_table = block_table.contiguous()
     seq_lens = seq_lens.contiguous()
-    cfg = config or choose_config(heads)
+    cache_fp8 = kv_cache.dtype in FP8_DTYPES
+    q_fp8 = q.dtype in FP8_DTYPES
+    fp8_dot = q_fp8 and q.dtype == kv_cache.dtype
+    cfg = config or choose_config(heads, fp8_dot, _max_shared(q.device) if q.is_cuda else None)
     page = kv_cache.shape[1]
     max_blocks = block_table.shape[1]
     groups = triton.cdiv(heads, cfg.block_h)
@@ -230,9 +250,6 @@ def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, 
         out, lse = _empty_outputs(q, kv_lora_rank, out_dtype)
     if batch == 0 or heads == 0:
         return out, lse
-    cache_fp8 = kv_cache.dtype in FP8_DTYPES
-    q_fp8 = q.dtype in FP8_DTYPES
-    fp8_dot = q_fp8 and q.dtype == kv_cache.dtype
     torch_compute = torch.float16 if cache_fp8 or kv_cache.dtype == torch.float16 else torch.bfloat16
     compute = tl_dtype(torch_compute)
     q_shift = Q_SHIFT if (cache_fp8 and q.dtype == torch.bfloat16) else 0

@@ -28,7 +28,10 @@ LENGTHS = [1000, 0, 3001, 64, 17, 4096]
 def test_op_matches_float64(heads, cache_dtype, q_dtype):
     p = make_problem(LENGTHS, heads, 64, cache_dtype, q_dtype, seed=heads, device="cuda")
     out, lse = OP(*p.args(torch.bfloat16))
-    check_close(out, lse, *reference_f64(p), what=f"H{heads} {cache_dtype} {q_dtype}")
+    # FP8 x FP8 on Hopper's warpgroup MMA (the 64-head groups) adds partial sums of up to 128 products with a
+    # reduced-precision adder: lse error 2.8e-3 measured on an H200 (4.1e-3 without the promotion every 128).
+    lse_tol = 5e-3 if (q_dtype == E4M3 and cache_dtype == E4M3 and heads > 16) else 1e-3
+    check_close(out, lse, *reference_f64(p), lse_tol=lse_tol, what=f"H{heads} {cache_dtype} {q_dtype}")
 
 
 @pytest.mark.parametrize("case", ["block16", "fp16", "bf16_cache_fp8_query", "single_split", "int64_lens"])

@@ -161,6 +161,14 @@ def test_kernel_unsupported_reason():
     assert "same dtype" in ok(torch.float16, torch.bfloat16, 576, 512)
 
 
+def test_choose_config():
+    c = dmod.choose_config
+    assert c(16) == dmod.DecodeConfig(16, 64, 8, 1, 1, prefetch=True)
+    assert c(128) == dmod.DecodeConfig(64, 128, 8, 1, 1)
+    assert c(128, fp8_dot=True) == dmod.DecodeConfig(64, 64, 8, 2, 1)  # 128-token FP8 tiles overflow 227 KiB
+    assert c(128, max_shared=100 * 1024).block_h == 32 and c(16, max_shared=100 * 1024).block_n == 32
+
+
 def test_split_count_from_static_bounds():
     # aims at occupancy * SMs programs, never more splits than 4-tile chunks of the longest possible sequence
     assert dmod._num_splits(1, 2, 65536, 64, 132, 1) == 66
