@@ -10,6 +10,9 @@ op's output, which has the same row-major element order):
       fx_mla/mla/context.py: b = clamp_min(token_to_seq, 0), off = where(token_to_seq >= 0,
       iota - cu_seq_lens[b] (+ seq_starts[b]), 0)  ⇒ gather_dequant_cache(cache, block_table, cu_seq_lens,
                                                        token_to_seq, seq_starts, s, dt)
+  dequant(x)[I] (x fp8, e.g. DCP's all-gathered context rows before their reorder) ⇒ the row form on x
+  any of these gathers of uint8 [.., 656] fp8_ds_mla rows → byte slices viewed as e4m3 latent / fp32 group scales /
+      bf16 rope → cat(4 × (fp32(latent group k) * scale k).to(dt), rope.to(dt))  ⇒ the op with layout="fp8_ds_mla"
 The result is bitwise the unrewritten graph's: the upcast of an fp8 (or any) cache entry is exact, the product
 with the scale is one fp32 multiply, and the op rounds once to the output dtype, as ATen does for
 ``x.to(dt) * s``. Executors that round a 0-dim fp32 scale to bf16/fp16 first (eager CUDA; Inductor with
@@ -34,10 +37,12 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..ops import gather_dequant_cache as _gdc  # registers the ops
 from ..ops._fp8 import FP8_DTYPES, fp8_supported
-from .match import is_op, node_shape, same_size, static_int, tensor_val
+from ..report import short_dtype
+from .match import is_op, node_dtype as _dtype, node_shape, same_size, static_int, tensor_val
 
 PASS = "cache_gather"
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -70,6 +75,7 @@ class Tail:
     out_dtype: torch.dtype
     scale: Optional[torch.fx.Node]
     sizes: list
+    layout: str = "plain"
 
 
 @dataclasses.dataclass
@@ -89,15 +95,17 @@ def run(graph: torch.fx.Graph, ctx: Any) -> None:
     for gather in [n for n in graph.nodes if is_op(n, aten.index.Tensor, aten.index_select.default)]:
         src = gather.args[0]
         dtype = _dtype(src)
-        if dtype not in FLOATS:
-            continue
-        root, tail = None, _pre_dequant(gather)
-        if tail is not None:  # dequant(x)[I] ⇒ the op on x: e.g. the reorder of DCP's all-gathered fp8 context
-            root, tail = tail
-        else:
-            tail = _tail(gather)
-        if isinstance(tail, str):
-            if dtype in FP8_DTYPES:
+        root, tail = None, None
+        if dtype == torch.uint8 and static_int(node_shape(src)[-1]) == _gdc.DS_MLA_ROW_BYTES:
+            tail = _ds_mla_tail(gather)
+        elif dtype in FLOATS:
+            tail = _pre_dequant(gather)
+            if tail is not None:  # dequant(x)[I] ⇒ the op on x: e.g. the reorder of DCP's all-gathered fp8 context
+                root, tail = tail
+            else:
+                tail = _tail(gather)
+        if tail is None or isinstance(tail, str):
+            if tail is not None and dtype in FP8_DTYPES + (torch.uint8,):
                 ctx.declined(PASS, gather, tail)
             continue
         source = _source(gather)
@@ -113,7 +121,8 @@ def run(graph: torch.fx.Graph, ctx: Any) -> None:
             continue
         new = _rewrite(graph, ctx, gather, source, tail, plan)
         what = "token-parallel gather" if source.kind == "token" else ("row gather" if source.rows else "paged gather")
-        what += f" of {'dequantized ' if root is not None else 'a '}{_short(dtype)} {'rows' if root else 'cache'}"
+        kind = "fp8_ds_mla (656-byte)" if tail.layout == "fp8_ds_mla" else _short(dtype)
+        what += f" of {'dequantized ' if root is not None else 'a '}{kind} {'rows' if root else 'cache'}"
         scale = "" if tail.scale is None else " × scale"
         ctx.matched(PASS, [gather, new] if root is not None else [gather, tail.end, new],
                     f"{what}{scale} → {_short(tail.out_dtype)} fused into {new.target.name()}")
@@ -152,6 +161,65 @@ def _tail(gather: torch.fx.Node) -> Union[Tail, str]:
     keep = nodes[:nodes.index(end) + 1]
     chain = {gather, *keep}
     return Tail(keep, end, _dtype(end), scale, [(u, o) for u, o in sizes if o in chain and o is not end])
+
+
+def _ds_mla_tail(gather: torch.fx.Node) -> Union[Tail, str]:
+    """The plain-PyTorch dequantize of 656-byte fp8_ds_mla rows (as vLLM writes it): byte slices reinterpreted as
+    e4m3 latent / 4 fp32 group scales / bf16 rope, ``(lat[128k:128k+128].float() * scale[k:k+1]).to(dt)`` for
+    k < 4 and ``rope.to(dt)``, concatenated on the last dim."""
+    nodes, sizes, rows = [], [], gather
+    while True:
+        sizes += [(u, rows) for u in rows.users if is_op(u, *SIZE_OPS)]
+        real = [u for u in rows.users if not is_op(u, *SIZE_OPS)]
+        if len(real) != 1 or not is_op(real[0], *RESHAPES, aten.clone.default):
+            break
+        rows = real[0]
+        nodes.append(rows)
+    no = "656-byte rows gathered, but not dequantized in the fp8_ds_mla form the pass knows: "
+    lat, scales, rope = (_byte_view(rows, *part) for part in ((0, 512, torch.float8_e4m3fn),
+                                                              (512, 528, torch.float32), (528, 656, torch.bfloat16)))
+    if None in (lat, scales, rope) or len(rows.users) != 3 or len(lat.users) != 4 or len(scales.users) != 4:
+        return no + f"the byte slices of {_n(rows)} are not latent [0:512] / scales [512:528] / rope [528:656]"
+    last = _single_convert(rope)
+    cat = next(iter(last.users)) if len(last.users) == 1 else None
+    if not (is_op(cat, aten.cat.default) and len(cat.args[0]) == 5 and cat.args[0][4] is last
+            and (len(cat.args) < 2 or cat.args[1] in (-1, len(node_shape(cat)) - 1))):
+        return no + f"the rope {_n(rope)} does not end a concatenation of 4 latent groups and the rope"
+    for k, part in enumerate(cat.args[0][:4]):
+        mul = part.args[0] if is_op(part, CONVERT) and _dtype(part.args[0]) == torch.float32 else part
+        ops = [a for a in getattr(mul, "args", ()) if isinstance(a, torch.fx.Node)]
+        if not (is_op(mul, aten.mul.Tensor) and len(ops) == 2 and all(len(n.users) == 1 for n in (part, mul, *ops))):
+            return no + f"latent group {k} ({_n(part)}) is not a product of the group and its scale"
+        group, scale = ops if is_op(ops[0], CONVERT) else ops[::-1]
+        if not (_is_slice(scale, scales, k, k + 1) and is_op(group, CONVERT) and _dtype(group) == torch.float32
+                and _is_slice(group.args[0], lat, 128 * k, 128 * k + 128) and len(group.args[0].users) == 1):
+            return no + f"latent group {k} ({_n(part)}) is not fp32(latent[{128 * k}:{128 * k + 128}]) * scale[{k}]"
+    if len({_dtype(p) for p in cat.args[0]}) != 1:
+        return no + "the concatenated parts differ in dtype"
+    return Tail(nodes, cat, _dtype(cat), None, sizes, "fp8_ds_mla")
+
+
+def _is_slice(node, src, lo, hi) -> bool:
+    ends = (hi, 2 ** 63 - 1) if hi == static_int(node_shape(src)[-1]) else (hi,)
+    return (is_op(node, aten.slice.Tensor) and node.args[0] is src and node.args[1] in (-1, len(node_shape(src)) - 1)
+            and (node.args[2] if len(node.args) > 2 else 0) == lo and (node.args[3] if len(node.args) > 3 else None)
+            in ends and (len(node.args) < 5 or node.args[4] == 1))
+
+
+def _byte_view(rows, lo, hi, dtype):
+    """The node viewing bytes [lo, hi) of each row as ``dtype`` (slice → [clone] → view.dtype), or None."""
+    for sl in rows.users:
+        if _is_slice(sl, rows, lo, hi) and len(sl.users) == 1:
+            v = next(iter(sl.users))
+            v = next(iter(v.users)) if is_op(v, aten.clone.default) and len(v.users) == 1 else v
+            if is_op(v, aten.view.dtype) and v.args[1] == dtype:
+                return v
+    return None
+
+
+def _single_convert(node):
+    user = next(iter(node.users)) if len(node.users) == 1 else None
+    return user if is_op(user, CONVERT) else node
 
 
 def _pre_dequant(gather: torch.fx.Node) -> Optional[tuple]:
@@ -281,20 +349,23 @@ def _token_meta(cache, blk, slot) -> Union[tuple, str]:
 # ---------------------------------------------------------------- guards
 
 def _guard(ctx: Any, source: Source, tail: Tail) -> Optional[str]:
-    cache, dtype = source.cache, _dtype(source.cache)
-    if dtype not in _gdc.CACHE_DTYPES:
+    cache, dtype, ds = source.cache, _dtype(source.cache), tail.layout == "fp8_ds_mla"
+    if dtype not in _gdc.CACHE_DTYPES and not ds:
         return f"cache dtype {_short(dtype)} is not covered by the op (fp8 e4m3/e5m2, bf16, fp16, fp32)"
     if tail.out_dtype not in _gdc.OUT_DTYPES:
         return f"output dtype {_short(tail.out_dtype)} is not covered by the op (bf16, fp16, fp32)"
     val = tensor_val(cache)
     if not (static_int(val.shape[-1]) == 1 or static_int(val.stride(-1)) == 1):
-        return (f"cache {_n(cache)} is not contiguous in its last dim (strides ({', '.join(_sz(x) for x in val.stride())})): "
-                "the op reads each row with stride 1")
+        strides = ", ".join(_sz(x) for x in val.stride())
+        return (f"cache {_n(cache)} is not contiguous in its last dim (strides ({strides})): the op reads rows "
+                "with stride 1")
+    if ds and not all(statically_known_true(x % 16 == 0) for x in (*val.stride()[:-1], val.storage_offset())):
+        return f"fp8_ds_mla cache {_n(cache)} rows are not provably 16-byte aligned (strides, offset): the op needs it"
     for node in (source.index, *source.meta, tail.scale):
         if node is not None and tensor_val(node).device != val.device:
             return f"{_n(node)} is on {tensor_val(node).device}, the cache on {val.device}"
-    if ctx.device.type == "cuda" and dtype in FP8_DTYPES:
-        reason = fp8_supported(dtype, ctx.capability)
+    if ctx.device.type == "cuda" and (dtype in FP8_DTYPES or ds):
+        reason = fp8_supported(torch.float8_e4m3fn if ds else dtype, ctx.capability)
         if reason:
             return f"{reason} (the op's Triton kernel)"
     return None
@@ -352,6 +423,7 @@ def _rewrite(graph, ctx, gather, source: Source, tail: Tail, plan: list) -> torc
         _set_val(node)
         return node
 
+    layout = () if tail.layout == "plain" else (tail.layout,)
     with graph.inserting_before(end):
         scale = tail.scale
         if scale is not None and _dtype(scale) != torch.float32:
@@ -359,12 +431,12 @@ def _rewrite(graph, ctx, gather, source: Source, tail: Tail, plan: list) -> torc
         elif _scale_rounded_by_executor(ctx, tail):
             scale = call(CONVERT, call(CONVERT, scale, tail.out_dtype), torch.float32)
         if source.kind == "token":
-            new = call(TOKEN, source.cache, *source.meta, scale, tail.out_dtype)
+            new = call(TOKEN, source.cache, *source.meta, scale, tail.out_dtype, *layout)
         else:
             cache = call(aten.unsqueeze.default, source.cache, 1) if source.rows else source.cache
             table = source.index if len(node_shape(source.index)) == 2 else call(aten.unsqueeze.default,
                                                                                   source.index, 0)
-            new = call(PAGED, cache, table, scale, tail.out_dtype)
+            new = call(PAGED, cache, table, scale, tail.out_dtype, *layout)
         out = _replay_views(graph, call, new, gather, tail)
     end.replace_all_uses_with(out)
     for user, value in plan:
@@ -373,7 +445,6 @@ def _rewrite(graph, ctx, gather, source: Source, tail: Tail, plan: list) -> torc
                 uu.args = torch.fx.node.map_arg(uu.args, lambda a: value if a is user else a)
                 uu.kwargs = torch.fx.node.map_arg(uu.kwargs, lambda a: value if a is user else a)
         elif isinstance(value, tuple):
-            user.replace_input_with(user.args[0], new)
             user.args = (new, value[1])
         else:
             user.replace_all_uses_with(value)
@@ -386,6 +457,13 @@ def _replay_views(graph, call, new, gather, tail: Tail) -> torch.fx.Node:
     views = [n for n in tail.nodes if is_op(n, *VIEWS)]
     starts = [i for i, n in enumerate(views) if is_op(n, *RESHAPES)]
     cur, shape = new, node_shape(new)
+    if tail.layout == "fp8_ds_mla":  # the rows' views end in 656 bytes, the output in 576 entries
+        if _same_shape(shape, node_shape(tail.end)):
+            return cur
+        if starts:
+            return call(aten.reshape.default, cur, [*views[starts[-1]].args[1][:-1], _gdc.DS_MLA_D_OUT])
+        return call(aten.reshape.default, cur, [*(_size_arg(graph, call, gather, d) for d in
+                                                  range(len(node_shape(gather)) - 1)), _gdc.DS_MLA_D_OUT])
     if starts:
         views = views[starts[-1]:]
         if _same_shape(shape, node_shape(views[0])):
@@ -425,12 +503,5 @@ def _set_val(node: torch.fx.Node) -> None:
         node.meta["val"] = node.target(*args, **kwargs)
 
 
-def _dtype(node) -> Optional[torch.dtype]:
-    v = tensor_val(node)
-    return None if v is None else v.dtype
-
-
 def _short(dtype) -> str:
-    from ..report import short_dtype
-
     return short_dtype(dtype) if dtype is not None else "?"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from tests.ops.gather_dequant_cache_cases import (FP8, assert_bitwise, ragged_lengths, random_cache,  # noqa: F401
-                                                  random_scale, token_problem)
+from tests.ops.gather_dequant_cache_cases import (FP8, assert_bitwise, plain_ds_mla_dequant,  # noqa: F401
+                                                  ragged_lengths, random_cache, random_scale, token_problem)
 
 import fx_mla.backend  # noqa: F401  (registers backend="fx_mla")
 
@@ -58,6 +58,31 @@ def token_gather(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scal
     return dequant(cache[blocks, off % bs], dtype, scale)
 
 
+def ds_mla_paged(cache, block_table, dtype=torch.bfloat16):
+    """656-byte fp8_ds_mla rows of every page, dequantized the way vLLM's plain-PyTorch reference does it."""
+    return plain_ds_mla_dequant(cache[block_table].view(block_table.shape[0], -1, 656), dtype)
+
+
+def ds_mla_flat_slots(cache, block_table, dtype=torch.bfloat16):
+    bs = cache.shape[1]
+    pos = torch.arange(block_table.shape[1] * bs, device=cache.device)
+    slots = block_table.long()[:, pos // bs] * bs + pos % bs
+    return plain_ds_mla_dequant(cache.view(-1, 656)[slots], dtype)
+
+
+def ds_mla_token(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, dtype=torch.bfloat16):
+    torch._check(cu_seq_lens.shape[0] == block_table.shape[0] + 1)
+    torch._check(seq_starts.shape[0] == block_table.shape[0])
+    torch._check(cache.shape[-1] == 656)
+    bs = cache.shape[1]
+    tts = token_to_seq.long()
+    b = tts.clamp_min(0)
+    off = torch.arange(tts.shape[0], device=cache.device) - cu_seq_lens.long()[b] + seq_starts.long()[b]
+    off = torch.where(tts >= 0, off, torch.zeros_like(off))
+    return plain_ds_mla_dequant(cache[block_table.long()[b, torch.div(off, bs, rounding_mode="floor")], off % bs],
+                                dtype)
+
+
 PAGED_FORMS = {"index": paged_index, "index_select": paged_index_select, "flat_slots": paged_flat_slots,
                "fp32_then_round": paged_fp32_then_round}
 
@@ -91,16 +116,24 @@ def token_inputs(seed, d, cache_dtype, bs=4, total=23, batch=4, padding=2, start
 
 def compile_run(fn, args, passes, inner="eager", dynamic=True, **inductor_config):
     """(output, CompileReport) of fn compiled with the fx_mla backend running ``passes``; fresh dynamo state."""
-    reports: list = []
     torch._dynamo.reset()
+    compiled, reports = compile_fn(fn, passes, inner, dynamic)
+    return run_compiled(compiled, args, **inductor_config), reports[-1]
+
+
+def compile_fn(fn, passes, inner="eager", dynamic=True):
+    """(compiled fn, list its CompileReports are appended to); compiles on first call (see run_compiled)."""
+    reports: list = []
     options = {"passes": list(passes), "inner": inner, "report": reports}
-    compiled = torch.compile(fn, backend="fx_mla", options=options, dynamic=dynamic, fullgraph=True)
+    return torch.compile(fn, backend="fx_mla", options=options, dynamic=dynamic, fullgraph=True), reports
+
+
+def run_compiled(compiled, args, **inductor_config):
     from torch._inductor import config
 
     # Inductor settings as global patches: the passes read them while the graph compiles.
     with torch.no_grad(), config.patch(fx_graph_cache=False, **inductor_config):
-        out = compiled(*args)
-    return out, reports[-1]
+        return compiled(*args)
 
 
 def graph_diff(report) -> str:

@@ -1,7 +1,8 @@
 """CPU tests of the cache_gather pass: snapshots (our printer) before/after, op counts, bitwise numerics against
 the unrewritten graph (inner eager = exact ATen semantics; Inductor with and without emulate_precision_casts where
 the result is materialized), every gather form, D ∈ {576, 320, 288}, ragged batches with empty requests,
-seq_starts, DCP padding tokens, declines with their reasons, DCP 2 (fake group snapshot; gloo ranks bitwise)."""
+seq_starts, DCP padding tokens, the 656-byte fp8_ds_mla layout, declines with their reasons, DCP 2 (fake group
+snapshot; gloo ranks bitwise). Speed is not measured here."""
 import dataclasses
 import re
 
@@ -15,25 +16,27 @@ from fx_mla.passes import cache_gather
 from fx_mla.report import count_ops
 from tests.backend_helpers import decode_step, fake_dcp_group, registered, small_config
 from tests.mla.problems import context_inputs
-from tests.passes.cache_gather_cases import (PAGED_FORMS, assert_bitwise, compile_run, graph_diff, paged_index,
-                                             paged_inputs, token_gather, token_inputs)
+from tests.passes.cache_gather_cases import (PAGED_FORMS, assert_bitwise, compile_fn, compile_run,
+                                             ds_mla_flat_slots, ds_mla_paged, ds_mla_token, graph_diff, paged_index,
+                                             paged_inputs, random_cache, run_compiled, token_gather, token_inputs)
 
 PASSES = ["cache_gather"]
 DS = (576, 320, 288)
 PAGED_OP, TOKEN_OP = "fx_mla.gather_dequant_cache_paged.default", "fx_mla.gather_dequant_cache.default"
 
 
-def _compare(fn, inputs, passes=PASSES, **kw):
-    """Rewritten vs unrewritten graph (and plain eager) on each input tuple; returns the rewritten run's report."""
-    report = None
+def _compare(fn, inputs, passes=PASSES, inner="eager", **config):
+    """Rewritten vs unrewritten graph (and plain eager) on each input tuple, each compiled once (inputs of other
+    sizes run the same symbolic graph); returns the rewritten graph's last report."""
+    torch._dynamo.reset()
+    (plain, _), (rewritten, reports) = compile_fn(fn, [], inner), compile_fn(fn, passes, inner)
+    name = getattr(fn, "__name__", type(fn).__name__)
     for args in inputs:
-        want, _ = compile_run(fn, args, [], **kw)
-        got, report = compile_run(fn, args, passes, **kw)
-        name = getattr(fn, "__name__", type(fn).__name__)
+        want, got = run_compiled(plain, args, **config), run_compiled(rewritten, args, **config)
         assert_bitwise(got, want, f"{name} rewritten vs unrewritten")
-        if kw.get("inner", "eager") == "eager":
+        if inner == "eager":
             assert_bitwise(got, fn(*args), f"{name} rewritten vs plain eager")
-    return report
+    return reports[-1]
 
 
 def _checked_token_gather(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, dtype=torch.bfloat16):
@@ -185,6 +188,32 @@ def test_cache_gather_inductor_bitwise():
     assert after.get(PAGED_OP) == 1 and after.get("prims.convert_element_type.default", 0) >= 2
 
 
+def test_cache_gather_fp8_ds_mla_bitwise():
+    """656-byte rows (512 e4m3 | 4 fp32 group scales | 64 bf16 rope): paged (bf16, f32), flattened-slot, token."""
+    g = torch.Generator().manual_seed(21)
+    cache, table, _ = paged_inputs(21, 40, torch.float8_e4m3fn)
+    cache = random_cache(cache.shape[0], cache.shape[1], 576, None, g, "fp8_ds_mla")
+    out_dtype = torch.bfloat16
+    for fn, dt in ((ds_mla_paged, torch.float32), (ds_mla_paged, out_dtype), (ds_mla_flat_slots, out_dtype)):
+        rep = _compare(fn, [(cache, table, dt)])
+        assert count_ops(rep.graph_after).get(PAGED_OP) == 1 and "fp8_ds_mla" in rep.graph_after, rep.format()
+        assert "aten.cat" not in rep.graph_after and "view.dtype" not in rep.graph_after
+    c, table, cu, tts, starts, _ = token_inputs(22, 40, torch.float8_e4m3fn)
+    cache = random_cache(c.shape[0], c.shape[1], 576, None, g, "fp8_ds_mla")
+    rep = _compare(ds_mla_token, [(cache, table, cu, tts, starts, out_dtype)])
+    assert count_ops(rep.graph_after).get(TOKEN_OP) == 1, rep.format(graphs=False)
+
+
+def test_cache_gather_fp8_ds_mla_unaligned_declines():
+    g = torch.Generator().manual_seed(23)
+    cache, table, _ = paged_inputs(23, 40, torch.float8_e4m3fn)
+    rows = random_cache(cache.shape[0], cache.shape[1], 576, None, g, "fp8_ds_mla")
+    wide = torch.zeros(rows.shape[0], rows.shape[1], 664, dtype=torch.uint8)
+    wide[..., 8:] = rows
+    rep = _compare(ds_mla_paged, [(wide[..., 8:], table, torch.bfloat16)])  # rows 664 bytes apart, offset 8
+    assert not rep.matches and "not provably 16-byte aligned" in rep.declines[0].reason, rep.format(graphs=False)
+
+
 # ---------------------------------------------------------------- declines
 
 def _fp8_view(cache, table, scale):
@@ -246,7 +275,8 @@ def test_cache_gather_declines_with_reason(case):
     want, _ = compile_run(fn, args, [])
     got, rep = compile_run(fn, args, PASSES)
     for g, w in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, want))):
-        assert g.dtype == w.dtype and torch.equal(g.reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), case
+        same_bytes = torch.equal(g.reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8))
+        assert g.dtype == w.dtype and same_bytes, case
     assert not rep.matches and not rep.changed, rep.format()
     assert [d.reason for d in rep.declines if reason in d.reason], rep.format(graphs=False)
 
