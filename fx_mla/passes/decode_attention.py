@@ -468,7 +468,7 @@ def _match(bmm: torch.fx.Node, ctx) -> Optional[Plan]:
     if node_dtype(kv.block_table) != torch.int32:
         raise Decline(f"block_table is {short_dtype(node_dtype(kv.block_table))}; mla_decode_fp8 takes i32")
     if kv.k_scale is not None and cache_dtype not in FP8_DTYPES:
-        raise Decline(f"a {short_dtype(cache_dtype)} cache multiplied by a scale: mla_decode_fp8 scales only FP8 caches")
+        raise Decline(f"a {short_dtype(cache_dtype)} cache times a scale: mla_decode_fp8 scales FP8 caches only")
     if kv.k_scale is not None and not _one_element_f32(kv.k_scale):
         raise Decline("k_scale is not a one-element float32 tensor")
     if plan.out_dtype not in OUT_DTYPES:
@@ -487,8 +487,9 @@ def _match(bmm: torch.fx.Node, ctx) -> Optional[Plan]:
     if reason is not None:
         raise Decline(f"mla_decode_fp8 does not cover this attention: {reason}")
     qtype = "fp8 query with q_scale" if plan.q_scale is not None else f"{short_dtype(node_dtype(plan.q))} query"
+    uses = "replaced" if lse is not None else "unused"
     plan.detail = (f"{form} attention over the paged {short_dtype(cache_dtype)} cache -> mla_decode_fp8 ({qtype}, "
-                   f"L={latent}, sm_scale={plan.sm_scale:.6g}, lse {'replaced' if lse is not None else 'unused'}){note}")
+                   f"L={latent}, sm_scale={plan.sm_scale:.6g}, lse {uses}){note}")
     return plan
 
 

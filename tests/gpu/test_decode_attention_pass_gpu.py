@@ -19,7 +19,7 @@ pytestmark = pytest.mark.cuda
 
 SEQ_LENS = [1, 3, 0, 700, 2049]
 PASSES = ("quant_before_gather", "cache_gather", "decode_attention")
-INDUCTOR = dict(inner="inductor", inductor_config={"emulate_precision_casts": True})
+INDUCTOR = dict(inner="inductor", inductor_patches={"emulate_precision_casts": True})
 
 
 def _fp8_capable():

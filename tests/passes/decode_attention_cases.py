@@ -157,9 +157,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out[finite] - ref[finite]).norm() / ref[finite].norm().clamp_min(1e-300))
 
 
-def compile_run(fn, args, passes=("decode_attention",), inner="eager", **options):
+def compile_run(fn, args, passes=("decode_attention",), inner="eager", inductor_patches=None, **options):
     """Compile ``fn`` with the fx_mla backend (fullgraph, dynamic, no compile caches), run it once; returns
-    (outputs, report)."""
+    (outputs, report). ``inductor_patches``: Inductor config set around the compile (not through the backend's
+    ``inductor_config`` option, which currently fails inside the pass manager: it re-validates the options while
+    the manager is installed in Inductor's config, and deep-copying that config cannot pickle the manager)."""
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
 
@@ -167,7 +169,7 @@ def compile_run(fn, args, passes=("decode_attention",), inner="eager", **options
     compiled = torch.compile(fn, backend="fx_mla", fullgraph=True, dynamic=True,
                              options={"passes": tuple(passes), "inner": inner, "report": reports, **options})
     # caches off: a graph served from Inductor's cache would run no pass and leave no report to check
-    with torch.no_grad(), inductor_config.patch(fx_graph_cache=False), \
+    with torch.no_grad(), inductor_config.patch(fx_graph_cache=False, **(inductor_patches or {})), \
             functorch_config.patch(enable_autograd_cache=False):
         out = compiled(*args)
     return out, reports[-1]

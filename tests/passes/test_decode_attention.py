@@ -6,7 +6,6 @@ capability guard (graph copies rewritten under a pretended CUDA device), and DCP
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import expecttest
@@ -21,7 +20,7 @@ from fx_mla.passes import decode_attention
 from fx_mla.passes.manager import PassContext
 from fx_mla.report import CompileReport, GraphNamer, count_ops, format_graph
 from tests.mla.problems import make_problem, rank_inputs
-from tests.passes.decode_attention_cases import (L, SM_SCALE, attention_problem, capability_attentions, compile_run,
+from tests.passes.decode_attention_cases import (L, attention_problem, capability_attentions, compile_run,
                                                  declined_attentions, fp8_query_attention, fused_gather_attention,
                                                  model_attention, model_reference, reference_attention, rel_err,
                                                  softmax_einsum_attention, where_matmul_attention)
