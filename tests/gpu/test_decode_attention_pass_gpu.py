@@ -59,7 +59,9 @@ def test_decode_attention_pass_cuda_fp8_query_takes_the_fp8_path():
     assert "fp8 query with q_scale" in _only_match(report)
     qd = quantize_dequantize_query(args[0], q_scale, torch.float8_e4m3fn)
     ref_o, ref_lse = reference_attention(qd, stored)
-    assert rel_err(o, ref_o) <= 1e-2 and rel_err(lse, ref_lse) <= 1e-3
+    # FP8 x FP8 scores accumulate in the tensor cores' reduced-precision adder: the op's own GPU tests measured
+    # lse errors up to 2.8e-3 at 128 heads on an H200, and allow 5e-3
+    assert rel_err(o, ref_o) <= 1e-2 and rel_err(lse, ref_lse) <= 5e-3
     assert rel_err(o, fp8_query_attention(args[0], q_scale, *args[1:])[0]) <= 1e-2
 
 
