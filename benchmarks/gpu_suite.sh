@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The lead's GPU session in one script (device machines have torch/triton/pytest, no expecttest, no network).
+#   bash benchmarks/gpu_suite.sh tests   # GPU test suite (cuda + multigpu markers), log to $OUT
+#   bash benchmarks/gpu_suite.sh bench   # multi-GPU benchmarks: q all-gather (2 and N GPUs), DCP step, demo
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpus.txt"
+case "${1:-tests}" in
+  tests)
+    timeout 500 python3 -m pytest -q -p no:cacheprovider -m "cuda or multigpu" tests/gpu 2>&1 \
+      | tee "$OUT/gpu_tests.log" | grep -v PASSED | tail -60 ;;
+  bench)
+    n=$(nvidia-smi -L | wc -l)
+    python3 benchmarks/bench_q_allgather.py --world-size 2 2>&1 | tee "$OUT/q_allgather_ws2.log"
+    cp benchmarks/results/q_allgather.json "$OUT/q_allgather_ws2.json" 2>/dev/null
+    if [ "$n" -ge 4 ]; then
+      python3 benchmarks/bench_q_allgather.py --world-size 4 2>&1 | tee "$OUT/q_allgather_ws4.log"
+      cp benchmarks/results/q_allgather.json "$OUT/q_allgather_ws4.json" 2>/dev/null
+    fi
+    timeout 300 python3 benchmarks/bench_dcp_step.py --world-size "$n" --contexts 32768,131072 --batches 1,8,64 \
+      --out "$OUT/dcp_step.json" 2>&1 | tee "$OUT/dcp_step.log"
+    timeout 120 python3 -m fx_mla demo 2>&1 | tee "$OUT/demo.log" ;;
+esac
