@@ -30,6 +30,7 @@ below the capability quant_fp8 needs (fx_mla/ops/_fp8.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import re
@@ -65,7 +66,7 @@ def run(graph: torch.fx.Graph, ctx) -> None:
     canonical = {n.name: ctx.namer.name(n) for n in graph.nodes}  # the report prints canonical names
     rename = (lambda text: re.sub(r"%(\w+)", lambda m: "%" + canonical.get(m.group(1), m.group(1)), text))
     for ag in [n for n in graph.nodes if n.target is c10d.all_gather_into_tensor.default]:
-        chain = match_all_gather(ag)
+        chain = _chain(ag)
         if chain is None:
             continue
         fp8_cast = _find_fp8_cast(chain.result)
@@ -81,6 +82,20 @@ def run(graph: torch.fx.Graph, ctx) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _chain(ag: Node) -> Optional[AllGatherChain]:
+    """match_all_gather, plus the group-of-one form on dim d > 0: Inductor drops the one-input cat, leaving
+    ``split → getitem(0)``, which then stands in for the cat."""
+    chain = match_all_gather(ag)
+    if chain is None or chain.cat is not None or chain.group_size != 1 or len(chain.wait.users) != 1:
+        return chain
+    split = next(iter(chain.wait.users))
+    gets = list(split.users)
+    if _is(split, aten.split.Tensor) and len(gets) == 1 and gets[0].target is operator.getitem \
+            and gets[0].args[1] == 0 and len(split.meta.get("val", ())) == 1:
+        return dataclasses.replace(chain, split=split, getitems=(gets[0],), cat=gets[0])
+    return chain
+
+
 def _is(node, *targets) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target in targets
 
@@ -192,7 +207,7 @@ def _gather_like(graph, chain: AllGatherChain, local: Node, after: Node) -> list
     with graph.inserting_before(chain.gather):
         nodes = [_call(graph, c10d.all_gather_into_tensor.default, local, *chain.gather.args[1:])]
     old_to_new = {chain.gather: nodes[0]}
-    for old in chain.nodes[1:]:
+    for old in dict.fromkeys(chain.nodes[1:]):
         with graph.inserting_after(after if len(nodes) == 1 else nodes[-1]):
             nodes.append(graph.node_copy(old, lambda a: old_to_new.get(a, a)))
         old_to_new[old] = nodes[-1]
@@ -231,7 +246,8 @@ def _data_path(fp8_cast: Node, result: Node, region) -> list[Node]:
 
 
 def _chain_semantics(path: list[Node], chain: AllGatherChain):
-    """(converts before the scaling, the scaling op or None, fp8 dtype); checks the clamps and roundings after it."""
+    """(converts before the scaling, the scaling op or None, fp8 dtype, whether the low-precision quotient is only
+    implicitly rounded); checks the clamps and the roundings after the scaling."""
     scalings = [n for n in path if _is(n, *SCALINGS)]
     if len(scalings) > 1:
         raise Decline(f"the chain scales twice (%{scalings[0].name}, %{scalings[1].name}); quant_fp8 scales once")
@@ -264,7 +280,8 @@ def _chain_semantics(path: list[Node], chain: AllGatherChain):
                       "quant_fp8 saturates")
     if (lo, hi) != (-fmax, fmax):
         raise Decline(f"the chain clamps to [{lo:g}, {hi:g}]; quant_fp8 saturates to exactly +-{fmax:g}")
-    return pre, (scalings[0] if scalings else None), fp8
+    rounded = any(_is(n, CONVERT) and n.args[1] == d0 for n in post)  # an explicit cast back to the quotient's dtype
+    return pre, (scalings[0] if scalings else None), fp8, d0 != torch.float32 and not rounded
 
 
 def _scale_cone(scale: Node, chain: AllGatherChain, region, order):
@@ -304,25 +321,27 @@ def _scale_cone(scale: Node, chain: AllGatherChain, region, order):
     return cone, next(iter(kinds), None)
 
 
-def _scale_rounded_to_input(ctx, scale: Node, x_dtype: torch.dtype) -> bool:
-    """Would the unrewritten graph round this 0-dim scale to a bf16/fp16 input's dtype before dividing?
+def _roundings(ctx, scale, implicit: bool) -> tuple[bool, bool]:
+    """How the unrewritten graph rounds, where it will run: (quotient to the bf16/fp16 input dtype, 0-dim scale to it).
 
-    Eager CUDA casts a 0-dim CUDA operand to the common dtype; Inductor does when emulate_precision_casts is on.
-    CPU eager and default Inductor use it in fp32, as quant_fp8 does.
+    ATen (eager) rounds the quotient to its dtype; eager CUDA also casts a 0-dim CUDA scale to the input's dtype (CPU
+    uses it in fp32). Inductor computes a fused chain in fp32: it rounds only at explicit casts, and uses the scale
+    in fp32, unless emulate_precision_casts is on, which rounds both as eager CUDA does.
     """
-    val = tensor_val(scale)
-    if x_dtype == torch.float32 or val is None or val.dim() != 0:
-        return False
+    val = tensor_val(scale) if isinstance(scale, Node) else None
+    zero_dim = val is not None and val.dim() == 0
     if getattr(ctx.options, "inner", "inductor") == "eager":
-        return val.device.type == "cuda"
+        return True, zero_dim and val.device.type == "cuda"
     from torch._inductor import config as inductor_config
-    return bool(inductor_config.emulate_precision_casts)
+    if inductor_config.emulate_precision_casts:
+        return True, zero_dim
+    return not implicit, False
 
 
 def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, ctx) -> str:
     region = {chain.wait, *chain.nodes[2:]}
     path = _data_path(fp8_cast, chain.result, region)
-    pre, scaling, fp8 = _chain_semantics(path, chain)
+    pre, scaling, fp8, implicit = _chain_semantics(path, chain)
     reason = fp8_supported(fp8, ctx.capability if ctx.is_cuda else None)
     if reason:
         raise Decline(f"quant_fp8 cannot run here: {reason}")
@@ -364,10 +383,14 @@ def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, 
     with graph.inserting_before(chain.gather):
         for c in pre:
             new.append(x := _call(graph, CONVERT, x, c.args[1]))
-        if _scale_rounded_to_input(ctx, scale, node_dtype(x)):
+        round_quotient, round_scale = _roundings(ctx, scale, implicit)
+        if node_dtype(x) != torch.float32 and round_scale:
             new.append(scale := _call(graph, CONVERT, _call(graph, CONVERT, scale, node_dtype(x)), torch.float32))
             new.append(scale.args[0])
-            form += f" (scale rounded to {short_dtype(node_dtype(x))}, as the unrewritten graph does)"
+            form += f" (scale rounded to {short_dtype(node_dtype(x))} as the unrewritten graph does)"
+        if implicit and not round_quotient:
+            new.append(x := _call(graph, CONVERT, x, torch.float32))
+            form += " (fp32 quotient, as Inductor computes the fused chain)"
         new.append(q := _call(graph, torch.ops.fx_mla.quant_fp8.default, x, scale, fp8, reciprocal))
         new.append(local_bytes := _call(graph, aten.view.dtype, q, torch.uint8))
     fp8_cast.replace_all_uses_with(_send_bytes(graph, chain, local_bytes, fp8, new))

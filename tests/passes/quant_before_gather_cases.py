@@ -34,6 +34,7 @@ class Variant:
     scale: str = "input_div"
     clamp: str = "clamp"
     shape: tuple = (3, 2, 8)
+    inner: str = ""  # the inner compiler for this variant ("": the worker's)
 
 
 class GatherQuant(nn.Module):
@@ -123,11 +124,16 @@ def compiled(module, passes, inner="eager", reports=None, dynamic=True):
 
 def both(module, args, inner="eager"):
     """(unrewritten outputs, rewritten outputs, the rewritten compile's matches and declines), as CPU tensors."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
     outs = []
     for passes in ((), (PASS,)):
         torch._dynamo.reset()
         reports = []
-        with torch.no_grad():
+        # No cache: a cache hit would skip the passes (and the report of what they did).
+        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False), \
+                functorch_config.patch(enable_autograd_cache=False):
             out = compiled(module, passes, inner, reports)(*args)
         out = out if isinstance(out, tuple) else (out,)
         # FP8 tensors travel back from the ranks as their bytes (pickling float8 storages fails).
@@ -146,7 +152,7 @@ def variants_worker(rank, world_size, variants, device="cpu", inner="eager"):
     out = []
     for v in variants:
         module = GatherQuant(v).to(device)
-        out.append(both(module, variant_inputs(v, rank, device), inner))
+        out.append(both(module, variant_inputs(v, rank, device), v.inner or inner))
     return out
 
 

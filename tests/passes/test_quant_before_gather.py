@@ -203,25 +203,37 @@ def test_quant_before_gather_declines_and_leaves_graph_intact(fake_group, name):
         assert p.declines[0].node.startswith("all_gather_into_tensor")
 
 
-class _OnDevice:
-    """Test pass: runs quant_before_gather as if the graph targeted a CUDA device of ``capability``."""
-    name = "test_qbg_on_device"
+class _AsIf:
+    """Test pass: runs quant_before_gather as if the graph targeted a CUDA device of ``capability`` (None: the real
+    device), for another inner compiler / emulate_precision_casts, or with a group size that is not static."""
+    name = "test_qbg_as_if"
 
-    def __init__(self, capability, break_group=False):
-        self.capability, self.break_group = capability, break_group
+    def __init__(self, capability=None, break_group=False, inner=None, emulate=False):
+        self.capability, self.break_group, self.inner, self.emulate = capability, break_group, inner, emulate
 
     def run(self, graph, ctx):
-        fake = dataclasses.replace(ctx, device=torch.device("cuda"), capability=self.capability)
-        if not self.break_group:
-            return qbg.run(graph, fake)
+        from torch._inductor import config as inductor_config
+
+        if self.capability is not None:
+            ctx = dataclasses.replace(ctx, device=torch.device("cuda"), capability=self.capability)
+        if self.inner is not None:
+            ctx = dataclasses.replace(ctx, options=dataclasses.replace(ctx.options, inner=self.inner))
         ag = next(n for n in graph.nodes if n.target is torch.ops._c10d_functional.all_gather_into_tensor.default)
-        size = next(n for n in graph.nodes if n.op == "placeholder")  # a SymInt input: not a static group size
         old = ag.args
-        ag.args = (old[0], size, old[2])
+        if self.break_group:  # a SymInt input as the group size
+            ag.args = (old[0], next(n for n in graph.nodes if n.op == "placeholder"), old[2])
         try:
-            qbg.run(graph, fake)
+            with inductor_config.patch(emulate_precision_casts=self.emulate):
+                qbg.run(graph, ctx)
         finally:
             ag.args = old
+
+
+def _as_if(fn, **kwargs):
+    test_pass = _AsIf(**kwargs)
+    with registered(test_pass):
+        rep = _inspect(fn, torch.randn(3, 2, 8, dtype=torch.bfloat16), torch.tensor(0.05), passes=[test_pass.name])
+    return rep.pass_report(PASS), rep
 
 
 @pytest.mark.parametrize("capability,group,words", [
@@ -229,21 +241,35 @@ class _OnDevice:
     ((9, 0), True, "is not static"),
 ])
 def test_quant_before_gather_declines_low_capability_and_dynamic_group(fake_group, capability, group, words):
-    test_pass = _OnDevice(capability, group)
-    with registered(test_pass):
-        rep = _inspect(lambda x, s: _q(_gathered(x), s), torch.randn(3, 2, 8, dtype=torch.bfloat16),
-                       torch.tensor(0.05), passes=[test_pass.name])
-    declines = rep.pass_report(PASS).declines
-    assert len(declines) == 1 and words in declines[0].reason, declines
+    p, rep = _as_if(lambda x, s: _q(_gathered(x), s), capability=capability, break_group=group)
+    assert len(p.declines) == 1 and words in p.declines[0].reason, p.declines
     assert rep.graph_after == rep.graph_before
 
 
 def test_quant_before_gather_fires_at_capability_89(fake_group):
-    test_pass = _OnDevice((8, 9))
-    with registered(test_pass):
-        rep = _inspect(lambda x, s: _q(_gathered(x), s), torch.randn(3, 2, 8, dtype=torch.bfloat16),
-                       torch.tensor(0.05), passes=[test_pass.name])
-    assert len(rep.pass_report(PASS).matches) == 1
+    p, _ = _as_if(lambda x, s: _q(_gathered(x), s), capability=(8, 9))
+    assert len(p.matches) == 1
+
+
+@pytest.mark.parametrize("inner,emulate,explicit_cast,words", [
+    ("inductor", False, True, None),
+    ("inductor", False, False, "(fp32 quotient, as Inductor computes the fused chain)"),
+    ("inductor", True, False, "(scale rounded to bf16 as the unrewritten graph does)"),
+    ("eager", False, False, None),  # CPU eager: ATen rounds the quotient, uses the CPU scale in fp32
+])
+def test_quant_before_gather_follows_the_inner_compilers_rounding(fake_group, inner, emulate, explicit_cast, words):
+    """The op must round as the unrewritten graph would where it runs; numerics: ws2 Inductor variant, GPU tests."""
+    def fn(x, s):
+        y = (_gathered(x) / s).float().clamp(-448, 448)
+        return (y.to(torch.bfloat16) if explicit_cast else y).to(E4M3)
+
+    p, _ = _as_if(fn, inner=inner, emulate=emulate)
+    assert len(p.matches) == 1 and not p.declines
+    detail = p.matches[0].detail
+    if words:
+        assert words in detail, detail
+    else:
+        assert "scale rounded" not in detail and "fp32 quotient" not in detail, detail
 
 
 # ------------------------------------------------------------------------------------------------ numerics
@@ -267,7 +293,9 @@ def _hypothesis_variants(n: int = 8) -> list:
 
 PICKED = [cases.Variant(dim=1, scale="dynamic"), cases.Variant(dim=0, scale="dynamic", dtype="f16", fp8="e5m2"),
           cases.Variant(dim=1, scale="per_token"), cases.Variant(dim=0, scale="per_token", clamp="float_clamp"),
-          cases.Variant(dim=2, scale="per_token")]  # the last: amax over the gathered dim, declined
+          cases.Variant(dim=2, scale="per_token"),  # amax over the gathered dim: declined
+          # No explicit cast back to bf16 after the division: Inductor keeps the fused quotient in fp32.
+          cases.Variant(dim=1, clamp="float_clamp", inner="inductor")]
 HYPOTHESIS = _hypothesis_variants()
 
 
@@ -319,7 +347,7 @@ def test_dequant_after_gather_context_bitwise(ranks2, ranks4, world_size):
 
 
 @pytest.mark.parametrize("index", range(len(PICKED)))
-def test_quant_before_gather_dynamic_and_per_token_scales_bitwise_ws2(ranks2, index):
+def test_quant_before_gather_dynamic_per_token_and_inductor_variants_bitwise_ws2(ranks2, index):
     v = PICKED[index]
     for rank, result in enumerate(ranks2):
         base, new, matches, declines = result["variants"][index]
@@ -327,7 +355,8 @@ def test_quant_before_gather_dynamic_and_per_token_scales_bitwise_ws2(ranks2, in
         if v.dim == 2:
             assert not matches and "reduces over dim 0 or the gathered dim 2" in declines[0]
         else:
-            word = "all-reduced amax" if v.scale == "dynamic" else "per-token quantization"
+            word = {"dynamic": "all-reduced amax", "per_token": "per-token quantization"}.get(
+                v.scale, "fp32 quotient, as Inductor computes the fused chain")
             assert len(matches) == 1 and word in matches[0] and not declines, (matches, declines)
 
 
