@@ -192,6 +192,55 @@ def names(nodes: Sequence[torch.fx.Node]) -> list[str]:
     return [n.name for n in nodes]
 
 
+# Graph surgery ------------------------------------------------------------------------------------------------
+def downstream(node: torch.fx.Node) -> set:
+    """Every node computed from ``node``, itself included."""
+    seen, stack = {node}, [node]
+    while stack:
+        for u in stack.pop().users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def hoist_before(node: Any, anchor: torch.fx.Node) -> None:
+    """Move ``node`` and those of its ancestors that sit after ``anchor`` to just before it (in order); none of
+    them may depend on ``anchor``. Non-nodes are ignored."""
+    if not isinstance(node, torch.fx.Node):
+        return
+    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
+    todo, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in todo and order[n] > order[anchor]:
+            todo.add(n)
+            stack.extend(n.all_input_nodes)
+    for n in sorted(todo, key=order.__getitem__):
+        anchor.prepend(n)
+
+
+def set_vals(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node]) -> None:
+    """(Re)compute ``meta['val']`` of new or retyped ``nodes``, in graph order, with the graph's fake mode."""
+    from torch._guards import detect_fake_mode
+
+    todo = set(nodes)
+    mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+    with mode if mode is not None else torch._subclasses.FakeTensorMode():
+        for n in graph.nodes:
+            if n in todo:
+                args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta["val"])
+                n.meta["val"] = n.target(*args, **kwargs)
+
+
+def erase_unused(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node]) -> None:
+    """Erase those of ``nodes`` that end up without users (users first)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(nodes, key=order.__getitem__, reverse=True):
+        if not n.users:
+            graph.erase_node(n)
+
+
 __all__ = ["is_op", "find_ops", "users", "only_user", "val", "tensor_val", "node_dtype", "node_shape",
            "node_device", "static_int", "same_size", "follow", "arg", "AllGatherChain", "match_all_gather",
-           "all_gather_chains", "replace_uses", "names"]
+           "all_gather_chains", "replace_uses", "names", "downstream", "hoist_before", "set_vals", "erase_unused"]

@@ -15,11 +15,13 @@ FP8 travels as uint8, since gloo cannot all-gather float8):
 "quantize" is the chain plain PyTorch decomposes to: converts, one ``div(·, s)`` or ``mul(·, s)`` (s a 1-element fp32
 tensor such as an input, a buffer, ``reciprocal(s)``, or a Python number), clamp / clamp_min / clamp_max to exactly
 ±fp8 max in any order, converts that cannot round (bf16 → f32 → bf16 around the clamp), then the cast to
-float8_e4m3fn or float8_e5m2. quant_fp8 rounds the quotient to torch's promoted dtype as ATen does, so the FP8 bytes
-equal the unrewritten graph's. Where the unrewritten graph would round a 0-dim tensor scale to a bf16/fp16 input's
-dtype first (eager CUDA, Inductor with emulate_precision_casts), the pass rounds the scale the same way. A scale not
-derived from the gathered data must be rank-replicated: graph inputs, buffers and constants are assumed identical
-on every rank (as vLLM's q_scale/k_scale are); a scale computed from rank-local tensors is declined.
+float8_e4m3fn or float8_e5m2. The FP8 bytes equal those the unrewritten graph computes where it runs (_roundings):
+quant_fp8 rounds the quotient to torch's promoted dtype as ATen does; under default Inductor, which keeps a fused
+chain in fp32 up to its first explicit cast, the pass feeds quant_fp8 an fp32 input when the chain has no explicit
+cast back; where a 0-dim scale would be rounded to the bf16/fp16 input's dtype (eager CUDA, Inductor with
+emulate_precision_casts) it rounds the scale too. A scale not derived from the gathered data must be replicated:
+graph inputs, buffers and constants are assumed identical on every rank (as vLLM's q_scale/k_scale are); a scale
+computed from rank-local tensors is declined.
 
 Declines (reported; graph intact): group size not a static int; the gathered tensor or a step of its quantization
 has other users; an op that is not part of a quantization between the gather and the FP8 cast; no clamp, a clamp
@@ -44,7 +46,8 @@ import fx_mla.ops.quant_fp8  # noqa: F401  (registers torch.ops.fx_mla.quant_fp8
 from fx_mla.ops._fp8 import FP8_DTYPES, FP8_MAX, INPUT_DTYPES, fp8_supported
 
 from ..report import short_dtype
-from .match import AllGatherChain, match_all_gather, node_dtype, node_shape, same_size, tensor_val
+from .match import (AllGatherChain, downstream, erase_unused, hoist_before, is_op as _is, match_all_gather, node_dtype,
+                    node_shape, same_size, set_vals, tensor_val)
 
 PASS = "quant_before_gather"
 aten, prims, c10d = torch.ops.aten, torch.ops.prims, torch.ops._c10d_functional
@@ -96,10 +99,6 @@ def _chain(ag: Node) -> Optional[AllGatherChain]:
     return chain
 
 
-def _is(node, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
 def _pointwise(node) -> bool:
     return (isinstance(node, Node) and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
             and torch.Tag.pointwise in node.target.tags)
@@ -140,15 +139,6 @@ def _replicated(node) -> bool:
                                      and all(_replicated(i) for i in node.all_input_nodes))
 
 
-def _depends(node: Node, region, memo: dict) -> bool:
-    if node in region:
-        return True
-    if node not in memo:
-        memo[node] = False
-        memo[node] = any(_depends(i, region, memo) for i in node.all_input_nodes)
-    return memo[node]
-
-
 def _find_fp8_cast(start: Node) -> Optional[Node]:
     """The first cast to an FP8 dtype reached from ``start`` through pointwise ops, amax/max and split/cat."""
     seen, frontier, found = {start}, [start], []
@@ -165,41 +155,6 @@ def _find_fp8_cast(start: Node) -> Optional[Node]:
 
 def _call(graph, target, *args, **kwargs) -> Node:
     return graph.call_function(target, args, kwargs)
-
-
-def _set_vals(graph: torch.fx.Graph, nodes) -> None:
-    """(Re)compute ``meta['val']`` of new or retyped ``nodes``, in graph order, with the graph's fake mode."""
-    from torch._guards import detect_fake_mode
-
-    todo = set(nodes)
-    mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
-    with mode if mode is not None else torch._subclasses.FakeTensorMode():
-        for n in graph.nodes:
-            if n in todo:
-                args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta["val"])
-                n.meta["val"] = n.target(*args, **kwargs)
-
-
-def _hoist(node, anchor: Node) -> None:
-    """Move ``node`` and its ancestors that sit after ``anchor`` to just before it (none may depend on it)."""
-    if not isinstance(node, Node):
-        return
-    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
-    todo, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in todo and order[n] > order[anchor]:
-            todo.add(n)
-            stack.extend(n.all_input_nodes)
-    for n in sorted(todo, key=order.__getitem__):
-        anchor.prepend(n)
-
-
-def _erase_dead(graph: torch.fx.Graph, nodes) -> None:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for n in sorted(nodes, key=order.__getitem__, reverse=True):
-        if not n.users:
-            graph.erase_node(n)
 
 
 def _gather_like(graph, chain: AllGatherChain, local: Node, after: Node) -> list[Node]:
@@ -219,14 +174,14 @@ def _send_bytes(graph, chain: AllGatherChain, local_bytes: Node, fp8_dtype, new:
     chain.gather.args = (local_bytes, *chain.gather.args[1:])
     with graph.inserting_after(chain.result):
         fp8 = _call(graph, aten.view.dtype, chain.result, fp8_dtype)
-    _set_vals(graph, set(new) | set(chain.nodes) | {fp8})
+    set_vals(graph, set(new) | set(chain.nodes) | {fp8})
     return fp8
 
 
 # ------------------------------------------------------------------------------------ quantize before the gather
-def _data_path(fp8_cast: Node, result: Node, region) -> list[Node]:
+def _data_path(fp8_cast: Node, result: Node, region, gathered: set) -> list[Node]:
     """The ops from the gathered tensor to the FP8 cast, following the data operand, in graph order."""
-    path, cur, memo = [], fp8_cast, {}
+    path, cur = [], fp8_cast
     while cur is not result:
         if cur in region:
             raise Decline(f"the FP8 cast reads %{cur.name}, not the whole gathered tensor")
@@ -235,7 +190,7 @@ def _data_path(fp8_cast: Node, result: Node, region) -> list[Node]:
             data = [cur.args[0]]
         elif _is(cur, *SCALINGS):
             data = [a for a in cur.args[:1 if cur.target is aten.div.Tensor else 2]
-                    if isinstance(a, Node) and _same_shape(a, result) and _depends(a, region, memo)]
+                    if isinstance(a, Node) and _same_shape(a, result) and a in gathered]
         else:
             raise Decline(f"{_op(cur)} (%{cur.name}) between the all-gather and the FP8 cast is not part of "
                           f"a quantization")
@@ -284,12 +239,12 @@ def _chain_semantics(path: list[Node], chain: AllGatherChain):
     return pre, (scalings[0] if scalings else None), fp8, d0 != torch.float32 and not rounded
 
 
-def _scale_cone(scale: Node, chain: AllGatherChain, region, order):
+def _scale_cone(scale: Node, chain: AllGatherChain, region, gathered: set, order):
     """The scale's ops that read the gathered data, and how: None, 'tensor' (whole amax) or 'row' (per token)."""
-    cone, stack, memo = set(), [scale], {}
+    cone, stack = set(), [scale]
     while stack:
         n = stack.pop()
-        if n not in cone and n not in region and _depends(n, region, memo):
+        if n not in cone and n not in region and n in gathered:
             cone.add(n)
             stack.extend(n.all_input_nodes)
     kinds, ndim, whole = set(), len(node_shape(chain.result)), (chain.wait, chain.result)
@@ -340,7 +295,8 @@ def _roundings(ctx, scale, implicit: bool) -> tuple[bool, bool]:
 
 def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, ctx) -> str:
     region = {chain.wait, *chain.nodes[2:]}
-    path = _data_path(fp8_cast, chain.result, region)
+    gathered = downstream(chain.wait)
+    path = _data_path(fp8_cast, chain.result, region, gathered)
     pre, scaling, fp8, implicit = _chain_semantics(path, chain)
     reason = fp8_supported(fp8, ctx.capability if ctx.is_cuda else None)
     if reason:
@@ -350,7 +306,7 @@ def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, 
     if scaling is not None:
         data = path[path.index(scaling) - 1] if path.index(scaling) else chain.result
         scale = scaling.args[1] if scaling.args[0] is data else scaling.args[0]
-    cone, kind = _scale_cone(scale, chain, region, order) if isinstance(scale, Node) else (set(), None)
+    cone, kind = _scale_cone(scale, chain, region, gathered, order) if isinstance(scale, Node) else (set(), None)
     for n in [chain.wait, *chain.nodes[2:], *path[:-1]]:
         extra = [u for u in n.users if u not in set(path) | cone | set(chain.nodes)]
         if extra:
@@ -379,7 +335,7 @@ def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, 
             scale = _call(graph, aten.full.default, [], value, dtype=torch.float32,
                           device=tensor_val(x).device, pin_memory=False)
             new.append(scale)
-    _hoist(scale, chain.gather)
+    hoist_before(scale, chain.gather)
     with graph.inserting_before(chain.gather):
         for c in pre:
             new.append(x := _call(graph, CONVERT, x, c.args[1]))
@@ -394,7 +350,7 @@ def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, 
         new.append(q := _call(graph, torch.ops.fx_mla.quant_fp8.default, x, scale, fp8, reciprocal))
         new.append(local_bytes := _call(graph, aten.view.dtype, q, torch.uint8))
     fp8_cast.replace_all_uses_with(_send_bytes(graph, chain, local_bytes, fp8, new))
-    _erase_dead(graph, set(path) | cone)
+    erase_unused(graph, set(path) | cone)
     dynamic = ", scale from an all-reduced amax" if kind else ""
     return (f"quant_fp8({short_dtype(node_dtype(x))} -> {short_dtype(fp8)}, {form}{dynamic}) before the all-gather; "
             f"gathers 1-byte FP8 instead of {gathered}")
@@ -423,7 +379,7 @@ def _quantize_rows_locally(graph, chain: AllGatherChain, path, cone, fp8) -> str
     for n in sorted(local, key=order.__getitem__):
         for i in n.all_input_nodes:
             if i not in env and i not in local:
-                _hoist(i, chain.gather)
+                hoist_before(i, chain.gather)
         with graph.inserting_before(chain.gather):
             new.append(env.setdefault(n, graph.node_copy(n, lambda a: env.get(a, a))))
     with graph.inserting_before(chain.gather):
@@ -435,7 +391,7 @@ def _quantize_rows_locally(graph, chain: AllGatherChain, path, cone, fp8) -> str
             n.replace_all_uses_with(nodes[-1], delete_user_cb=lambda u: u not in local)
             new, after, gathered = new + nodes, nodes[-1], gathered + 1
     path[-1].replace_all_uses_with(_send_bytes(graph, chain, local_bytes, fp8, new))
-    _erase_dead(graph, local)
+    erase_unused(graph, local)
     return (f"per-token quantization to {short_dtype(fp8)} on the local rows before the all-gather; "
             f"{gathered} fp32 scale tensor(s) all-gathered for later users")
 
@@ -469,7 +425,7 @@ def _dequant_after(graph: torch.fx.Graph, chain: AllGatherChain, x8: Node, deq: 
         with graph.inserting_after(new[-1]):
             new.append(env.setdefault(n, graph.node_copy(n, lambda a: env.get(a, a))))
     chain.result.replace_all_uses_with(new[-1], delete_user_cb=lambda u: u is not env[x8])
-    _set_vals(graph, new[1:])
-    _erase_dead(graph, deq)
+    set_vals(graph, new[1:])
+    erase_unused(graph, deq)
     return (f"dequantization moved after the all-gather: gathers {short_dtype(node_dtype(x8))} bytes instead of "
             f"{short_dtype(node_dtype(deq[-1]))}")
