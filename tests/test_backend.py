@@ -109,12 +109,13 @@ def test_no_passes_compiled_equals_eager(inner):
 def _lens_for(batch: int, avoid: set, seed: int) -> list:
     """Sequence lengths whose batch / block-table width / block count are distinct and not in ``avoid``."""
     g = torch.Generator().manual_seed(seed)
-    while True:
+    for _ in range(1000):
         lens = torch.randint(1, 61, (batch,), generator=g).tolist()
         blocks = [-(-s // 4) for s in lens]
         sizes = {batch, max(blocks), sum(blocks) + 1}
         if len(sizes) == 3 and not sizes & avoid:
             return lens
+    raise AssertionError(f"no lengths for batch {batch} avoid {sorted(avoid)}")
 
 
 @pytest.mark.parametrize("passes", [(), None], ids=["no_passes", "default_passes"])
@@ -125,7 +126,8 @@ def test_eight_batch_sizes_compile_at_most_twice(passes):
     compiled = None
     first_sizes: set = set()
     for i, batch in enumerate([3, 5, 6, 7, 9, 10, 11, 12]):
-        lens = _lens_for(batch, static_dims | first_sizes, seed=batch)
+        # The first two captures decide which sizes are symbolic: keep them apart (later steps may collide).
+        lens = _lens_for(batch, static_dims | first_sizes, seed=batch) if i < 2 else _lens_for(batch, set(), batch)
         if i == 0:
             first_sizes = {batch, max(-(-s // 4) for s in lens), sum(-(-s // 4) for s in lens) + 1}
         module, args = decode_step(cfg, lens, seed=0)
@@ -251,21 +253,18 @@ _FRESH = textwrap.dedent("""
     imported_before = "fx_mla" in sys.modules
     def f(x, y):
         return (x * 2 + y).relu().sum(-1)
-    out = {"imported_before": imported_before}
-    for strict in ([False, True] if import_first else [False]):
-        torch._dynamo.reset()
-        counters.clear()
-        reports = []
-        g = torch.compile(f, backend="fx_mla", options={"report": reports, "strict": strict})
-        with torch.no_grad():
-            g(torch.randn(4, 8), torch.randn(4, 8))
-        out[f"strict={strict}"] = dict(counters["inductor"]), [r.cache_hit for r in reports]
+    reports = []
+    g = torch.compile(f, backend="fx_mla", options={"report": reports})
+    with torch.no_grad():
+        g(torch.randn(4, 8), torch.randn(4, 8))
+    out = {"imported_before": imported_before, "inductor": dict(counters["inductor"]),
+           "cache_hit": [r.cache_hit for r in reports]}
     print("RESULT " + json.dumps(out))
 """)
 
 
 def _fresh(arg: str, cache_dir: str) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "PYTHONPATH": REPO}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "TORCHINDUCTOR_COMPILE_THREADS": "1", "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, "-c", _FRESH, arg], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
@@ -275,14 +274,12 @@ def _fresh(arg: str, cache_dir: str) -> dict:
 def test_entry_point_in_fresh_process_and_fx_graph_cache_hit(tmp_path):
     first = _fresh("no_import", str(tmp_path))
     assert first["imported_before"] is False  # backend="fx_mla" resolved through the entry point
-    counters, cache_hits = first["strict=False"]
-    assert counters.get("fxgraph_cache_miss", 0) >= 1 and cache_hits == [False]
+    assert first["inductor"].get("fxgraph_cache_miss", 0) >= 1 and first["cache_hit"] == [False]
     second = _fresh("import_first", str(tmp_path))  # fx_mla imported first: no duplicate registration
-    counters, cache_hits = second["strict=False"]
+    assert second["imported_before"] is True
+    counters = second["inductor"]
     assert counters.get("fxgraph_cache_hit", 0) >= 1 and counters.get("fxgraph_cache_bypass", 0) == 0
-    assert cache_hits == [True]  # the report says the passes did not run
-    counters, cache_hits = second["strict=True"]  # other options, other uuid: a miss, not a stale hit
-    assert counters.get("fxgraph_cache_miss", 0) >= 1 and cache_hits == [False]
+    assert second["cache_hit"] == [True]  # the report says the passes did not run in this process
 
 
 def test_backend_function_is_importable_and_callable_directly():
