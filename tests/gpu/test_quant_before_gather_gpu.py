@@ -13,26 +13,31 @@ from tests.passes import quant_before_gather_cases as cases
 
 pytestmark = pytest.mark.cuda
 
-VARIANTS = [cases.Variant(dim=d, dtype=t, fp8=f, scale=s, clamp=c, shape=(5, 4, 64))
-            for d, t, f, s, c in [(1, "bf16", "e4m3", "input_div", "clamp"), (0, "f16", "e5m2", "input_reciprocal",
-                                                                                 "min_max"),
-                                  (2, "f32", "e4m3", "python_mul", "max_min"), (1, "bf16", "e4m3", "buffer_div",
-                                                                               "float_clamp"),
-                                  (1, "bf16", "e4m3", "dynamic", "clamp"), (0, "bf16", "e5m2", "dynamic", "clamp"),
-                                  (1, "bf16", "e4m3", "per_token", "clamp"), (2, "bf16", "e4m3", "per_token",
-                                                                              "clamp")]]
+def _variants(*rows):
+    return [cases.Variant(dim=d, dtype=t, fp8=f, scale=s, clamp=c, shape=(5, 4, 64)) for d, t, f, s, c in rows]
+
+
+# One GPU: quant_fp8's kernel against Inductor's code for every chain form (a group of one still gathers).
+VARIANTS_WS1 = _variants((1, "bf16", "e4m3", "input_div", "clamp"), (0, "f16", "e5m2", "input_reciprocal", "min_max"),
+                         (2, "f32", "e4m3", "python_mul", "max_min"), (1, "bf16", "e4m3", "buffer_div", "float_clamp"),
+                         (1, "bf16", "e4m3", "dynamic", "clamp"), (1, "bf16", "e4m3", "per_token", "clamp"),
+                         (1, "bf16", "e4m3", "dequant_mul", "clamp"))
+# Two GPUs: the forms whose rewrite adds collectives or depends on the layout across ranks.
+VARIANTS_WS2 = _variants((0, "f16", "e5m2", "input_reciprocal", "min_max"), (1, "bf16", "e4m3", "dynamic", "clamp"),
+                         (1, "bf16", "e4m3", "per_token", "clamp"), (2, "bf16", "e4m3", "per_token", "clamp"),
+                         (1, "bf16", "e4m3", "dequant_mul", "clamp"))
 # (dtype, fp8, inner, whole decode step too): at world size 1 the model has no gather, only DecodeQuery does.
-MODEL = [(torch.bfloat16, "e4m3", "inductor", True), (torch.bfloat16, "e4m3", "eager", True),
-         (torch.float16, "e5m2", "inductor", False)]
-MODEL_WS1 = [(dtype, fp8, inner, False) for dtype, fp8, inner, _ in MODEL]
+MODEL_WS1 = [(torch.bfloat16, "e4m3", "inductor", False), (torch.bfloat16, "e4m3", "eager", False),
+             (torch.float16, "e5m2", "inductor", False)]
+MODEL_WS2 = [(torch.bfloat16, "e4m3", "inductor", True), (torch.bfloat16, "e4m3", "eager", True)]
 
 
-def _check(per_rank, world_size):
+def _check(per_rank, world_size, variants):
     for rank, result in enumerate(per_rank):
         runs = [(f"model case {i} {w}", r) for i, pair in enumerate(result["model"])
                 for w, r in zip(("query", "step"), pair) if r is not None]
         runs += [("context", r) for r in result["context"]]
-        runs += [(str(v), r) for v, r in zip(VARIANTS, result["variants"])]
+        runs += [(str(v), r) for v, r in zip(variants, result["variants"])]
         for what, (base, new, matches, declines) in runs:
             # Per-token amax over the gathered dim: declined, except in a group of one (nothing to gather).
             declined_on_purpose = "per_token" in what and "dim=2" in what and world_size > 1
@@ -45,15 +50,15 @@ def _check(per_rank, world_size):
 def test_quant_before_gather_bitwise_cuda_ws1():
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("quant_fp8 needs compute capability >= 8.9")
-    per_rank = run_ranks(cases.all_worker, 1, MODEL_WS1, [], VARIANTS, "cuda", "inductor",
+    per_rank = run_ranks(cases.all_worker, 1, MODEL_WS1, [], VARIANTS_WS1, "cuda", "inductor",
                          backend="nccl", timeout=500)
-    _check(per_rank, 1)
+    _check(per_rank, 1, VARIANTS_WS1)
 
 
 @pytest.mark.multigpu
 def test_quant_before_gather_bitwise_nccl_ws2():
     if torch.cuda.device_count() < 2 or torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs 2 GPUs of compute capability >= 8.9")
-    per_rank = run_ranks(cases.all_worker, 2, MODEL, ["e4m3", "e5m2"], VARIANTS, "cuda", "inductor",
+    per_rank = run_ranks(cases.all_worker, 2, MODEL_WS2, ["e4m3"], VARIANTS_WS2, "cuda", "inductor",
                          backend="nccl", timeout=500)
-    _check(per_rank, 2)
+    _check(per_rank, 2, VARIANTS_WS2)

@@ -22,6 +22,7 @@ FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 SCALE_FORMS = ("input_div", "input_reciprocal", "input_inverse", "buffer_div", "python_mul", "python_div_pow2",
                "dynamic", "per_token")
+DEQUANT_FORMS = ("dequant_mul", "dequant_f32")  # the mirror: all_gather(dequantize(x_fp8))
 CLAMP_FORMS = ("clamp", "min_max", "max_min", "float_clamp")
 
 
@@ -48,6 +49,10 @@ class GatherQuant(nn.Module):
     def forward(self, x, s):
         v, fp8 = self.v, FP8[self.v.fp8]
         fmax = torch.finfo(fp8).max
+        if v.scale == "dequant_mul":  # x is FP8 here
+            return fc.all_gather_tensor(x.to(DTYPES[v.dtype]) * s, v.dim, dist.group.WORLD)
+        if v.scale == "dequant_f32":
+            return fc.all_gather_tensor((x.float() * s).to(DTYPES[v.dtype]), v.dim, dist.group.WORLD)
         a = fc.all_gather_tensor(x, v.dim, dist.group.WORLD)
         extra = ()
         if v.scale == "input_div":
@@ -84,6 +89,8 @@ def variant_inputs(v: Variant, rank: int, device="cpu"):
     """Rank-specific data (never zeros, some values saturate at e4m3) and the scale every rank shares."""
     g = torch.Generator().manual_seed(1000 + 17 * rank)
     x = (torch.randn(v.shape, generator=g) * 12 + 0.01).to(DTYPES[v.dtype]).to(device)
+    if v.scale in DEQUANT_FORMS:
+        x = (x.float() / 0.05).clamp(-torch.finfo(FP8[v.fp8]).max, torch.finfo(FP8[v.fp8]).max).to(FP8[v.fp8])
     return x, torch.tensor(0.05, device=device)
 
 

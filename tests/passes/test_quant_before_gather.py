@@ -180,6 +180,8 @@ NEGATIVE = {
                               "quantizes f64 to f8e4m3fn"),
     "bf16_scale": (lambda x, s: _q(_gathered(x), s.to(torch.bfloat16)), "quant_fp8 takes a 1-element fp32 scale"),
     "quantization_not_after_a_gather": (lambda x, s: (_q(x, s), _gathered(x)), None),
+    "mirror_with_per_row_scales": (lambda x, s: _gathered(x.to(E4M3).to(torch.bfloat16) * x.abs().amax(-1, True)),
+                                   "uses a scale that is not a replicated per-tensor scalar"),
 }
 
 
@@ -295,7 +297,9 @@ PICKED = [cases.Variant(dim=1, scale="dynamic"), cases.Variant(dim=0, scale="dyn
           cases.Variant(dim=1, scale="per_token"), cases.Variant(dim=0, scale="per_token", clamp="float_clamp"),
           cases.Variant(dim=2, scale="per_token"),  # amax over the gathered dim: declined
           # No explicit cast back to bf16 after the division: Inductor keeps the fused quotient in fp32.
-          cases.Variant(dim=1, clamp="float_clamp", inner="inductor")]
+          cases.Variant(dim=1, clamp="float_clamp", inner="inductor"),
+          # The mirror on a gather dim > 0 and with an fp32 product rounded once.
+          cases.Variant(dim=1, scale="dequant_mul"), cases.Variant(dim=0, scale="dequant_f32", fp8="e5m2")]
 HYPOTHESIS = _hypothesis_variants()
 
 
@@ -355,7 +359,8 @@ def test_quant_before_gather_dynamic_per_token_and_inductor_variants_bitwise_ws2
         if v.dim == 2:
             assert not matches and "reduces over dim 0 or the gathered dim 2" in declines[0]
         else:
-            word = {"dynamic": "all-reduced amax", "per_token": "per-token quantization"}.get(
+            word = {"dynamic": "all-reduced amax", "per_token": "per-token quantization",
+                    "dequant_mul": "dequantization moved after", "dequant_f32": "dequantization moved after"}.get(
                 v.scale, "fp32 quotient, as Inductor computes the fused chain")
             assert len(matches) == 1 and word in matches[0] and not declines, (matches, declines)
 
