@@ -158,7 +158,7 @@ def _call(graph, target, *args, **kwargs) -> Node:
 
 
 def _gather_like(graph, chain: AllGatherChain, local: Node, after: Node) -> list[Node]:
-    """A second gather of ``local`` along the same group and dim: all_gather (before the chain's) → wait → [reorg]."""
+    """A second gather of ``local``, same group and dim: all_gather (before the chain's) → wait → [reorg]."""
     with graph.inserting_before(chain.gather):
         nodes = [_call(graph, c10d.all_gather_into_tensor.default, local, *chain.gather.args[1:])]
     old_to_new = {chain.gather: nodes[0]}

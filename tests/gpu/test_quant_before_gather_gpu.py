@@ -1,5 +1,6 @@
 """quant_before_gather on CUDA (marker cuda; multigpu for 2 GPUs; no expecttest): the rewritten graph against the
-unrewritten one, bitwise, over NCCL. Run: PYTHONPATH=. python3 -m pytest -m cuda tests/gpu/test_quant_before_gather_gpu.py
+unrewritten one, bitwise, over NCCL.
+Run: PYTHONPATH=. python3 -m pytest -m cuda tests/gpu/test_quant_before_gather_gpu.py
 
 With inner="inductor" the FP8 bytes come from quant_fp8's Triton kernel on one side and Inductor's code for the
 plain chain on the other; with inner="eager" the plain chain runs on ATen's CUDA kernels (the pass rounds a 0-dim
