@@ -86,10 +86,6 @@ class FxMlaOptions:
         """The pass names that will run, in order."""
         return _passes.available_passes() if self.passes is None else self.passes
 
-    def describe(self) -> str:
-        return (f"passes={list(self.resolved_passes())}, inner={self.inner!r}, strict={self.strict}"
-                + (f", inductor_config={dict(self.inductor_config)}" if self.inductor_config else ""))
-
 
 def _check_inductor_config(value: Any) -> tuple[tuple[str, Any], ...]:
     if isinstance(value, Mapping):

@@ -37,9 +37,10 @@ def inspect(fn: Callable[..., Any], *args: Any, options: Any = None, dynamic: Op
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
 
+    # Each inspect is a new backend for fn's code: lift the recompile limits (names of torch >= 2.6) for it.
+    limits = {k: 1 << 20 for k in ("recompile_limit", "accumulated_recompile_limit") if hasattr(dynamo_config, k)}
     with torch.no_grad(), inductor_config.patch(fx_graph_cache=False), \
-            functorch_config.patch(enable_autograd_cache=False), \
-            dynamo_config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20):
+            functorch_config.patch(enable_autograd_cache=False), dynamo_config.patch(limits):
         try:
             compiled(*args, **kwargs)
         except (exc.Unsupported, exc.UserError) as e:
