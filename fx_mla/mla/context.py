@@ -12,12 +12,11 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 from torch import nn
 
 from .cache import local_count, token_owner
 from .config import MLAConfig
-from .decode import dequantize_cache
+from .decode import all_gather_along, dequantize_cache
 from .validate import INDEX_DTYPES, _check_tensor, check_block_ids, check_cache
 
 
@@ -107,7 +106,7 @@ class ContextGather(nn.Module):
         x = gather_context(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, k_scale, cfg.dtype)
         if cfg.dcp_size > 1:
             group = cfg.dcp_group if cfg.dcp_group is not None else dist.group.WORLD
-            x = fc.all_gather_tensor(x, 0, group)
+            x = all_gather_along(x, 0, cfg.dcp_size, group)
             x = torch.index_select(x, 0, reorder)
         return x
 

@@ -58,18 +58,38 @@ def quantize_dequantize_query(q: torch.Tensor, q_scale: torch.Tensor, fp8_dtype:
     return q_fp8.to(q.dtype) * q_scale
 
 
+def all_gather_along(x: torch.Tensor, dim: int, group_size: int, group) -> torch.Tensor:
+    """All-gather ``x`` over the group, concatenated along ``dim``.
+
+    Gathers along dim 0 and moves the gathered dim with chunk + cat, written out here: the graph shows
+    ``all_gather_into_tensor → wait_tensor → split → getitem… → cat`` on every torch version (the helper inside
+    ``all_gather_tensor`` for dim > 0 is not traceable by dynamo on some releases).
+    """
+    gathered = fc.all_gather_tensor(x.contiguous(), 0, group)
+    if dim == 0:
+        return gathered
+    return torch.cat(torch.chunk(gathered, group_size, dim=0), dim=dim)
+
+
+def reduce_scatter_along(x: torch.Tensor, dim: int, group_size: int, group) -> torch.Tensor:
+    """Sum ``x`` over the group and keep this rank's chunk along ``dim`` (chunk + cat to dim 0, then dim-0 op)."""
+    if dim != 0:
+        x = torch.cat(torch.chunk(x, group_size, dim=dim), dim=0)
+    return fc.reduce_scatter_tensor(x, "sum", 0, group)
+
+
 def merge_dcp_partials(o: torch.Tensor, lse: torch.Tensor, dcp_size: int, group) -> torch.Tensor:
     """Merge per-rank partial attention ``o [B, H, L]``, ``lse [B, H]`` over the DCP group; keep own heads.
 
     LSE all-gather, rescale by ``exp(lse_r - lse)``, reduce-scatter over heads (the bytes vLLM moves). A rank
     without tokens (``lse_r = -inf``) contributes exactly zero.
     """
-    lses = fc.all_gather_tensor(lse.contiguous(), 0, group).view(dcp_size, *lse.shape)
+    lses = all_gather_along(lse, 0, dcp_size, group).view(dcp_size, *lse.shape)
     total = torch.logsumexp(lses, dim=0)
     total = torch.where(torch.isinf(total), torch.zeros_like(total), total)
     weight = torch.exp(lse - total)
     scaled = (o.float() * weight[..., None]).to(o.dtype)
-    return fc.reduce_scatter_tensor(scaled, "sum", 1, group)
+    return reduce_scatter_along(scaled, 1, dcp_size, group)
 
 
 class MLADecode(nn.Module):
@@ -114,7 +134,7 @@ class MLADecode(nn.Module):
         ql_nope = torch.einsum("bhp,hpl->bhl", q_nope, self.w_uk)
         q = torch.cat([ql_nope, q_pe], dim=-1)
         if cfg.dcp_size > 1:
-            q = fc.all_gather_tensor(q, 1, self.group)
+            q = all_gather_along(q, 1, cfg.dcp_size, self.group)
         if cfg.quantize_query:
             q = quantize_dequantize_query(q, q_scale, cfg.query_fp8_dtype)
         lens = local_seq_lens(seq_lens, cfg.dcp_size, self.dcp_rank, cfg.interleave)

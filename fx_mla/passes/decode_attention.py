@@ -333,7 +333,20 @@ def _probs(p: torch.fx.Node, s: torch.fx.Node) -> tuple[str, Optional[torch.fx.N
         if is_op(total, aten.sum.dim_IntList) and total.args[0] is e and _last_dim(total, 1, "dim") and \
                 arg(total, 2, "keepdim", False) and _row_max(_exp_minus(e, s), s):
             return "softmax", None
+        if _online_softmax(e, total, s):
+            return "softmax", None
     raise Decline("the probabilities {} are not recognized as softmax or exp(s - logsumexp(s)) over the tokens", p)
+
+
+def _online_softmax(e: Any, total: Any, s: torch.fx.Node) -> bool:
+    """Inductor's online-softmax form (CUDA post-grad): m, t = prepare_softmax_online(s, -1); exp(s - m) / t."""
+    pso = getattr(torch.ops.prims, "prepare_softmax_online", None)
+    if pso is None or not (is_op(total, operator.getitem) and total.args[1] == 1):
+        return False
+    stats = total.args[0]
+    m = _exp_minus(e, s)
+    return (is_op(stats, pso.default) and stats.args[0] is s and _last_dim(stats, 1, "dim")
+            and is_op(m, operator.getitem) and m.args[0] is stats and m.args[1] == 0)
 
 
 def _find_lse(s: torch.fx.Node, depth: int = 6) -> Optional[torch.fx.Node]:

@@ -11,11 +11,11 @@ import functools
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 from torch import nn
 
 from fx_mla.backend import fx_mla_backend
 from fx_mla.mla import ContextGather, MLAConfig
+from fx_mla.mla.decode import all_gather_along
 
 PASS = "quant_before_gather"
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -50,10 +50,10 @@ class GatherQuant(nn.Module):
         v, fp8 = self.v, FP8[self.v.fp8]
         fmax = torch.finfo(fp8).max
         if v.scale == "dequant_mul":  # x is FP8 here
-            return fc.all_gather_tensor(x.to(DTYPES[v.dtype]) * s, v.dim, dist.group.WORLD)
+            return all_gather_along(x.to(DTYPES[v.dtype]) * s, v.dim, dist.get_world_size(), dist.group.WORLD)
         if v.scale == "dequant_f32":
-            return fc.all_gather_tensor((x.float() * s).to(DTYPES[v.dtype]), v.dim, dist.group.WORLD)
-        a = fc.all_gather_tensor(x, v.dim, dist.group.WORLD)
+            return all_gather_along((x.float() * s).to(DTYPES[v.dtype]), v.dim, dist.get_world_size(), dist.group.WORLD)
+        a = all_gather_along(x, v.dim, dist.get_world_size(), dist.group.WORLD)
         extra = ()
         if v.scale == "input_div":
             y = a / s
@@ -107,7 +107,7 @@ class DecodeQuery(nn.Module):
     def forward(self, q_nope, q_pe, q_scale):
         m = self.decode
         q = torch.cat([torch.einsum("bhp,hpl->bhl", q_nope, m.w_uk), q_pe], dim=-1)
-        q = fc.all_gather_tensor(q, 1, m.group)
+        q = all_gather_along(q, 1, m.cfg.dcp_size, m.group)
         fmax = torch.finfo(m.cfg.query_fp8_dtype).max
         return (q / q_scale).clamp(-fmax, fmax).to(m.cfg.query_fp8_dtype)
 
