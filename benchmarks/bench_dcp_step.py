@@ -28,48 +28,52 @@ HEADS, P, L, R, V = 128, 128, 512, 64, 128
 ITERS = 20
 
 
-def _global_latents(batch, context, seed, device):
-    """Deterministic [batch, context, 576] latent (float32 on device), the same on every rank."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(batch, context, L + R, generator=g, device=device) * 0.5
+def _request_latent(b, context, device):
+    """Deterministic [context, 576] latent of request b (float32), the same on every rank."""
+    g = torch.Generator(device=device).manual_seed(1234 + b)
+    return torch.randn(context, L + R, generator=g, device=device) * 0.5
 
 
 def _build_rank(cfg, rank, batch, context, device):
-    """This rank's cache and block table, filled on the GPU from the shared global latent."""
+    """This rank's cache and block table, filled on the GPU request by request from the shared latents."""
     k_scale = torch.tensor(3.0 / 448, device=device)
-    lat = _global_latents(batch, context, 1234, device)
     pos = torch.arange(context, device=device)
-    owner = (pos // cfg.interleave) % cfg.dcp_size
-    mine = pos[owner == rank]
+    mine = pos[(pos // cfg.interleave) % cfg.dcp_size == rank]
     local = local_count(context, cfg.dcp_size, rank, cfg.interleave)
     blocks = -(-local // cfg.block_size)
     table = torch.randperm(batch * blocks, device=device).view(batch, blocks).to(torch.int32)
     cache = torch.zeros(batch * blocks, cfg.block_size, L + R, dtype=cfg.cache_dtype, device=device)
-    stored = (lat[:, mine] / k_scale).clamp(-448, 448).to(cfg.cache_dtype)           # [B, local, 576]
     flat = cache.view(-1, L + R)
     lpos = torch.arange(local, device=device)
-    slots = table.long()[:, lpos // cfg.block_size] * cfg.block_size + lpos % cfg.block_size
-    flat[slots.reshape(-1)] = stored.reshape(-1, L + R)
+    for b in range(batch):
+        stored = (_request_latent(b, context, device)[mine] / k_scale).clamp(-448, 448).to(cfg.cache_dtype)
+        flat[table[b].long()[lpos // cfg.block_size] * cfg.block_size + lpos % cfg.block_size] = stored
     return cache, table, k_scale
 
 
-def _inputs(cfg, rank, batch, context, device):
+def _weights(device):
     g = torch.Generator(device=device).manual_seed(99)
-    w_uk = torch.randn(HEADS, P, L, generator=g, device=device) / P ** 0.5
-    w_uv = torch.randn(HEADS, L, V, generator=g, device=device) / L ** 0.5
+    return (torch.randn(HEADS, P, L, generator=g, device=device) / P ** 0.5,
+            torch.randn(HEADS, L, V, generator=g, device=device) / L ** 0.5)
+
+
+def _inputs(cfg, rank, batch, context, device):
+    g = torch.Generator(device=device).manual_seed(7 + batch)
     q_nope = torch.randn(batch, HEADS, P, generator=g, device=device).to(cfg.dtype)
     q_pe = torch.randn(batch, HEADS, R, generator=g, device=device).to(cfg.dtype)
-    module = MLADecode.from_full_weights(cfg, w_uk, w_uv, rank).to(device)
     heads = slice(rank * cfg.local_heads, (rank + 1) * cfg.local_heads)
     cache, table, k_scale = _build_rank(cfg, rank, batch, context, device)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    return module, (q_nope[:, heads].contiguous(), q_pe[:, heads].contiguous(), cache, table, seq_lens, k_scale,
-                    torch.tensor(0.05, device=device))
+    # clone: a view of rank r's heads has a rank-dependent storage offset, which dynamo would make a symbol
+    return (q_nope[:, heads].clone(), q_pe[:, heads].clone(), cache, table, seq_lens, k_scale,
+            torch.tensor(0.05, device=device))
 
 
 def _timed(fn, args, dist_barrier):
     for _ in range(3):
         fn(*args)
+    if args[0].device.type != "cuda":   # --cpu-smoke: checks the script's logic, times nothing
+        return float("nan")
     torch.cuda.synchronize()
     dist_barrier()
     times = []
@@ -93,48 +97,59 @@ def _q_gather_bytes(report_text, batch, world_size):
     return 0
 
 
-def _rank_main(rank, world_size, cases):
+def _rank_main(rank, world_size, cases, cpu=False):
+    import torch._inductor.config
     import torch.distributed as dist
+    import torch.fx.experimental._config
 
     warnings.filterwarnings("ignore")
-    import torch._inductor.config
     torch._inductor.config.fx_graph_cache = False   # a rank served from the cache would print no graphs
-    device = torch.device(f"cuda:{rank}")
-    rows = []
-    for interleave, context, batch in cases:
+    # Duck sizing gives equal sizes one symbol, and which sizes coincide differs by rank (block counts): keep every
+    # size its own symbol so all ranks capture the same graph (README: "DCP and identical graphs").
+    torch.fx.experimental._config.use_duck_shape = False
+    device = torch.device("cpu" if cpu else f"cuda:{rank}")
+    w_uk, w_uv = _weights(device)
+    rows = {case: dict(interleave=case[0], context=case[1], batch=case[2]) for case in cases}
+    labels = (("all_passes", None), ("no_quant_before_gather", ("cache_gather", "decode_attention")))
+    for interleave in sorted({c[0] for c in cases}):
         cfg = MLAConfig.deepseek_v3(kv_cache_dtype="fp8", quantize_query=True, dcp_size=world_size,
                                     interleave=interleave, block_size=64)
-        module, args = _inputs(cfg, rank, batch, context, device)
-        row = dict(interleave=interleave, context=context, batch=batch)
-        for label, passes in (("all_passes", None), ("no_quant_before_gather", ("cache_gather", "decode_attention"))):
-            reports = []
+        module = MLADecode.from_full_weights(cfg, w_uk, w_uv, rank).to(device)
+        for label, passes in labels:
+            # One compile serves every batch and context (dynamic shapes); reports come from that compile.
             torch._dynamo.reset()
+            reports = []
             fn = torch.compile(module, backend="fx_mla", dynamic=True,
                                options={"report": reports, **({} if passes is None else {"passes": passes})})
-            with torch.no_grad():
-                out = fn(*args)
-                row[f"{label}_ms"] = _timed(fn, args, dist.barrier)
-            # The device line names this rank's GPU; everything else must be identical on every rank.
-            text = "\n".join(line for r in reports for line in r.format().splitlines()
-                             if not line.startswith("inner compiler:"))
-            row[f"{label}_q_gather_bytes"] = _q_gather_bytes(text, batch, world_size)
-            row[f"{label}_report_hash"] = hashlib.sha256(text.encode()).hexdigest()
-            if label == "all_passes":
-                row["out"] = out.float().cpu()
-                row["rewrites"] = sorted({m.pass_name for r in reports for m in r.matches})
-        free, _ = torch.cuda.mem_get_info(device)
-        row["kv_tokens_per_gpu"] = int(free // (L + R))
-        rows.append(row)
-        del module, args
-        torch.cuda.empty_cache()
-    return rows
+            for case in [c for c in cases if c[0] == interleave]:
+                args = _inputs(cfg, rank, case[2], case[1], device)
+                row = rows[case]
+                with torch.no_grad():
+                    out = fn(*args)
+                    row[f"{label}_ms"] = _timed(fn, args, dist.barrier)
+                # The device line names this rank's GPU; everything else must be identical on every rank.
+                text = "\n".join(line for r in reports for line in r.format().splitlines()
+                                 if not line.startswith("inner compiler:"))
+                row[f"{label}_q_gather_bytes"] = _q_gather_bytes(reports[-1].graph_after, case[2], world_size)
+                row[f"{label}_report_hash"] = hashlib.sha256(text.encode()).hexdigest()
+                row[f"{label}_compiles"] = len(reports)
+                if label == "all_passes":
+                    row["out"] = out.float().cpu()
+                    row["rewrites"] = sorted({m.pass_name for r in reports for m in r.matches})
+                    free = torch.cuda.mem_get_info(device)[0] if not cpu else 0
+                    row["kv_tokens_per_gpu"] = int((free + args[2].numel()) // (L + R))
+                del args
+                torch.cuda.empty_cache()
+    return [rows[c] for c in cases]
 
 
-def _dcp1_out(interleave, context, batch):
+def _dcp1_out(interleave, context, batch, cpu=False):
     cfg = MLAConfig.deepseek_v3(kv_cache_dtype="fp8", quantize_query=True, block_size=64)
-    module, args = _inputs(cfg, 0, batch, context, torch.device("cuda:0"))
+    device = torch.device("cpu" if cpu else "cuda:0")
+    w_uk, w_uv = _weights(device)
+    module = MLADecode.from_full_weights(cfg, w_uk, w_uv, 0).to(device)
     with torch.no_grad():
-        return module(*args).float().cpu()
+        return module(*_inputs(cfg, 0, batch, context, device)).float().cpu()
 
 
 def main():
@@ -145,13 +160,16 @@ def main():
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--check-max-tokens", type=int, default=8 * 131072,
                         help="check against DCP 1 when batch*context is at most this (memory of one GPU)")
+    parser.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, logic only (no timing)")
     parser.add_argument("--out", default="benchmarks/results/dcp_step.json")
     a = parser.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     cases = [(i, c, b) for i in ints(a.interleaves) for c in ints(a.contexts) for b in ints(a.batches)]
-    per_rank = run_ranks(_rank_main, a.world_size, cases, backend="nccl", timeout=580)
+    per_rank = run_ranks(_rank_main, a.world_size, cases, a.cpu_smoke, backend="gloo" if a.cpu_smoke else "nccl",
+                         timeout=580)
+    card = "cpu" if a.cpu_smoke else torch.cuda.get_device_name(0)
     print(f"DCP {a.world_size} decode step, DeepSeek-V3 shapes (128 heads, L=512, R=64), fp8 e4m3 cache, FP8 query, "
-          f"backend fx_mla; {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+          f"backend fx_mla; {card}, torch {torch.__version__}")
     print(f"{'I':>3} {'context':>8} {'B':>4} {'step ms':>8} {'no-qbg ms':>10} {'q bytes':>10} {'q bytes no-qbg':>15} "
           f"{'rel err vs DCP1':>16} {'reports equal':>14} {'KV tok/GPU x N':>15}")
     results = []
@@ -159,7 +177,7 @@ def main():
         rows = [per_rank[r][k] for r in range(a.world_size)]
         err = None
         if batch * context <= a.check_max_tokens:
-            ref = _dcp1_out(interleave, context, batch)
+            ref = _dcp1_out(interleave, context, batch, a.cpu_smoke)
             got = torch.cat([r.pop("out") for r in rows], dim=1)
             err = float((got - ref).norm() / ref.norm())
         else:
@@ -178,7 +196,7 @@ def main():
               f"{'-' if err is None else f'{err:.2e}':>16} {str(equal):>14} {row['kv_tokens_group']:>15}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, world_size=a.world_size,
+        json.dump(dict(device=card, torch=torch.__version__, world_size=a.world_size,
                        rows=results), f, indent=1)
 
 

@@ -9,6 +9,7 @@ import time
 import warnings
 
 import torch
+import torch.fx.experimental._config
 
 from .launch import run_ranks
 from .mla import MLAConfig, MLADecode, fill_paged_cache, reference_decode, stored_values
@@ -28,6 +29,7 @@ def _problem(cfg: MLAConfig, seed: int = 0):
 
 def _rank_step(rank: int, world_size: int, cfg_kwargs: dict, backend_names: list) -> dict:
     warnings.filterwarnings("ignore", message=".*_functional_collectives.*deprecated", category=FutureWarning)
+    torch.fx.experimental._config.use_duck_shape = False  # same graph on every rank (see README)
     device = torch.device(f"cuda:{rank}") if torch.cuda.is_available() else torch.device("cpu")
     cfg = MLAConfig(**cfg_kwargs, dcp_size=world_size)
     pb = _problem(cfg)

@@ -116,8 +116,14 @@ def _labels(base: torch.fx.Node, chain: list[torch.fx.Node]) -> Optional[list]:
 
 
 def _holds(labels: Optional[list], order: list[int]) -> bool:
-    """The non-singleton axes are the base's axes ``order`` (in that order; base size-1 axes ignored)."""
-    return labels is not None and [l for l in labels if l is not None] == order
+    """The non-singleton axes are the base's axes ``order`` (in that order; base size-1 axes ignored).
+
+    A base axis of size 1 (batch 1 specialised by dynamo, say) carries no label, so it is dropped from ``order``.
+    """
+    if labels is None:
+        return False
+    present = [l for l in labels if l is not None]
+    return set(present) <= set(order) and present == [o for o in order if o in present]
 
 
 # ---------------------------------------------------------------- pieces of the attention
@@ -235,6 +241,16 @@ def _along(operand: Any, axis: int, rank: int, size: Any) -> Optional[torch.fx.N
     return base
 
 
+def _single(operand: Any) -> Optional[torch.fx.Node]:
+    """The 1-D, one-element base of ``operand`` when every axis of ``operand`` has size 1 (batch 1's lengths)."""
+    base, _ = _back(operand, casts=True)
+    shape, base_shape = node_shape(operand), node_shape(base)
+    if shape is None or base_shape is None or len(base_shape) != 1 or static_int(base_shape[0]) != 1 \
+            or any(static_int(d) != 1 for d in shape):
+        return None
+    return base
+
+
 def _length_mask(sc: Scores, batch: Any, tokens: Any) -> torch.fx.Node:
     """The seq_lens node of a per-request length mask ``positions < seq_lens[:, None]``, else Decline."""
     not_length = ("the mask is not a per-request length mask (arange(T) < seq_lens[:, None], broadcast over "
@@ -253,11 +269,14 @@ def _length_mask(sc: Scores, batch: Any, tokens: Any) -> torch.fx.Node:
     kind = next((v for k, v in kinds.items() if is_op(cmp, k)), None)
     cs, out = node_shape(cmp), node_shape(sc.mask.args[0])
     labels = _labels(cmp, chain)
+    one_request = static_int(batch) == 1  # dynamo specialised batch 1: the batch axis carries no label
     if kind is None or cs is None or out is None or len(out) != 3 or labels is None or labels[1] is not None \
-            or None in (labels[0], labels[2]) or not same_size(out[0], batch) or not same_size(out[2], tokens):
+            or labels[2] is None or (labels[0] is None and not one_request) \
+            or not same_size(out[0], batch) or not same_size(out[2], tokens):
         raise Decline(not_length)
     pos = _along(cmp.args[kind[0]], labels[2], len(cs), tokens)
-    lens = _along(cmp.args[1 - kind[0]], labels[0], len(cs), batch)
+    lens = (_single(cmp.args[1 - kind[0]]) if labels[0] is None
+            else _along(cmp.args[1 - kind[0]], labels[0], len(cs), batch))
     if pos is None or lens is None or not is_op(pos, prims.iota.default) or arg(pos, 1, "start", 0) != 0 or \
             arg(pos, 2, "step", 1) != 1 or node_dtype(lens) not in (torch.int32, torch.int64):
         raise Decline(not_length)
