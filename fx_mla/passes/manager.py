@@ -153,8 +153,11 @@ class PassManager(CustomGraphPass):
         self.reports: list[CompileReport] = []
 
     def uuid(self) -> str:
-        key = json.dumps({"passes": self.pass_names, "strict": self.options.strict,
-                          "device": self.device.type, "capability": self.capability}, sort_keys=True)
+        # Every option but where the report goes may steer a rewrite: all of them are in the key.
+        opts = {f.name: repr(getattr(self.options, f.name)) for f in dataclasses.fields(self.options)
+                if f.name != "report"}
+        key = json.dumps({"options": opts, "passes": self.pass_names, "device": self.device.type,
+                          "capability": self.capability}, sort_keys=True)
         digest = hashlib.sha256(key.encode())
         digest.update(_package_sources().encode())
         for _, p in self.passes:
@@ -170,7 +173,12 @@ class PassManager(CustomGraphPass):
         for name, p in self.passes:
             ctx._pass(name)
             before = len(ctx._records)
-            p.run(graph, ctx)
+            try:
+                p.run(graph, ctx)
+            except Exception as e:
+                if hasattr(e, "add_note"):
+                    e.add_note(f"raised by fx_mla pass {name!r}")
+                raise
             if any(r[0] == "match" for r in ctx._records[before:]):
                 graph.eliminate_dead_code()
                 _fill_missing_vals(graph)
