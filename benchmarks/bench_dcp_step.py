@@ -70,7 +70,7 @@ def _inputs(cfg, rank, batch, context, device):
 
 
 def _timed(fn, args, dist_barrier):
-    for _ in range(3):
+    for _ in range(10):
         fn(*args)
     if args[0].device.type != "cuda":   # --cpu-smoke: checks the script's logic, times nothing
         return float("nan")
@@ -128,13 +128,14 @@ def _rank_main(rank, world_size, cases, cpu=False):
                     out = fn(*args)
                     row[f"{label}_ms"] = _timed(fn, args, dist.barrier)
                 # The device line names this rank's GPU; everything else must be identical on every rank.
-                text = "\n".join(line for r in reports for line in r.format().splitlines()
-                                 if not line.startswith("inner compiler:"))
+                text = re.sub(r"cuda:\d+", "cuda", "\n".join(line for r in reports for line in r.format().splitlines()
+                                                        if not line.startswith("inner compiler:")))
                 row[f"{label}_q_gather_bytes"] = _q_gather_bytes(reports[-1].graph_after, case[2], world_size)
                 row[f"{label}_report_hash"] = hashlib.sha256(text.encode()).hexdigest()
                 row[f"{label}_compiles"] = len(reports)
                 if label == "all_passes":
                     row["out"] = out.float().cpu()
+                    row["report_summary"] = [r.format(graphs=False) for r in reports]
                     row["rewrites"] = sorted({m.pass_name for r in reports for m in r.matches})
                     free = torch.cuda.mem_get_info(device)[0] if not cpu else 0
                     row["kv_tokens_per_gpu"] = int((free + args[2].numel()) // (L + R))
