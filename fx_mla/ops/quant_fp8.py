@@ -1,8 +1,7 @@
 """torch.ops.fx_mla.quant_fp8 family: FP8 quantization, saturating, round-to-nearest-even.
 
 Ops (registered on import):
-  quant_fp8(Tensor x, Tensor scale, ScalarType fp8_dtype, bool scale_is_reciprocal=False,
-            bool fast_division=False) -> Tensor
+  quant_fp8(Tensor x, Tensor scale, ScalarType fp8_dtype, bool scale_is_reciprocal=False) -> Tensor
   quant_fp8_dynamic(Tensor x, ScalarType fp8_dtype) -> (Tensor q, Tensor scale)
   quant_fp8_per_token(Tensor x, ScalarType fp8_dtype) -> (Tensor q, Tensor scales)
 
@@ -20,9 +19,6 @@ Devices disagree on that chain; this op has one semantics, the CPU one (eager an
   it exactly call quant_fp8(x, scale.to(x.dtype).float(), ...);
 - default Inductor on CUDA matches neither (it computes bf16/fp16 in fp32, eliding roundings, and
   Triton's '/' is approximate): 0.04-0.8 % of bytes differ for bf16/fp16 x, 0-4 in 4.7M for fp32.
-fast_division=True makes the CUDA kernel divide with Triton's plain fp32 '/', as Inductor's generated CUDA
-kernels do, so a pass can reproduce an Inductor-compiled chain; on CPU (where Inductor's C++ kernels divide
-exactly) it changes nothing.
 The CPU implementation is that chain (the test oracle); the CUDA one launches the Triton kernels of
 fx_mla/ops/kernels/quant_fp8.py, reading scales on the device (no host sync: CUDA-graph safe).
 """
@@ -112,7 +108,7 @@ def _tl_fp8(fp8_dtype):
     return tl.float8e4nv if fp8_dtype == torch.float8_e4m3fn else tl.float8e5
 
 
-def launch_quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal, out, fast_division=False):
+def launch_quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal, out):
     import triton
     from fx_mla.ops.kernels.quant_fp8 import _quant_fp8_kernel
     n = x.numel()
@@ -124,7 +120,6 @@ def launch_quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal, out, fast_divisio
     _quant_fp8_kernel[grid](x, scale, out, n, FMAX=FP8_MAX[fp8_dtype],
                             RECIPROCAL=bool(scale_is_reciprocal), ROUND_TO_INPUT=round_to_input,
                             OUT_DTYPE=_tl_fp8(fp8_dtype), BLOCK=STATIC_BLOCK,
-                            FAST_DIV=bool(fast_division) and not scale_is_reciprocal,
                             num_warps=STATIC_WARPS)
     return out
 
@@ -165,27 +160,27 @@ def launch_quant_fp8_per_token(x, fp8_dtype, out, scales_out):
 # costs about 10 us more host time a call, which dominates small decode-time launches.
 
 _lib = torch.library.Library("fx_mla", "FRAGMENT")
-_lib.define("quant_fp8(Tensor x, Tensor scale, ScalarType fp8_dtype, bool scale_is_reciprocal=False,"
-            " bool fast_division=False) -> Tensor")
+_lib.define("quant_fp8(Tensor x, Tensor scale, ScalarType fp8_dtype, bool scale_is_reciprocal=False)"
+            " -> Tensor")
 _lib.define("quant_fp8_dynamic(Tensor x, ScalarType fp8_dtype) -> (Tensor, Tensor)")
 _lib.define("quant_fp8_per_token(Tensor x, ScalarType fp8_dtype) -> (Tensor, Tensor)")
 
 
-def _quant_fp8_cpu(x, scale, fp8_dtype, scale_is_reciprocal=False, fast_division=False):
+def _quant_fp8_cpu(x, scale, fp8_dtype, scale_is_reciprocal=False):
     _check_static(x, scale, fp8_dtype)
     return quant_fp8_reference(x, scale, fp8_dtype, scale_is_reciprocal)
 
 
-def _quant_fp8_fake(x, scale, fp8_dtype, scale_is_reciprocal=False, fast_division=False):
+def _quant_fp8_fake(x, scale, fp8_dtype, scale_is_reciprocal=False):
     _check_static(x, scale, fp8_dtype)
     return x.new_empty(x.shape, dtype=fp8_dtype)
 
 
-def _quant_fp8_cuda(x, scale, fp8_dtype, scale_is_reciprocal=False, fast_division=False):
+def _quant_fp8_cuda(x, scale, fp8_dtype, scale_is_reciprocal=False):
     _check_static(x, scale, fp8_dtype)
     _check_cuda_capability(x, fp8_dtype)
     out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
-    return launch_quant_fp8(x.contiguous(), scale, fp8_dtype, scale_is_reciprocal, out, fast_division)
+    return launch_quant_fp8(x.contiguous(), scale, fp8_dtype, scale_is_reciprocal, out)
 
 
 def _dynamic_cpu(x, fp8_dtype):
@@ -240,9 +235,9 @@ for _name, _cpu, _cuda, _fake in (("quant_fp8", _quant_fp8_cpu, _quant_fp8_cuda,
 # ---------------------------------------------------------------- Python entry points
 
 def quant_fp8(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
-              scale_is_reciprocal: bool = False, fast_division: bool = False) -> torch.Tensor:
+              scale_is_reciprocal: bool = False) -> torch.Tensor:
     """Static per-tensor FP8 quantization: (x / scale) or (x * scale), clamped, cast RNE."""
-    return torch.ops.fx_mla.quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal, fast_division)
+    return torch.ops.fx_mla.quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal)
 
 
 def quant_fp8_dynamic(x: torch.Tensor, fp8_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:

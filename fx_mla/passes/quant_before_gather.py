@@ -347,12 +347,7 @@ def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, 
         if implicit and not round_quotient:
             new.append(x := _call(graph, CONVERT, x, torch.float32))
             form += " (fp32 quotient, as Inductor computes the fused chain)"
-        # Inductor's CUDA kernels divide with Triton's plain '/': the op divides the same way there.
-        fast = ctx.is_cuda and getattr(ctx.options, "inner", "inductor") != "eager" and not reciprocal
-        if fast:
-            form += " (Triton fp32 division, as Inductor's CUDA kernels divide)"
-        new.append(q := _call(graph, torch.ops.fx_mla.quant_fp8.default, x, scale, fp8, reciprocal,
-                              *((True,) if fast else ())))
+        new.append(q := _call(graph, torch.ops.fx_mla.quant_fp8.default, x, scale, fp8, reciprocal))
         new.append(local_bytes := _call(graph, aten.view.dtype, q, torch.uint8))
     fp8_cast.replace_all_uses_with(_send_bytes(graph, chain, local_bytes, fp8, new))
     erase_unused(graph, set(path) | cone)

@@ -21,14 +21,11 @@ def _nan_max(a, b):
 
 @triton.jit
 def _scaled_clamped_fp8(x, s, FMAX: tl.constexpr, RECIPROCAL: tl.constexpr,
-                        ROUND_TO_INPUT: tl.constexpr, OUT_DTYPE: tl.constexpr, FAST_DIV: tl.constexpr = False):
+                        ROUND_TO_INPUT: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """x (any float dtype, upcast here) divided (or multiplied) by s, clamped, converted to fp8."""
     xf = x.to(tl.float32)
     if RECIPROCAL:
         y = xf * s
-    elif FAST_DIV:
-        # Triton's plain fp32 '/', the division Inductor's generated CUDA kernels use (not IEEE-rounded)
-        y = xf / s
     else:
         y = tl.math.div_rn(xf, s)
     if ROUND_TO_INPUT:
@@ -41,14 +38,14 @@ def _scaled_clamped_fp8(x, s, FMAX: tl.constexpr, RECIPROCAL: tl.constexpr,
 @triton.jit
 def _quant_fp8_kernel(x_ptr, scale_ptr, out_ptr, n_elements,
                       FMAX: tl.constexpr, RECIPROCAL: tl.constexpr, ROUND_TO_INPUT: tl.constexpr,
-                      OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr, FAST_DIV: tl.constexpr = False):
+                      OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """Static per-tensor scale: one program per BLOCK contiguous elements (1-D grid)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors may exceed 2**31 elements
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     s = tl.load(scale_ptr)  # read on device: no host sync, CUDA-graph capturable
-    q = _scaled_clamped_fp8(x, s, FMAX, RECIPROCAL, ROUND_TO_INPUT, OUT_DTYPE, FAST_DIV)
+    q = _scaled_clamped_fp8(x, s, FMAX, RECIPROCAL, ROUND_TO_INPUT, OUT_DTYPE)
     tl.store(out_ptr + offs, q, mask=mask)
 
 
