@@ -97,9 +97,9 @@ def _check_inductor_config(value: Any) -> tuple[tuple[str, Any], ...]:
     if items:
         from torch._inductor import config as inductor_config
 
-        known = inductor_config.get_config_copy()
+        # hasattr, not get_config_copy(): a copy deep-copies the installed pass manager, which holds modules
         for key, _ in items:
-            if key not in known:
+            if not isinstance(key, str) or not hasattr(inductor_config, key):
                 raise ValueError(f"fx_mla option 'inductor_config': {key!r} is not an Inductor config name")
             if key == "post_grad_custom_post_pass":
                 raise ValueError("fx_mla option 'inductor_config' cannot set post_grad_custom_post_pass: "

@@ -296,3 +296,13 @@ def test_backend_function_is_importable_and_callable_directly():
     compiled = torch.compile(_tiny, backend=fx_mla_backend)
     x, y = torch.randn(3, 5), torch.randn(3, 5)
     torch.testing.assert_close(compiled(x, y), _tiny(x, y))
+
+
+def test_inductor_config_option_compiles():
+    """Inductor overrides go through while the pass manager is installed (validation must not copy the config)."""
+    reports = []
+    compiled = torch.compile(lambda x: (x * 2).sin(), backend="fx_mla",
+                             options={"inductor_config": {"max_autotune": False}, "report": reports})
+    x = torch.randn(8)
+    assert torch.allclose(compiled(x), (x * 2).sin())
+    assert len(reports) == 1
