@@ -50,7 +50,9 @@ DS_MLA_ROW_BYTES, DS_MLA_LATENT, DS_MLA_GROUP, DS_MLA_ROPE = 656, 512, 128, 64
 DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 
 # Launch configuration, in one place: (BLOCK_T tokens a program, num_warps, programs per SM for a persistent
-# grid, 0 = one tile a program). Small tiles keep registers low (~32-48 a thread), so many programs share an SM
+# grid, 0 = one tile a program[, flags]). flags, a string of letters (kernels' docstring): "v" = loads as wide
+# as the output stores (no shared-memory layout change between load and store), "s" = streaming output
+# stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere). Small tiles keep registers low (~32-48 a thread), so many programs share an SM
 # and many independent index chains (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache) are in
 # flight. Picked from bench_cache_gather.py --sweep on an H200 (benchmarks/RESULTS.md): larger tiles and the
 # pipelined persistent grid were slower at both 64K and 1M tokens.
@@ -268,14 +270,17 @@ def _split_entry(d):
 def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out,
                                 layout="plain", config=None):
     """Fill out ([n, D_out], or [B, T, D_out] when token_to_seq is None: the paged form). Device-agnostic
-    (CPU tensors run under TRITON_INTERPRET=1). config: (BLOCK_T, num_warps, programs_per_sm) override."""
+    (CPU tensors run under TRITON_INTERPRET=1). config: (BLOCK_T, num_warps, programs_per_sm[, flags]) override."""
     from fx_mla.ops.kernels.gather_dequant_cache import (_gather_dequant_cache_fp8_ds_mla_kernel,
                                                          _gather_dequant_cache_kernel)
     paged = token_to_seq is None
     n_tokens = out.shape[0] * out.shape[1] if paged else out.shape[0]
     if n_tokens == 0 or out.shape[-1] == 0:
         return out
-    block_t, warps, per_sm = config or CONFIG[layout]
+    block_t, warps, per_sm, *rest = config or CONFIG[layout]
+    flags = rest[0] if rest else ""
+    if set(flags) - set("vsp"):
+        raise ValueError(f"config flags must be letters of 'vsp', got {flags!r}")
     n_tiles = -(-n_tokens // block_t)
     grid = n_tiles
     if per_sm:  # persistent: per_sm programs per SM (per "SM" of the CPU interpreter: one) stride over tiles
@@ -289,7 +294,10 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
             cache.stride(0), cache.stride(1), max(max_blocks * cache.shape[1], 1), n_tiles)
     common = dict(BLOCK_SIZE=cache.shape[1], BLOCK_T=block_t, PAGED=paged,
                   HAS_SEQ_STARTS=seq_starts is not None, PERSISTENT=grid < n_tiles,
-                  ROUND_BY_BITS=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps)
+                  ROUND_BY_BITS=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps,
+                  VEC=16 // out.element_size() if "v" in flags else 0, STREAM="s" in flags, PDL=False)
+    if "p" in flags and cache.is_cuda and _capability(cache.device)[0] >= 9:
+        common.update(PDL=True, launch_pdl=True)
     if layout == "fp8_ds_mla":
         _gather_dequant_cache_fp8_ds_mla_kernel[(grid,)](cache, out, *args, **common)
         return out
@@ -306,14 +314,17 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
 _CAPABILITY = {}  # device index -> (major, minor), looked up once
 
 
+def _capability(device):
+    cap = _CAPABILITY.get(device.index)
+    if cap is None:
+        cap = _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)
+    return cap
+
+
 def _check_cuda(cache, layout):
     fp8 = torch.float8_e4m3fn if layout == "fp8_ds_mla" else cache.dtype
     if fp8 in FP8_DTYPES:
-        idx = cache.device.index
-        cap = _CAPABILITY.get(idx)
-        if cap is None:
-            cap = _CAPABILITY[idx] = torch.cuda.get_device_capability(cache.device)
-        reason = fp8_supported(fp8, cap)
+        reason = fp8_supported(fp8, _capability(cache.device))
         if reason is not None:
             raise RuntimeError(f"gather_dequant_cache cannot run on {cache.device}: {reason}")
 

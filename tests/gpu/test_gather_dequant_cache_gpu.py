@@ -81,7 +81,8 @@ def test_paged_form_64k_bitwise(layout):
     assert_bitwise(out.cpu(), gmod.gather_dequant_cache_paged_reference(cache, bt, scale, torch.bfloat16, layout))
 
 
-@pytest.mark.parametrize("config", [(8, 2, 0), (64, 8, 0), (16, 4, 6), (32, 8, 1)])
+@pytest.mark.parametrize("config", [(8, 2, 0), (64, 8, 0), (16, 4, 6), (32, 8, 1), (8, 4, 0, "v"), (4, 2, 0, "vs"),
+                                    (16, 8, 0, "vsp"), (8, 4, 4, "vs")], ids=str)
 @pytest.mark.parametrize("layout", ["plain", "fp8_ds_mla"])
 def test_launch_configs_bitwise(config, layout):
     cache, p, scale = _problem(5, 20000, 576 if layout == "plain" else 656, torch.float8_e4m3fn, layout)
@@ -207,3 +208,41 @@ def test_cuda_graph_capture_reads_inputs_on_device(layout):
     ref_pag = gmod.gather_dequant_cache_paged_reference(cache2, bt2, scale2, torch.bfloat16, layout)
     assert_bitwise(tok.cpu(), ref_tok, "graph replay, token form")
     assert_bitwise(pag.cpu(), ref_pag, "graph replay, paged form")
+
+
+def test_pdl_launches_in_cuda_graph_see_the_previous_kernels_writes():
+    """Config flag "p" (programmatic dependent launch): launch B reads, as its cache, the output launch A wrote
+    right before it in the same captured graph, after a NaN fill; B must see all of A's writes (its programs
+    wait for A to finish before reading). Replayed after the inputs change."""
+    n, bs, d = 20000, 16, 576
+    cache, p, scale = _problem(13, n, d, torch.float8_e4m3fn, bs=bs)
+    dv = p.to(DEV)
+    c_d, s_d = cache.to(DEV), scale.to(DEV)
+    m = -(-p.token_to_seq.numel() // bs) * bs
+    mid = torch.empty((m, d), dtype=torch.bfloat16, device=DEV)
+    ident = torch.arange(m // bs, dtype=torch.int32, device=DEV).view(1, -1)
+    out = torch.empty((1, m, d), dtype=torch.float32, device=DEV)
+    cfg = (8, 4, 0, "vsp")
+
+    def step():
+        mid.fill_(float("nan"))
+        gmod.launch_gather_dequant_cache(c_d, dv.block_table, dv.cu_seq_lens, dv.token_to_seq, dv.seq_starts, s_d,
+                                         mid[:p.token_to_seq.numel()], "plain", cfg)
+        gmod.launch_gather_dequant_cache(mid.view(m // bs, bs, d), ident, None, None, None, None, out, "plain", cfg)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in (14, 15):
+        new = random_cache(p.num_blocks, bs, d, torch.float8_e4m3fn, torch.Generator().manual_seed(seed))
+        c_d.copy_(new.to(DEV))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = gmod.gather_dequant_cache_reference(new, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts,
+                                                  scale, torch.bfloat16).float()
+        assert_bitwise(out[0, :ref.shape[0]].cpu(), ref, f"PDL chain, cache seed {seed}")

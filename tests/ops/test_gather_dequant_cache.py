@@ -272,6 +272,14 @@ def test_opcheck(case):
                           (cache, p.block_table, scale, torch.float32, layout), test_utils=utils)
 
 
+def test_launch_config_flags_are_checked():
+    cache, p, scale = _token_inputs(11, 576, torch.float8_e4m3fn)
+    out = torch.empty(p.token_to_seq.numel(), 576, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="config flags must be letters of 'vsp', got 'vx'"):
+        gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
+                                         out, "plain", (8, 4, 0, "vx"))
+
+
 # ---------------------------------------------------------------- Triton kernels under the interpreter
 
 def test_triton_kernels_interpreted_bitwise():
@@ -323,10 +331,11 @@ def _interpreter_checks():
         for out_dtype in OUT_DTYPES:
             cache, p, scale = _token_inputs(1, 576, cache_dtype, **small)
             check(cache, p, scale, out_dtype, config=(8, 4, 0), what=f"576 {cache_dtype}->{out_dtype}")
+            check(cache, p, scale, out_dtype, config=(8, 4, 0, "vs"), what=f"576 {cache_dtype}->{out_dtype} vs")
     for d, cache_dtype in [(320, torch.float8_e4m3fn), (288, torch.float8_e5m2), (40, torch.float16),
                            (100, torch.float32), (1100, torch.float8_e4m3fn)]:  # 3 parts; 2 column slices
         cache, p, scale = _token_inputs(2, d, cache_dtype, **small)
-        check(cache, p, scale, torch.bfloat16, config=(4, 4, 0), what=f"D={d}")
+        check(cache, p, scale, torch.bfloat16, config=(4, 4, 0, "vsp"), what=f"D={d}")
     cache, p, scale = _token_inputs(3, 576, torch.float8_e4m3fn, starts=False, **small)
     check(cache, p, scale, torch.bfloat16, config=(4, 4, 2), what="persistent, no seq_starts")
     check(cache, p, scale, torch.float16, config=(8, 4, 0), paged=True, what="paged")
@@ -334,6 +343,7 @@ def _interpreter_checks():
     for out_dtype in OUT_DTYPES:
         cache, p, _ = _token_inputs(4, 656, None, "fp8_ds_mla", **small)
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 4, 0), what=f"ds_mla {out_dtype}")
+        check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 2, 0, "vs"), what=f"ds_mla {out_dtype} vs")
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", config=(4, 4, 1), paged=True, what="ds_mla paged")
     # out-of-range indices: zeros, wrap like torch, and no read outside the cache or a block-table row
     cache, p, scale = _oob_problem()
@@ -349,8 +359,8 @@ def _interpreter_checks():
     ss[2] = 3 * 4                    # pushes request 2's last tokens past its row (into the poison columns)
     inner, bt_view = _poisoned(cache, bt, poison)
     bad = type(p)(bt_view, p.cu_seq_lens, tts, ss, p.num_blocks)
-    for paged in (False, True):
-        out = check(inner, bad, scale, torch.bfloat16, config=(4, 4, 0), paged=paged, what=f"out of range {paged}")
+    for paged, cfg in ((False, (4, 4, 0)), (True, (4, 4, 0)), (False, (4, 2, 0, "vs")), (True, (8, 4, 0, "vs"))):
+        out = check(inner, bad, scale, torch.bfloat16, config=cfg, paged=paged, what=f"out of range {paged} {cfg}")
         assert not bool(out.isnan().any()), "a read outside the cache or a block-table row"
         assert bool((out == 0).all(-1).any()), "out-of-range tokens write zeros"
     print(f"interpreter checks passed: {n_checks} launches")

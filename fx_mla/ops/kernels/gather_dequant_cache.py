@@ -11,12 +11,24 @@ indices): a token whose request id, block-table column or block id is out of ran
 wrap-around reads nothing and writes zeros. No address outside the cache, the block table or the
 metadata arrays is ever formed into a load.
 
+Launch flags (constexpr, chosen in the launcher's CONFIG):
+- VEC: the column index carries a contiguity hint of VEC elements, so a thread loads exactly the elements it
+  will store (VEC = 16 bytes / output element size). Without it an fp8 load takes 16 bytes a thread and a
+  bf16 store 16 bytes = 8 elements a thread: the loaded tile changes layout through shared memory (a barrier
+  and a round trip) between the two. 0: no hint.
+- STREAM: output stores carry cache_modifier ".cs" (streaming: written once, not read back by this kernel).
+- PDL: programmatic dependent launch (sm_90+). Every program waits (griddepcontrol.wait) for the previous
+  kernel in the stream to finish and flush before it reads anything, so the result does not depend on what
+  ran before; it then lets the next kernel's programs be scheduled early (launch_dependents). Only the
+  launch latency and ramp overlap the previous kernel's tail.
+
 Rounding: fp8/bf16/fp16/fp32 -> fp32 is exact; x * scale is one fp32 multiply; the result is rounded
 once to the output dtype, round-to-nearest-even. ROUND_BY_BITS does that last rounding with integer
 arithmetic for bf16 outputs: only for TRITON_INTERPRET, whose fp32 -> bf16 conversion truncates.
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -78,9 +90,32 @@ def _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n
 
 
 @triton.jit
-def _load_part(cache_ptr, row, ok, OFF: tl.constexpr, W: tl.constexpr, VALID: tl.constexpr):
+def _columns(OFF: tl.constexpr, W: tl.constexpr, VEC: tl.constexpr):
+    d = tl.arange(0, W)
+    if VEC > 0 and VEC < W:
+        d = tl.max_contiguous(tl.multiple_of(d, VEC), VEC)
+    return OFF + d
+
+
+@triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _store(ptrs, y, mask, STREAM: tl.constexpr):
+    if STREAM:
+        tl.store(ptrs, y, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(ptrs, y, mask=mask)
+
+
+@triton.jit
+def _load_part(cache_ptr, row, ok, OFF: tl.constexpr, W: tl.constexpr, VALID: tl.constexpr, VEC: tl.constexpr):
     """Columns [OFF, OFF + VALID) of each token's cache row as a [BLOCK_T, W] tile (W a power of two)."""
-    d = OFF + tl.arange(0, W)
+    d = _columns(OFF, W, VEC)
     if VALID == W:
         m = ok[:, None]
     else:
@@ -90,17 +125,17 @@ def _load_part(cache_ptr, row, ok, OFF: tl.constexpr, W: tl.constexpr, VALID: tl
 
 @triton.jit
 def _store_part(out_ptr, out_row, live, x, s, OFF: tl.constexpr, W: tl.constexpr, VALID: tl.constexpr,
-                HAS_SCALE: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
+                HAS_SCALE: tl.constexpr, ROUND_BY_BITS: tl.constexpr, VEC: tl.constexpr, STREAM: tl.constexpr):
     y = x.to(tl.float32)
     if HAS_SCALE:
         y = y * s
-    d = OFF + tl.arange(0, W)
+    d = _columns(OFF, W, VEC)
     if VALID == W:
         m = live[:, None]
     else:
         m = live[:, None] & (d < OFF + VALID)[None, :]
-    tl.store(out_ptr + out_row[:, None] + d[None, :], _round_fp32_to(y, out_ptr.dtype.element_ty, ROUND_BY_BITS),
-             mask=m)
+    _store(out_ptr + out_row[:, None] + d[None, :], _round_fp32_to(y, out_ptr.dtype.element_ty, ROUND_BY_BITS), m,
+           STREAM)
 
 
 @triton.jit
@@ -110,7 +145,8 @@ def _gather_dequant_cache_kernel(
         D: tl.constexpr, OUT_STRIDE: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
-        PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
+        PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr, VEC: tl.constexpr, STREAM: tl.constexpr,
+        PDL: tl.constexpr):
     """Plain layout: out[t, :D] = round(fp32(cache[row(t), :D]) * scale) (no scale: a cast); out rows are
     OUT_STRIDE apart (the launcher gathers entries wider than 1024 in column slices).
 
@@ -119,6 +155,7 @@ def _gather_dequant_cache_kernel(
     move a load above a store that might alias it, so load/store interleaved per chunk would wait one
     memory latency per chunk; this way a thread has the whole tile's 16-byte loads in flight at once.
     """
+    _pdl_enter(PDL)
     if HAS_SCALE:
         s = tl.load(scale_ptr)  # device scalar: no host sync, CUDA-graph capturable
     else:
@@ -133,22 +170,22 @@ def _gather_dequant_cache_kernel(
                                    n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
                                    BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
     for _ in range(tl.program_id(0), n_tiles, step):
-        x1 = _load_part(cache_ptr, row, ok, 0, P1, P1)
+        x1 = _load_part(cache_ptr, row, ok, 0, P1, P1, VEC)
         if P2 > 0:
-            x2 = _load_part(cache_ptr, row, ok, P1, P2, P2)
+            x2 = _load_part(cache_ptr, row, ok, P1, P2, P2, VEC)
         if P3 > 0:
-            x3 = _load_part(cache_ptr, row, ok, P1 + P2, P3, R3)
+            x3 = _load_part(cache_ptr, row, ok, P1 + P2, P3, R3, VEC)
         if PERSISTENT:
             tile += step
             t_n, row_n, ok_n, live_n = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
                                                    n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
                                                    BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
         out_row = t * OUT_STRIDE
-        _store_part(out_ptr, out_row, live, x1, s, 0, P1, P1, HAS_SCALE, ROUND_BY_BITS)
+        _store_part(out_ptr, out_row, live, x1, s, 0, P1, P1, HAS_SCALE, ROUND_BY_BITS, VEC, STREAM)
         if P2 > 0:
-            _store_part(out_ptr, out_row, live, x2, s, P1, P2, P2, HAS_SCALE, ROUND_BY_BITS)
+            _store_part(out_ptr, out_row, live, x2, s, P1, P2, P2, HAS_SCALE, ROUND_BY_BITS, VEC, STREAM)
         if P3 > 0:
-            _store_part(out_ptr, out_row, live, x3, s, P1 + P2, P3, R3, HAS_SCALE, ROUND_BY_BITS)
+            _store_part(out_ptr, out_row, live, x3, s, P1 + P2, P3, R3, HAS_SCALE, ROUND_BY_BITS, VEC, STREAM)
         if PERSISTENT:
             t, row, ok, live = t_n, row_n, ok_n, live_n
 
@@ -159,7 +196,8 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
         n_tokens, n_req, max_blocks, n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len, n_tiles,
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr,
-        PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
+        PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr, VEC: tl.constexpr, STREAM: tl.constexpr,
+        PDL: tl.constexpr):
     """fp8_ds_mla layout, a 656-byte row: 512 e4m3 | 4 fp32 group scales | 64 bf16 rope.
     out[t, i] = round(fp32(e4m3[i]) * scale[i // 128]) for i < 512, out[t, 512 + k] = round(rope[k]).
     The latent is one [BLOCK_T, 4, 128] tile (group x element), loaded with the scales and the rope
@@ -170,9 +208,10 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
     LATENT: tl.constexpr = 512
     ROPE: tl.constexpr = 64
     D_OUT: tl.constexpr = LATENT + ROPE
+    _pdl_enter(PDL)
     k = tl.arange(0, N_GROUPS)
-    g = tl.arange(0, GROUP)
-    e = tl.arange(0, ROPE)
+    g = _columns(0, GROUP, VEC)
+    e = _columns(0, ROPE, VEC)
     lat_off = k[None, :, None] * GROUP + g[None, None, :]            # [1, 4, 128]
     step = tl.num_programs(0) if PERSISTENT else n_tiles            # as in the plain kernel
     tile = tl.program_id(0)
@@ -196,9 +235,9 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
                                                    BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
         out_row = t * D_OUT
         y = x.to(tl.float32) * sc[:, :, None]
-        tl.store(out_ptr + out_row[:, None, None] + lat_off, _round_fp32_to(y, OUT_DTYPE, ROUND_BY_BITS),
-                 mask=live[:, None, None])
-        tl.store(out_ptr + out_row[:, None] + (LATENT + e)[None, :],
-                 _round_fp32_to(rope.to(tl.float32), OUT_DTYPE, ROUND_BY_BITS), mask=live[:, None])
+        _store(out_ptr + out_row[:, None, None] + lat_off, _round_fp32_to(y, OUT_DTYPE, ROUND_BY_BITS),
+               live[:, None, None], STREAM)
+        _store(out_ptr + out_row[:, None] + (LATENT + e)[None, :],
+               _round_fp32_to(rope.to(tl.float32), OUT_DTYPE, ROUND_BY_BITS), live[:, None], STREAM)
         if PERSISTENT:
             t, row, ok, live = t_n, row_n, ok_n, live_n
