@@ -1,0 +1,218 @@
+"""Gluon (Hopper, sm_90) kernel of the 64-heads-per-CTA MLA decode: split-K over a paged FP8 (e4m3/e5m2) cache.
+
+Import this module only where triton.experimental.gluon is the validated Triton 3.6 version (the launcher in
+fx_mla/ops/mla_decode_gluon.py imports it lazily, after gluon_unsupported_reason returned None).
+
+One CTA per (64-head group, split, request), 8 warps = two warpgroups, BLOCK_N tokens per tile. Same numerics as
+the Triton kernel of fx_mla/ops/kernels/mla_decode_fp8.py (its docstring): the launcher hands in the query already
+scaled by 2**-Q_SHIFT and rounded to fp16; the FP8 cache is converted to fp16 exactly; k_scale and 2**Q_SHIFT are
+folded into the base-2 score scale and k_scale into the output; online softmax in fp32; the same (o, lse) outputs
+and split workspace, so the Triton combine kernel merges the splits.
+
+Work split (the reason this kernel exists; plain Triton gives both warpgroups the same 64 rows of QK^T):
+* S = Q K^T [64 heads, BLOCK_N tokens]: accumulator layout warps [4, 2], so warpgroup w computes the scores of
+  tokens [w*BLOCK_N/2, (w+1)*BLOCK_N/2) over the whole 576-wide reduction; no product is computed twice. Q
+  (fp16, [64, 512] + [64, 64]) stays in shared memory for the whole CTA.
+* Row max / sum of the online softmax combine the two warpgroups' halves (a small cross-warp reduction).
+* O += P V [64, 512]: warps [4, 2] again, so warpgroup w owns output columns [256w, 256w + 256) (128 fp32
+  registers a thread); P goes through shared memory (64 x BLOCK_N fp16) because both warpgroups need all of it.
+* The cache tile is loaded into registers one tile ahead (FP8: BLOCK_N * 576 / 256 bytes a thread), converted to
+  fp16 and stored into one of two shared-memory buffers while the tensor cores run P V of the previous tile,
+  then S of the new tile is issued; both are waited for together.
+* Sequence lengths are clamped to the block-table row, page ids to the cache: bad metadata can give wrong
+  numbers, never an out-of-bounds read. Tokens past the split's end are loaded as 0 and masked to -inf.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+
+@gluon.jit
+def _load_words(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words, col0,
+                PAGE: gl.constexpr, ROWS: gl.constexpr, WORDS: gl.constexpr, LAYOUT: gl.constexpr):
+    """32-bit words [col0, col0 + WORDS) of the cache rows of tokens [n0, n0 + ROWS) (four FP8 entries a word, as
+    stored); tokens at or past `end` are 0 and cost no memory traffic; page ids are clamped into the cache.
+    Words, not FP8 elements: a tile held in registers across the loop then takes one register per four entries
+    (a loop-carried FP8 tensor becomes one 16-bit register per entry)."""
+    pos = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, LAYOUT))
+    ok = pos < end
+    page = gl.load(bt_row + pos // PAGE, mask=ok, other=0)
+    page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
+    rows = page.to(gl.int64) * blk_words + (pos % PAGE) * tok_words + col0
+    offs = gl.arange(0, WORDS, layout=gl.SliceLayout(0, LAYOUT))
+    return gl.load(kv_words + rows[:, None] + offs[None, :], mask=ok[:, None], other=0)
+
+
+@gluon.jit
+def _load_tile(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words,
+               PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, SUB: gl.constexpr,
+               LAT_LAYOUT: gl.constexpr, ROPE_LAYOUT: gl.constexpr):
+    """A 4 * SUB-token tile as four latent row blocks [SUB, L / 4] and the rope part [4 * SUB, R / 4] of words:
+    converted and stored one block at a time, so the fp16 copy of the whole tile never sits in registers."""
+    lat0 = _load_words(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words, 0,
+                       PAGE, SUB, L // 4, LAT_LAYOUT)
+    lat1 = _load_words(kv_words, bt_row, n0 + SUB, end, num_blocks, blk_words, tok_words, 0,
+                       PAGE, SUB, L // 4, LAT_LAYOUT)
+    lat2 = _load_words(kv_words, bt_row, n0 + 2 * SUB, end, num_blocks, blk_words, tok_words, 0,
+                       PAGE, SUB, L // 4, LAT_LAYOUT)
+    lat3 = _load_words(kv_words, bt_row, n0 + 3 * SUB, end, num_blocks, blk_words, tok_words, 0,
+                       PAGE, SUB, L // 4, LAT_LAYOUT)
+    rope = _load_words(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words, L // 4,
+                       PAGE, 4 * SUB, R // 4, ROPE_LAYOUT)
+    return lat0, lat1, lat2, lat3, rope
+
+
+@gluon.jit
+def _fp8_words_to_fp16_words(words, E5M2: gl.constexpr):
+    """[M, W] words of four FP8 entries -> [M, 2W] words of two fp16 entries, same order (exact conversions:
+    cvt.rn.f16x2.e4m3x2 / e5m2x2 take the low byte of a 16-bit pair into the low half)."""
+    if E5M2:
+        asm: gl.constexpr = ("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; "
+                             "cvt.rn.f16x2.e5m2x2 $0, lo; cvt.rn.f16x2.e5m2x2 $1, hi; }")
+    else:
+        asm: gl.constexpr = ("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; "
+                             "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }")
+    lo, hi = gl.inline_asm_elementwise(asm, "=r,=r,r", [words], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+    return gl.reshape(gl.join(lo, hi), [words.shape[0], 2 * words.shape[1]])
+
+
+@gluon.jit
+def _store_tile(tile, k_nope_words, k_pe_words, SUB: gl.constexpr, E5M2: gl.constexpr):
+    """FP8 -> fp16 into the tile's shared-memory buffers (viewed as words of two fp16 entries)."""
+    lat0, lat1, lat2, lat3, rope = tile
+    k_nope_words.slice(0, SUB).store(_fp8_words_to_fp16_words(lat0, E5M2))
+    k_nope_words.slice(SUB, SUB).store(_fp8_words_to_fp16_words(lat1, E5M2))
+    k_nope_words.slice(2 * SUB, SUB).store(_fp8_words_to_fp16_words(lat2, E5M2))
+    k_nope_words.slice(3 * SUB, SUB).store(_fp8_words_to_fp16_words(lat3, E5M2))
+    k_pe_words.store(_fp8_words_to_fp16_words(rope, E5M2))
+
+
+@gluon.jit
+def _mla_decode_gluon_kernel(
+        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr,
+        out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+        sm_scale, num_heads, num_splits, num_blocks, max_blocks,
+        stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
+        PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+        Q_SHIFT: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr, num_warps: gl.constexpr):
+    gl.static_assert(num_warps == 8, "two warpgroups")
+    gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
+    gl.static_assert(BLOCK_N % 4 == 0, "tiles load as four row blocks")
+    SUB: gl.constexpr = BLOCK_N // 4
+    pid_g = gl.program_id(0)  # head group varies fastest: the groups of one tile run side by side and share L2
+    pid_s = gl.program_id(1)
+    pid_b = gl.program_id(2).to(gl.int64)
+
+    # ---- layouts (hardware-specific choices live here)
+    # Scores: warpgroup w takes the tokens [w*BLOCK_N/2, (w+1)*BLOCK_N/2) of the tile, all 64 heads.
+    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, BLOCK_N // 2, 16])
+    # Output: warpgroup w owns latent columns [w*L/2, (w+1)*L/2): the widest wgmma (n = 256).
+    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, L // 2, 16])
+    # Global loads: 16 consecutive bytes a thread (one 128-bit load) along the row; the cache as 32-bit words.
+    LAT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])   # [SUB, L / 4]
+    ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])   # [BLOCK_N, R / 4]
+    Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+    ROPE_Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    # 128-byte swizzle (rows of 128 B or more): the fp16 tiles the MMAs read, and the same bytes seen as words
+    # of two fp16 entries for the converted cache stores (the swizzle is defined on bytes, so both views agree).
+    SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    SMEM_ROPE: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    SMEM_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    SMEM_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.float16)
+
+    # ---- query tile (fp16, already scaled by 2**-Q_SHIFT) into shared memory, once
+    heads = pid_g * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, Q_LAYOUT))
+    q_rows = q_ptr + pid_b * stride_q_b + heads.to(gl.int64) * stride_q_h
+    offs_ql = gl.arange(0, L, layout=gl.SliceLayout(0, Q_LAYOUT))
+    q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_LAT,
+                                            gl.load(q_rows[:, None] + offs_ql[None, :]))
+    heads_r = pid_g * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_Q_LAYOUT))
+    q_rows_r = q_ptr + pid_b * stride_q_b + heads_r.to(gl.int64) * stride_q_h
+    offs_qr = gl.arange(0, R, layout=gl.SliceLayout(0, ROPE_Q_LAYOUT))
+    q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_ROPE,
+                                          gl.load(q_rows_r[:, None] + L + offs_qr[None, :]))
+    # Two fp16 cache-tile buffers (tile j is read by P V while tile j+1 is written) and the P tile.
+    k_nope_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_LAT)
+    k_pe_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_ROPE)
+    p_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, BLOCK_N], SMEM_P)
+    k_nope_words = k_nope_smem._reinterpret(gl.int32, [2, BLOCK_N, L // 2], SMEM_WORDS)
+    k_pe_words = k_pe_smem._reinterpret(gl.int32, [2, BLOCK_N, R // 2], SMEM_WORDS)
+    kv_words = kv_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+
+    # Everything that scales a score goes into one fp32 factor (base-2 exponent).
+    k_scale = gl.load(k_scale_ptr)
+    qk_scale = sm_scale * 1.4426950408889634 * k_scale * (1 << Q_SHIFT)
+
+    # This split's token range; the split length follows the request's own length (no host sync).
+    seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)
+    seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
+    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    end = gl.minimum(start + chunk, seq_len)
+    bt_row = block_table_ptr + pid_b * stride_bt_b
+
+    # ---- prologue: tile 0 converted into buffer 0, its scores issued; tile 1 in flight to registers
+    tile = _load_tile(kv_words, bt_row, start, end, num_blocks, blk_words, tok_words,
+                      PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT)
+    _store_tile(tile, k_nope_words.index(0), k_pe_words.index(0), SUB, E5M2)
+    tile = _load_tile(kv_words, bt_row, start + BLOCK_N, end, num_blocks, blk_words, tok_words,
+                      PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT)
+    fence_async_shared()
+    gl.thread_barrier()
+    s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, S_LAYOUT)
+    s = warpgroup_mma(q_nope_smem, k_nope_smem.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
+    s = warpgroup_mma(q_pe_smem, k_pe_smem.index(0).permute((1, 0)), s, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s, ))
+
+    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
+    l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, S_LAYOUT))
+    acc = gl.zeros([BLOCK_H, L], gl.float32, O_LAYOUT)
+    offs_sn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
+    buf = 0
+    for n0 in range(start, end, BLOCK_N):
+        # ---- online softmax of tile n0 (scores s, cache rows in buffer `buf`)
+        s = gl.where((n0 + offs_sn < end)[None, :], s * qk_scale, float("-inf"))
+        # The tile's first token is always valid, so m_new is finite and exp2(-inf - m_new) = 0.
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT))[:, None]
+        p_smem.store(p.to(gl.float16))
+        fence_async_shared()
+        gl.thread_barrier()
+        # ---- O += P V on the tensor cores while the next tile is converted into the other buffer
+        acc = warpgroup_mma(p_smem, k_nope_smem.index(buf), acc, is_async=True)
+        nbuf = 1 - buf
+        _store_tile(tile, k_nope_words.index(nbuf), k_pe_words.index(nbuf), SUB, E5M2)
+        fence_async_shared()
+        gl.thread_barrier()
+        tile = _load_tile(kv_words, bt_row, n0 + 2 * BLOCK_N, end, num_blocks, blk_words, tok_words,
+                          PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT)
+        # ---- scores of the next tile (all masked past the end: a wasted MMA on the last iteration, no loads)
+        s = warpgroup_mma(q_nope_smem, k_nope_smem.index(nbuf).permute((1, 0)), s, use_acc=False, is_async=True)
+        s = warpgroup_mma(q_pe_smem, k_pe_smem.index(nbuf).permute((1, 0)), s, is_async=True)
+        acc, s = warpgroup_mma_wait(0, deps=(acc, s))
+        buf = nbuf
+
+    # ---- epilogue: o = acc * k_scale / l, lse natural log; an empty range gives lse = -inf, o = 0
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_LAYOUT))
+    has_tokens = l_o > 0.0
+    o = acc * (k_scale / gl.where(has_tokens, l_o, 1.0))[:, None]
+    has_tok_s = l_i > 0.0
+    lse = gl.where(has_tok_s, (m_i + gl.log2(gl.where(has_tok_s, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    heads_o = pid_g * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, O_LAYOUT))
+    offs_ol = gl.arange(0, L, layout=gl.SliceLayout(0, O_LAYOUT))
+    heads_s = pid_g * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, S_LAYOUT))
+    if SINGLE_SPLIT:
+        o_rows = out_ptr + pid_b * stride_o_b + heads_o.to(gl.int64) * stride_o_h
+        gl.store(o_rows[:, None] + offs_ol[None, :], o.to(out_ptr.dtype.element_ty))
+        gl.store(lse_ptr + pid_b * num_heads + heads_s, lse)
+    else:
+        part = (pid_b * num_splits + pid_s) * num_heads + heads_o
+        gl.store(part_o_ptr + part[:, None] * L + offs_ol[None, :], o)
+        part_s = (pid_b * num_splits + pid_s) * num_heads + heads_s
+        gl.store(part_lse_ptr + part_s, lse)
