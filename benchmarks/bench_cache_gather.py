@@ -297,6 +297,7 @@ def run_sweep(dev, gen, cgen, scale, copy_gbs, info):
                 del bufs, calls
             del sets, ref
             torch.cuda.empty_cache()
+            _write("cache_gather_sweep.json", {"info": info, "partial": True, "rows": rows})  # if cut short
     heads = [f"{nm[4:].rsplit('_', 1)[0]} {n // 1024}K" for _, _, nm in LAYOUTS for n in SWEEP_SIZES]
     print(f"\n{'config':28s} " + " ".join(f"{h:>16s}" for h in heads) + "   (% of copy ceiling, device us)")
     best = {}
