@@ -181,6 +181,8 @@ def _mla_decode_gluon_kernel(
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT))[:, None]
+        # Each warpgroup's wait covers its own MMAs only: all of the last P V must be done before P is rewritten.
+        gl.thread_barrier()
         p_smem.store(p.to(gl.float16))
         fence_async_shared()
         gl.thread_barrier()
