@@ -35,11 +35,17 @@ BLOCK, LAT, ROPE = 64, 512, 64
 D = LAT + ROPE
 SM_SCALE = 1.0 / math.sqrt(128 + 64)
 C = dmod.DecodeConfig
-SWEEP = {  # candidate configs, by head count (the default from choose_config is always measured too)
-    16: [C(16, 32, 8, 1, 1, True), C(16, 64, 8, 2, 1, True), C(16, 64, 8, 1, 2, True), C(16, 32, 8, 1, 2, True),
-         C(16, 64, 8, 2, 1), C(16, 64, 8, 3, 1)],
-    128: [C(32, 32, 8, 1, 1, True), C(32, 64, 8, 1, 1, True), C(64, 64, 8, 3, 1), C(64, 128, 8, 1, 1),
-          C(64, 32, 8, 2, 1), C(16, 64, 8, 1, 1, True), C(64, 64, 8, 2, 2)],
+SWEEP = {  # candidate configs by head count (the default from choose_config is always measured too); "q8": FP8 query
+    16: [C(16, 64, 8, 1, 1, True), C(16, 64, 4, 1, 1, kind="narrow"), C(16, 64, 8, 1, 1, kind="narrow"),
+         C(16, 64, 8, 2, 1, kind="narrow"), C(16, 32, 4, 2, 1, kind="narrow"), C(16, 32, 4, 3, 1, kind="narrow"),
+         C(16, 64, 4, 1, 2, kind="narrow"), C(16, 64, 8, 1, 2, kind="narrow"), C(16, 128, 8, 1, 1, kind="narrow"),
+         (C(16, 64, 4, 1, 1, kind="narrow"), "q8"), (C(16, 64, 8, 1, 1, kind="narrow"), "q8"),
+         (C(16, 64, 8, 2, 1, kind="narrow"), "q8")],
+    128: [C(64, 128, 8, 1, 1), C(64, 64, 8, 1, 1, kind="wide"), C(64, 64, 8, 2, 1, kind="wide"),
+          C(64, 32, 8, 2, 1, kind="wide"), C(64, 32, 8, 3, 1, kind="wide"), C(64, 64, 8, 1, 2, kind="wide"),
+          C(32, 64, 4, 1, 1, kind="narrow"), C(32, 64, 8, 1, 1, kind="narrow"), C(64, 64, 8, 1, 1, kind="narrow"),
+          (C(64, 64, 8, 1, 1, kind="wide"), "q8"), (C(64, 32, 8, 2, 1, kind="wide"), "q8"),
+          (C(32, 64, 8, 1, 1, kind="narrow"), "q8")],
 }
 
 
@@ -117,7 +123,7 @@ def tuned_configs(rows, sweep_rows):
             times.setdefault((r["heads"] <= 16, tuple(r["fused_config"])), {})[(r["batch"], r["heads"], r["context"])] \
                 = r["fused_us"]
     for r in sweep_rows:
-        if r.get("ok"):
+        if r.get("ok") and not r.get("fp8_query"):
             times.setdefault((r["heads"] <= 16, tuple(r["config"])), {})[(r["batch"], r["heads"], r["context"])] = r["us"]
     best = {}
     for small in (True, False):
@@ -240,18 +246,20 @@ def main():
             row.update(fp8q_error=f"{type(e).__name__}: {str(e)[:200]}")
         if args.sweep and (batch, heads, ctx) in sweep_shapes:
             best = (t_us, list(default))
-            for cfg in SWEEP[16 if heads <= 16 else 128]:
+            for cand in SWEEP[16 if heads <= 16 else 128]:
+                cfg, q8_run = (cand[0], True) if isinstance(cand[0], tuple) else (cand, False)
                 if left() < 60:
                     print("  sweep: out of time budget", flush=True)
                     break
                 try:
-                    ts, es, ls = fused(cfg)
+                    ts, es, ls = fused(cfg, q8, q_scale) if q8_run else fused(cfg)
                     ok = es <= 1e-2 and ls <= 1e-3
                     sweep_rows.append(dict(batch=batch, heads=heads, context=ctx, config=list(cfg), us=ts,
-                                           rel_err=es, lse_err=ls, ok=ok, regs_spills_smem=regs[0]))
-                    print(f"  sweep {cfg}: {ts:8.1f} us  err {es:.2e} lse {ls:.1e}  regs/spills/smem {regs[0]}",
-                          flush=True)
-                    if ok and ts < best[0]:
+                                           rel_err=es, lse_err=ls, ok=ok, regs_spills_smem=regs[0], fp8_query=q8_run,
+                                           pct_of_roofline=100 * row["floor_us"] / ts))
+                    print(f"  sweep {cfg}{' q8' if q8_run else ''}: {ts:8.1f} us ({100 * row['floor_us'] / ts:.0f}% "
+                          f"roof) err {es:.2e} lse {ls:.1e}  regs/spills/smem {regs[0]}", flush=True)
+                    if ok and ts < best[0] and not q8_run:
                         best = (ts, list(cfg))
                 except Exception as e:  # noqa: BLE001
                     sweep_rows.append(dict(batch=batch, heads=heads, context=ctx, config=list(cfg),

@@ -31,6 +31,7 @@ from fx_mla.mla.decode import gather_pages
 from fx_mla.mla.validate import check_block_ids
 from fx_mla.ops._fp8 import FP8_DTYPES, fp8_supported
 from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel, _mla_decode_fp8_kernel
+from fx_mla.ops.kernels.mla_decode_fp8_tc import _mla_decode_narrow_kernel, _mla_decode_wide_kernel
 
 __all__ = ["mla_decode_fp8", "mla_decode_fp8_reference", "launch_mla_decode_fp8", "kernel_unsupported_reason",
            "DecodeConfig", "choose_config"]
@@ -39,19 +40,24 @@ QUERY_DTYPES = (torch.bfloat16, torch.float16) + FP8_DTYPES
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_LATENT = 512    # BLOCK_L above 512 would not fit the fp32 accumulator of a head group in registers
 MAX_ROPE = 256
+TC_CHUNK = 128     # latent entries a chunk in the tensor-core kernels (L <= 4 chunks)
 Q_SHIFT = 8         # bf16 query -> fp16 for an FP8 cache: q * 2**-8 keeps |q| up to 2**24 in range
 
 
 # ---------------------------------------------------------------- launch configuration (the one place)
 
 class DecodeConfig(tuple):
-    """(block_h, block_n, num_warps, num_stages, occupancy, prefetch): heads per program, tokens per tile,
-    warps, Triton's software-pipelining depth, programs per SM the split count aims for, and whether the
-    kernel double-buffers cache tiles in registers itself (for the mma.sync configs Triton does not pipeline)."""
+    """(block_h, block_n, num_warps, num_stages, occupancy, prefetch, kind): heads per program, tokens per tile,
+    warps, Triton's software-pipelining depth, programs per SM the split count aims for, whether the "base"
+    kernel double-buffers cache tiles in registers itself (for the mma.sync configs Triton does not pipeline),
+    and which split-K kernel runs: "base" (_mla_decode_fp8_kernel), "wide" or "narrow" (the tensor-core layouts
+    of fx_mla/ops/kernels/mla_decode_fp8_tc.py)."""
     __slots__ = ()
 
-    def __new__(cls, block_h, block_n, num_warps, num_stages, occupancy, prefetch=False):
-        return super().__new__(cls, (block_h, block_n, num_warps, num_stages, occupancy, bool(prefetch)))
+    def __new__(cls, block_h, block_n, num_warps, num_stages, occupancy, prefetch=False, kind="base"):
+        if kind not in ("base", "wide", "narrow"):
+            raise ValueError(f"DecodeConfig kind must be 'base', 'wide' or 'narrow', got {kind!r}")
+        return super().__new__(cls, (block_h, block_n, num_warps, num_stages, occupancy, bool(prefetch), kind))
 
     block_h = property(lambda self: self[0])
     block_n = property(lambda self: self[1])
@@ -59,6 +65,7 @@ class DecodeConfig(tuple):
     num_stages = property(lambda self: self[3])
     occupancy = property(lambda self: self[4])
     prefetch = property(lambda self: self[5])
+    kind = property(lambda self: self[6])
 
 
 def choose_config(num_heads: int, fp8_dot: bool = False, max_shared: Optional[int] = None) -> DecodeConfig:
@@ -253,7 +260,7 @@ def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, 
     torch_compute = torch.float16 if cache_fp8 or kv_cache.dtype == torch.float16 else torch.bfloat16
     compute = tl_dtype(torch_compute)
     q_shift = Q_SHIFT if (cache_fp8 and q.dtype == torch.bfloat16) else 0
-    if cfg.block_h >= 64 and not fp8_dot and q.dtype != torch_compute:
+    if (cfg.block_h >= 64 or cfg.kind != "base") and not fp8_dot and q.dtype != torch_compute:
         # Warpgroup-MMA configs: hand the kernel a query already in the MMA dtype (see the kernel's comment).
         q = ((q.float() * 2.0 ** -q_shift).to(torch_compute) if q_shift else q.to(torch_compute))
     block_l = max(32, triton.next_power_of_2(kv_lora_rank))  # 32: the K step of an FP8 MMA
@@ -266,15 +273,21 @@ def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, 
     else:
         part_o, part_lse = out, lse  # unused by the kernel
     q_scale_arg = q_scale if q_scale is not None else k_scale
-    kernel = _mla_decode_fp8_kernel[(groups, splits, batch)](
-        q, kv_cache, block_table, seq_lens, k_scale, q_scale_arg, out, lse, part_o, part_lse,
-        float(sm_scale), heads, splits, kv_cache.shape[0], max_blocks,
-        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-        out.stride(0), out.stride(1),
-        PAGE=page, L=kv_lora_rank, R=rope, BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_H=cfg.block_h,
-        BLOCK_N=cfg.block_n, COMPUTE=compute, KV_FP8=cache_fp8, Q_FP8=q_fp8, FP8_DOT=fp8_dot, Q_SHIFT=q_shift,
-        SINGLE_SPLIT=splits == 1, PREFETCH=cfg.prefetch, UPCAST=_interpreting() and compute == tl.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = (q, kv_cache, block_table, seq_lens, k_scale, q_scale_arg, out, lse, part_o, part_lse,
+              float(sm_scale), heads, splits, kv_cache.shape[0], max_blocks,
+              q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
+              out.stride(0), out.stride(1))
+    flags = dict(PAGE=page, L=kv_lora_rank, R=rope, BLOCK_R=block_r, BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n,
+                 COMPUTE=compute, KV_FP8=cache_fp8, Q_FP8=q_fp8, FP8_DOT=fp8_dot, Q_SHIFT=q_shift,
+                 SINGLE_SPLIT=splits == 1, UPCAST=_interpreting() and compute == tl.bfloat16,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.kind == "base":
+        kernel = _mla_decode_fp8_kernel[(groups, splits, batch)](*common, BLOCK_L=block_l, PREFETCH=cfg.prefetch,
+                                                                 **flags)
+    else:
+        tc_kernel = _mla_decode_wide_kernel if cfg.kind == "wide" else _mla_decode_narrow_kernel
+        kernel = tc_kernel[(groups, splits, batch)](*common, BC=TC_CHUNK, NCH=triton.cdiv(kv_lora_rank, TC_CHUNK),
+                                                   **flags)
     launch_mla_decode_fp8.last_kernel = kernel  # benchmarks read its register / spill counts
     if splits > 1:
         pow2 = triton.next_power_of_2(splits)
