@@ -1,7 +1,8 @@
 """torch.ops.fx_mla.quant_fp8 family: FP8 quantization, saturating, round-to-nearest-even.
 
 Ops (registered on import):
-  quant_fp8(Tensor x, Tensor scale, ScalarType fp8_dtype, bool scale_is_reciprocal=False) -> Tensor
+  quant_fp8(Tensor x, Tensor scale, ScalarType fp8_dtype, bool scale_is_reciprocal=False,
+            bool approx_division=False) -> Tensor
   quant_fp8_dynamic(Tensor x, ScalarType fp8_dtype) -> (Tensor q, Tensor scale)
   quant_fp8_per_token(Tensor x, ScalarType fp8_dtype) -> (Tensor q, Tensor scales)
 
@@ -19,6 +20,10 @@ Devices disagree on that chain; this op has one semantics, the CPU one (eager an
   it exactly call quant_fp8(x, scale.to(x.dtype).float(), ...);
 - default Inductor on CUDA matches neither (it computes bf16/fp16 in fp32, eliding roundings, and
   Triton's '/' is approximate): 0.04-0.8 % of bytes differ for bf16/fp16 x, 0-4 in 4.7M for fp32.
+approx_division=True (static op, division form only) makes the CUDA kernel divide with Triton's plain
+fp32 '/' (PTX div.full.f32), the division Inductor's generated CUDA kernels use unless Inductor is told
+to round divisions, so a pass can reproduce such a kernel; the CPU implementation divides exactly
+either way (Inductor's C++ kernels divide exactly too), so on CPU the flag changes nothing.
 The CPU implementation is that chain (the test oracle); the CUDA one launches the Triton kernels of
 fx_mla/ops/kernels/quant_fp8.py, reading scales on the device (no host sync: CUDA-graph safe).
 """
@@ -108,7 +113,7 @@ def _tl_fp8(fp8_dtype):
     return tl.float8e4nv if fp8_dtype == torch.float8_e4m3fn else tl.float8e5
 
 
-def launch_quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal, out):
+def launch_quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal, out, approx_division=False):
     import triton
     from fx_mla.ops.kernels.quant_fp8 import _quant_fp8_kernel
     n = x.numel()
@@ -120,6 +125,7 @@ def launch_quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal, out):
     _quant_fp8_kernel[grid](x, scale, out, n, FMAX=FP8_MAX[fp8_dtype],
                             RECIPROCAL=bool(scale_is_reciprocal), ROUND_TO_INPUT=round_to_input,
                             OUT_DTYPE=_tl_fp8(fp8_dtype), BLOCK=STATIC_BLOCK,
+                            APPROX_DIV=bool(approx_division) and not scale_is_reciprocal,
                             num_warps=STATIC_WARPS)
     return out
 
@@ -160,27 +166,27 @@ def launch_quant_fp8_per_token(x, fp8_dtype, out, scales_out):
 # costs about 10 us more host time a call, which dominates small decode-time launches.
 
 _lib = torch.library.Library("fx_mla", "FRAGMENT")
-_lib.define("quant_fp8(Tensor x, Tensor scale, ScalarType fp8_dtype, bool scale_is_reciprocal=False)"
-            " -> Tensor")
+_lib.define("quant_fp8(Tensor x, Tensor scale, ScalarType fp8_dtype, bool scale_is_reciprocal=False,"
+            " bool approx_division=False) -> Tensor")
 _lib.define("quant_fp8_dynamic(Tensor x, ScalarType fp8_dtype) -> (Tensor, Tensor)")
 _lib.define("quant_fp8_per_token(Tensor x, ScalarType fp8_dtype) -> (Tensor, Tensor)")
 
 
-def _quant_fp8_cpu(x, scale, fp8_dtype, scale_is_reciprocal=False):
+def _quant_fp8_cpu(x, scale, fp8_dtype, scale_is_reciprocal=False, approx_division=False):
     _check_static(x, scale, fp8_dtype)
     return quant_fp8_reference(x, scale, fp8_dtype, scale_is_reciprocal)
 
 
-def _quant_fp8_fake(x, scale, fp8_dtype, scale_is_reciprocal=False):
+def _quant_fp8_fake(x, scale, fp8_dtype, scale_is_reciprocal=False, approx_division=False):
     _check_static(x, scale, fp8_dtype)
     return x.new_empty(x.shape, dtype=fp8_dtype)
 
 
-def _quant_fp8_cuda(x, scale, fp8_dtype, scale_is_reciprocal=False):
+def _quant_fp8_cuda(x, scale, fp8_dtype, scale_is_reciprocal=False, approx_division=False):
     _check_static(x, scale, fp8_dtype)
     _check_cuda_capability(x, fp8_dtype)
     out = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
-    return launch_quant_fp8(x.contiguous(), scale, fp8_dtype, scale_is_reciprocal, out)
+    return launch_quant_fp8(x.contiguous(), scale, fp8_dtype, scale_is_reciprocal, out, approx_division)
 
 
 def _dynamic_cpu(x, fp8_dtype):
@@ -235,9 +241,10 @@ for _name, _cpu, _cuda, _fake in (("quant_fp8", _quant_fp8_cpu, _quant_fp8_cuda,
 # ---------------------------------------------------------------- Python entry points
 
 def quant_fp8(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype,
-              scale_is_reciprocal: bool = False) -> torch.Tensor:
-    """Static per-tensor FP8 quantization: (x / scale) or (x * scale), clamped, cast RNE."""
-    return torch.ops.fx_mla.quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal)
+              scale_is_reciprocal: bool = False, approx_division: bool = False) -> torch.Tensor:
+    """Static per-tensor FP8 quantization: (x / scale) or (x * scale), clamped, cast RNE.
+    approx_division: on CUDA divide with Triton's fp32 '/' (as Inductor's kernels do); exact on CPU."""
+    return torch.ops.fx_mla.quant_fp8(x, scale, fp8_dtype, scale_is_reciprocal, approx_division)
 
 
 def quant_fp8_dynamic(x: torch.Tensor, fp8_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:

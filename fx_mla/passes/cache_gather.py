@@ -16,7 +16,8 @@ op's output, which has the same row-major element order):
 The result is bitwise the unrewritten graph's: the upcast of an fp8 (or any) cache entry is exact, the product
 with the scale is one fp32 multiply, and the op rounds once to the output dtype, as ATen does for
 ``x.to(dt) * s``. Executors that round a 0-dim fp32 scale to bf16/fp16 first (eager CUDA; Inductor with
-``emulate_precision_casts``) get the scale rounded the same way in the rewritten graph. Inductor without
+``emulate_precision_casts``) get the scale rounded the same way in the rewritten graph, where the multiply itself
+computes in bf16/fp16 (not for ``(x.float() * s).to(dt)``, whose multiply is fp32 everywhere). Inductor without
 ``emulate_precision_casts`` does not round bf16 intermediates it fuses: bitwise equality then holds where the
 dequantized tensor is materialized (as when it feeds a matmul), not where Inductor would fuse it into later
 pointwise ops.
@@ -76,6 +77,7 @@ class Tail:
     scale: Optional[torch.fx.Node]
     sizes: list
     layout: str = "plain"
+    mul_dtype: Optional[torch.dtype] = None  # the dtype the scale multiply computes in (its promoted dtype)
 
 
 @dataclasses.dataclass
@@ -133,7 +135,7 @@ def run(graph: torch.fx.Graph, ctx: Any) -> None:
 def _tail(gather: torch.fx.Node) -> Union[Tail, str]:
     """Walk views, one conversion, an optional scale multiply and an optional second conversion."""
     nodes, sizes = [], []
-    cur, end, scale, converts = gather, None, None, 0
+    cur, end, scale, converts, mul_dtype = gather, None, None, 0, None
     src_dtype = _dtype(gather)
     while converts < 2:
         real = [u for u in cur.users if not is_op(u, *SIZE_OPS)]
@@ -148,7 +150,7 @@ def _tail(gather: torch.fx.Node) -> Union[Tail, str]:
         if is_op(u, CONVERT) and (converts == 0 or _dtype(cur) == torch.float32 and _dtype(u) in _gdc.OUT_DTYPES):
             converts += 1  # a second one rounds the fp32 value (x.float() [* s]).to(dt) once, as the op does
         elif converts == 1 and scale is None and src_dtype in FP8_DTYPES and _scale_of(u, cur) is not None:
-            scale = _scale_of(u, cur)
+            scale, mul_dtype = _scale_of(u, cur), _dtype(u)
         else:
             break
         nodes.append(u)
@@ -160,7 +162,8 @@ def _tail(gather: torch.fx.Node) -> Union[Tail, str]:
         return f"fp8 rows gathered without a dequantize (used by {users}): the op has no fp8 → fp8 copy"
     keep = nodes[:nodes.index(end) + 1]
     chain = {gather, *keep}
-    return Tail(keep, end, _dtype(end), scale, [(u, o) for u, o in sizes if o in chain and o is not end])
+    return Tail(keep, end, _dtype(end), scale, [(u, o) for u, o in sizes if o in chain and o is not end],
+                mul_dtype=mul_dtype)
 
 
 def _ds_mla_tail(gather: torch.fx.Node) -> Union[Tail, str]:
@@ -237,7 +240,7 @@ def _pre_dequant(gather: torch.fx.Node) -> Optional[tuple]:
     tail = _tail(root)
     if isinstance(tail, str) or tail.end is not src or tail.sizes or any(is_op(n, *VIEWS) for n in tail.nodes):
         return None
-    return root, Tail([], gather, tail.out_dtype, tail.scale, [])
+    return root, Tail([], gather, tail.out_dtype, tail.scale, [], mul_dtype=tail.mul_dtype)
 
 
 def _scale_of(mul: torch.fx.Node, x: torch.fx.Node) -> Optional[torch.fx.Node]:
@@ -371,15 +374,28 @@ def _guard(ctx: Any, source: Source, tail: Tail) -> Optional[str]:
     return None
 
 
+# Set (to True/False) only by diagnostics (benchmarks/diag_inductor_rounding.py): replaces the rule below for
+# Inductor with emulate_precision_casts, to test whether its kernels round a 0-dim fp32 scale to bf16/fp16.
+EMULATE_SCALE_ROUNDING_OVERRIDE: Optional[bool] = None
+
+
 def _scale_rounded_by_executor(ctx: Any, tail: Tail) -> bool:
-    """Whether the unrewritten graph's executor rounds a 0-dim fp32 scale to the bf16/fp16 output dtype first."""
-    if tail.scale is None or _dtype(tail.scale) != torch.float32 or tail.out_dtype == torch.float32:
+    """Whether the unrewritten graph's executor rounds a 0-dim fp32 scale to the bf16/fp16 dtype of the multiply
+    first (eager CUDA; Inductor with emulate_precision_casts). A multiply in fp32 (``(x.float() * s).to(dt)``)
+    uses the scale as it is everywhere."""
+    if tail.scale is None or _dtype(tail.scale) != torch.float32:
+        return False
+    if tail.mul_dtype not in (torch.bfloat16, torch.float16):
         return False
     if getattr(ctx.options, "inner", "inductor") == "eager":
         return ctx.device.type == "cuda" and tensor_val(tail.scale).dim() == 0
     from torch._inductor import config as inductor_config
 
-    return bool(inductor_config.emulate_precision_casts)
+    if not inductor_config.emulate_precision_casts:
+        return False
+    if ctx.device.type == "cuda" and EMULATE_SCALE_ROUNDING_OVERRIDE is not None:
+        return EMULATE_SCALE_ROUNDING_OVERRIDE
+    return True
 
 
 # ---------------------------------------------------------------- rewrite
@@ -429,7 +445,7 @@ def _rewrite(graph, ctx, gather, source: Source, tail: Tail, plan: list) -> torc
         if scale is not None and _dtype(scale) != torch.float32:
             scale = call(CONVERT, scale, torch.float32)  # bf16/fp16 → fp32 is exact
         elif _scale_rounded_by_executor(ctx, tail):
-            scale = call(CONVERT, call(CONVERT, scale, tail.out_dtype), torch.float32)
+            scale = call(CONVERT, call(CONVERT, scale, tail.mul_dtype), torch.float32)
         if source.kind == "token":
             new = call(TOKEN, source.cache, *source.meta, scale, tail.out_dtype, *layout)
         else:

@@ -19,7 +19,8 @@ float8_e4m3fn or float8_e5m2. The FP8 bytes equal those the unrewritten graph co
 quant_fp8 rounds the quotient to torch's promoted dtype as ATen does; under default Inductor, which keeps a fused
 chain in fp32 up to its first explicit cast, the pass feeds quant_fp8 an fp32 input when the chain has no explicit
 cast back; where a 0-dim scale would be rounded to the bf16/fp16 input's dtype (eager CUDA, Inductor with
-emulate_precision_casts) it rounds the scale too. A scale not derived from the gathered data must be replicated:
+emulate_precision_casts) it rounds the scale too; where Inductor's CUDA kernels divide with Triton's approximate fp32
+'/' (its default), quant_fp8 divides the same way (approx_division). A scale not derived from the gathered data must be replicated:
 graph inputs, buffers and constants are assumed identical on every rank (as vLLM's q_scale/k_scale are); a scale
 computed from rank-local tensors is declined.
 
@@ -276,21 +277,52 @@ def _scale_cone(scale: Node, chain: AllGatherChain, region, gathered: set, order
     return cone, next(iter(kinds), None)
 
 
-def _roundings(ctx, scale, implicit: bool) -> tuple[bool, bool]:
-    """How the unrewritten graph rounds, where it will run: (quotient to the bf16/fp16 input dtype, 0-dim scale to it).
+@dataclasses.dataclass(frozen=True)
+class Rounding:
+    """How the unrewritten graph computes ``x / s`` where it will run, for a bf16/fp16 ``x``: whether it rounds the
+    quotient to x's dtype before the clamp, rounds a 0-dim fp32 scale to x's dtype first, and divides with
+    Triton's approximate fp32 '/' (PTX div.full.f32) instead of an IEEE division."""
+    quotient: bool
+    scale: bool
+    approx_division: bool = False
+
+
+# Set (to a Rounding) only by diagnostics (benchmarks/diag_inductor_rounding.py): replaces the rule below for
+# Inductor on CUDA without emulate_precision_casts, to test another hypothesis of how its kernels round.
+INDUCTOR_CUDA_OVERRIDE: Optional[Rounding] = None
+
+
+def _inductor_rounds_division() -> bool:
+    """Whether Inductor's Triton kernels divide with div_rn (its eager-numerics switch; named differently across
+    torch versions) rather than Triton's approximate '/'."""
+    from torch._inductor import config as inductor_config
+    numerics = getattr(inductor_config, "eager_numerics", None)
+    flags = [getattr(numerics, "division_rounding", False)] + [
+        getattr(inductor_config, n, False) for n in ("emulate_division_rounding", "emulate_divison_rounding")]
+    return any(bool(f) for f in flags)
+
+
+def _roundings(ctx, scale, implicit: bool) -> Rounding:
+    """How the unrewritten graph rounds, where it will run (compile-time facts only: inner compiler, Inductor
+    config, device; never data or rank).
 
     ATen (eager) rounds the quotient to its dtype; eager CUDA also casts a 0-dim CUDA scale to the input's dtype (CPU
     uses it in fp32). Inductor computes a fused chain in fp32: it rounds only at explicit casts, and uses the scale
-    in fp32, unless emulate_precision_casts is on, which rounds both as eager CUDA does.
+    in fp32, unless emulate_precision_casts is on, which rounds both as eager CUDA does. Inductor's CUDA (Triton)
+    kernels divide with Triton's approximate fp32 '/' unless its division-rounding switch is on; its CPU (C++)
+    kernels divide exactly.
     """
     val = tensor_val(scale) if isinstance(scale, Node) else None
     zero_dim = val is not None and val.dim() == 0
     if getattr(ctx.options, "inner", "inductor") == "eager":
-        return True, zero_dim and val.device.type == "cuda"
+        return Rounding(True, zero_dim and val.device.type == "cuda")
     from torch._inductor import config as inductor_config
+    approx = bool(ctx.is_cuda) and not _inductor_rounds_division()
     if inductor_config.emulate_precision_casts:
-        return True, zero_dim
-    return not implicit, False
+        return Rounding(True, zero_dim, approx)
+    if ctx.is_cuda and INDUCTOR_CUDA_OVERRIDE is not None:
+        return INDUCTOR_CUDA_OVERRIDE
+    return Rounding(not implicit, False, approx)
 
 
 def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, ctx) -> str:
@@ -339,15 +371,19 @@ def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, 
     with graph.inserting_before(chain.gather):
         for c in pre:
             new.append(x := _call(graph, CONVERT, x, c.args[1]))
-        round_quotient, round_scale = _roundings(ctx, scale, implicit)
-        if node_dtype(x) != torch.float32 and round_scale:
+        rounding = _roundings(ctx, scale, implicit)
+        if node_dtype(x) != torch.float32 and rounding.scale:
             new.append(scale := _call(graph, CONVERT, _call(graph, CONVERT, scale, node_dtype(x)), torch.float32))
             new.append(scale.args[0])
             form += f" (scale rounded to {short_dtype(node_dtype(x))} as the unrewritten graph does)"
-        if implicit and not round_quotient:
+        if implicit and not rounding.quotient:
             new.append(x := _call(graph, CONVERT, x, torch.float32))
             form += " (fp32 quotient, as Inductor computes the fused chain)"
-        new.append(q := _call(graph, torch.ops.fx_mla.quant_fp8.default, x, scale, fp8, reciprocal))
+        approx = rounding.approx_division and not reciprocal
+        if approx:
+            form += " (Triton's approximate fp32 division, as Inductor's CUDA kernels divide)"
+        new.append(q := _call(graph, torch.ops.fx_mla.quant_fp8.default, x, scale, fp8, reciprocal,
+                              *((True,) if approx else ())))
         new.append(local_bytes := _call(graph, aten.view.dtype, q, torch.uint8))
     fp8_cast.replace_all_uses_with(_send_bytes(graph, chain, local_bytes, fp8, new))
     erase_unused(graph, set(path) | cone)

@@ -1,8 +1,9 @@
 """Triton kernels of the quant_fp8 family. Launched from fx_mla/ops/quant_fp8.py.
 
 Bitwise contract with the plain PyTorch chain `(x / s).clamp(-fmax, fmax).to(fp8)`:
-- the quotient is an IEEE round-to-nearest fp32 division (`div_rn`; Triton's plain `/` may lower
-  to a faster, non-IEEE division), or an fp32 multiplication for the reciprocal form;
+- the quotient is an IEEE round-to-nearest fp32 division (`div_rn`), or an fp32 multiplication for
+  the reciprocal form; APPROX_DIV selects Triton's plain fp32 `/` instead (PTX `div.full.f32`, up to
+  2 ulp off), the division Inductor's generated CUDA kernels use unless told to round;
 - when torch's type promotion keeps the quotient in x's dtype (0-dim scale), it is rounded to
   that dtype (RNE) before the clamp, exactly as eager does;
 - the clamp keeps NaN (PTX min/max return the non-NaN operand, torch.clamp returns NaN);
@@ -21,11 +22,14 @@ def _nan_max(a, b):
 
 @triton.jit
 def _scaled_clamped_fp8(x, s, FMAX: tl.constexpr, RECIPROCAL: tl.constexpr,
-                        ROUND_TO_INPUT: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                        ROUND_TO_INPUT: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                        APPROX_DIV: tl.constexpr = False):
     """x (any float dtype, upcast here) divided (or multiplied) by s, clamped, converted to fp8."""
     xf = x.to(tl.float32)
     if RECIPROCAL:
         y = xf * s
+    elif APPROX_DIV:
+        y = xf / s
     else:
         y = tl.math.div_rn(xf, s)
     if ROUND_TO_INPUT:
@@ -38,14 +42,14 @@ def _scaled_clamped_fp8(x, s, FMAX: tl.constexpr, RECIPROCAL: tl.constexpr,
 @triton.jit
 def _quant_fp8_kernel(x_ptr, scale_ptr, out_ptr, n_elements,
                       FMAX: tl.constexpr, RECIPROCAL: tl.constexpr, ROUND_TO_INPUT: tl.constexpr,
-                      OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                      OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr, APPROX_DIV: tl.constexpr = False):
     """Static per-tensor scale: one program per BLOCK contiguous elements (1-D grid)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors may exceed 2**31 elements
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     s = tl.load(scale_ptr)  # read on device: no host sync, CUDA-graph capturable
-    q = _scaled_clamped_fp8(x, s, FMAX, RECIPROCAL, ROUND_TO_INPUT, OUT_DTYPE)
+    q = _scaled_clamped_fp8(x, s, FMAX, RECIPROCAL, ROUND_TO_INPUT, OUT_DTYPE, APPROX_DIV)
     tl.store(out_ptr + offs, q, mask=mask)
 
 
