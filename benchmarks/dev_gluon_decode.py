@@ -169,6 +169,13 @@ def main():
             except Exception as e:  # noqa: BLE001
                 row.setdefault("gluon", {})[key] = dict(error=f"{type(e).__name__}: {str(e)[:1500]}")
                 traceback.print_exc()
+        try:  # diagnostic: every token on one of 4 pages (L2-resident): the kernel's speed without DRAM traffic
+            hot = [(torch.arange(t.numel(), device="cuda", dtype=torch.int32) % 4).view_as(t) for t in tables[:1]]
+            row["gluon_hot_l2_us"] = bd.time_us(lambda t: gmod.launch_mla_decode_gluon(
+                q, cache, t, lens, k_scale, None, bd.SM_SCALE, bd.LAT, out, lse), hot)[0]
+            row["triton_hot_l2_us"] = bd.time_us(tri, hot)[0]
+        except Exception as e:  # noqa: BLE001
+            row["hot_error"] = f"{type(e).__name__}: {str(e)[:500]}"
         row["kernel"] = kernel_info()
         g = row.get("gluon", {}).get("auto", {})
         print(f"{batch}x{heads}x{ctx}: floor {floor_us:.1f} us | triton {row['triton_us']:.1f} us "
@@ -176,7 +183,8 @@ def main():
               f"({g.get('pct_of_roofline', float('nan')):.1f}%, err {g.get('rel_err', float('nan')):.1e}, lse "
               f"{g.get('lse_err', float('nan')):.1e}) | others "
               + " ".join(f"s={k}:{v.get('us', float('nan')):.1f}" for k, v in row.get("gluon", {}).items()
-                         if k != "auto") + f"  [{time.time() - t0:.0f} s]", flush=True)
+                         if k != "auto") + f" | hot L2: gluon {row.get('gluon_hot_l2_us', float('nan')):.1f} triton "
+              f"{row.get('triton_hot_l2_us', float('nan')):.1f}  [{time.time() - t0:.0f} s]", flush=True)
         result["rows"].append(row)
         del cache, tables, ref_o, ref_l
         torch.cuda.empty_cache()

@@ -122,10 +122,9 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
         num_splits = _num_splits(batch, groups, max_blocks * page, BLOCK_N, _sm_count(index), 1)
     _expect(isinstance(num_splits, int) and num_splits >= 1, ValueError,
             f"num_splits must be a positive int, got {num_splits!r}")
-    q_shift = Q_SHIFT if q.dtype == torch.bfloat16 else 0
-    q16 = (q.float() * 2.0 ** -q_shift).to(torch.float16) if q_shift else q
-    if q16.stride(2) != 1:
-        q16 = q16.contiguous()
+    q_shift = Q_SHIFT if q.dtype == torch.bfloat16 else 0  # the kernel converts the query as it loads it
+    if q.stride(2) != 1:
+        q = q.contiguous()
     if block_table.stride(1) != 1:
         block_table = block_table.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -137,9 +136,9 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
     else:
         part_o, part_lse = out, lse  # unused by the kernel
     kernel = _mla_decode_gluon_kernel[(groups, num_splits, batch)](
-        q16, kv_cache, block_table, seq_lens, k_scale, out, lse, part_o, part_lse,
+        q, kv_cache, block_table, seq_lens, k_scale, out, lse, part_o, part_lse,
         float(sm_scale), heads, num_splits, kv_cache.shape[0], max_blocks,
-        q16.stride(0), q16.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
+        q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
         out.stride(0), out.stride(1),
         PAGE=page, L=LATENT, R=ROPE, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
         E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1, num_warps=NUM_WARPS)

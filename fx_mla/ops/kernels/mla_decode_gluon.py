@@ -4,8 +4,8 @@ Import this module only where triton.experimental.gluon is the validated Triton 
 fx_mla/ops/mla_decode_gluon.py imports it lazily, after gluon_unsupported_reason returned None).
 
 One CTA per (64-head group, split, request), 8 warps = two warpgroups, BLOCK_N tokens per tile. Same numerics as
-the Triton kernel of fx_mla/ops/kernels/mla_decode_fp8.py (its docstring): the launcher hands in the query already
-scaled by 2**-Q_SHIFT and rounded to fp16; the FP8 cache is converted to fp16 exactly; k_scale and 2**Q_SHIFT are
+the Triton kernel of fx_mla/ops/kernels/mla_decode_fp8.py (its docstring): a bf16 query is scaled by 2**-Q_SHIFT
+and rounded to fp16 as it is loaded (an fp16 query is used as is); the FP8 cache is converted to fp16 exactly; k_scale and 2**Q_SHIFT are
 folded into the base-2 score scale and k_scale into the output; online softmax in fp32; the same (o, lse) outputs
 and split workspace, so the Triton combine kernel merges the splits.
 
@@ -88,6 +88,14 @@ def _store_tile(tile, k_nope_words, k_pe_words, SUB: gl.constexpr, E5M2: gl.cons
 
 
 @gluon.jit
+def _to_mma_dtype(q, Q_SHIFT: gl.constexpr):
+    """The query as the fp16 MMA operand: a bf16 query times 2**-Q_SHIFT (exact) rounded to fp16."""
+    if Q_SHIFT > 0:
+        return (q.to(gl.float32) * (1.0 / (1 << Q_SHIFT))).to(gl.float16)
+    return q.to(gl.float16)
+
+
+@gluon.jit
 def _mla_decode_gluon_kernel(
         q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
@@ -122,17 +130,17 @@ def _mla_decode_gluon_kernel(
     SMEM_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
     SMEM_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.float16)
 
-    # ---- query tile (fp16, already scaled by 2**-Q_SHIFT) into shared memory, once
+    # ---- query tile (fp16, bf16 scaled by 2**-Q_SHIFT) into shared memory, once
     heads = pid_g * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, Q_LAYOUT))
     q_rows = q_ptr + pid_b * stride_q_b + heads.to(gl.int64) * stride_q_h
     offs_ql = gl.arange(0, L, layout=gl.SliceLayout(0, Q_LAYOUT))
     q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_LAT,
-                                            gl.load(q_rows[:, None] + offs_ql[None, :]))
+                                            _to_mma_dtype(gl.load(q_rows[:, None] + offs_ql[None, :]), Q_SHIFT))
     heads_r = pid_g * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_Q_LAYOUT))
     q_rows_r = q_ptr + pid_b * stride_q_b + heads_r.to(gl.int64) * stride_q_h
     offs_qr = gl.arange(0, R, layout=gl.SliceLayout(0, ROPE_Q_LAYOUT))
     q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_ROPE,
-                                          gl.load(q_rows_r[:, None] + L + offs_qr[None, :]))
+                                          _to_mma_dtype(gl.load(q_rows_r[:, None] + L + offs_qr[None, :]), Q_SHIFT))
     # Two fp16 cache-tile buffers (tile j is read by P V while tile j+1 is written) and the P tile.
     k_nope_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_LAT)
     k_pe_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_ROPE)
