@@ -324,3 +324,16 @@ def _interpreter_checks():
 
 if __name__ == "__main__":
     _interpreter_checks()
+
+
+@pytest.mark.parametrize("xd", XDTYPES)
+def test_quant_fp8_approx_division_is_exact_on_cpu(xd):
+    """approx_division selects Triton's '/' on CUDA only; the CPU implementation divides exactly (as Inductor's
+    C++ kernels do), so the flag leaves CPU results bitwise unchanged."""
+    fd = torch.float8_e4m3fn
+    x = _rand((33, 65), xd, fd, torch.Generator().manual_seed(11))
+    s = torch.tensor(0.3)
+    got = torch.ops.fx_mla.quant_fp8(x, s, fd, False, True)
+    assert torch.equal(got.view(torch.uint8), qmod.quant_fp8_reference(x, s, fd).view(torch.uint8))
+    assert torch.equal(qmod.quant_fp8(x, s, fd, approx_division=True).view(torch.uint8), got.view(torch.uint8))
+    torch.library.opcheck(torch.ops.fx_mla.quant_fp8.default, (x, s, fd, False, True))

@@ -274,6 +274,42 @@ def test_quant_before_gather_follows_the_inner_compilers_rounding(fake_group, in
         assert "scale rounded" not in detail and "fp32 quotient" not in detail, detail
 
 
+@pytest.mark.parametrize("inner,emulate,approx,scale_rounded", [
+    ("inductor", False, True, False),   # default Inductor on CUDA: Triton's approximate '/'
+    ("inductor", True, True, True),     # emulate_precision_casts: rounds the scale, still divides with '/'
+    ("eager", False, False, False),     # eager: IEEE division (the scale is rounded only when it is a CUDA tensor)
+])
+def test_quant_before_gather_divides_as_the_cuda_executor(fake_group, inner, emulate, approx, scale_rounded):
+    """On CUDA the op divides the way the unrewritten graph's executor does (decided from the inner compiler and
+    Inductor's config, never from data); GPU numerics: tests/gpu and benchmarks/diag_inductor_rounding.py."""
+    p, _ = _as_if(lambda x, s: _q(_gathered(x), s), capability=(9, 0), inner=inner, emulate=emulate)
+    assert len(p.matches) == 1 and not p.declines, (p.matches, p.declines)
+    detail = p.matches[0].detail
+    assert ("approximate fp32 division" in detail) == approx, detail
+    assert ("scale rounded to bf16" in detail) == scale_rounded, detail
+
+
+def test_quant_before_gather_division_rounding_switch_keeps_ieee(fake_group):
+    from torch._inductor import config as inductor_config
+    name = ("eager_numerics.division_rounding" if hasattr(getattr(inductor_config, "eager_numerics", None),
+                                                            "division_rounding")
+            else next((n for n in ("emulate_division_rounding", "emulate_divison_rounding")
+                       if hasattr(inductor_config, n)), None))
+    if name is None:
+        pytest.skip("this torch has no Inductor division-rounding switch")
+    with inductor_config.patch({name: True}):
+        p, _ = _as_if(lambda x, s: _q(_gathered(x), s), capability=(9, 0), inner="inductor")
+    assert len(p.matches) == 1 and "approximate" not in p.matches[0].detail, p.matches
+
+
+def test_quant_before_gather_rounding_override_is_used_on_cuda_only(fake_group, monkeypatch):
+    monkeypatch.setattr(qbg, "INDUCTOR_CUDA_OVERRIDE", qbg.Rounding(quotient=False, scale=True, approx_division=False))
+    p, _ = _as_if(lambda x, s: _q(_gathered(x), s), capability=(9, 0), inner="inductor")
+    assert "scale rounded to bf16" in p.matches[0].detail and "approximate" not in p.matches[0].detail
+    p, _ = _as_if(lambda x, s: _q(_gathered(x), s), inner="inductor")  # CPU: the rule, not the override
+    assert "scale rounded" not in p.matches[0].detail and "approximate" not in p.matches[0].detail
+
+
 # ------------------------------------------------------------------------------------------------ numerics
 def _hypothesis_variants(n: int = 8) -> list:
     """``n`` chain variants drawn by hypothesis (derandomized: the same list every run), checked on gloo ranks."""
