@@ -11,7 +11,12 @@ quantize with the same op (fx_mla::quant_fp8, static scale identical on every ra
 difference is the bytes on the wire. FP8 travels as a uint8 view (gloo cannot gather float8).
 Timing: a fixed iteration count on every rank (never do_bench around collectives: its adaptive repeat
 count differs per rank and hangs), a barrier before each repetition, CUDA events, the median of the
-repetitions, then the max over ranks. Writes benchmarks/results/q_allgather.json.
+repetitions, then the max over ranks; two ways, both reported:
+  eager loop: `iters` calls from Python (host launch cost included: at small B the host bounds it);
+  CUDA graph (NCCL only): `iters` calls of each path captured in one CUDA graph on every rank (warmed up
+  on a side stream first, so NCCL's communicator exists before capture), replayed after a barrier:
+  device time a call. The summary's headline ratio uses the CUDA-graph time on GPUs (the eager loop on
+  CPU) and gives both ratios at the largest B. Writes benchmarks/results/q_allgather.json.
 
 --single: fx_mla::quant_fp8 (static, dynamic, per-token) vs the same chain in eager torch and under
 Inductor, do_bench medians, bytes and % of a device-to-device copy measured in the same run.
@@ -92,6 +97,41 @@ def _time_fixed(fn, device, iters, reps, warmup):
     return statistics.median(times)
 
 
+def _time_graph(fn, iters, reps, warmup):
+    """Median per-call ms of `iters` calls captured in one CUDA graph, replayed `reps` times after barriers;
+    also the graph's last output (to check it against the eager result). Every rank captures the same calls."""
+    import torch.distributed as dist
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream (torch.cuda.graphs docs)
+        for _ in range(max(warmup, 3)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            last = fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph.replay()  # first replay: uploads the graph
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    out = last.clone()
+    del graph
+    return statistics.median(times), out
+
+
 def _allgather_rank(rank, ws, device, batches, iters, reps, warmup):
     import warnings
 
@@ -109,15 +149,26 @@ def _allgather_rank(rank, ws, device, batches, iters, reps, warmup):
         ref = _bf16_gather_then_quant(q, scale, ws)
         new = _quant_then_fp8_gather(q, scale, ws)
         equal = bool(torch.equal(ref.view(torch.uint8), new.view(torch.uint8)))
-        t_bf16 = _time_fixed(lambda: _bf16_gather_then_quant(q, scale, ws), device, iters, reps, warmup)
-        t_fp8 = _time_fixed(lambda: _quant_then_fp8_gather(q, scale, ws), device, iters, reps, warmup)
+        paths = (lambda: _bf16_gather_then_quant(q, scale, ws), lambda: _quant_then_fp8_gather(q, scale, ws))
+        t_bf16, t_fp8 = (_time_fixed(fn, device, iters, reps, warmup) for fn in paths)
+        g_bf16 = g_fp8 = float("nan")
+        if device == "cuda":
+            (g_bf16, out_bf16), (g_fp8, out_fp8) = (_time_graph(fn, iters, reps, warmup) for fn in paths)
+            equal = equal and all(torch.equal(o.view(torch.uint8), ref.view(torch.uint8))
+                                  for o in (out_bf16, out_fp8))
         # the slowest rank bounds a collective step; every rank sends the same reduction
-        stats = torch.tensor([t_bf16, t_fp8, 0.0 if equal else 1.0], device=dev, dtype=torch.float64)
+        stats = torch.tensor([t_bf16, t_fp8, g_bf16, g_fp8, 0.0 if equal else 1.0], device=dev,
+                             dtype=torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-        t_bf16, t_fp8, unequal = stats.tolist()
+        t_bf16, t_fp8, g_bf16, g_fp8, unequal = stats.tolist()
+        graphed = device == "cuda"
         gathered = b * HEADS * D
         rows.append({"B": b, "t_bf16_gather_quant_us": t_bf16 * 1e3, "t_quant_fp8_gather_us": t_fp8 * 1e3,
-                     "ratio": t_fp8 / t_bf16, "gathered_bytes_bf16": 2 * gathered,
+                     "ratio": t_fp8 / t_bf16,
+                     "graph_bf16_gather_quant_us": g_bf16 * 1e3 if graphed else None,
+                     "graph_quant_fp8_gather_us": g_fp8 * 1e3 if graphed else None,
+                     "graph_ratio": g_fp8 / g_bf16 if graphed else None,
+                     "gathered_bytes_bf16": 2 * gathered,
                      "gathered_bytes_fp8": gathered,
                      "received_bytes_per_rank_bf16": 2 * gathered * (ws - 1) // ws,
                      "received_bytes_per_rank_fp8": gathered * (ws - 1) // ws,
@@ -136,21 +187,30 @@ def run_allgather(args):
                         args.reps, args.warmup, backend=backend, timeout=args.timeout)
     rows = results[0]
     print(f"\nQ all-gather, {args.world_size} ranks ({backend}), {HEADS} gathered heads x D={D}, "
-          f"bf16 in, fp8 e4m3 out; median of {args.reps} x {args.iters} iters, max over ranks")
-    print(f"{'B':>5} {'bf16 gather+quant us':>21} {'quant+fp8 gather us':>20} {'ratio':>6} "
-          f"{'wire bytes bf16':>16} {'wire bytes fp8':>15} {'bitwise':>8}")
+          f"bf16 in, fp8 e4m3 out; us a call, median of {args.reps} x {args.iters} iters, max over ranks. "
+          f"loop: Python loop (host launch cost included); graph: {args.iters} calls in one CUDA graph "
+          f"(device time)")
+    print(f"{'B':>5} {'loop bf16+q':>12} {'loop q+fp8':>11} {'ratio':>6} {'graph bf16+q':>13} "
+          f"{'graph q+fp8':>12} {'ratio':>6} {'wire B bf16':>12} {'wire B fp8':>11} {'bitwise':>8}")
+    na = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        print(f"{r['B']:>5} {r['t_bf16_gather_quant_us']:>21.1f} {r['t_quant_fp8_gather_us']:>20.1f} "
-              f"{r['ratio']:>6.3f} {r['gathered_bytes_bf16']:>16} {r['gathered_bytes_fp8']:>15} "
+        print(f"{r['B']:>5} {r['t_bf16_gather_quant_us']:>12.1f} {r['t_quant_fp8_gather_us']:>11.1f} "
+              f"{r['ratio']:>6.3f} {na(r['graph_bf16_gather_quant_us'], '13.1f'):>13} "
+              f"{na(r['graph_quant_fp8_gather_us'], '12.1f'):>12} {na(r['graph_ratio'], '6.3f'):>6} "
+              f"{r['gathered_bytes_bf16']:>12} {r['gathered_bytes_fp8']:>11} "
               f"{str(r['bitwise_equal_all_ranks']):>8}")
     info = _env_info(args.device)
     if args.device == "cuda":
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(args.world_size)]
     largest = max(rows, key=lambda r: r["B"])
+    graphed = largest["graph_ratio"] is not None
     out = {"benchmark": "q_allgather", "world_size": args.world_size, "backend": backend,
            "device": args.device, "heads": HEADS, "D": D, "fp8_dtype": str(FP8), **info,
            "iters": args.iters, "reps": args.reps, "rows": rows,
-           "summary": {"ratio_at_largest_B": largest["ratio"], "largest_B": largest["B"],
+           "summary": {"ratio_at_largest_B": largest["graph_ratio"] if graphed else largest["ratio"],
+                       "headline_timing": "cuda_graph" if graphed else "eager_loop",
+                       "ratio_cuda_graph_at_largest_B": largest["graph_ratio"],
+                       "ratio_eager_loop_at_largest_B": largest["ratio"], "largest_B": largest["B"],
                        "bitwise_equal_all": all(r["bitwise_equal_all_ranks"] for r in rows),
                        "target_ratio_at_large_B": 0.6}}
     _write_json(out, args.out or f"q_allgather{'' if args.device == 'cuda' else '_cpu_smoke'}.json")
