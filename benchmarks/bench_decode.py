@@ -167,13 +167,15 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start):
     result = dict(name="decode", date=datetime.date.today().isoformat(), device=props.name,
                   sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
                   copy_tbps=copy_tbps, bf16_matmul_tflops=mm_tflops, block_size=BLOCK, cache_dtype="float8_e4m3fn",
-                  query_dtype="bfloat16", timing="median of CUDA-graph replays (triton.testing.do_bench)",
+                  query_dtype="bfloat16", decode_kernel_setting=dmod.DECODE_KERNEL, timing="median of CUDA-graph replays (triton.testing.do_bench)",
                   rows=rows, sweep=sweep_rows, summary=summary, seconds=time.time() - t_start)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     if os.environ.get("OUT"):
-        shutil.copy(path, os.path.join(os.environ["OUT"], os.path.basename(path)))
+        dest = os.path.join(os.environ["OUT"], os.path.basename(path))
+        if os.path.abspath(dest) != os.path.abspath(path):
+            shutil.copy(path, dest)
     return result
 
 
@@ -235,7 +237,7 @@ def main():
             t_us, err, lse_err = float("inf"), float("nan"), float("nan")
             row["fused_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"  fused op failed: {row['fused_error']}", flush=True)
-        row.update(fused_us=t_us, fused_config=list(default), fused_regs_spills_smem=regs[0], fused_rel_err=err, fused_lse_err=lse_err,
+        row.update(fused_us=t_us, fused_kernel=dmod.cuda_kernel_choice(q, cache, LAT), fused_config=list(default), fused_regs_spills_smem=regs[0], fused_rel_err=err, fused_lse_err=lse_err,
                    pct_of_roofline=100 * row["floor_us"] / t_us, pct_of_copy_bw=100 * kv_bytes / (t_us * 1e-6)
                    / (copy_tbps * 1e12), fused_tbps=kv_bytes / (t_us * 1e-6) / 1e12,
                    fused_tflops=flops / (t_us * 1e-6) / 1e12)

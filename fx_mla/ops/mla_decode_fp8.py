@@ -335,5 +335,34 @@ def _(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_ra
     reason = kernel_unsupported_reason(q.dtype, kv_cache.dtype, q.shape[2], kv_lora_rank, cap)
     if reason is not None:
         raise RuntimeError(f"mla_decode_fp8 cannot run on {q.device}: {reason}")
+    if cuda_kernel_choice(q, kv_cache, kv_lora_rank) == "gluon":
+        from fx_mla.ops.mla_decode_gluon import launch_mla_decode_gluon
+        out, lse = _empty_outputs(q, kv_lora_rank, out_dtype)
+        return launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale,
+                                       kv_lora_rank, out, lse)
     return launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank,
                                  out_dtype)
+
+
+# Which CUDA kernel the op runs: "auto" (the Gluon sm_90 kernel where gluon_unsupported_reason allows it, measured
+# 1.14-1.19x faster than the Triton kernel on the 128-head shapes of benchmarks/RESULTS.md; else Triton), "triton"
+# or "gluon" (an error where it is not supported). Set by FX_MLA_DECODE_KERNEL at import; benchmarks and tests
+# assign the module attribute.
+DECODE_KERNEL = os.environ.get("FX_MLA_DECODE_KERNEL", "auto")
+
+
+def cuda_kernel_choice(q, kv_cache, kv_lora_rank) -> str:
+    """"gluon" or "triton" for these CUDA inputs under DECODE_KERNEL (raises where "gluon" is forced but not
+    supported, naming why)."""
+    if DECODE_KERNEL not in ("auto", "triton", "gluon"):
+        raise ValueError(f"FX_MLA_DECODE_KERNEL / DECODE_KERNEL must be 'auto', 'triton' or 'gluon', got "
+                         f"{DECODE_KERNEL!r}")
+    if DECODE_KERNEL == "triton":
+        return "triton"
+    from fx_mla.ops.mla_decode_gluon import gluon_unsupported_reason
+    reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank)
+    if reason is None:
+        return "gluon"
+    if DECODE_KERNEL == "gluon":
+        raise RuntimeError(f"FX_MLA_DECODE_KERNEL=gluon, but the Gluon kernel cannot run these inputs: {reason}")
+    return "triton"

@@ -1,6 +1,7 @@
 """GPU tests of fx_mla::mla_decode_fp8: the Triton kernels at real sizes vs a float64 reference (ragged and
 empty requests, block sizes 16/64, H 16/128, e4m3/e5m2/bf16 caches, fp8 queries), NaN-poisoned outputs and
-workspace, opcheck on CUDA, CUDA-graph capture and replay with new lengths.
+workspace, opcheck on CUDA, CUDA-graph capture and replay with new lengths; the op's Gluon (auto) and
+Triton kernel choices both.
 Run on a lent H100/H200: `python3 -m pytest -m cuda tests/gpu/test_mla_decode_fp8_gpu.py`."""
 import pytest
 import torch
@@ -22,10 +23,18 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 LENGTHS = [1000, 0, 3001, 64, 17, 4096]
 
 
+@pytest.fixture(params=["auto", "triton"])
+def kernel(request, monkeypatch):
+    """The op's CUDA kernel choice: "auto" (Gluon where supported: sm_90, 64-head multiples, bf16/fp16 query
+    over an FP8 cache) and "triton" (always the Triton kernels)."""
+    monkeypatch.setattr(dmod, "DECODE_KERNEL", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("cache_dtype,q_dtype", [(E4M3, torch.bfloat16), (E5M2, torch.bfloat16),
                                                  (torch.bfloat16, torch.bfloat16), (E4M3, E4M3)])
-def test_op_matches_float64(heads, cache_dtype, q_dtype):
+def test_op_matches_float64(heads, cache_dtype, q_dtype, kernel):
     p = make_problem(LENGTHS, heads, 64, cache_dtype, q_dtype, seed=heads, device="cuda")
     out, lse = OP(*p.args(torch.bfloat16))
     # FP8 x FP8 on Hopper's warpgroup MMA (the 64-head groups) adds partial sums of up to 128 products with a
@@ -67,7 +76,7 @@ def test_opcheck_cuda():
                           test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
 
 
-def test_cuda_graph_capture_replays_with_new_lengths_and_query():
+def test_cuda_graph_capture_replays_with_new_lengths_and_query(kernel):
     p = make_problem([3000, 0, 1, 4000], 128, 64, E4M3, seed=5, device="cuda")
     final_lens = p.seq_lens.clone()
     p.seq_lens.copy_(torch.tensor([2000, 500, 0, 4000], dtype=p.seq_lens.dtype))

@@ -30,6 +30,26 @@ def test_tc_config_kinds():
         raise AssertionError("an unknown kind must raise")
 
 
+def test_cuda_kernel_choice(monkeypatch):
+    q = torch.zeros(2, 128, 576, dtype=torch.bfloat16)
+    kv = torch.zeros(4, 64, 576, dtype=E4M3)
+    assert dmod.cuda_kernel_choice(q, kv, 512) == "triton"  # CPU tensors: the Gluon kernel declines
+    monkeypatch.setattr(dmod, "DECODE_KERNEL", "gluon")
+    try:
+        dmod.cuda_kernel_choice(q, kv, 512)
+    except RuntimeError as e:
+        assert "FX_MLA_DECODE_KERNEL=gluon" in str(e) and "CUDA" in str(e)
+    else:
+        raise AssertionError("a forced Gluon kernel that cannot run must raise")
+    monkeypatch.setattr(dmod, "DECODE_KERNEL", "fastest")
+    try:
+        dmod.cuda_kernel_choice(q, kv, 512)
+    except ValueError as e:
+        assert "'auto', 'triton' or 'gluon'" in str(e)
+    else:
+        raise AssertionError("an unknown kernel choice must raise")
+
+
 def test_tc_kernels_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO, capture_output=True,
