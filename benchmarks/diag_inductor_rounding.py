@@ -207,14 +207,14 @@ def part_a():
     for v in variants:
         module = cases.GatherQuant(v).to("cuda")
         x, s = cases.variant_inputs(v, 0, "cuda")
-        jobs.append((str(v), module, (x, s), v.scale, cases.FP8[v.fp8], None))
+        jobs.append((str(v), module, (x, s), v.scale, cases.FP8[v.fp8], None, s))
     for i, (dtype, fp8, inner, _whole) in enumerate(model_cases):
         pb = make_problem(cases.model_config(1, dtype, fp8), cases.SEQ_LENS, seed=i)
         module, args = rank_inputs(pb, 0, device="cuda")
         jobs.append((f"DecodeQuery({dtype}, {fp8})", cases.DecodeQuery(module), (args[0], args[1], args[6]),
-                     "input_div", cases.FP8[fp8], TapQuery(module)))
+                     "input_div", cases.FP8[fp8], TapQuery(module), args[6]))
     summary = []
-    for name, module, args, form, fp8, tap in jobs:
+    for name, module, args, form, fp8, tap, s_in in jobs:
         t0 = time.time()
         log(f"\n=== quant_before_gather case {name}")
         try:
@@ -240,7 +240,7 @@ def part_a():
                         f"{fp8_mismatches(tq, want)} bytes (0: its gathered tensor is the quantization's input)")
                 else:
                     xin = args[0]  # world size 1: the all-gather (and its reorganisation) is the identity
-                scales = scale_candidates(form, xin, args[1]) or dynamic_scales(form, xin, fp8)
+                scales = scale_candidates(form, xin, s_in) or dynamic_scales(form, xin, fp8)
                 rows = run_candidates(xin, scales, fp8, want)
                 log(f"  candidates (x {xin.dtype} {tuple(xin.shape)} -> {fp8}; {want.numel()} bytes):")
                 for count, label, _ in rows[:6] + [r for r in rows[6:] if r[0] == 0]:
@@ -293,8 +293,9 @@ def part_b():
 
     emulate = {"emulate_precision_casts": True}
     log("\n=== cache_gather: Inductor with emulate_precision_casts")
-    cache, table, scale = paged_inputs(7, 576, torch.float8_e4m3fn, bs=64, lengths=(3000, 0, 1, 64, 700, 129),
-                                       device="cuda")
+    cache, table, _ = paged_inputs(7, 576, torch.float8_e4m3fn, bs=64, lengths=(3000, 0, 1, 64, 700, 129),
+                                   device="cuda")
+    scale = torch.tensor(3.0 / 448, device="cuda")  # the decode step's k_scale: bf16(scale) changes products
     x8 = cache[table].view(table.shape[0], -1, 576)
     for fn in (paged_index, paged_fp32_then_round):
         t0 = time.time()
@@ -309,7 +310,8 @@ def part_b():
             for label, c in cands.items():
                 log(f"  {fn.__name__} candidate {label}: "
                     f"{int((c.view(torch.int16) != want.view(torch.int16)).sum())} of {want.numel()} differ")
-            for override in (None, False, True):
+            # the pass's rule (rounds the scale where the multiply is bf16), and for x.to(bf16) * s the opposite
+            for override in ((None, False) if fn is paged_index else (None,)):
                 cg.EMULATE_SCALE_ROUNDING_OVERRIDE = override
                 try:
                     torch._dynamo.reset()
@@ -338,7 +340,7 @@ def part_b():
         plain, _ = compile_fn(module, [], "inductor")
         want, codes = run_compiled(plain, args, get_code=True, **emulate)
         print_kernels("decode step, unrewritten, emulate", codes, needles=("fp8e4nv", "float8e4nv"), limit=40)
-        for override in (None, False, True):
+        for override in (None, False):  # the rule rounds the scale here; False: it does not
             cg.EMULATE_SCALE_ROUNDING_OVERRIDE = override
             try:
                 torch._dynamo.reset()
