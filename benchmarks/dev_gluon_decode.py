@@ -11,6 +11,13 @@
 JSON to $OUT/dev_gluon_decode.json (else benchmarks/results/dev_gluon_decode.json). One GPU, < 150 s.
 
   PYTHONPATH=. python3 benchmarks/dev_gluon_decode.py [--budget 140] [--skip-timing]
+
+--variants (round 2): the kernel variants of VARIANTS below, each in its own subprocess with a timeout (a crash
+or hang of one cannot stop the others), round-1 kernel first: checks CHECKS_QUICK of the cases above (a variant
+is timed only when all pass), then the automatic-split time of every 128-head shape; the round-1 child also
+measures the ceilings and the Triton op. Writes $OUT/dev_gluon_variants.json and prints one table.
+
+  PYTHONPATH=. python3 benchmarks/dev_gluon_decode.py --variants [--budget 145]
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -43,13 +51,22 @@ CASES = [  # (lengths, heads, block_size, cache dtype, q dtype, out dtype, num_s
     ([0, 0], 128, 64, E4M3, torch.bfloat16, torch.bfloat16, 2),
 ]
 
+CHECKS_QUICK = (0, 3, 4, 6, 7)
+VARIANTS = [  # (name, flags of launch_mla_decode_gluon's `variant`), safest first
+    ("r1", {}),
+    ("one_page", dict(one_page=True)),
+    ("one_page+trim", dict(one_page=True, trim_barrier=True)),
+    ("one_page+trim+lazy", dict(one_page=True, trim_barrier=True, lazy_rescale=True)),
+    ("lazy", dict(lazy_rescale=True)),
+]
 
-def check_case(lengths, heads, block, cache_dtype, q_dtype, out_dtype, splits, seed):
+
+def check_case(lengths, heads, block, cache_dtype, q_dtype, out_dtype, splits, seed, variant=None):
     p = make_problem(lengths, heads, block, cache_dtype, q_dtype, seed=seed, device="cuda")
     out = torch.full((len(lengths), heads, 512), float("nan"), dtype=out_dtype, device="cuda")
     lse = torch.full((len(lengths), heads), float("nan"), dtype=torch.float32, device="cuda")
     gmod.launch_mla_decode_gluon(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
-                                 out, lse, num_splits=splits, poison_workspace=True)
+                                 out, lse, num_splits=splits, poison_workspace=True, variant=variant)
     torch.cuda.synchronize()
     ref_o, ref_l = dmod.mla_decode_fp8_reference(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None,
                                                  p.sm_scale, 512, torch.float32)
@@ -81,11 +98,142 @@ def kernel_info():
                 shared=getattr(getattr(k, "metadata", None), "shared", None))
 
 
+def shape_inputs(batch, heads, ctx, l2_bytes):
+    kv_bytes = batch * ctx * bd.D
+    rotations = max(1, min(8, math.ceil(3 * l2_bytes / kv_bytes)))
+    return kv_bytes, bd.make_inputs(batch, heads, ctx, rotations)
+
+
+def run_child(name, budget):
+    """One variant: quick checks, then (all passing) the automatic-split time of each 128-head shape."""
+    t0 = time.time()
+    flags = dict(VARIANTS)[name]
+    props = torch.cuda.get_device_properties(0)
+    res = dict(variant=name, flags=flags, device=props.name, checks=[], rows=[])
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    path = os.path.join(out_dir, f"dev_gluon_variant_{name.replace('+', '_')}.json")
+
+    def dump():
+        res["seconds"] = time.time() - t0
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+    for i in CHECKS_QUICK:
+        try:
+            row = check_case(*CASES[i], seed=i, variant=flags)
+        except Exception as e:  # noqa: BLE001
+            row = dict(case=i, ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}")
+        row["case"] = i
+        res["checks"].append(row)
+        print(f"[{name}] check {i}: ok={row['ok']} out {row.get('rel_err_out_f64', float('nan')):.2e} lse "
+              f"{row.get('lse_err_f64', float('nan')):.1e} {row.get('error', '')[:200]}", flush=True)
+        dump()
+    res["kernel"] = kernel_info()
+    res["all_ok"] = all(r["ok"] for r in res["checks"])
+    dump()
+    if not res["all_ok"]:
+        return
+    if name == "r1":
+        res["copy_tbps"], res["bf16_matmul_tflops"] = bd.measure_ceilings()
+        dump()
+    op = torch.ops.fx_mla.mla_decode_fp8
+    for batch, heads, ctx in [s for s in bd.SHAPES if s[1] % gmod.BLOCK_H == 0]:
+        if time.time() - t0 > budget - 5:
+            print(f"[{name}] out of time budget", flush=True)
+            break
+        kv_bytes, (cache, tables, lens, k_scale, q, _, _) = shape_inputs(batch, heads, ctx, props.L2_cache_size)
+        ref_o, ref_l = dmod.mla_decode_fp8_reference(q, cache, tables[0], lens, k_scale, None, bd.SM_SCALE, bd.LAT,
+                                                     torch.float32)
+        row = dict(batch=batch, heads=heads, context=ctx, kv_bytes=kv_bytes,
+                   flops=2 * batch * heads * ctx * (bd.D + bd.LAT))
+        out = torch.full((batch, heads, bd.LAT), float("nan"), dtype=torch.bfloat16, device="cuda")
+        lse = torch.full((batch, heads), float("nan"), dtype=torch.float32, device="cuda")
+        call = lambda t: gmod.launch_mla_decode_gluon(  # noqa: E731
+            q, cache, t, lens, k_scale, None, bd.SM_SCALE, bd.LAT, out, lse, variant=flags)
+        call(tables[0])
+        torch.cuda.synchronize()
+        row.update(rel_err=rel_err(out, ref_o), lse_err=float((lse - ref_l).abs().max()))
+        row["us"] = bd.time_us(call, tables)[0]
+        if name == "r1":
+            tri = lambda t: op(q, cache, t, lens, k_scale, None, bd.SM_SCALE, bd.LAT, torch.bfloat16)  # noqa: E731
+            row["triton_us"] = bd.time_us(tri, tables)[0]
+        print(f"[{name}] {batch}x{heads}x{ctx}: {row['us']:.1f} us (err {row['rel_err']:.1e}, lse "
+              f"{row['lse_err']:.1e}) triton {row.get('triton_us', float('nan')):.1f} [{time.time() - t0:.0f} s]",
+              flush=True)
+        res["rows"].append(row)
+        del cache, tables, ref_o, ref_l
+        torch.cuda.empty_cache()
+        dump()
+
+
+def run_variants(budget):
+    """Each variant in a subprocess with a timeout; merge the children's JSON, print one table."""
+    t0 = time.time()
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    merged = dict(name="dev_gluon_variants", torch=torch.__version__, triton=triton.__version__, variants={})
+    for name, flags in VARIANTS:
+        left = budget - (time.time() - t0)
+        if left < 20:
+            print(f"skipping {name}: {left:.0f} s left", flush=True)
+            continue
+        limit = min(45.0, left - 2)
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--budget", str(limit - 3)]
+        try:
+            r = subprocess.run(cmd, timeout=limit, capture_output=True, text=True, env=os.environ.copy())
+            status = f"rc {r.returncode}"
+            sys.stdout.write(r.stdout)
+            if r.returncode:
+                sys.stdout.write(r.stderr[-3000:])
+        except subprocess.TimeoutExpired as e:
+            status = f"timeout after {limit:.0f} s"
+            sys.stdout.write((e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""))
+        child = os.path.join(out_dir, f"dev_gluon_variant_{name.replace('+', '_')}.json")
+        data = json.load(open(child)) if os.path.exists(child) else dict(variant=name, flags=flags)
+        data["status"] = status
+        merged["variants"][name] = data
+        print(f"== {name}: {status}, checks ok {data.get('all_ok')}, kernel {data.get('kernel')} "
+              f"[{time.time() - t0:.0f} s]", flush=True)
+        with open(os.path.join(out_dir, "dev_gluon_variants.json"), "w") as f:
+            json.dump(merged, f, indent=1)
+    base = merged["variants"].get("r1", {})
+    copy_tbps, mm = base.get("copy_tbps"), base.get("bf16_matmul_tflops")
+    merged["device"] = base.get("device")
+    print(f"\n{base.get('device')} torch {torch.__version__} triton {triton.__version__} copy {copy_tbps} TB/s "
+          f"bf16 mm {mm} TFLOP/s; us (% of roofline), auto splits")
+    names = [n for n, _ in VARIANTS if merged["variants"].get(n, {}).get("rows")]
+    print(f"{'shape':>14} {'floor':>6} {'triton':>7} " + " ".join(f"{n:>20}" for n in names))
+    summary = {}
+    for i, r0 in enumerate(base.get("rows", [])):
+        floor = max(r0["kv_bytes"] / (copy_tbps * 1e12), r0["flops"] / (mm * 1e12)) * 1e6 if copy_tbps else None
+        cells = []
+        for n in names:
+            rows = merged["variants"][n]["rows"]
+            us = rows[i]["us"] if i < len(rows) else None
+            pct = 100 * floor / us if (us and floor) else None
+            if us:
+                summary.setdefault(n, []).append(pct)
+            cells.append(f"{us:8.1f} ({pct:5.1f}%)" if us else f"{'-':>20}")
+        print(f"{r0['batch']:>3}x{r0['heads']}x{r0['context']:<6} {floor or 0:6.1f} {r0.get('triton_us', 0):7.1f} "
+              + " ".join(f"{c:>20}" for c in cells))
+    merged["summary"] = {n: dict(min_pct_of_roofline=min(v), shapes=len(v)) for n, v in summary.items()}
+    merged["seconds"] = time.time() - t0
+    with open(os.path.join(out_dir, "dev_gluon_variants.json"), "w") as f:
+        json.dump(merged, f, indent=1)
+    print("summary:", json.dumps(merged["summary"]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=140.0)
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="time the kernel variants, one subprocess each")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.variants:
+        return run_variants(args.budget)
+    if args.child:
+        return run_child(args.child, args.budget)
     t0 = time.time()
     props = torch.cuda.get_device_properties(0)
     result = dict(name="dev_gluon_decode", device=props.name, capability=list(torch.cuda.get_device_capability(0)),

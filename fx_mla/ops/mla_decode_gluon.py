@@ -28,6 +28,16 @@ NUM_WARPS = 8       # two warpgroups: token halves of QK^T, column halves of PV
 LATENT, ROPE = 512, 64
 Q_SHIFT = 8         # bf16 query -> fp16 as q * 2**-8 (exact for 2**-6 <= |q| <= 65504 * 2**8), as the Triton path
 SMEM_NEEDED = 225 * 1024  # the compiled kernel uses 229,888 bytes (Triton 3.6, sm_90)
+# Kernel variants (round 2, issue 6), all compiled for sm_90 without spills; the default stays the round-1 kernel
+# until a device run (benchmarks/dev_gluon_decode.py --variants) shows a variant correct and faster.
+#   one_page:     a 64-token tile of a block_size % 64 == 0 cache is one page: one block-table read a tile and
+#                 contiguous rows (the loop body shrinks from 826 to 722 instructions a thread); same numerics.
+#   trim_barrier: drops the barrier before P is rewritten (the row-max reduction already synchronised); same
+#                 numerics.
+#   lazy_rescale: keeps the running max until a tile's max passes it by 2**8, skipping the 128-register rescale
+#                 of the accumulator on most tiles; the same softmax, rounded differently.
+VARIANT_FLAGS = ("one_page", "trim_barrier", "lazy_rescale")
+DEFAULT_VARIANT = dict(one_page=False, trim_barrier=False, lazy_rescale=False)
 
 
 def gluon_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
@@ -94,11 +104,14 @@ def _check_outputs(q, kv_lora_rank, out, lse, block_table, seq_lens, k_scale):
 
 
 def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out, lse,
-                            num_splits: Optional[int] = None, poison_workspace: bool = False):
+                            num_splits: Optional[int] = None, poison_workspace: bool = False,
+                            variant: Optional[dict] = None):
     """Fill out / lse with the decode attention of q over the paged cache; returns (out, lse).
 
     num_splits: splits per request (None: the Triton path's rule, about one CTA per SM). poison_workspace fills
     the split workspace with NaN first (tests: every element the combine reads must have been written).
+    variant: kernel flags (VARIANT_FLAGS) overriding DEFAULT_VARIANT; one_page applies only where
+    block_size % BLOCK_N == 0.
     """
     from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel
     from fx_mla.ops.mla_decode_fp8 import _num_splits, _sm_count
@@ -108,6 +121,11 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
         raise ValueError(f"the Gluon MLA decode kernel does not cover these inputs: {reason}")
     _expect(q_scale is None, ValueError, "q_scale must be None: the Gluon kernel takes a bf16/fp16 query")
     _check_outputs(q, kv_lora_rank, out, lse, block_table, seq_lens, k_scale)
+    flags = dict(DEFAULT_VARIANT)
+    if variant:
+        unknown = sorted(set(variant) - set(VARIANT_FLAGS))
+        _expect(not unknown, ValueError, f"variant: unknown flags {unknown}, expected some of {VARIANT_FLAGS}")
+        flags.update({k: bool(v) for k, v in variant.items()})
     _expect(kv_cache.device == q.device, ValueError, f"kv_cache must be on q's device {q.device}")
     from fx_mla.ops.kernels.mla_decode_gluon import _mla_decode_gluon_kernel  # gluon: Triton 3.6 only
 
@@ -141,7 +159,9 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
         q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
         out.stride(0), out.stride(1),
         PAGE=page, L=LATENT, R=ROPE, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
-        E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1, num_warps=NUM_WARPS)
+        E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
+        ONE_PAGE=flags["one_page"] and page % BLOCK_N == 0, TRIM_BARRIER=flags["trim_barrier"],
+        LAZY_RESCALE=flags["lazy_rescale"], num_warps=NUM_WARPS)
     launch_mla_decode_gluon.last_kernel = kernel  # the dev script reads its register / spill counts
     if num_splits > 1:
         pow2 = triton.next_power_of_2(num_splits)

@@ -32,3 +32,16 @@ def test_gluon_decode_matches_float64(block_size, num_splits, cache_dtype, q_dty
     gmod.launch_mla_decode_gluon(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
                                  out, lse, num_splits=num_splits, poison_workspace=True)
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"bs{block_size} splits {num_splits}")
+
+
+@pytest.mark.parametrize("variant", [dict(one_page=True), dict(one_page=True, trim_barrier=True),
+                                     dict(one_page=True, trim_barrier=True, lazy_rescale=True)])
+@pytest.mark.parametrize("block_size,num_splits", [(16, None), (64, None), (64, 1)])
+def test_gluon_decode_variants_match_float64(variant, block_size, num_splits):
+    _skip_unless_supported()
+    p = make_problem([0, 1, 65, 700, 333], 128, block_size, E4M3, torch.bfloat16, seed=7, device="cuda")
+    out = torch.full((5, 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lse = torch.full((5, 128), float("nan"), device="cuda")
+    gmod.launch_mla_decode_gluon(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
+                                 out, lse, num_splits=num_splits, poison_workspace=True, variant=variant)
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"{variant} bs{block_size} splits {num_splits}")

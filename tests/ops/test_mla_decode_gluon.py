@@ -107,3 +107,12 @@ def test_gluon_declines_small_shared_memory(fake_hopper, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Small())
     reason = gmod.gluon_unsupported_reason(_q(), _cache(), 512, CUDA0)
     assert reason is not None and "shared memory" in reason
+
+
+def test_gluon_variant_flags_match_kernel_constexprs():
+    """Every launcher variant flag is a constexpr of the kernel (read as text: no Gluon import on CPU)."""
+    src = open(os.path.join(REPO, "fx_mla", "ops", "kernels", "mla_decode_gluon.py")).read()
+    assert set(gmod.DEFAULT_VARIANT) == set(gmod.VARIANT_FLAGS)
+    assert not any(gmod.DEFAULT_VARIANT.values()), "the round-1 kernel stays the default until measured"
+    for flag in gmod.VARIANT_FLAGS:
+        assert f"{flag.upper()}: gl.constexpr" in src, flag

@@ -26,19 +26,30 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+RESCALE_LOG2 = gl.constexpr(8.0)  # LAZY_RESCALE: how far (base 2) a new row max may pass the kept one
+
 
 @gluon.jit
 def _load_words(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words, col0,
-                PAGE: gl.constexpr, ROWS: gl.constexpr, WORDS: gl.constexpr, LAYOUT: gl.constexpr):
+                PAGE: gl.constexpr, ROWS: gl.constexpr, WORDS: gl.constexpr, LAYOUT: gl.constexpr,
+                ONE_PAGE: gl.constexpr):
     """32-bit words [col0, col0 + WORDS) of the cache rows of tokens [n0, n0 + ROWS) (four FP8 entries a word, as
     stored); tokens at or past `end` are 0 and cost no memory traffic; page ids are clamped into the cache.
     Words, not FP8 elements: a tile held in registers across the loop then takes one register per four entries
-    (a loop-carried FP8 tensor becomes one 16-bit register per entry)."""
-    pos = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, LAYOUT))
+    (a loop-carried FP8 tensor becomes one 16-bit register per entry).
+    ONE_PAGE: the rows lie in one page (PAGE % BLOCK_N == 0, tiles start at multiples of BLOCK_N), so one
+    block-table entry (read only when n0 < end, i.e. inside the row) and contiguous rows: far less address math."""
+    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, LAYOUT))
+    pos = n0 + r
     ok = pos < end
-    page = gl.load(bt_row + pos // PAGE, mask=ok, other=0)
-    page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
-    rows = page.to(gl.int64) * blk_words + (pos % PAGE) * tok_words + col0
+    if ONE_PAGE:
+        page = gl.load(bt_row + n0 // PAGE, mask=n0 < end, other=0)
+        page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
+        rows = page.to(gl.int64) * blk_words + ((n0 % PAGE) * tok_words + col0) + r * tok_words
+    else:
+        page = gl.load(bt_row + pos // PAGE, mask=ok, other=0)
+        page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
+        rows = page.to(gl.int64) * blk_words + (pos % PAGE) * tok_words + col0
     offs = gl.arange(0, WORDS, layout=gl.SliceLayout(0, LAYOUT))
     return gl.load(kv_words + rows[:, None] + offs[None, :], mask=ok[:, None], other=0)
 
@@ -46,19 +57,19 @@ def _load_words(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words, col
 @gluon.jit
 def _load_tile(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words,
                PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, SUB: gl.constexpr,
-               LAT_LAYOUT: gl.constexpr, ROPE_LAYOUT: gl.constexpr):
+               LAT_LAYOUT: gl.constexpr, ROPE_LAYOUT: gl.constexpr, ONE_PAGE: gl.constexpr):
     """A 4 * SUB-token tile as four latent row blocks [SUB, L / 4] and the rope part [4 * SUB, R / 4] of words:
     converted and stored one block at a time, so the fp16 copy of the whole tile never sits in registers."""
     lat0 = _load_words(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words, 0,
-                       PAGE, SUB, L // 4, LAT_LAYOUT)
+                       PAGE, SUB, L // 4, LAT_LAYOUT, ONE_PAGE)
     lat1 = _load_words(kv_words, bt_row, n0 + SUB, end, num_blocks, blk_words, tok_words, 0,
-                       PAGE, SUB, L // 4, LAT_LAYOUT)
+                       PAGE, SUB, L // 4, LAT_LAYOUT, ONE_PAGE)
     lat2 = _load_words(kv_words, bt_row, n0 + 2 * SUB, end, num_blocks, blk_words, tok_words, 0,
-                       PAGE, SUB, L // 4, LAT_LAYOUT)
+                       PAGE, SUB, L // 4, LAT_LAYOUT, ONE_PAGE)
     lat3 = _load_words(kv_words, bt_row, n0 + 3 * SUB, end, num_blocks, blk_words, tok_words, 0,
-                       PAGE, SUB, L // 4, LAT_LAYOUT)
+                       PAGE, SUB, L // 4, LAT_LAYOUT, ONE_PAGE)
     rope = _load_words(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words, L // 4,
-                       PAGE, 4 * SUB, R // 4, ROPE_LAYOUT)
+                       PAGE, 4 * SUB, R // 4, ROPE_LAYOUT, ONE_PAGE)
     return lat0, lat1, lat2, lat3, rope
 
 
@@ -102,10 +113,12 @@ def _mla_decode_gluon_kernel(
         sm_scale, num_heads, num_splits, num_blocks, max_blocks,
         stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-        Q_SHIFT: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr, num_warps: gl.constexpr):
+        Q_SHIFT: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+        ONE_PAGE: gl.constexpr, TRIM_BARRIER: gl.constexpr, LAZY_RESCALE: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 8, "two warpgroups")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(BLOCK_N % 4 == 0, "tiles load as four row blocks")
+    gl.static_assert((not ONE_PAGE) or PAGE % BLOCK_N == 0, "ONE_PAGE: a tile lies in one page")
     SUB: gl.constexpr = BLOCK_N // 4
     pid_g = gl.program_id(0)  # head group varies fastest: the groups of one tile run side by side and share L2
     pid_s = gl.program_id(1)
@@ -163,10 +176,10 @@ def _mla_decode_gluon_kernel(
 
     # ---- prologue: tile 0 converted into buffer 0, its scores issued; tile 1 in flight to registers
     tile = _load_tile(kv_words, bt_row, start, end, num_blocks, blk_words, tok_words,
-                      PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT)
+                      PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
     _store_tile(tile, k_nope_words.index(0), k_pe_words.index(0), SUB, E5M2)
     tile = _load_tile(kv_words, bt_row, start + BLOCK_N, end, num_blocks, blk_words, tok_words,
-                      PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT)
+                      PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
     fence_async_shared()
     gl.thread_barrier()
     s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, S_LAYOUT)
@@ -182,15 +195,33 @@ def _mla_decode_gluon_kernel(
     for n0 in range(start, end, BLOCK_N):
         # ---- online softmax of tile n0 (scores s, cache rows in buffer `buf`)
         s = gl.where((n0 + offs_sn < end)[None, :], s * qk_scale, float("-inf"))
-        # The tile's first token is always valid, so m_new is finite and exp2(-inf - m_new) = 0.
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT))[:, None]
+        # The tile's first token is always valid, so the row maxima are finite and exp2(-inf - m) = 0.
+        m_tile = gl.max(s, 1)
+        if LAZY_RESCALE:
+            # Keep the running max m_i (so p <= 2**RESCALE_LOG2 stays far inside fp16) until a row's tile max
+            # exceeds it by more than RESCALE_LOG2: most tiles then skip the 128-register rescale of acc. The
+            # result is the same softmax (o = acc / l, lse = m + log2 l hold for any reference m), rounded
+            # differently. The test is CTA-uniform: both warpgroups hold every row.
+            if gl.max((m_tile > m_i + RESCALE_LOG2).to(gl.int32), 0) > 0:
+                m_new = gl.maximum(m_i, m_tile)
+                alpha = gl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT))[:, None]
+                m_i = m_new
+            p = gl.exp2(s - m_i[:, None])
+            l_i = l_i + gl.sum(p, 1)
+        else:
+            m_new = gl.maximum(m_i, m_tile)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT))[:, None]
         # Each warpgroup's wait covers its own MMAs only: all of the last P V must be done before P is rewritten.
-        gl.thread_barrier()
+        # TRIM_BARRIER: the row max above already synchronised the CTA after both warpgroups' waits (its
+        # cross-warpgroup reduction goes through shared memory between two barriers), so this one is redundant.
+        if not TRIM_BARRIER:
+            gl.thread_barrier()
         p_smem.store(p.to(gl.float16))
         fence_async_shared()
         gl.thread_barrier()
@@ -201,7 +232,7 @@ def _mla_decode_gluon_kernel(
         fence_async_shared()
         gl.thread_barrier()
         tile = _load_tile(kv_words, bt_row, n0 + 2 * BLOCK_N, end, num_blocks, blk_words, tok_words,
-                          PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT)
+                          PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
         # ---- scores of the next tile (all masked past the end: a wasted MMA on the last iteration, no loads)
         s = warpgroup_mma(q_nope_smem, k_nope_smem.index(nbuf).permute((1, 0)), s, use_acc=False, is_async=True)
         s = warpgroup_mma(q_pe_smem, k_pe_smem.index(nbuf).permute((1, 0)), s, is_async=True)
