@@ -1,0 +1,139 @@
+"""CPU tests of the 16-head Gluon MLA decode launcher (fx_mla/ops/mla_decode_gluon16.py): the module imports on any
+Triton without importing Gluon, gluon16_unsupported_reason declines everything but (9, 0) + Triton 3.6 + the covered
+shapes / dtypes / alignment, and bad arguments raise clear errors before any kernel. The kernel itself runs only on
+the device (tests/gpu/test_mla_decode_gluon16_gpu.py, benchmarks/dev_gluon16_decode.py)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fx_mla.ops import mla_decode_gluon16 as gmod
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+E4M3 = torch.float8_e4m3fn
+CUDA0 = torch.device("cuda", 0)
+
+
+def _q(heads=16, d=576, dtype=torch.bfloat16):
+    return torch.randn(2, heads, d).to(dtype)
+
+
+def _cache(d=576, dtype=E4M3, block=64):
+    return torch.randn(4, block, d).to(dtype)
+
+
+def test_gluon16_module_imports_without_gluon():
+    code = ("import sys, fx_mla.ops.mla_decode_gluon16 as m; "
+            "bad = [k for k in sys.modules if k.startswith(('triton.experimental.gluon', "
+            "'fx_mla.ops.kernels.mla_decode_gluon16'))]; assert not bad, bad; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": REPO})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_gluon16_declines_on_cpu():
+    reason = gmod.gluon16_unsupported_reason(_q(), _cache(), 512)
+    assert reason is not None and "CUDA" in reason
+
+
+def test_gluon16_launch_on_cpu_raises_value_error():
+    out, lse = torch.empty(2, 16, 512, dtype=torch.bfloat16), torch.empty(2, 16)
+    with pytest.raises(ValueError, match="does not cover"):
+        gmod.launch_mla_decode_gluon16(_q(), _cache(), torch.zeros(2, 1, dtype=torch.int32),
+                                       torch.ones(2, dtype=torch.int32), torch.ones(1), None, 0.07, 512, out, lse)
+
+
+def test_smem_needed_matches_compiled_kernel():
+    # shared bytes the Triton 3.6 sm_90 compile reported (GluonASTSource, checked by hand)
+    assert gmod.smem_needed(3) == 205056
+    assert gmod.smem_needed(2) == 168192
+    assert gmod.smem_needed(4) > 232448  # why 4 stages are declined on H100 / H200
+
+
+@pytest.fixture
+def fake_hopper(monkeypatch):
+    """Pretend a CUDA device of capability `cap` and Triton `version` (the checks read only these)."""
+    state = dict(cap=(9, 0), version="3.6.0", smem=232448)
+
+    class Props:
+        @property
+        def shared_memory_per_block_optin(self):
+            return state["smem"]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    monkeypatch.setattr(gmod, "triton", type("T", (), {"__version__": property(lambda self: state["version"])})())
+    return state
+
+
+def test_gluon16_accepts_covered_inputs_on_fake_hopper(fake_hopper):
+    assert gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0) is None
+    assert gmod.gluon16_unsupported_reason(_q(dtype=torch.float16), _cache(dtype=torch.float8_e5m2, block=16), 512,
+                                           CUDA0, num_stages=2) is None
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (8, 9), (9, 1), (10, 0), (12, 0)])
+def test_gluon16_declines_other_capabilities(fake_hopper, cap):
+    fake_hopper["cap"] = cap
+    reason = gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0)
+    assert reason is not None and "(9, 0)" in reason and str(cap) in reason
+
+
+@pytest.mark.parametrize("version", ["3.5.1", "3.9.0", "3.7.0", "4.0.0"])
+def test_gluon16_declines_other_triton_versions(fake_hopper, version):
+    fake_hopper["version"] = version
+    reason = gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0)
+    assert reason is not None and "3.6" in reason and version in reason
+
+
+@pytest.mark.parametrize("q,cache,rank,needle", [
+    (_q(64), _cache(), 512, "head count must be 16"),
+    (_q(8), _cache(), 512, "head count must be 16"),
+    (_q(128), _cache(), 512, "head count must be 16"),
+    (_q(dtype=E4M3), _cache(), 512, "query dtype"),
+    (_q(dtype=torch.float32), _cache(), 512, "query dtype"),
+    (_q(), _cache(dtype=torch.bfloat16), 512, "cache dtype"),
+    (_q(d=320), _cache(d=320), 256, "kv_lora_rank 512"),
+    (_q(), _cache(), 448, "kv_lora_rank 512"),
+    (_q(), torch.randn(4, 576, 64).to(E4M3).transpose(1, 2), 512, "16-byte aligned"),
+    (_q(), torch.randn(4 * 64 * 576 + 4).to(E4M3)[4:].view(4, 64, 576), 512, "16-byte aligned"),
+    (_q(), torch.randn(4, 64, 580).to(E4M3)[:, :, :576], 512, "16-byte aligned"),
+])
+def test_gluon16_declines_uncovered_inputs(fake_hopper, q, cache, rank, needle):
+    reason = gmod.gluon16_unsupported_reason(q, cache, rank, CUDA0)
+    assert reason is not None and needle in reason, reason
+
+
+@pytest.mark.parametrize("stages", [1, 4])
+def test_gluon16_declines_stage_counts(fake_hopper, stages):
+    reason = gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0, num_stages=stages)
+    assert reason is not None and "num_stages" in reason
+
+
+def test_gluon16_declines_small_shared_memory(fake_hopper):
+    fake_hopper["smem"] = 200000  # 2 stages fit, 3 do not
+    reason = gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0)
+    assert reason is not None and "shared memory" in reason
+    assert gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0, num_stages=2) is None
+
+
+def test_gluon16_check_args_messages():
+    q, cache = _q(), _cache()
+    bt, lens, ks = torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32), torch.ones(1)
+    out, lse = torch.empty(2, 16, 512, dtype=torch.bfloat16), torch.empty(2, 16)
+    gmod._check_args(q, cache, 512, out, lse, bt, lens, ks)  # fine
+    with pytest.raises(ValueError, match="out must be"):
+        gmod._check_args(q, cache, 512, out[:, :8], lse, bt, lens, ks)
+    with pytest.raises(TypeError, match="out must be bf16"):
+        gmod._check_args(q, cache, 512, out.to(torch.int32), lse, bt, lens, ks)
+    with pytest.raises(ValueError, match="lse must be"):
+        gmod._check_args(q, cache, 512, out, lse.double(), bt, lens, ks)
+    with pytest.raises(ValueError, match="block_table must be int32"):
+        gmod._check_args(q, cache, 512, out, lse, bt.long(), lens, ks)
+    with pytest.raises(ValueError, match="seq_lens must be"):
+        gmod._check_args(q, cache, 512, out, lse, bt, lens[:1], ks)
+    with pytest.raises(TypeError, match="k_scale must be"):
+        gmod._check_args(q, cache, 512, out, lse, bt, lens, ks.double())
