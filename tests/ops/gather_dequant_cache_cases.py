@@ -158,3 +158,44 @@ def assert_bitwise(out, ref, what=""):
 
 def rel_err(out, ref64):
     return float((out.double() - ref64).norm() / ref64.norm().clamp_min(1e-300))
+
+
+def device_random_cache(num_blocks, layout, device, gen, block_size=64, d=576):
+    """Benchmark-size cache generated on `device` (gen: a generator there): every finite e4m3 code with
+    about equal odds (NaN codes moved to their neighbour); fp8_ds_mla group scales and rope random."""
+    if layout == "fp8_ds_mla":
+        rows = torch.randint(0, 256, (num_blocks, block_size, 656), dtype=torch.uint8, device=device, generator=gen)
+        lat = rows[..., :512]
+        lat[(lat & 0x7F) == 0x7F] = 0x7E
+        sc = torch.exp(torch.rand(num_blocks, block_size, 4, device=device, generator=gen) * 8 - 7)
+        rows[..., 512:528] = sc.view(torch.uint8)
+        rope = torch.randn(num_blocks, block_size, 64, device=device, generator=gen).to(torch.bfloat16)
+        rows[..., 528:] = rope.view(torch.uint8)
+        return rows
+    b = torch.randint(0, 256, (num_blocks, block_size, d), dtype=torch.uint8, device=device, generator=gen)
+    b[(b & 0x7F) == 0x7F] = 0x7E
+    return b.view(torch.float8_e4m3fn)
+
+
+def bench_token_problem(n, device, gen, block_size=64):
+    """About n / 2048 ragged requests summing to n tokens, random seq_starts, distinct scattered pages:
+    (num_blocks, block_table, cu_seq_lens, token_to_seq, seq_starts), int32 on `device` (gen: a CPU one)."""
+    batch = max(1, n // 2048)
+    w = torch.rand(batch, generator=gen) + 0.5
+    lengths = (w / w.sum() * n).floor().long()
+    lengths[0] += n - int(lengths.sum())
+    starts = torch.randint(0, 4 * block_size, (batch,), generator=gen)
+    pages = (starts + lengths + block_size - 1) // block_size
+    num_blocks = int(pages.sum()) + 16
+    perm = torch.randperm(num_blocks, generator=gen)
+    bt = torch.zeros(batch, int(pages.max()), dtype=torch.int64)
+    used = 0
+    for b in range(batch):
+        p = int(pages[b])
+        bt[b, :p] = perm[used:used + p]
+        used += p
+    cu = torch.zeros(batch + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(lengths, 0)
+    tts = torch.repeat_interleave(torch.arange(batch), lengths)
+    i32 = (lambda x: x.to(torch.int32).to(device))
+    return num_blocks, i32(bt), i32(cu), i32(tts), i32(starts)

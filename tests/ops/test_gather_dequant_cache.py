@@ -280,6 +280,13 @@ def test_launch_config_flags_are_checked():
                                          out, "plain", (8, 4, 0, "vx"))
 
 
+def test_launch_config_covers_every_layout():
+    assert set(gmod.CONFIG) == set(gmod.LAYOUTS)
+    for layout, (block_t, warps, per_sm, *flags) in gmod.CONFIG.items():
+        assert block_t >= 1 and block_t & (block_t - 1) == 0, (layout, block_t)
+        assert warps in (1, 2, 4, 8, 16) and per_sm >= 0 and len(flags) <= 1 and set("".join(flags)) <= set("vsp")
+
+
 # ---------------------------------------------------------------- Triton kernels under the interpreter
 
 def test_triton_kernels_interpreted_bitwise():
@@ -344,6 +351,9 @@ def _interpreter_checks():
         cache, p, _ = _token_inputs(4, 656, None, "fp8_ds_mla", **small)
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 4, 0), what=f"ds_mla {out_dtype}")
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 2, 0, "vs"), what=f"ds_mla {out_dtype} vs")
+    check(cache, p, None, torch.bfloat16, "fp8_ds_mla", what="ds_mla CONFIG")  # config None: CONFIG's
+    c5, p5, s5 = _token_inputs(5, 576, torch.float8_e4m3fn, **small)
+    check(c5, p5, s5, torch.bfloat16, what="576 CONFIG")
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", config=(4, 4, 1), paged=True, what="ds_mla paged")
     # out-of-range indices: zeros, wrap like torch, and no read outside the cache or a block-table row
     cache, p, scale = _oob_problem()
