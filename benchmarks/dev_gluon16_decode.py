@@ -222,6 +222,9 @@ def main():
             status[job] = "skipped: out of time budget"
             print(f"== {job}: skipped (budget)", flush=True)
             continue
+        stale = os.path.join(out_dir(), f"dev_gluon16_{job}.json")
+        if os.path.exists(stale):  # never merge a result of an earlier run
+            os.remove(stale)
         cmd = [sys.executable, os.path.abspath(__file__), "--child", job] + (["--skip-timing"] * args.skip_timing)
         print(f"== {job} (at {time.time() - t0:.0f} s, limit {min(60, left):.0f} s)", flush=True)
         try:
