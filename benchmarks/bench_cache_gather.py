@@ -412,14 +412,17 @@ def main():
             lambda: gmod.launch_gather_dequant_cache(c, bt, cu, tts, ss, s, torch.empty(64, D, dtype=OUT, device=dev),
                                                      layout))
     print({k: round(v, 1) for k, v in info.items() if k.startswith("host")})
-    jobs = [("token", li, int(n)) for li in range(len(LAYOUTS)) for n in args.sizes.split(",") if n] + \
-        [("paged", li, int(n)) for li in range(len(LAYOUTS)) for n in args.paged_sizes.split(",") if n]
-    rows = []
-    for form, li, n in jobs:
+    # smallest sizes first (a --budget-s cut drops the baselines of the biggest); results in table order
+    jobs = sorted([(int(n), 0, li) for li in range(len(LAYOUTS)) for n in args.sizes.split(",") if n] +
+                  [(int(n), 1, li) for li in range(len(LAYOUTS)) for n in args.paged_sizes.split(",") if n])
+    groups = {}
+    for n, paged, li in jobs:
         late = args.budget_s is not None and time.perf_counter() - t0 > args.budget_s
-        rows.extend(_measure(form, li, n, dev, gen, cgen, scale, compiled, not late))
+        groups[(paged, li, n)] = _measure(("token", "paged")[paged], li, n, dev, gen, cgen, scale, compiled, not late)
+        rows = [r for key in sorted(groups) for r in groups[key]]
         _finish(rows)
         info["elapsed_s"] = time.perf_counter() - t0
+        print(f"  [{info['elapsed_s']:.0f} s]", flush=True)
         _write("cache_gather.json", {"info": info, "partial": True, "summary": _summary(rows), "rows": rows})
     _big_copy(dev, "end")
     ceil, src = _ceiling()
