@@ -1,0 +1,105 @@
+"""Launcher of the Hopper "seesaw" Gluon kernel of the MLA decode (fx_mla/ops/kernels/mla_decode_seesaw.py).
+
+Same contract as launch_mla_decode_gluon (fx_mla/ops/mla_decode_gluon.py) without its `variant`: bf16/fp16 query
+[B, H, 576] with H a multiple of 64, FP8 e4m3/e5m2 paged cache [num_blocks, block_size, 576], kv_lora_rank 512;
+writes out [B, H, 512] and lse [B, H] (fp32, natural log) into the caller's tensors; splits go through the same
+fp32 workspace and the same Triton combine kernel. No host sync; bad block ids / lengths are clamped in the kernel.
+
+The kernel differs in its schedule only (two warp-specialized warpgroups on alternating 32-token tiles that
+exchange row statistics, so one warpgroup's softmax overlaps the other's MMAs); it needs 230,732 bytes of shared
+memory a block (Triton 3.6, sm_90). Gluon is imported lazily: this module imports on any Triton.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from fx_mla.ops.mla_decode_gluon import _check_outputs, _expect, gluon_unsupported_reason
+
+__all__ = ["launch_mla_decode_seesaw", "seesaw_unsupported_reason", "BLOCK_H", "BLOCK_N", "SMEM_NEEDED"]
+
+BLOCK_H = 64         # heads a CTA: the warpgroup MMA height
+BLOCK_N = 32         # tokens a tile; a pair (one tile a warpgroup) is 64 tokens, the split granularity
+NUM_WARPS = 4        # the default partition (warpgroup 0); the worker partition adds warpgroup 1
+WORKER_REGS = 256    # setmaxnreg of the worker: 8 warps x 256 fill the register file (no spills at 255)
+LATENT, ROPE = 512, 64
+Q_SHIFT = 8          # bf16 query -> fp16 as q * 2**-8, as the Triton and Gluon paths
+SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
+
+
+def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
+                              device: Optional[torch.device] = None) -> Optional[str]:
+    """None when the seesaw kernel covers these inputs on `device` (default: q's device), else why not.
+    Same coverage as the Gluon kernel (capability (9, 0), Triton 3.6, shapes, dtypes), a little more shared memory."""
+    reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank, device)
+    if reason is not None:
+        return reason.replace("the Gluon kernel", "the seesaw Gluon kernel")
+    device = torch.device(device) if device is not None else q.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    smem = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    if smem is not None and smem < SMEM_NEEDED:
+        return f"the seesaw kernel needs {SMEM_NEEDED} bytes of shared memory a block, the device allows {smem}"
+    return None
+
+
+def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out,
+                             lse, num_splits: Optional[int] = None, poison_workspace: bool = False,
+                             one_page: bool = False):
+    """Fill out / lse with the decode attention of q over the paged cache; returns (out, lse).
+
+    num_splits: splits per request (None: the Triton path's rule with 64-token pairs, about one CTA per SM).
+    poison_workspace fills the split workspace with NaN first (tests). one_page: one block-table read a tile
+    (applies where block_size % 32 == 0; same numerics).
+    """
+    from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel
+    from fx_mla.ops.mla_decode_fp8 import _num_splits, _sm_count
+
+    reason = seesaw_unsupported_reason(q, kv_cache, kv_lora_rank)
+    if reason is not None:
+        raise ValueError(f"the seesaw MLA decode kernel does not cover these inputs: {reason}")
+    _expect(q_scale is None, ValueError, "q_scale must be None: the seesaw kernel takes a bf16/fp16 query")
+    _check_outputs(q, kv_lora_rank, out, lse, block_table, seq_lens, k_scale)
+    _expect(kv_cache.device == q.device, ValueError, f"kv_cache must be on q's device {q.device}")
+    from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel  # gluon: Triton 3.6 only
+
+    batch, heads, _ = q.shape
+    if batch == 0:
+        return out, lse
+    page = kv_cache.shape[1]
+    max_blocks = block_table.shape[1]
+    groups = heads // BLOCK_H
+    if num_splits is None:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        num_splits = _num_splits(batch, groups, max_blocks * page, 2 * BLOCK_N, _sm_count(index), 1)
+    _expect(isinstance(num_splits, int) and not isinstance(num_splits, bool) and num_splits >= 1, ValueError,
+            f"num_splits must be a positive int, got {num_splits!r}")
+    q_shift = Q_SHIFT if q.dtype == torch.bfloat16 else 0
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    seq_lens = seq_lens.contiguous()
+    if num_splits > 1:
+        new = torch.full if poison_workspace else torch.empty
+        fill = (float("nan"),) if poison_workspace else ()
+        part_o = new((batch, num_splits, heads, kv_lora_rank), *fill, dtype=torch.float32, device=q.device)
+        part_lse = new((batch, num_splits, heads), *fill, dtype=torch.float32, device=q.device)
+    else:
+        part_o, part_lse = out, lse  # unused by the kernel
+    kernel = _mla_decode_seesaw_kernel[(groups, num_splits, batch)](
+        q, kv_cache, block_table, seq_lens, k_scale, out, lse, part_o, part_lse,
+        float(sm_scale), heads, num_splits, kv_cache.shape[0], max_blocks,
+        q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
+        out.stride(0), out.stride(1),
+        PAGE=page, L=LATENT, R=ROPE, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
+        E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
+        ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS)
+    launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
+    if num_splits > 1:
+        pow2 = triton.next_power_of_2(num_splits)
+        _mla_decode_fp8_combine_kernel[(heads, batch)](
+            part_o, part_lse, out, lse, heads, num_splits, out.stride(0), out.stride(1),
+            L=kv_lora_rank, BLOCK_L=LATENT, BLOCK_S=min(pow2, 8), SPLITS_POW2=pow2, num_warps=4)
+    return out, lse

@@ -1,0 +1,56 @@
+"""GPU tests of the seesaw Gluon MLA decode kernel: against the float64 reference on ragged problems (lengths incl.
+0, odd tile counts, NaN in every slot the length mask must skip, block sizes 16/64), outputs and split workspace
+poisoned with NaN. Skips where seesaw_unsupported_reason declines (not sm_90, not Triton 3.6)."""
+import pytest
+import torch
+
+from fx_mla.ops import mla_decode_seesaw as smod
+from tests.ops.mla_decode_fp8_cases import check_close, make_problem, reference_f64
+
+pytestmark = pytest.mark.cuda
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def _skip_unless_supported():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    q = torch.empty(1, 128, 576, dtype=torch.bfloat16, device="cuda")
+    reason = smod.seesaw_unsupported_reason(q, torch.empty(1, 16, 576, dtype=E4M3, device="cuda"), 512)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+@pytest.mark.parametrize("cache_dtype,q_dtype,out_dtype", [(E4M3, torch.bfloat16, torch.bfloat16),
+                                                           (E5M2, torch.float16, torch.float32)])
+def test_seesaw_decode_matches_float64(block_size, num_splits, cache_dtype, q_dtype, out_dtype):
+    _skip_unless_supported()
+    lengths = [0, 1, 33, 65, 700, 96]  # 1, 2, 3 tiles: fully masked second tiles of the last pair
+    p = make_problem(lengths, 128, block_size, cache_dtype, q_dtype, seed=block_size, device="cuda")
+    out = torch.full((len(lengths), 128, 512), float("nan"), dtype=out_dtype, device="cuda")
+    lse = torch.full((len(lengths), 128), float("nan"), device="cuda")
+    smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
+                                  out, lse, num_splits=num_splits, poison_workspace=True)
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"bs{block_size} splits {num_splits}")
+
+
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_seesaw_decode_one_page_matches_float64(num_splits):
+    _skip_unless_supported()
+    p = make_problem([0, 1, 95, 700, 333], 128, 64, E4M3, torch.bfloat16, seed=3, device="cuda")
+    out = torch.full((5, 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lse = torch.full((5, 128), float("nan"), device="cuda")
+    smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
+                                  out, lse, num_splits=num_splits, poison_workspace=True, one_page=True)
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"one_page splits {num_splits}")
+
+
+def test_seesaw_decode_rejects_fp8_query_scale():
+    _skip_unless_supported()
+    p = make_problem([5], 128, 64, E4M3, torch.bfloat16, seed=1, device="cuda")
+    out = torch.empty(1, 128, 512, dtype=torch.bfloat16, device="cuda")
+    lse = torch.empty(1, 128, device="cuda")
+    with pytest.raises(ValueError, match="q_scale"):
+        smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, torch.ones(1),
+                                      p.sm_scale, 512, out, lse)

@@ -1,0 +1,112 @@
+"""CPU tests of the seesaw Gluon MLA decode launcher (fx_mla/ops/mla_decode_seesaw.py): the module imports on any
+Triton without importing Gluon, and seesaw_unsupported_reason declines everything but (9, 0) + Triton 3.6 + the
+covered shapes and dtypes + enough shared memory. The kernel runs only on the device
+(tests/gpu/test_mla_decode_seesaw_gpu.py, benchmarks/dev_seesaw_decode.py)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fx_mla.ops import mla_decode_gluon as gmod
+from fx_mla.ops import mla_decode_seesaw as smod
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+E4M3 = torch.float8_e4m3fn
+CUDA0 = torch.device("cuda", 0)
+
+
+def _q(heads=128, d=576, dtype=torch.bfloat16):
+    return torch.randn(2, heads, d).to(dtype)
+
+
+def _cache(d=576, dtype=E4M3, block=64):
+    return torch.randn(4, block, d).to(dtype)
+
+
+def test_seesaw_module_imports_without_gluon():
+    code = ("import sys, fx_mla.ops.mla_decode_seesaw as m; "
+            "bad = [k for k in sys.modules if k.startswith(('triton.experimental.gluon', "
+            "'fx_mla.ops.kernels.mla_decode_seesaw', 'fx_mla.ops.kernels.mla_decode_gluon'))]; "
+            "assert not bad, bad; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": REPO})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_seesaw_declines_on_cpu():
+    reason = smod.seesaw_unsupported_reason(_q(), _cache(), 512)
+    assert reason is not None and "CUDA" in reason and "seesaw" in reason
+
+
+def test_seesaw_launch_on_cpu_raises_value_error():
+    out = torch.empty(2, 128, 512, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="seesaw MLA decode kernel does not cover"):
+        smod.launch_mla_decode_seesaw(_q(), _cache(), torch.zeros(2, 1, dtype=torch.int32),
+                                      torch.ones(2, dtype=torch.int32), torch.ones(1), None, 0.07, 512, out,
+                                      torch.empty(2, 128))
+
+
+@pytest.fixture
+def fake_hopper(monkeypatch):
+    """Pretend a CUDA device of capability `cap`, Triton `version` and `smem` bytes of opt-in shared memory."""
+    state = dict(cap=(9, 0), version="3.6.0", smem=232448)
+
+    class Props:
+        @property
+        def shared_memory_per_block_optin(self):
+            return state["smem"]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    monkeypatch.setattr(gmod, "triton", type("T", (), {"__version__": property(lambda self: state["version"])})())
+    return state
+
+
+def test_seesaw_accepts_covered_inputs_on_fake_hopper(fake_hopper):
+    assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0) is None
+    assert smod.seesaw_unsupported_reason(_q(64, dtype=torch.float16), _cache(dtype=torch.float8_e5m2, block=16),
+                                          512, CUDA0) is None
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (8, 9), (9, 1), (10, 0)])
+def test_seesaw_declines_other_capabilities(fake_hopper, cap):
+    fake_hopper["cap"] = cap
+    reason = smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0)
+    assert reason is not None and "(9, 0)" in reason and str(cap) in reason
+
+
+@pytest.mark.parametrize("version", ["3.5.1", "3.9.0"])
+def test_seesaw_declines_other_triton_versions(fake_hopper, version):
+    fake_hopper["version"] = version
+    reason = smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0)
+    assert reason is not None and "3.6" in reason and version in reason
+
+
+@pytest.mark.parametrize("q,cache,rank,needle", [
+    (_q(16), _cache(), 512, "multiple of 64"),
+    (_q(dtype=E4M3), _cache(), 512, "query dtype"),
+    (_q(), _cache(dtype=torch.bfloat16), 512, "cache dtype"),
+    (_q(), _cache(), 448, "kv_lora_rank 512"),
+])
+def test_seesaw_declines_uncovered_shapes_and_dtypes(fake_hopper, q, cache, rank, needle):
+    reason = smod.seesaw_unsupported_reason(q, cache, rank, CUDA0)
+    assert reason is not None and needle in reason, reason
+
+
+def test_seesaw_declines_where_its_shared_memory_does_not_fit(fake_hopper):
+    # enough for the round-1 Gluon kernel (225 KiB), not for the seesaw kernel
+    fake_hopper["smem"] = gmod.SMEM_NEEDED
+    assert gmod.gluon_unsupported_reason(_q(), _cache(), 512, CUDA0) is None
+    reason = smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0)
+    assert reason is not None and "shared memory" in reason and str(smod.SMEM_NEEDED) in reason
+
+
+def test_seesaw_kernel_source_constexprs_match_launcher():
+    """The launcher's constexpr keywords are the kernel's (read as text: no Gluon import on CPU)."""
+    src = open(os.path.join(REPO, "fx_mla", "ops", "kernels", "mla_decode_seesaw.py")).read()
+    for name in ("PAGE", "L", "R", "BLOCK_H", "BLOCK_N", "Q_SHIFT", "E5M2", "SINGLE_SPLIT", "ONE_PAGE", "WORKER_REGS"):
+        assert f"{name}: gl.constexpr" in src, name
+    assert smod.BLOCK_H == 64 and smod.BLOCK_N == 32
