@@ -265,7 +265,8 @@ def main():
         for n in names:
             v = r["kernels"].get(n, {})
             cells.append(f"{v['us']:8.1f} ({v['pct_of_roofline']:5.1f}%)" if "us" in v else f"{'-':>18}")
-        print(f"{r['batch']:>3}x{r['heads']}x{r['context']:<6} {r['floor_us']:6.1f} " + " ".join(f"{c:>18}" for c in cells))
+        print(f"{r['batch']:>3}x{r['heads']}x{r['context']:<6} {r['floor_us']:6.1f} "
+              + " ".join(f"{c:>18}" for c in cells))
 
     def col(n):
         return [r["kernels"][n] for r in rows if "us" in r["kernels"].get(n, {})]
@@ -278,8 +279,9 @@ def main():
     if both:
         summary["min_speedup_seesaw_vs_gluon"] = min(r["kernels"]["gluon"]["us"] / r["kernels"]["seesaw"]["us"]
                                                      for r in both)
-        summary["min_speedup_seesaw_vs_triton"] = min(r["kernels"]["triton"]["us"] / r["kernels"]["seesaw"]["us"]
-                                                      for r in both if "us" in r["kernels"].get("triton", {}))
+        summary["min_speedup_seesaw_vs_triton"] = min((r["kernels"]["triton"]["us"] / r["kernels"]["seesaw"]["us"]
+                                                       for r in both if "us" in r["kernels"].get("triton", {})),
+                                                      default=None)
     result["summary"] = summary
     result["seconds"] = time.time() - t0
     dump(result, "dev_seesaw_decode.json")
