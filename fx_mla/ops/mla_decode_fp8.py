@@ -335,34 +335,43 @@ def _(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_ra
     reason = kernel_unsupported_reason(q.dtype, kv_cache.dtype, q.shape[2], kv_lora_rank, cap)
     if reason is not None:
         raise RuntimeError(f"mla_decode_fp8 cannot run on {q.device}: {reason}")
-    if cuda_kernel_choice(q, kv_cache, kv_lora_rank) == "gluon":
-        from fx_mla.ops.mla_decode_gluon import launch_mla_decode_gluon
+    choice = cuda_kernel_choice(q, kv_cache, kv_lora_rank)
+    if choice != "triton":
+        if choice == "gluon":
+            from fx_mla.ops.mla_decode_gluon import launch_mla_decode_gluon as launch
+        else:
+            from fx_mla.ops.mla_decode_gluon16 import launch_mla_decode_gluon16 as launch
         out, lse = _empty_outputs(q, kv_lora_rank, out_dtype)
-        return launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale,
-                                       kv_lora_rank, out, lse)
+        return launch(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out, lse)
     return launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank,
                                  out_dtype)
 
 
-# Which CUDA kernel the op runs: "auto" (the Gluon sm_90 kernel where gluon_unsupported_reason allows it, measured
-# 1.14-1.19x faster than the Triton kernel on the 128-head shapes of benchmarks/RESULTS.md; else Triton), "triton"
-# or "gluon" (an error where it is not supported). Set by FX_MLA_DECODE_KERNEL at import; benchmarks and tests
-# assign the module attribute.
+# Which CUDA kernel the op runs: "auto" (a Gluon sm_90 kernel where its support check allows it, else the Triton
+# kernels), "triton", or "gluon" (an error where neither Gluon kernel supports the inputs). The Gluon kernels:
+# fx_mla/ops/mla_decode_gluon.py (64-head groups) and mla_decode_gluon16.py (16 heads); on 1x H100 they ran
+# 1.2-1.3x and 1.46-1.48x faster than the Triton kernels (benchmarks/RESULTS.md). Set by FX_MLA_DECODE_KERNEL at
+# import; benchmarks and tests assign the module attribute.
 DECODE_KERNEL = os.environ.get("FX_MLA_DECODE_KERNEL", "auto")
 
 
 def cuda_kernel_choice(q, kv_cache, kv_lora_rank) -> str:
-    """"gluon" or "triton" for these CUDA inputs under DECODE_KERNEL (raises where "gluon" is forced but not
-    supported, naming why)."""
+    """"gluon" (64-head groups), "gluon16" or "triton" for these CUDA inputs under DECODE_KERNEL (raises where
+    "gluon" is forced but neither Gluon kernel supports them, naming why)."""
     if DECODE_KERNEL not in ("auto", "triton", "gluon"):
         raise ValueError(f"FX_MLA_DECODE_KERNEL / DECODE_KERNEL must be 'auto', 'triton' or 'gluon', got "
                          f"{DECODE_KERNEL!r}")
     if DECODE_KERNEL == "triton":
         return "triton"
     from fx_mla.ops.mla_decode_gluon import gluon_unsupported_reason
+    from fx_mla.ops.mla_decode_gluon16 import gluon16_unsupported_reason
     reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank)
     if reason is None:
         return "gluon"
+    reason16 = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank)
+    if reason16 is None:
+        return "gluon16"
     if DECODE_KERNEL == "gluon":
-        raise RuntimeError(f"FX_MLA_DECODE_KERNEL=gluon, but the Gluon kernel cannot run these inputs: {reason}")
+        raise RuntimeError(f"FX_MLA_DECODE_KERNEL=gluon, but no Gluon kernel can run these inputs: {reason}; "
+                           f"16-head kernel: {reason16}")
     return "triton"

@@ -37,7 +37,7 @@ SMEM_NEEDED = 225 * 1024  # the compiled kernel uses 229,888 bytes (Triton 3.6, 
 #   lazy_rescale: keeps the running max until a tile's max passes it by 2**8, skipping the 128-register rescale
 #                 of the accumulator on most tiles; the same softmax, rounded differently.
 VARIANT_FLAGS = ("one_page", "trim_barrier", "lazy_rescale")
-DEFAULT_VARIANT = dict(one_page=False, trim_barrier=False, lazy_rescale=False)
+DEFAULT_VARIANT = dict(one_page=True, trim_barrier=True, lazy_rescale=False)  # fastest on 1x H100 (RESULTS.md)
 
 
 def gluon_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
