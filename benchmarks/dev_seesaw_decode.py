@@ -174,7 +174,7 @@ def child_timing(budget, with_seesaw):
                  ("gluon", lambda t: gmod.launch_mla_decode_gluon(q, cache, t, lens, k_scale, None, bd.SM_SCALE,
                                                                   bd.LAT, out, lse))]
         if with_seesaw:
-            for name, kw in [("seesaw", {}), ("seesaw_one_page", dict(one_page=True)),
+            for name, kw in [("seesaw", dict(one_page=False)), ("seesaw_one_page", dict(one_page=True)),
                              (f"seesaw_s{max(1, base // 2)}", dict(num_splits=max(1, base // 2))),
                              (f"seesaw_s{2 * base}", dict(num_splits=2 * base))]:
                 if name in (f"seesaw_s{base}",):

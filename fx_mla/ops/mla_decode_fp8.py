@@ -337,7 +337,9 @@ def _(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_ra
         raise RuntimeError(f"mla_decode_fp8 cannot run on {q.device}: {reason}")
     choice = cuda_kernel_choice(q, kv_cache, kv_lora_rank)
     if choice != "triton":
-        if choice == "gluon":
+        if choice == "seesaw":
+            from fx_mla.ops.mla_decode_seesaw import launch_mla_decode_seesaw as launch
+        elif choice == "gluon":
             from fx_mla.ops.mla_decode_gluon import launch_mla_decode_gluon as launch
         else:
             from fx_mla.ops.mla_decode_gluon16 import launch_mla_decode_gluon16 as launch
@@ -348,16 +350,17 @@ def _(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_ra
 
 
 # Which CUDA kernel the op runs: "auto" (a Gluon sm_90 kernel where its support check allows it, else the Triton
-# kernels), "triton", or "gluon" (an error where neither Gluon kernel supports the inputs). The Gluon kernels:
-# fx_mla/ops/mla_decode_gluon.py (64-head groups) and mla_decode_gluon16.py (16 heads); on 1x H100 they ran
-# 1.2-1.3x and 1.46-1.48x faster than the Triton kernels (benchmarks/RESULTS.md). Set by FX_MLA_DECODE_KERNEL at
-# import; benchmarks and tests assign the module attribute.
+# kernels), "triton", or "gluon" (an error where no Gluon kernel supports the inputs). The Gluon kernels, first
+# supported wins: fx_mla/ops/mla_decode_seesaw.py (64-head groups, two warp-specialised warpgroups on alternating
+# tiles), mla_decode_gluon.py (64-head groups) and mla_decode_gluon16.py (16 heads); on 1x H100 they ran
+# 1.3-1.5x (seesaw) and 1.46-1.48x faster than the Triton kernels (benchmarks/RESULTS.md). Set by
+# FX_MLA_DECODE_KERNEL at import; benchmarks and tests assign the module attribute.
 DECODE_KERNEL = os.environ.get("FX_MLA_DECODE_KERNEL", "auto")
 
 
 def cuda_kernel_choice(q, kv_cache, kv_lora_rank) -> str:
-    """"gluon" (64-head groups), "gluon16" or "triton" for these CUDA inputs under DECODE_KERNEL (raises where
-    "gluon" is forced but neither Gluon kernel supports them, naming why)."""
+    """"seesaw" / "gluon" (64-head groups), "gluon16" or "triton" for these CUDA inputs under DECODE_KERNEL (raises
+    where "gluon" is forced but no Gluon kernel supports them, naming why)."""
     if DECODE_KERNEL not in ("auto", "triton", "gluon"):
         raise ValueError(f"FX_MLA_DECODE_KERNEL / DECODE_KERNEL must be 'auto', 'triton' or 'gluon', got "
                          f"{DECODE_KERNEL!r}")
@@ -365,6 +368,9 @@ def cuda_kernel_choice(q, kv_cache, kv_lora_rank) -> str:
         return "triton"
     from fx_mla.ops.mla_decode_gluon import gluon_unsupported_reason
     from fx_mla.ops.mla_decode_gluon16 import gluon16_unsupported_reason
+    from fx_mla.ops.mla_decode_seesaw import seesaw_unsupported_reason
+    if seesaw_unsupported_reason(q, kv_cache, kv_lora_rank) is None:
+        return "seesaw"
     reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank)
     if reason is None:
         return "gluon"

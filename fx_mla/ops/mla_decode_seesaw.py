@@ -46,7 +46,7 @@ def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_r
 
 def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out,
                              lse, num_splits: Optional[int] = None, poison_workspace: bool = False,
-                             one_page: bool = False):
+                             one_page: bool = True):
     """Fill out / lse with the decode attention of q over the paged cache; returns (out, lse).
 
     num_splits: splits per request (None: the Triton path's rule with 64-token pairs, about one CTA per SM).

@@ -31,7 +31,7 @@ def test_seesaw_decode_matches_float64(block_size, num_splits, cache_dtype, q_dt
     out = torch.full((len(lengths), 128, 512), float("nan"), dtype=out_dtype, device="cuda")
     lse = torch.full((len(lengths), 128), float("nan"), device="cuda")
     smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
-                                  out, lse, num_splits=num_splits, poison_workspace=True)
+                                  out, lse, num_splits=num_splits, poison_workspace=True, one_page=False)
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"bs{block_size} splits {num_splits}")
 
 
