@@ -297,14 +297,15 @@ def main():
     print(f"\n{props.name}  torch {torch.__version__}  triton {triton.__version__}  copy {copy_tbps:.2f} TB/s  "
           f"bf16 mm {mm_tflops:.0f} TFLOP/s")
     print(f"{'B':>4} {'H':>4} {'S':>6} | {'floor':>7} {'fused':>8} {'%roof':>6} {'%copy':>6} {'TFLOP/s':>7} | "
-          f"{'fp8q':>8} | {'eager':>8} {'inductor':>8} {'x ind':>6} | tuned: us %roof x_ind | config")
+          f"{'fp8q':>8} | {'eager':>8} {'inductor':>8} {'x ind':>6} | tuned: us %roof x_ind | kernel / Triton config")
     for r in rows:
         f = lambda k: f"{r[k]:8.1f}" if k in r else f"{'-':>8}"  # noqa: E731
         print(f"{r['batch']:>4} {r['heads']:>4} {r['context']:>6} | {r['floor_us']:7.1f} {r['fused_us']:8.1f} "
               f"{r['pct_of_roofline']:6.1f} {r['pct_of_copy_bw']:6.1f} {r['fused_tflops']:7.0f} | {f('fp8q_us')} | "
               f"{f('eager_us')} {f('inductor_us')} {r.get('speedup_vs_inductor', float('nan')):6.2f} | "
               f"{r.get('tuned_us', float('nan')):8.1f} {r.get('tuned_pct_of_roofline', float('nan')):5.1f} "
-              f"{r.get('tuned_speedup_vs_inductor', float('nan')):5.2f} | {r.get('tuned_config', '')}")
+              f"{r.get('tuned_speedup_vs_inductor', float('nan')):5.2f} | {r.get('fused_kernel', '?')} / "
+              f"{r.get('tuned_config', '')}")
     print("summary:", json.dumps(summary))
 
 
