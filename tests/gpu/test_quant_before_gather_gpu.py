@@ -28,12 +28,11 @@ VARIANTS_WS2 = _variants((0, "f16", "e5m2", "input_reciprocal", "min_max"), (1, 
                          (1, "bf16", "e4m3", "per_token", "clamp"), (2, "bf16", "e4m3", "per_token", "clamp"),
                          (1, "bf16", "e4m3", "dequant_mul", "clamp"))
 # (dtype, fp8, inner, whole decode step too): at world size 1 the model has no gather, only DecodeQuery does.
-# Bitwise on CUDA holds against the eager inner compiler (ATen semantics). Against default Inductor it does not
-# (seen on H100/H200, torch 2.11): Inductor's own fused quantization of the unrewritten graph divides with Triton's
-# approximate fp32 '/' and elides roundings, so a small fraction of FP8 bytes differ by one step; those cases are
-# the xfail test below, kept so the gap stays visible. The pass now makes quant_fp8 divide with Triton's '/'
-# there (approx_division); benchmarks/diag_inductor_rounding.py prints which arithmetic Inductor's kernels use
-# and whether the rewritten graphs match; the xfail goes once a GPU run shows XPASS.
+# Bitwise on CUDA against the eager inner compiler (ATen semantics) and against default Inductor. Inductor's own
+# fused quantization of the unrewritten graph keeps bf16/fp16 intermediates in fp32 (it drops every cast to them)
+# and divides with Triton's approximate fp32 '/' (benchmarks/diag_inductor_rounding.py on 1x H100, torch 2.11);
+# the pass gives quant_fp8 an fp32 x with approx_division there. The default-Inductor test below was an xfail
+# until it XPASSED on 1x H100 (torch 2.11.0+cu130, triton 3.6.0, 2026-11-27) after that pass fix.
 MODEL_WS1 = [(torch.bfloat16, "e4m3", "eager", False), (torch.float16, "e5m2", "eager", False)]
 MODEL_WS2 = [(torch.bfloat16, "e4m3", "eager", True)]
 MODEL_INDUCTOR = [(torch.bfloat16, "e4m3", "inductor", False), (torch.float16, "e5m2", "inductor", False)]
@@ -62,9 +61,8 @@ def test_quant_before_gather_bitwise_cuda_ws1():
     _check(per_rank, 1, VARIANTS_WS1)
 
 
-@pytest.mark.xfail(strict=False, reason="known gap: default Inductor's unrewritten CUDA quantization is not IEEE "
-                                        "(approximate fp32 division), the op is; see the issue 4 note")
 def test_quant_before_gather_bitwise_cuda_against_default_inductor():
+    """Rewritten vs unrewritten graph, both compiled by default Inductor: bitwise (passed on 1x H100, see above)."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("quant_fp8 needs compute capability >= 8.9")
     per_rank = run_ranks(cases.all_worker, 1, MODEL_INDUCTOR, [], VARIANTS_WS1, "cuda", "inductor",
