@@ -13,6 +13,8 @@ the same run, bench_decode.measure_ceilings) / time.
 JSON to $OUT/dev_gluon16_decode.json (+ one file a child). One GPU, < 150 s.
 
   PYTHONPATH=. python3 benchmarks/dev_gluon16_decode.py [--budget 140] [--skip-timing]
+Round 2 (warp-specialized kernels ws4 / ws8 vs the default ring kernel s3_early, 35 s a child, < 120 s):
+  PYTHONPATH=. python3 benchmarks/dev_gluon16_decode.py --round2 --budget 115
 """
 from __future__ import annotations
 
@@ -27,7 +29,11 @@ import traceback
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHAPES16 = [(32, 16, 16384), (128, 16, 8192)]
-VARIANTS = [("s3", 3, False), ("s3_early", 3, True), ("s2", 2, False), ("s2_early", 2, True)]  # safest first
+# (tag, ring stages, early ring read, kernel variant); safest first
+VARIANTS = [("s3", 3, False, "ring"), ("s3_early", 3, True, "ring"), ("s2", 2, False, "ring"),
+            ("s2_early", 2, True, "ring"), ("ws4", 3, True, "ws4"), ("ws8", 3, True, "ws8")]
+ROUND1 = ["s3", "s3_early", "s2", "s2_early"]
+ROUND2 = ["s3_early", "ws4", "ws8"]  # --round2: the default ring kernel vs the warp-specialized ones, same run
 
 
 def out_dir():
@@ -72,7 +78,7 @@ def child_baseline():
         torch.cuda.empty_cache()
 
 
-def child_variant(tag, stages, early, skip_timing):
+def child_variant(tag, stages, early, variant, skip_timing):
     import torch
     from benchmarks import bench_decode as bd
     from fx_mla.ops import mla_decode_fp8 as dmod
@@ -92,7 +98,7 @@ def child_variant(tag, stages, early, skip_timing):
         ([0, 0], 64, e4m3, bf16, bf16, 2),
         ([200, 3000, 64], 32, e4m3, bf16, bf16, 5),
     ]
-    res = dict(variant=tag, num_stages=stages, early_read=early, checks=[], rows=[])
+    res = dict(variant=tag, kernel_variant=variant, num_stages=stages, early_read=early, checks=[], rows=[])
     name = f"dev_gluon16_{tag}.json"
 
     def kernel_info():
@@ -104,7 +110,7 @@ def child_variant(tag, stages, early, skip_timing):
 
     probe = torch.empty(1, 16, 576, dtype=bf16, device="cuda")
     res["unsupported_reason"] = gmod.gluon16_unsupported_reason(
-        probe, torch.empty(1, 64, 576, dtype=e4m3, device="cuda"), 512, num_stages=stages)
+        probe, torch.empty(1, 64, 576, dtype=e4m3, device="cuda"), 512, num_stages=stages, variant=variant)
     print(f"[{tag}] gluon16_unsupported_reason: {res['unsupported_reason']}", flush=True)
     for i, (lengths, block, cdt, qdt, odt, splits) in enumerate(cases):
         row = dict(lengths=lengths, block=block, cache=str(cdt), q=str(qdt), out=str(odt), splits=splits)
@@ -114,7 +120,7 @@ def child_variant(tag, stages, early, skip_timing):
             lse = torch.full((len(lengths), 16), float("nan"), dtype=f32, device="cuda")
             gmod.launch_mla_decode_gluon16(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale,
                                            512, out, lse, num_splits=splits, num_stages=stages, early_read=early,
-                                           poison_workspace=True)
+                                           poison_workspace=True, variant=variant)
             torch.cuda.synchronize()
             ref_o, ref_l = dmod.mla_decode_fp8_reference(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale,
                                                          None, p.sm_scale, 512, f32)
@@ -164,7 +170,7 @@ def child_variant(tag, stages, early, skip_timing):
                 lse.fill_(float("nan"))
                 call = lambda t, s=splits: gmod.launch_mla_decode_gluon16(  # noqa: E731
                     q, cache, t, lens, k_scale, None, bd.SM_SCALE, bd.LAT, out, lse, num_splits=s,
-                    num_stages=stages, early_read=early)
+                    num_stages=stages, early_read=early, variant=variant)
                 call(tables[0])
                 torch.cuda.synchronize()
                 err, lerr = rel_err(out.float(), ref_o.float()), float((lse - ref_l).abs().max())
@@ -177,7 +183,7 @@ def child_variant(tag, stages, early, skip_timing):
             hot = [(torch.arange(tables[0].numel(), device="cuda", dtype=torch.int32) % 4).view_as(tables[0])]
             row["gluon_hot_l2_us"] = bd.time_us(lambda t: gmod.launch_mla_decode_gluon16(
                 q, cache, t, lens, k_scale, None, bd.SM_SCALE, bd.LAT, out, lse, num_stages=stages,
-                early_read=early), hot)[0]
+                early_read=early, variant=variant), hot)[0]
         except Exception as e:  # noqa: BLE001
             row["hot_error"] = f"{type(e).__name__}: {str(e)[:500]}"
         row["kernel"] = kernel_info()
@@ -200,21 +206,36 @@ def load(name):
         return None
 
 
+def _auto_us(variants):
+    """{shape: {tag: us at the automatic split count}} for every variant whose checks all passed."""
+    table = {}
+    for tag, v in variants.items():
+        for r in (v or {}).get("rows", []) if (v or {}).get("all_ok") else []:
+            g = r["gluon"].get(str(r["auto_splits"]), {})
+            if "us" in g:
+                table.setdefault(f"{r['batch']}x16x{r['context']}", {})[tag] = round(g["us"], 1)
+    return table
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=140.0)
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--round2", action="store_true", help="only the default ring kernel (s3_early) and ws4 / ws8")
+    ap.add_argument("--child-limit", type=float, default=None, help="seconds a child (default 60; --round2: 35)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "baseline":
         return child_baseline()
     if args.child is not None:
-        tag, stages, early = next(v for v in VARIANTS if v[0] == args.child)
-        return child_variant(tag, stages, early, args.skip_timing)
+        tag, stages, early, variant = next(v for v in VARIANTS if v[0] == args.child)
+        return child_variant(tag, stages, early, variant, args.skip_timing)
 
     t0 = time.time()
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    jobs = [VARIANTS[0][0]] + ([] if args.skip_timing else ["baseline"]) + [v[0] for v in VARIANTS[1:]]
+    tags = ROUND2 if args.round2 else ROUND1
+    jobs = [tags[0]] + ([] if args.skip_timing else ["baseline"]) + tags[1:]
+    limit = args.child_limit or (35.0 if args.round2 else 60.0)
     status = {}
     for job in jobs:
         left = args.budget - (time.time() - t0)
@@ -226,9 +247,9 @@ def main():
         if os.path.exists(stale):  # never merge a result of an earlier run
             os.remove(stale)
         cmd = [sys.executable, os.path.abspath(__file__), "--child", job] + (["--skip-timing"] * args.skip_timing)
-        print(f"== {job} (at {time.time() - t0:.0f} s, limit {min(60, left):.0f} s)", flush=True)
+        print(f"== {job} (at {time.time() - t0:.0f} s, limit {min(limit, left):.0f} s)", flush=True)
         try:
-            rc = subprocess.run(cmd, env=env, cwd=REPO, timeout=min(60.0, left)).returncode
+            rc = subprocess.run(cmd, env=env, cwd=REPO, timeout=min(limit, left)).returncode
             status[job] = f"rc {rc}"
         except subprocess.TimeoutExpired:
             status[job] = "timeout"
@@ -244,7 +265,7 @@ def main():
           f"{copy if copy is None else round(copy, 2)} TB/s")
     print(f"{'variant':>9} {'checks':>7} {'shape':>13} {'splits':>6} {'us':>8} {'%copy':>6} {'x triton':>8} "
           f"{'err':>8} {'regs':>5}")
-    for tag, _, _ in VARIANTS:
+    for tag in tags:
         v = load(f"dev_gluon16_{tag}.json")
         result["variants"][tag] = v
         if v is None:
@@ -273,7 +294,8 @@ def main():
         checks_ok={tag: (v or {}).get("all_ok") for tag, v in result["variants"].items()},
         best={f"{b}x16x{c}": x for (b, c), x in best.items()},
         min_pct_of_copy_best=min((x["pct_of_copy"] for x in best.values()), default=None),
-        min_speedup_vs_triton_best=min((x["speedup_vs_triton"] for x in best.values()), default=None))
+        min_speedup_vs_triton_best=min((x["speedup_vs_triton"] for x in best.values()), default=None),
+        auto_splits_us=_auto_us(result["variants"]))
     result["seconds"] = time.time() - t0
     dump(result, "dev_gluon16_decode.json")
     print("summary:", json.dumps(result["summary"]))

@@ -21,7 +21,7 @@ import triton
 from fx_mla.ops._fp8 import FP8_DTYPES
 
 __all__ = ["launch_mla_decode_gluon16", "gluon16_unsupported_reason", "smem_needed", "GLUON_TRITON_VERSION",
-           "HEADS", "BLOCK_N", "NUM_STAGES", "EARLY_READ"]
+           "HEADS", "BLOCK_N", "NUM_STAGES", "EARLY_READ", "VARIANTS", "VARIANT"]
 
 GLUON_TRITON_VERSION = "3.6"
 HEADS = 16          # the wgmma N side (all heads of a request in one CTA)
@@ -30,19 +30,31 @@ NUM_WARPS = 4       # one warpgroup
 NUM_STAGES = 3      # raw FP8 tiles in the shared-memory ring (NUM_STAGES - 1 in flight during the compute)
 EARLY_READ = True  # read the ring while the last P V still runs: 3-5 % faster on 1x H100 (RESULTS.md)
 LATENT, ROPE = 512, 64
+# Kernels: "ring" (the cp.async ring kernel, one warpgroup does everything; the default) and the warp-specialized
+# round-2 kernel with a 4- or 8-warp producer partition converting into two fp16 tiles ("ws4", "ws8").
+VARIANTS = ("ring", "ws4", "ws8")
+VARIANT = "ring"
+_WS = {"ws4": (4, 232), "ws8": (8, 152)}  # producer warps, producer registers (setmaxnreg)
 Q_SHIFT = 8         # bf16 query -> fp16 as q * 2**-8, as the Triton path
 
 
-def smem_needed(num_stages: int = NUM_STAGES) -> int:
-    """Shared memory of the compiled kernel (Triton 3.6, sm_90: 205,056 bytes at 3 stages, 168,192 at 2):
-    fp16 query + raw FP8 ring + one fp16 tile + P + 256 bytes of scratch."""
+def smem_needed(num_stages: int = NUM_STAGES, variant: str = "ring") -> int:
+    """Shared memory of the compiled kernel (Triton 3.6, sm_90: ring 205,056 bytes at 3 stages, 168,192 at 2;
+    ws4 168,228): fp16 query + raw FP8 ring + one fp16 tile + P + 256 bytes of scratch (ring); fp16 query + two
+    fp16 tiles + P + barriers and scratch (ws)."""
     d = LATENT + ROPE
+    if variant != "ring":
+        return HEADS * d * 2 + 2 * BLOCK_N * d * 2 + HEADS * BLOCK_N * 2 + 292
     return HEADS * d * 2 + num_stages * BLOCK_N * d + BLOCK_N * d * 2 + HEADS * BLOCK_N * 2 + 256
 
 
 def gluon16_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
-                               device: Optional[torch.device] = None, num_stages: int = NUM_STAGES) -> Optional[str]:
+                               device: Optional[torch.device] = None, num_stages: int = NUM_STAGES,
+                               variant: Optional[str] = None) -> Optional[str]:
     """None when the 16-head Gluon kernel covers these inputs on `device` (default: q's device), else why not."""
+    variant = VARIANT if variant is None else variant
+    if variant not in VARIANTS:
+        return f"variant must be one of {VARIANTS}, got {variant!r}"
     device = torch.device(device) if device is not None else q.device
     if device.type != "cuda":
         return f"the Gluon kernel runs on CUDA devices only, got {device}"
@@ -72,8 +84,8 @@ def gluon16_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_
         return f"num_stages must be 2 or 3 (4 exceeds the shared memory), got {num_stages}"
     index = device.index if device.index is not None else torch.cuda.current_device()
     smem = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
-    if smem is not None and smem < smem_needed(num_stages):
-        return f"the kernel needs {smem_needed(num_stages)} bytes of shared memory a block, the device allows {smem}"
+    if smem is not None and smem < smem_needed(num_stages, variant):
+        return f"the kernel needs {smem_needed(num_stages, variant)} bytes of shared memory a block, the device allows {smem}"
     return None
 
 
@@ -115,21 +127,23 @@ def default_num_splits(batch: int, max_len: int, device_index: int) -> int:
 
 def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out, lse,
                               num_splits: Optional[int] = None, num_stages: int = NUM_STAGES,
-                              early_read: bool = EARLY_READ, poison_workspace: bool = False):
+                              early_read: bool = EARLY_READ, poison_workspace: bool = False,
+                              variant: Optional[str] = None):
     """Fill out / lse with the decode attention of q over the paged cache; returns (out, lse).
 
-    num_splits: splits per request (None: default_num_splits). num_stages / early_read: kernel variants (see the
-    kernel module). poison_workspace fills the split workspace with NaN first (tests: every element the combine
+    num_splits: splits per request (None: default_num_splits). variant: "ring" / "ws4" / "ws8" (None: VARIANT);
+    num_stages / early_read: options of the ring kernel (see the kernel module). poison_workspace fills the split workspace with NaN first (tests: every element the combine
     reads must have been written).
     """
     from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel
 
-    reason = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank, num_stages=num_stages)
+    variant = VARIANT if variant is None else variant
+    reason = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank, num_stages=num_stages, variant=variant)
     if reason is not None:
         raise ValueError(f"the 16-head Gluon MLA decode kernel does not cover these inputs: {reason}")
     _expect(q_scale is None, ValueError, "q_scale must be None: the Gluon kernel takes a bf16/fp16 query")
     _check_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale)
-    from fx_mla.ops.kernels.mla_decode_gluon16 import _mla_decode_gluon16_kernel  # gluon: Triton 3.6 only
+    from fx_mla.ops.kernels import mla_decode_gluon16 as kmod  # gluon: Triton 3.6 only
 
     batch, heads, _ = q.shape
     if batch == 0:
@@ -154,14 +168,20 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
         part_lse = new((batch, num_splits, heads), *fill, dtype=torch.float32, device=q.device)
     else:
         part_o, part_lse = out, lse  # unused by the kernel
-    kernel = _mla_decode_gluon16_kernel[(num_splits, batch)](
-        q, kv_cache, block_table, seq_lens, k_scale, out, lse, part_o, part_lse,
-        float(sm_scale), heads, num_splits, kv_cache.shape[0], max_blocks,
-        q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
-        out.stride(0), out.stride(1),
-        PAGE=page, L=LATENT, R=ROPE, BLOCK_H=HEADS, BLOCK_N=BLOCK_N, NUM_STAGES=num_stages, Q_SHIFT=q_shift,
-        E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1, ONE_PAGE=page % BLOCK_N == 0,
-        EARLY_READ=bool(early_read), num_warps=NUM_WARPS)
+    args = (q, kv_cache, block_table, seq_lens, k_scale, out, lse, part_o, part_lse,
+            float(sm_scale), heads, num_splits, kv_cache.shape[0], max_blocks,
+            q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
+            out.stride(0), out.stride(1))
+    common = dict(PAGE=page, L=LATENT, R=ROPE, BLOCK_H=HEADS, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
+                  E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
+                  ONE_PAGE=page % BLOCK_N == 0, num_warps=NUM_WARPS)
+    if variant == "ring":
+        kernel = kmod._mla_decode_gluon16_kernel[(num_splits, batch)](
+            *args, NUM_STAGES=num_stages, EARLY_READ=bool(early_read), **common)
+    else:
+        pw, regs = _WS[variant]
+        kernel = kmod._mla_decode_gluon16_ws_kernel[(num_splits, batch)](
+            *args, PRODUCER_WARPS=pw, PRODUCER_REGS=regs, **common)
     launch_mla_decode_gluon16.last_kernel = kernel  # the dev script reads its register / spill counts
     if num_splits > 1:
         pow2 = triton.next_power_of_2(num_splits)

@@ -1,6 +1,6 @@
 """GPU tests of the 16-head Hopper Gluon MLA decode kernel: against the float64 reference on ragged problems
 (lengths incl. 0, NaN in every slot the length mask must skip, block sizes 16/32/64), outputs and split workspace
-poisoned with NaN, both ring depths and both ring-read orders. Skips where gluon16_unsupported_reason declines
+poisoned with NaN, both ring depths and both ring-read orders, and the warp-specialized variants ws4 / ws8. Skips where gluon16_unsupported_reason declines
 (not sm_90, not Triton 3.6)."""
 import pytest
 import torch
@@ -21,18 +21,19 @@ def _skip_unless_supported():
         pytest.skip(reason)
 
 
+@pytest.mark.parametrize("variant", ["ring", "ws4", "ws8"])
 @pytest.mark.parametrize("block_size", [16, 32, 64])
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
 @pytest.mark.parametrize("cache_dtype,q_dtype,out_dtype", [(E4M3, torch.bfloat16, torch.bfloat16),
                                                            (E5M2, torch.float16, torch.float32)])
-def test_gluon16_decode_matches_float64(block_size, num_splits, cache_dtype, q_dtype, out_dtype):
+def test_gluon16_decode_matches_float64(block_size, num_splits, cache_dtype, q_dtype, out_dtype, variant):
     _skip_unless_supported()
     p = make_problem([0, 1, 65, 700, 333], 16, block_size, cache_dtype, q_dtype, seed=block_size, device="cuda")
     out = torch.full((5, 16, 512), float("nan"), dtype=out_dtype, device="cuda")
     lse = torch.full((5, 16), float("nan"), device="cuda")
     gmod.launch_mla_decode_gluon16(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
-                                   out, lse, num_splits=num_splits, poison_workspace=True)
-    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"bs{block_size} splits {num_splits}")
+                                   out, lse, num_splits=num_splits, poison_workspace=True, variant=variant)
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"{variant} bs{block_size} splits {num_splits}")
 
 
 @pytest.mark.parametrize("num_stages,early_read", [(3, False), (3, True), (2, False), (2, True)])

@@ -137,3 +137,27 @@ def test_gluon16_check_args_messages():
         gmod._check_args(q, cache, 512, out, lse, bt, lens[:1], ks)
     with pytest.raises(TypeError, match="k_scale must be"):
         gmod._check_args(q, cache, 512, out, lse, bt, lens, ks.double())
+
+
+def test_gluon16_ws_variants_on_fake_hopper(fake_hopper):
+    assert gmod.VARIANT in gmod.VARIANTS
+    for variant in ("ring", "ws4", "ws8"):
+        assert gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0, variant=variant) is None
+    reason = gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="ws2")
+    assert reason is not None and "variant must be one of" in reason and "ws2" in reason
+    fake_hopper["smem"] = 160000  # below the two fp16 tiles of the warp-specialized kernel
+    reason = gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="ws4")
+    assert reason is not None and "shared memory" in reason
+
+
+def test_smem_needed_ws_matches_compiled_kernel():
+    # ws4 / ws8: 168,228 / 168,232 bytes in the Triton 3.6 sm_90 compile (GluonASTSource, checked by hand)
+    assert 168228 <= gmod.smem_needed(variant="ws4") <= 168232 + 64
+
+
+def test_gluon16_launch_bad_variant_raises_value_error():
+    out, lse = torch.empty(2, 16, 512, dtype=torch.bfloat16), torch.empty(2, 16)
+    with pytest.raises(ValueError, match="does not cover"):
+        gmod.launch_mla_decode_gluon16(_q(), _cache(), torch.zeros(2, 1, dtype=torch.int32),
+                                       torch.ones(2, dtype=torch.int32), torch.ones(1), None, 0.07, 512, out, lse,
+                                       variant="bogus")

@@ -25,7 +25,10 @@ several tiles in flight while the warpgroup converts and multiplies the current 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from fx_mla.ops.kernels.mla_decode_gluon import _load_tile
 
 
 @gluon.jit
@@ -255,3 +258,157 @@ def _mla_decode_gluon16_kernel(
         gl.store(part_o_ptr + part[None, :] * L + offs_ol[:, None], o)
         part_s = (pid_b * num_splits + pid_s) * num_heads + heads_s
         gl.store(part_lse_ptr + part_s, lse)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Round 2: warp-specialized variant. The ring kernel above runs convert -> S^T -> softmax -> P V one after another in
+# its one warpgroup. Here a producer partition (PW warps) loads the FP8 words of tile j + 1 into registers (masked:
+# no traffic past the end, zeros there), converts tile j to fp16 into one of two fp16 tiles and signals `full`; the
+# consumer warpgroup (default partition) runs S^T, the softmax and O^T += V^T P^T on it and frees it (`empty`) once
+# its P V completed. Conversion and loads of the next tile overlap the MMAs and the softmax of this one; shared
+# memory drops the raw ring (no cp.async write + read-back): Q 18 KB + 2 x 72 KB fp16 tiles + P.
+# Barrier phases: tile j uses buffer j % 2 for the (j // 2)-th time; the consumer waits full with parity
+# (j // 2) & 1, the producer waits empty with parity ((j // 2) & 1) ^ 1 (a fresh barrier passes parity 1 at once).
+
+
+@gluon.jit
+def _ws_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                 PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, PW: gl.constexpr,
+                 E5M2: gl.constexpr, ONE_PAGE: gl.constexpr):
+    SUB: gl.constexpr = BLOCK_N // 4
+    LAT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [PW, 1], [1, 0])   # [SUB, L / 4] words
+    ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [PW, 1], [1, 0])   # [BLOCK_N, R / 4] words
+    SMEM_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    nope_words = k_nope._reinterpret(gl.int32, [2, BLOCK_N, L // 2], SMEM_WORDS)
+    pe_words = k_pe._reinterpret(gl.int32, [2, BLOCK_N, R // 2], SMEM_WORDS)
+    kv_words = kv_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+    n_tiles = gl.cdiv(end - start, BLOCK_N)
+    tile = _load_tile(kv_words, bt_row, start, end, num_blocks, blk_words, tok_words,
+                      PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+    for j in range(n_tiles):
+        b = j % 2
+        # the next tile's loads go out before waiting for a free buffer (rows past the end: no traffic)
+        nxt = _load_tile(kv_words, bt_row, start + (j + 1) * BLOCK_N, end, num_blocks, blk_words, tok_words,
+                         PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+        mbarrier.wait(empty.index(b), ((j // 2) & 1) ^ 1)
+        _store_tile(tile, nope_words.index(b), pe_words.index(b), 0, end, SUB, False, E5M2)
+        fence_async_shared()
+        gl.thread_barrier()  # the partition's own warps
+        mbarrier.arrive(full.index(b))
+        tile = nxt
+
+
+@gluon.jit
+def _ws_consumer(q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, start, end, qk_scale, k_scale,
+                 o_base, stride_o_h, lse_base,
+                 L: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr):
+    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_H, 16])
+    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_H, 16])
+    n_tiles = gl.cdiv(end - start, BLOCK_N)
+    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, gl.SliceLayout(0, S_LAYOUT))
+    l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(0, S_LAYOUT))
+    acc = gl.zeros([L, BLOCK_H], gl.float32, O_LAYOUT)
+    s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, S_LAYOUT)
+    offs_tok = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S_LAYOUT))
+    for j in range(n_tiles):
+        b = j % 2
+        n0 = start + j * BLOCK_N
+        kn = k_nope.index(b)
+        mbarrier.wait(full.index(b), (j // 2) & 1)
+        # ---- S^T = K Q^T
+        s = warpgroup_mma(kn, q_nope_smem.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma(k_pe.index(b), q_pe_smem.permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        # ---- online softmax over the tokens (axis 0); the tile's first token is valid, so maxima are finite
+        s = gl.where((n0 + offs_tok < end)[:, None], s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + gl.sum(p, 0)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(0, O_LAYOUT))[None, :]
+        p_smem.store(gl.permute(p.to(gl.float16), (1, 0)))
+        fence_async_shared()
+        gl.thread_barrier()
+        # ---- O^T += V^T P^T; the buffer goes back to the producer once this MMA has read it
+        acc = warpgroup_mma(kn.permute((1, 0)), p_smem.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(b))
+
+    # ---- epilogue: o = acc * k_scale / l, lse natural log; an empty range gives lse = -inf, o = 0
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(0, O_LAYOUT))
+    o = acc * (k_scale / gl.where(l_o > 0.0, l_o, 1.0))[None, :]
+    has_tok = l_i > 0.0
+    lse = gl.where(has_tok, (m_i + gl.log2(gl.where(has_tok, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    heads_o = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, O_LAYOUT))
+    offs_ol = gl.arange(0, L, layout=gl.SliceLayout(1, O_LAYOUT))
+    gl.store(o_base + heads_o.to(gl.int64)[None, :] * stride_o_h + offs_ol[:, None], o.to(o_base.dtype.element_ty))
+    gl.store(lse_base + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, S_LAYOUT)), lse)
+
+
+@gluon.jit
+def _mla_decode_gluon16_ws_kernel(
+        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr,
+        out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+        sm_scale, num_heads, num_splits, num_blocks, max_blocks,
+        stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
+        PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+        Q_SHIFT: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr, ONE_PAGE: gl.constexpr,
+        PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    gl.static_assert(num_warps == 4, "the default partition (consumer) is one warpgroup")
+    gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
+    gl.static_assert(BLOCK_H % 8 == 0 and BLOCK_H <= 32, "wgmma N = heads")
+    gl.static_assert((not ONE_PAGE) or PAGE % BLOCK_N == 0, "ONE_PAGE: a tile lies in one page")
+    pid_s = gl.program_id(0)
+    pid_b = gl.program_id(1).to(gl.int64)
+    Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+    ROPE_Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    SMEM_16: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    SMEM_Q: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+    heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, Q_LAYOUT))
+    q_rows = q_ptr + pid_b * stride_q_b + heads.to(gl.int64) * stride_q_h
+    offs_ql = gl.arange(0, L, layout=gl.SliceLayout(0, Q_LAYOUT))
+    q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_Q,
+                                            _to_mma_dtype(gl.load(q_rows[:, None] + offs_ql[None, :]), Q_SHIFT))
+    heads_r = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_Q_LAYOUT))
+    q_rows_r = q_ptr + pid_b * stride_q_b + heads_r.to(gl.int64) * stride_q_h
+    offs_qr = gl.arange(0, R, layout=gl.SliceLayout(0, ROPE_Q_LAYOUT))
+    q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_Q,
+                                          _to_mma_dtype(gl.load(q_rows_r[:, None] + L + offs_qr[None, :]), Q_SHIFT))
+    k_nope = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_16)
+    k_pe = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_16)
+    p_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, BLOCK_N], SMEM_Q)
+    full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    fence_async_shared()
+
+    k_scale = gl.load(k_scale_ptr)
+    qk_scale = sm_scale * 1.4426950408889634 * k_scale * (1 << Q_SHIFT)
+    seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)
+    seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
+    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    end = gl.minimum(start + chunk, seq_len)
+    bt_row = block_table_ptr + pid_b * stride_bt_b
+    if SINGLE_SPLIT:
+        o_base = out_ptr + pid_b * stride_o_b
+        o_stride = stride_o_h
+        lse_base = lse_ptr + pid_b * num_heads
+    else:
+        row0 = (pid_b * num_splits + pid_s) * num_heads
+        o_base = part_o_ptr + row0 * L
+        o_stride = L
+        lse_base = part_lse_ptr + row0
+    gl.warp_specialize([
+        (_ws_consumer, (q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, start, end, qk_scale, k_scale,
+                        o_base, o_stride, lse_base, L, BLOCK_H, BLOCK_N)),
+        (_ws_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                        PAGE, L, R, BLOCK_N, PRODUCER_WARPS, E5M2, ONE_PAGE)),
+    ], [PRODUCER_WARPS], [PRODUCER_REGS])
