@@ -44,7 +44,6 @@ SWEEP = {  # candidate configs by head count (the default from choose_config is 
     128: [C(64, 128, 8, 1, 1), C(64, 64, 8, 1, 1, kind="wide"), C(64, 64, 8, 2, 1, kind="wide"),
           C(64, 32, 8, 2, 1, kind="wide"), C(64, 32, 8, 3, 1, kind="wide"), C(64, 64, 8, 1, 2, kind="wide"),
           C(32, 64, 4, 1, 1, kind="narrow"), C(32, 64, 8, 1, 1, kind="narrow"), C(64, 64, 8, 1, 1, kind="narrow"),
-          (C(64, 64, 8, 1, 1, kind="wide"), "q8"), (C(64, 32, 8, 2, 1, kind="wide"), "q8"),
           (C(32, 64, 8, 1, 1, kind="narrow"), "q8")],
 }
 

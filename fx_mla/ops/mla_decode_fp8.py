@@ -245,6 +245,9 @@ def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, 
     q_fp8 = q.dtype in FP8_DTYPES
     fp8_dot = q_fp8 and q.dtype == kv_cache.dtype
     cfg = config or choose_config(heads, fp8_dot, _max_shared(q.device) if q.is_cuda else None)
+    _expect(not (cfg.kind == "wide" and fp8_dot), ValueError,
+            "config kind 'wide' does not take an FP8 query over an FP8 cache (its FP8 x FP8 form faulted on an H100 "
+            "and is not validated); use kind 'base' or 'narrow'")
     page = kv_cache.shape[1]
     max_blocks = block_table.shape[1]
     groups = triton.cdiv(heads, cfg.block_h)

@@ -50,6 +50,16 @@ def test_cuda_kernel_choice(monkeypatch):
         raise AssertionError("an unknown kernel choice must raise")
 
 
+def test_wide_kind_declines_fp8_x_fp8():
+    p = make_problem([5], 64, 16, E4M3, E4M3, seed=1)
+    try:
+        dmod.launch_mla_decode_fp8(*p.args(torch.bfloat16), config=C(64, 16, 8, 1, 1, kind="wide"))
+    except ValueError as e:
+        assert "'wide'" in str(e) and "FP8" in str(e)
+    else:
+        raise AssertionError("the wide kind must decline FP8 x FP8")
+
+
 def test_tc_kernels_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO, capture_output=True,
@@ -84,7 +94,7 @@ def _checks():
                                                                         f"bs{block_size}/splits{splits}")
             n += 1
     # the wide kernel: 128 heads (two groups), a split whose first tile is its only one, and empty splits
-    for cache_dtype, q_dtype in pairs[:1] + pairs[2:3] + pairs[4:6]:
+    for cache_dtype, q_dtype in pairs[:1] + pairs[2:3] + pairs[5:6]:
         for lens, splits in (([19, 0, 40], 1), ([33, 5], 3)):
             p = make_problem(lens, 128, 16, cache_dtype, q_dtype, seed=n)
             check_close(*_run(p, wide, splits), *reference_f64(p), what=f"wide {cache_dtype}/{q_dtype}/{lens}")
