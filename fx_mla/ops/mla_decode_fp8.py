@@ -338,16 +338,8 @@ def _(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_ra
     reason = kernel_unsupported_reason(q.dtype, kv_cache.dtype, q.shape[2], kv_lora_rank, cap)
     if reason is not None:
         raise RuntimeError(f"mla_decode_fp8 cannot run on {q.device}: {reason}")
-    gluon_q, gluon_sm_scale = q, sm_scale
-    if q.dtype in FP8_DTYPES and kv_cache.dtype in FP8_DTYPES and DECODE_KERNEL != "triton" and tuple(cap) == (9, 0):
-        # The Gluon kernels take an fp16 query: q * q_scale * 2**-Q_SHIFT rounded once to fp16 on the device (no host
-        # sync), 2**Q_SHIFT back into sm_scale (exact). Relative error <= 2**-11 a query entry down to 2**-6 (fp16
-        # subnormals below), less than Hopper's FP8 MMA accumulation costs the Triton FP8 x FP8 path.
-        gluon_q = (q.float() * (q_scale * 2.0 ** -Q_SHIFT)).to(torch.float16)
-        gluon_sm_scale = float(sm_scale) * 2.0 ** Q_SHIFT
-    choice = cuda_kernel_choice(gluon_q, kv_cache, kv_lora_rank)
+    choice = cuda_kernel_choice(q, kv_cache, kv_lora_rank)
     if choice != "triton":
-        q, q_scale, sm_scale = gluon_q, None, gluon_sm_scale
         if choice == "seesaw":
             from fx_mla.ops.mla_decode_seesaw import launch_mla_decode_seesaw as launch
         elif choice == "gluon":
