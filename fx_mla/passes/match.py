@@ -14,6 +14,7 @@ import torch.fx
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
+CONVERT = torch.ops.prims.convert_element_type.default
 
 Target = Union[torch._ops.OpOverload, torch._ops.OpOverloadPacket, Any]
 
@@ -92,6 +93,11 @@ def same_size(a: Any, b: Any) -> bool:
         return bool(sympy.simplify(sympy.sympify(ea) - sympy.sympify(eb)) == 0)
     except (TypeError, ValueError):
         return False
+
+
+def same_shape(a: Optional[Sequence], b: Optional[Sequence]) -> bool:
+    """Two shapes (None: unknown) have the same rank and sizes, decided with :func:`same_size`."""
+    return a is not None and b is not None and len(a) == len(b) and all(map(same_size, a, b))
 
 
 def follow(node: torch.fx.Node, *targets: Target) -> Optional[list[torch.fx.Node]]:
@@ -220,6 +226,20 @@ def hoist_before(node: Any, anchor: torch.fx.Node) -> None:
         anchor.prepend(n)
 
 
+def set_val(node: torch.fx.Node) -> torch.fx.Node:
+    """Compute ``meta['val']`` of a new ``node`` with the fake mode of its graph; returns ``node``. Without a fake
+    mode (a graph with no fake inputs) it is left unset, for the pass manager to fill in or skip."""
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta.get("val") for n in node.graph.nodes if n.op == "placeholder"]
+    fake_mode = detect_fake_mode(vals + [a.meta.get("val") for a in node.all_input_nodes])
+    if fake_mode is not None:
+        with fake_mode:
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+            node.meta["val"] = node.target(*args, **kwargs)
+    return node
+
+
 def set_vals(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node]) -> None:
     """(Re)compute ``meta['val']`` of new or retyped ``nodes``, in graph order, with the graph's fake mode."""
     from torch._guards import detect_fake_mode
@@ -242,5 +262,6 @@ def erase_unused(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node]) -> None:
 
 
 __all__ = ["is_op", "find_ops", "users", "only_user", "val", "tensor_val", "node_dtype", "node_shape",
-           "node_device", "static_int", "same_size", "follow", "arg", "AllGatherChain", "match_all_gather",
-           "all_gather_chains", "replace_uses", "names", "downstream", "hoist_before", "set_vals", "erase_unused"]
+           "node_device", "static_int", "same_size", "same_shape", "follow", "arg", "AllGatherChain",
+           "match_all_gather", "all_gather_chains", "replace_uses", "names", "downstream", "hoist_before", "set_val",
+           "set_vals", "erase_unused", "CONVERT"]
