@@ -2,6 +2,8 @@
 # The lead's GPU session in one script (device machines have torch/triton/pytest, no expecttest, no network).
 #   bash benchmarks/gpu_suite.sh tests   # GPU test suite (cuda + multigpu markers), log to $OUT
 #   bash benchmarks/gpu_suite.sh bench   # multi-GPU benchmarks: q all-gather (2 and N GPUs), DCP step, demo
+#   bash benchmarks/gpu_suite.sh kernels # one GPU: decode table (Gluon kernels in the op), the 16-head round-2
+#                                        # variants (warp-specialised, not yet run), cache gather table
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,4 +24,11 @@ case "${1:-tests}" in
     timeout 300 python3 benchmarks/bench_dcp_step.py --world-size "$n" --contexts 32768,131072 --batches 1,8,64 \
       --out "$OUT/dcp_step.json" 2>&1 | tee "$OUT/dcp_step.log"
     timeout 120 python3 -m fx_mla demo 2>&1 | tee "$OUT/demo.log" ;;
+  kernels)
+    timeout 130 python3 benchmarks/dev_gluon16_decode.py --round2 --budget 115 2>&1 | tee "$OUT/gluon16_round2.log" \
+      | grep -v "check" | tail -25
+    timeout 330 python3 benchmarks/bench_decode.py --budget 320 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
+      | tail -12
+    timeout 170 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 95 2>&1 | tee "$OUT/cache_gather.log" \
+      | tail -30 ;;
 esac
