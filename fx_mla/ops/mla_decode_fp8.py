@@ -13,9 +13,12 @@ Semantics = fx_mla.mla.decode.paged_decode_attention computed in fp32 (cache slo
   are the rank's local lengths, and (out, lse) is what merge_dcp_partials consumes.
 
 The CPU implementation is that reference (the test oracle; it also checks block ids and lengths). The CUDA
-implementation launches the split-K Triton kernels of fx_mla/ops/kernels/mla_decode_fp8.py: no host sync,
-workspace sized from static bounds (B, H, max_blocks * block_size, SM count), so it is CUDA-graph capturable.
-It does not read seq_lens or block_table on the host; the kernel clamps them instead (never reads out of bounds).
+implementation launches the first kernel that supports the inputs (cuda_kernel_choice, FX_MLA_DECODE_KERNEL): the
+Gluon sm_90 kernels (mla_decode_seesaw / mla_decode_gluon for 64-head groups, mla_decode_gluon16 for 16 heads), else
+the split-K Triton kernels of fx_mla/ops/kernels/mla_decode_fp8.py (and _tc.py); all write the same (out, lse) and
+share the split workspace and combine kernel: no host sync, workspace sized from static bounds (B, H,
+max_blocks * block_size, SM count), so the op is CUDA-graph capturable. It does not read seq_lens or block_table on
+the host; the kernels clamp them instead (never read out of bounds).
 """
 from __future__ import annotations
 
