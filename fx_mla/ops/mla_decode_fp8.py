@@ -18,11 +18,13 @@ Gluon sm_90 kernels (mla_decode_seesaw / mla_decode_gluon for 64-head groups, ml
 the split-K Triton kernels of fx_mla/ops/kernels/mla_decode_fp8.py (and _tc.py); all write the same (out, lse) and
 share the split workspace and combine kernel: no host sync, workspace sized from static bounds (B, H,
 max_blocks * block_size, SM count), so the op is CUDA-graph capturable. It does not read seq_lens or block_table on
-the host; the kernels clamp them instead (never read out of bounds).
+the host; the kernels clamp them instead (never read out of bounds). Shapes that leave no token to attend to (B = 0,
+no cache block, no table column) give out = 0 and lse = -inf without a kernel.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Optional, Tuple
 
@@ -216,6 +218,22 @@ def _max_shared(device: torch.device) -> Optional[int]:
     return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
 
 
+def no_tokens(q, kv_cache, block_table) -> bool:
+    """No token to attend to, from the shapes alone (B or H 0, no cache block or no table column): the launchers
+    write out = 0, lse = -inf without a kernel (an empty cache leaves the kernels' page-id clamp no target)."""
+    return q.shape[0] == 0 or q.shape[1] == 0 or kv_cache.shape[0] == 0 or block_table.shape[1] == 0
+
+
+def fill_empty(out: torch.Tensor, lse: torch.Tensor):
+    return out.zero_(), lse.fill_(float("-inf"))  # on the device: no host sync
+
+
+def check_capacity(kv_cache, block_table) -> None:
+    capacity = block_table.shape[1] * kv_cache.shape[1]  # the kernels clamp lengths to it in int32
+    _expect(capacity < 2 ** 31, ValueError, f"block_table's max_blocks ({block_table.shape[1]}) * kv_cache's "
+                                            f"block_size ({kv_cache.shape[1]}) = {capacity} must be below 2**31")
+
+
 def _num_splits(batch: int, groups: int, max_len: int, block_n: int, num_sms: int, occupancy: int) -> int:
     """Splits per request so that about occupancy * num_sms programs run; at least 4 tiles a split."""
     programs = batch * groups
@@ -251,18 +269,19 @@ def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, 
     _expect(not (cfg.kind == "wide" and fp8_dot), ValueError,
             "config kind 'wide' does not take an FP8 query over an FP8 cache (its FP8 x FP8 form faulted on an H100 "
             "and is not validated); use kind 'base' or 'narrow'")
+    check_capacity(kv_cache, block_table)
     page = kv_cache.shape[1]
     max_blocks = block_table.shape[1]
+    if out is None or lse is None:
+        out, lse = _empty_outputs(q, kv_lora_rank, out_dtype)
+    if no_tokens(q, kv_cache, block_table):
+        return fill_empty(out, lse)
     groups = triton.cdiv(heads, cfg.block_h)
     if num_sms is None:
         num_sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
             if q.is_cuda else 8
     splits = num_splits or _num_splits(batch, groups, max_blocks * page, cfg.block_n, num_sms, cfg.occupancy)
-
-    if out is None or lse is None:
-        out, lse = _empty_outputs(q, kv_lora_rank, out_dtype)
-    if batch == 0 or heads == 0:
-        return out, lse
+    _expect(isinstance(splits, int) and 1 <= splits, ValueError, f"num_splits must be a positive int, got {splits!r}")
     torch_compute = torch.float16 if cache_fp8 or kv_cache.dtype == torch.float16 else torch.bfloat16
     compute = tl_dtype(torch_compute)
     q_shift = Q_SHIFT if (cache_fp8 and q.dtype == torch.bfloat16) else 0
@@ -335,24 +354,26 @@ def _(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_ra
 
 
 @mla_decode_fp8.register_kernel("cuda")
-def _(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out_dtype):
+def _mla_decode_fp8_cuda(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out_dtype):
     _check_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out_dtype)
+    check_capacity(kv_cache, block_table)
     cap = torch.cuda.get_device_capability(q.device)
     reason = kernel_unsupported_reason(q.dtype, kv_cache.dtype, q.shape[2], kv_lora_rank, cap)
     if reason is not None:
         raise RuntimeError(f"mla_decode_fp8 cannot run on {q.device}: {reason}")
-    choice = cuda_kernel_choice(q, kv_cache, kv_lora_rank)
-    if choice != "triton":
-        if choice == "seesaw":
-            from fx_mla.ops.mla_decode_seesaw import launch_mla_decode_seesaw as launch
-        elif choice == "gluon":
-            from fx_mla.ops.mla_decode_gluon import launch_mla_decode_gluon as launch
-        else:
-            from fx_mla.ops.mla_decode_gluon16 import launch_mla_decode_gluon16 as launch
-        out, lse = _empty_outputs(q, kv_lora_rank, out_dtype)
-        return launch(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out, lse)
-    return launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank,
-                                 out_dtype)
+    if no_tokens(q, kv_cache, block_table):
+        return fill_empty(*_empty_outputs(q, kv_lora_rank, out_dtype))
+    # A Python custom op gets no device guard from the dispatcher, and Triton launches on the current device:
+    # inputs on another GPU than the current one must switch to theirs.
+    with torch.cuda.device(q.device):
+        choice = cuda_kernel_choice(q, kv_cache, kv_lora_rank)
+        if choice == "triton":
+            return launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank,
+                                         out_dtype)
+        name = {"seesaw": "mla_decode_seesaw", "gluon": "mla_decode_gluon", "gluon16": "mla_decode_gluon16"}[choice]
+        launch = getattr(importlib.import_module(f"fx_mla.ops.{name}"), f"launch_{name}")
+        return launch(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank,
+                      *_empty_outputs(q, kv_lora_rank, out_dtype))
 
 
 # Which CUDA kernel the op runs: "auto" (a Gluon sm_90 kernel where its support check allows it, else the Triton
@@ -364,9 +385,9 @@ def _(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_ra
 DECODE_KERNEL = os.environ.get("FX_MLA_DECODE_KERNEL", "auto")
 
 
-def cuda_kernel_choice(q, kv_cache, kv_lora_rank) -> str:
+def cuda_kernel_choice(q, kv_cache, kv_lora_rank, device=None) -> str:
     """"seesaw" / "gluon" (64-head groups), "gluon16" or "triton" for these CUDA inputs under DECODE_KERNEL (raises
-    where "gluon" is forced but no Gluon kernel supports them, naming why)."""
+    where "gluon" is forced but no Gluon kernel supports them, naming why). device: where they run (None: q's)."""
     if DECODE_KERNEL not in ("auto", "triton", "gluon"):
         raise ValueError(f"FX_MLA_DECODE_KERNEL / DECODE_KERNEL must be 'auto', 'triton' or 'gluon', got "
                          f"{DECODE_KERNEL!r}")
@@ -375,12 +396,12 @@ def cuda_kernel_choice(q, kv_cache, kv_lora_rank) -> str:
     from fx_mla.ops.mla_decode_gluon import gluon_unsupported_reason
     from fx_mla.ops.mla_decode_gluon16 import gluon16_unsupported_reason
     from fx_mla.ops.mla_decode_seesaw import seesaw_unsupported_reason
-    if seesaw_unsupported_reason(q, kv_cache, kv_lora_rank) is None:
+    if seesaw_unsupported_reason(q, kv_cache, kv_lora_rank, device) is None:
         return "seesaw"
-    reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank)
+    reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank, device)
     if reason is None:
         return "gluon"
-    reason16 = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank)
+    reason16 = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank, device)
     if reason16 is None:
         return "gluon16"
     if DECODE_KERNEL == "gluon":

@@ -114,7 +114,7 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
     block_size % BLOCK_N == 0.
     """
     from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel
-    from fx_mla.ops.mla_decode_fp8 import _num_splits, _sm_count
+    from fx_mla.ops.mla_decode_fp8 import _num_splits, _sm_count, check_capacity, fill_empty, no_tokens
 
     reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank)
     if reason is not None:
@@ -127,11 +127,12 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
         _expect(not unknown, ValueError, f"variant: unknown flags {unknown}, expected some of {VARIANT_FLAGS}")
         flags.update({k: bool(v) for k, v in variant.items()})
     _expect(kv_cache.device == q.device, ValueError, f"kv_cache must be on q's device {q.device}")
+    check_capacity(kv_cache, block_table)
+    if no_tokens(q, kv_cache, block_table):  # B = 0, no cache block or no table column: out = 0, lse = -inf
+        return fill_empty(out, lse)
     from fx_mla.ops.kernels.mla_decode_gluon import _mla_decode_gluon_kernel  # gluon: Triton 3.6 only
 
     batch, heads, _ = q.shape
-    if batch == 0:
-        return out, lse
     page = kv_cache.shape[1]
     max_blocks = block_table.shape[1]
     groups = heads // BLOCK_H

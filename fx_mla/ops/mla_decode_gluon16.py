@@ -105,8 +105,8 @@ def _check_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_sc
     _expect(isinstance(lse, torch.Tensor) and lse.shape == (batch, heads) and lse.dtype == torch.float32
             and lse.is_contiguous(), ValueError, f"lse must be a contiguous float32 [B={batch}, H={heads}] tensor")
     _expect(isinstance(block_table, torch.Tensor) and block_table.dtype == torch.int32 and block_table.dim() == 2
-            and block_table.shape[0] == batch and block_table.shape[1] >= 1, ValueError,
-            f"block_table must be int32 [B={batch}, max_blocks >= 1], got "
+            and block_table.shape[0] == batch, ValueError,
+            f"block_table must be int32 [B={batch}, max_blocks], got "
             f"{getattr(block_table, 'dtype', None)} {tuple(getattr(block_table, 'shape', ()))}")
     _expect(isinstance(seq_lens, torch.Tensor) and seq_lens.dtype in (torch.int32, torch.int64)
             and seq_lens.shape == (batch,), ValueError,
@@ -132,10 +132,12 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
     """Fill out / lse with the decode attention of q over the paged cache; returns (out, lse).
 
     num_splits: splits per request (None: default_num_splits). variant: "ring" / "ws4" / "ws8" (None: VARIANT);
-    num_stages / early_read: options of the ring kernel (see the kernel module). poison_workspace fills the split workspace with NaN first (tests: every element the combine
-    reads must have been written).
+    num_stages / early_read: options of the ring kernel (see the kernel module). poison_workspace fills the split
+    workspace with NaN first (tests: every element the combine reads must have been written). B = 0, an empty cache
+    or a table without columns: out = 0, lse = -inf without a kernel.
     """
     from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel
+    from fx_mla.ops.mla_decode_fp8 import check_capacity, fill_empty, no_tokens
 
     variant = VARIANT if variant is None else variant
     reason = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank, num_stages=num_stages, variant=variant)
@@ -143,11 +145,12 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
         raise ValueError(f"the 16-head Gluon MLA decode kernel does not cover these inputs: {reason}")
     _expect(q_scale is None, ValueError, "q_scale must be None: the Gluon kernel takes a bf16/fp16 query")
     _check_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale)
+    check_capacity(kv_cache, block_table)
+    if no_tokens(q, kv_cache, block_table):  # B = 0, no cache block or no table column: out = 0, lse = -inf
+        return fill_empty(out, lse)
     from fx_mla.ops.kernels import mla_decode_gluon16 as kmod  # gluon: Triton 3.6 only
 
     batch, heads, _ = q.shape
-    if batch == 0:
-        return out, lse
     page = kv_cache.shape[1]
     max_blocks = block_table.shape[1]
     if num_splits is None:

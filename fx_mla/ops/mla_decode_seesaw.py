@@ -54,7 +54,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     (applies where block_size % 32 == 0; same numerics).
     """
     from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel
-    from fx_mla.ops.mla_decode_fp8 import _num_splits, _sm_count
+    from fx_mla.ops.mla_decode_fp8 import _num_splits, _sm_count, check_capacity, fill_empty, no_tokens
 
     reason = seesaw_unsupported_reason(q, kv_cache, kv_lora_rank)
     if reason is not None:
@@ -62,11 +62,12 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     _expect(q_scale is None, ValueError, "q_scale must be None: the seesaw kernel takes a bf16/fp16 query")
     _check_outputs(q, kv_lora_rank, out, lse, block_table, seq_lens, k_scale)
     _expect(kv_cache.device == q.device, ValueError, f"kv_cache must be on q's device {q.device}")
+    check_capacity(kv_cache, block_table)
+    if no_tokens(q, kv_cache, block_table):  # B = 0, no cache block or no table column: out = 0, lse = -inf
+        return fill_empty(out, lse)
     from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel  # gluon: Triton 3.6 only
 
     batch, heads, _ = q.shape
-    if batch == 0:
-        return out, lse
     page = kv_cache.shape[1]
     max_blocks = block_table.shape[1]
     groups = heads // BLOCK_H

@@ -17,8 +17,8 @@ tensor such as an input, a buffer, ``reciprocal(s)``, or a Python number), clamp
 ±fp8 max in any order, converts that cannot round (bf16 → f32 → bf16 around the clamp), then the cast to
 float8_e4m3fn or float8_e5m2. The FP8 bytes equal those the unrewritten graph computes where it runs (_roundings):
 quant_fp8 rounds the quotient to torch's promoted dtype as ATen does; under default Inductor, which keeps a fused
-chain in fp32 up to its first explicit cast, the pass feeds quant_fp8 an fp32 input when the chain has no explicit
-cast back; where a 0-dim scale would be rounded to the bf16/fp16 input's dtype (eager CUDA, Inductor with
+chain in fp32 up to its first explicit cast (on CUDA its Triton kernels drop explicit casts to bf16/fp16 too), the
+pass feeds quant_fp8 an fp32 input when the chain has no explicit cast back (on CUDA: always); where a 0-dim scale would be rounded to the bf16/fp16 input's dtype (eager CUDA, Inductor with
 emulate_precision_casts) it rounds the scale too; where Inductor's CUDA kernels divide with Triton's approximate fp32
 '/' (its default), quant_fp8 divides the same way (approx_division). A scale not derived from the gathered data
 must be replicated: graph inputs, buffers and constants are assumed identical on every rank (as vLLM's
@@ -26,7 +26,8 @@ q_scale/k_scale are); a scale computed from rank-local tensors is declined.
 
 Declines (reported; graph intact): group size not a static int; the gathered tensor or a step of its quantization
 has other users; an op that is not part of a quantization between the gather and the FP8 cast; no clamp, a clamp
-other than ±fp8 max, or a rounding convert after the scaling; a scale that is not 1-element fp32, is computed from
+other than ±fp8 max, or a rounding convert after the scaling; a narrowing convert before the scaling where the
+compiled graph drops it (default Inductor on CUDA); a scale that is not 1-element fp32, is computed from
 rank-local data, or reads the gathered data other than through an amax; a Python-number divisor that is not a power
 of two (eager CPU divides, eager CUDA and Inductor multiply by its reciprocal); unsupported dtypes; a CUDA device
 below the capability quant_fp8 needs (fx_mla/ops/_fp8.py).

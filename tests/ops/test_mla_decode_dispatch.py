@@ -1,0 +1,204 @@
+"""CPU tests of the Python side of mla_decode_fp8's CUDA path: which kernel cuda_kernel_choice picks (on a pretended
+sm_90 + Triton 3.6), the op's CUDA implementation (device guard around the launch, the chosen launcher called),
+and the launchers' shape-only early exits (B = 0, H = 0, no cache block, no block-table column: out = 0,
+lse = -inf, no kernel) and capacity check. No kernel runs here: launchers are replaced by recorders where one
+would launch."""
+import contextlib
+
+import pytest
+import torch
+
+from fx_mla.ops import mla_decode_fp8 as dmod
+from fx_mla.ops import mla_decode_gluon as gmod
+from fx_mla.ops import mla_decode_gluon16 as g16mod
+from fx_mla.ops import mla_decode_seesaw as smod
+
+E4M3 = torch.float8_e4m3fn
+CUDA0 = torch.device("cuda", 0)
+
+
+def _inputs(batch=2, heads=128, num_blocks=4, block=64, max_blocks=3, q_dtype=torch.bfloat16, cache_dtype=E4M3):
+    torch.manual_seed(batch * 131 + heads + num_blocks + max_blocks)
+    q = torch.randn(batch, heads, 576).to(q_dtype)
+    kv = torch.randn(num_blocks, block, 576).to(cache_dtype)
+    bt = torch.randint(0, max(num_blocks, 1), (batch, max_blocks), dtype=torch.int32)
+    lens = torch.randint(0, max_blocks * block + 1, (batch,), dtype=torch.int32)
+    return q, kv, bt, lens, torch.rand(1) + 0.5
+
+
+def _poisoned(q):
+    return (torch.full((q.shape[0], q.shape[1], 512), float("nan"), dtype=torch.bfloat16),
+            torch.full(q.shape[:2], float("nan")))
+
+
+def _assert_empty_result(out, lse):
+    assert torch.equal(out, torch.zeros_like(out))
+    assert bool((lse == float("-inf")).all())
+
+
+# ---------------------------------------------------------------- launchers: shape-only early exits
+
+@pytest.mark.parametrize("batch,heads,num_blocks,max_blocks", [(0, 16, 4, 3), (2, 0, 4, 3), (2, 16, 0, 3),
+                                                               (2, 16, 4, 0), (2, 128, 0, 0)])
+def test_triton_launcher_no_token_shapes_give_empty_result(batch, heads, num_blocks, max_blocks):
+    # B = 0 / H = 0 divided by zero in the split count before; an empty cache had the kernels clamp page ids to -1
+    q, kv, bt, lens, ks = _inputs(batch, heads, num_blocks, 16, max_blocks)
+    out, lse = _poisoned(q)
+    res = dmod.launch_mla_decode_fp8(q, kv, bt, lens + 5, ks, None, 0.1, 512, torch.bfloat16, out=out, lse=lse)
+    assert res[0] is out and res[1] is lse
+    _assert_empty_result(out, lse)
+    out2, lse2 = dmod.launch_mla_decode_fp8(q, kv, bt, lens, ks, None, 0.1, 512, torch.float32)
+    assert out2.shape == (batch, heads, 512) and out2.dtype == torch.float32
+    _assert_empty_result(out2, lse2)
+
+
+def test_launchers_reject_capacity_past_int32():
+    q, kv, _, lens, ks = _inputs(1, 16, 1, 64, 1)
+    bt = torch.zeros(1, 2 ** 25, dtype=torch.int32).expand(1, 2 ** 25)  # 2**25 columns x 64 tokens = 2**31
+    with pytest.raises(ValueError, match=r"max_blocks .* must be below 2\*\*31"):
+        dmod.launch_mla_decode_fp8(q, kv, bt, lens, ks, None, 0.1, 512, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"max_blocks .* must be below 2\*\*31"):
+        dmod.check_capacity(kv, bt)
+    dmod.check_capacity(kv, bt[:, :2 ** 24])
+
+
+def test_triton_launcher_rejects_bad_num_splits():
+    q, kv, bt, lens, ks = _inputs(2, 16, 4, 16, 3)
+    with pytest.raises(ValueError, match="num_splits must be a positive int"):
+        dmod.launch_mla_decode_fp8(q, kv, bt, lens, ks, None, 0.1, 512, torch.bfloat16, num_splits=-2)
+
+
+@pytest.mark.parametrize("launcher,heads", [("gluon", 128), ("seesaw", 128), ("gluon16", 16)])
+@pytest.mark.parametrize("num_blocks,max_blocks,batch", [(0, 3, 2), (4, 0, 2), (4, 3, 0)])
+def test_gluon_launchers_no_token_shapes_give_empty_result(monkeypatch, launcher, heads, num_blocks, max_blocks,
+                                                           batch):
+    """Past their (here pretended) support checks, the Gluon launchers exit before importing Gluon: a 16-head
+    table without columns raised ValueError in the 16-head launcher before, an empty cache reached the kernels."""
+    mod, fn = {"gluon": (gmod, gmod.launch_mla_decode_gluon), "seesaw": (smod, smod.launch_mla_decode_seesaw),
+               "gluon16": (g16mod, g16mod.launch_mla_decode_gluon16)}[launcher]
+    for name in ("gluon_unsupported_reason", "seesaw_unsupported_reason", "gluon16_unsupported_reason"):
+        if hasattr(mod, name):
+            monkeypatch.setattr(mod, name, lambda *a, **k: None)
+    q, kv, bt, lens, ks = _inputs(batch, heads, num_blocks, 64, max_blocks)
+    out, lse = _poisoned(q)
+    res = fn(q, kv, bt, lens, ks, None, 0.1, 512, out, lse)
+    assert res[0] is out and res[1] is lse
+    _assert_empty_result(out, lse)
+
+
+# ---------------------------------------------------------------- cuda_kernel_choice on a pretended Hopper
+
+@pytest.fixture
+def fake_hopper(monkeypatch):
+    state = dict(cap=(9, 0), smem=232448)
+
+    class Props:
+        @property
+        def shared_memory_per_block_optin(self):
+            return state["smem"]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    fake_triton = type("T", (), {"__version__": "3.6.0"})()
+    monkeypatch.setattr(gmod, "triton", fake_triton)
+    monkeypatch.setattr(g16mod, "triton", fake_triton)
+    monkeypatch.setattr(dmod, "DECODE_KERNEL", "auto")
+    return state
+
+
+@pytest.mark.parametrize("heads,q_dtype,cache_dtype,expected", [
+    (128, torch.bfloat16, E4M3, "seesaw"), (64, torch.float16, torch.float8_e5m2, "seesaw"),
+    (16, torch.bfloat16, E4M3, "gluon16"), (32, torch.bfloat16, E4M3, "triton"), (128, E4M3, E4M3, "triton"),
+    (16, E4M3, E4M3, "triton"), (128, torch.bfloat16, torch.bfloat16, "triton"), (8, torch.bfloat16, E4M3, "triton"),
+])
+def test_cuda_kernel_choice_on_hopper(fake_hopper, heads, q_dtype, cache_dtype, expected):
+    q, kv, *_ = _inputs(2, heads, q_dtype=q_dtype, cache_dtype=cache_dtype)
+    assert dmod.cuda_kernel_choice(q, kv, 512, CUDA0) == expected
+    assert dmod.cuda_kernel_choice(q, kv, 448, CUDA0) == "triton"
+
+
+def test_cuda_kernel_choice_shared_memory_and_capability(fake_hopper):
+    q, kv, *_ = _inputs(2, 128)
+    fake_hopper["smem"] = 230500  # enough for the Gluon kernel (225 KiB), not for the seesaw one (230,732 B)
+    assert dmod.cuda_kernel_choice(q, kv, 512, CUDA0) == "gluon"
+    fake_hopper["cap"] = (10, 0)
+    assert dmod.cuda_kernel_choice(q, kv, 512, CUDA0) == "triton"
+
+
+def test_cuda_kernel_choice_unaligned_cache_goes_to_triton(fake_hopper):
+    q, _, *_ = _inputs(2, 16)
+    kv = torch.randn(4, 64, 580).to(E4M3)[..., 2:578]  # rows 2 bytes off the 4- and 16-byte boundaries
+    assert dmod.cuda_kernel_choice(q, kv, 512, CUDA0) == "triton"
+
+
+def test_cuda_kernel_choice_forced_gluon_raises_where_none_covers(fake_hopper, monkeypatch):
+    q, kv, *_ = _inputs(2, 32)
+    monkeypatch.setattr(dmod, "DECODE_KERNEL", "gluon")
+    with pytest.raises(RuntimeError, match="FX_MLA_DECODE_KERNEL=gluon.*multiple of 64.*head count must be 16"):
+        dmod.cuda_kernel_choice(q, kv, 512, CUDA0)
+    monkeypatch.setattr(dmod, "DECODE_KERNEL", "triton")
+    assert dmod.cuda_kernel_choice(*_inputs(2, 128)[:2], 512, CUDA0) == "triton"
+
+
+# ---------------------------------------------------------------- the op's CUDA implementation (wiring only)
+
+@pytest.fixture
+def recorded_cuda(monkeypatch):
+    """The op's CUDA implementation on CPU tensors: capability (9, 0), torch.cuda.device recorded, launchers
+    replaced by recorders that note whether the device guard was active."""
+    log = dict(guard=[], active=0, calls=[])
+
+    @contextlib.contextmanager
+    def device(dev):
+        log["guard"].append(torch.device(dev))
+        log["active"] += 1
+        try:
+            yield
+        finally:
+            log["active"] -= 1
+
+    def recorder(name):
+        def launch(q, kv, bt, lens, ks, qs, sm, rank, *rest):
+            log["calls"].append((name, log["active"], rest))
+            out, lse = rest if len(rest) == 2 else dmod._empty_outputs(q, rank, rest[0])
+            return out.fill_(1.0), lse.fill_(2.0)
+        return launch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(dmod, "launch_mla_decode_fp8", recorder("triton"))
+    monkeypatch.setattr(smod, "launch_mla_decode_seesaw", recorder("seesaw"))
+    monkeypatch.setattr(g16mod, "launch_mla_decode_gluon16", recorder("gluon16"))
+    return log
+
+
+@pytest.mark.parametrize("choice", ["triton", "seesaw", "gluon16"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_cuda_impl_launches_the_choice_under_a_device_guard(recorded_cuda, monkeypatch, choice, out_dtype):
+    monkeypatch.setattr(dmod, "cuda_kernel_choice", lambda *a, **k: choice)
+    q, kv, bt, lens, ks = _inputs(2, 16 if choice == "gluon16" else 128)
+    out, lse = dmod._mla_decode_fp8_cuda(q, kv, bt, lens, ks, None, 0.1, 512, out_dtype)
+    assert recorded_cuda["guard"] == [q.device]
+    [(name, active, rest)] = recorded_cuda["calls"]
+    assert name == choice and active == 1  # launched inside the guard
+    if choice != "triton":  # the Gluon launchers get preallocated outputs of the requested dtype
+        assert rest[0].dtype == out_dtype and rest[0].shape == (2, q.shape[1], 512) and rest[1].dtype == torch.float32
+    assert out.dtype == out_dtype and bool((out == 1).all()) and bool((lse == 2).all())
+
+
+@pytest.mark.parametrize("batch,num_blocks,max_blocks", [(0, 4, 3), (2, 0, 3), (2, 4, 0)])
+def test_cuda_impl_no_token_shapes_launch_nothing(recorded_cuda, batch, num_blocks, max_blocks):
+    q, kv, bt, lens, ks = _inputs(batch, 16, num_blocks, 64, max_blocks)
+    out, lse = dmod._mla_decode_fp8_cuda(q, kv, bt, lens, ks, None, 0.1, 512, torch.float16)
+    assert recorded_cuda["calls"] == [] and out.shape == (batch, 16, 512) and out.dtype == torch.float16
+    _assert_empty_result(out, lse)
+
+
+def test_cuda_impl_validates_before_dispatch(recorded_cuda):
+    q, kv, bt, lens, ks = _inputs(2, 128)
+    with pytest.raises(TypeError, match="seq_lens must be int32 or int64"):
+        dmod._mla_decode_fp8_cuda(q, kv, bt, lens.float(), ks, None, 0.1, 512, torch.bfloat16)
+    with pytest.raises(ValueError, match="block_table must be"):
+        dmod._mla_decode_fp8_cuda(q, kv, bt[:1], lens, ks, None, 0.1, 512, torch.bfloat16)
+    assert recorded_cuda["calls"] == []
