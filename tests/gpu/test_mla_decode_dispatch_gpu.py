@@ -1,0 +1,58 @@
+"""GPU tests of the op's CUDA dispatch on inputs the kernel-specific tests do not cover: non-contiguous q and
+block_table, int64 lengths and fp32 / fp16 outputs on every kernel choice (auto: seesaw for 128 heads, gluon16 for
+16 on sm_90 + Triton 3.6; triton), shapes without tokens (B = 0, no cache block, no table column) and inputs on a
+GPU other than the current one (needs 2 GPUs)."""
+import pytest
+import torch
+
+import fx_mla.ops.mla_decode_fp8 as dmod
+from tests.ops.mla_decode_fp8_cases import check_close, make_problem, reference_f64
+
+pytestmark = pytest.mark.cuda
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+OP = torch.ops.fx_mla.mla_decode_fp8.default
+E4M3 = torch.float8_e4m3fn
+
+
+@pytest.fixture(params=["auto", "triton"])
+def kernel(request, monkeypatch):
+    monkeypatch.setattr(dmod, "DECODE_KERNEL", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_strided_inputs_int64_lengths_and_out_dtypes(kernel, heads, out_dtype):
+    p = make_problem([700, 0, 129, 64], heads, 64, E4M3, seed=heads, device="cuda", seq_dtype=torch.int64)
+    wide_q = torch.randn(4, heads, 640, device="cuda").to(p.q.dtype)
+    wide_q[..., :576] = p.q
+    q = wide_q[..., :576]                                   # rows 640 apart: not contiguous
+    bt = p.block_table.t().contiguous().t()                 # column-major block table
+    out, lse = OP(q, p.kv_cache, bt, p.seq_lens, p.k_scale, None, p.sm_scale, 512, out_dtype)
+    choice = dmod.cuda_kernel_choice(q, p.kv_cache, 512)
+    check_close(out, lse, *reference_f64(p), lse_tol=1e-3, what=f"{choice} H{heads} {out_dtype}")
+
+
+@pytest.mark.parametrize("batch,num_blocks,max_blocks", [(0, 8, 4), (2, 0, 4), (2, 8, 0)])
+@pytest.mark.parametrize("heads", [16, 128])
+def test_no_token_shapes(kernel, batch, num_blocks, max_blocks, heads):
+    q = torch.randn(batch, heads, 576, device="cuda").bfloat16()
+    kv = torch.randn(num_blocks, 64, 576, device="cuda").to(E4M3)
+    bt = torch.zeros(batch, max_blocks, dtype=torch.int32, device="cuda")
+    lens = torch.full((batch,), 100, dtype=torch.int32, device="cuda")  # past the capacity: clamped on CUDA
+    out, lse = OP(q, kv, bt, lens, torch.ones(1, device="cuda"), None, 0.07, 512, torch.bfloat16)
+    torch.cuda.synchronize()
+    assert out.shape == (batch, heads, 512) and bool((out == 0).all()) and bool((lse == float("-inf")).all())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("heads", [16, 128])
+def test_inputs_on_a_non_current_gpu(kernel, heads):
+    torch.cuda.set_device(0)
+    p = make_problem([700, 0, 129], heads, 64, E4M3, seed=5, device="cuda:1")
+    out, lse = OP(*p.args(torch.bfloat16))
+    torch.cuda.synchronize(1)
+    assert out.device == torch.device("cuda", 1)
+    check_close(out, lse, *reference_f64(p), what=f"cuda:1 H{heads}")
