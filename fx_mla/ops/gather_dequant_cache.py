@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from fx_mla.ops._device import on_input_device
 from fx_mla.ops._fp8 import FP8_DTYPES, fp8_supported
 
 __all__ = ["gather_dequant_cache", "gather_dequant_cache_paged", "gather_dequant_cache_reference",
@@ -403,10 +404,10 @@ def _token_fake(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale
 
 
 _LIB.impl("gather_dequant_cache_paged", _paged_cpu, "CPU")
-_LIB.impl("gather_dequant_cache_paged", _paged_cuda, "CUDA")
+_LIB.impl("gather_dequant_cache_paged", on_input_device(_paged_cuda), "CUDA")
 torch.library.register_fake("fx_mla::gather_dequant_cache_paged", _paged_fake, lib=_LIB)
 _LIB.impl("gather_dequant_cache", _token_cpu, "CPU")
-_LIB.impl("gather_dequant_cache", _token_cuda, "CUDA")
+_LIB.impl("gather_dequant_cache", on_input_device(_token_cuda), "CUDA")
 torch.library.register_fake("fx_mla::gather_dequant_cache", _token_fake, lib=_LIB)
 
 

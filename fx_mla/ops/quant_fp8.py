@@ -34,6 +34,7 @@ from typing import Tuple
 
 import torch
 
+from fx_mla.ops._device import on_input_device
 from fx_mla.ops._fp8 import (AMAX_FLOOR, FP8_MAX, check_fp8_dtype, check_input_tensor,
                              check_scale_tensor, fp8_scale_from_amax, fp8_supported)
 
@@ -234,7 +235,7 @@ for _name, _cpu, _cuda, _fake in (("quant_fp8", _quant_fp8_cpu, _quant_fp8_cuda,
                                   ("quant_fp8_per_token", _per_token_cpu, _per_token_cuda,
                                    _per_token_fake)):
     _lib.impl(_name, _cpu, "CPU")
-    _lib.impl(_name, _cuda, "CUDA")
+    _lib.impl(_name, on_input_device(_cuda), "CUDA")
     torch.library.register_fake(f"fx_mla::{_name}", _fake, lib=_lib)
 
 
