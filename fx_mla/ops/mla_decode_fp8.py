@@ -23,7 +23,6 @@ no cache block, no table column) give out = 0 and lse = -inf without a kernel.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from typing import Optional, Tuple
@@ -34,8 +33,11 @@ import triton.language as tl
 
 from fx_mla.mla.decode import gather_pages
 from fx_mla.mla.validate import check_block_ids
+from fx_mla.ops._decode_launch import (_expect, check_capacity, check_num_splits, combine_splits, device_index,
+                                       fill_empty, max_shared, no_tokens, num_splits_for, shared_memory_reason,
+                                       sm_count, split_workspace)
 from fx_mla.ops._fp8 import FP8_DTYPES, fp8_supported
-from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel, _mla_decode_fp8_kernel
+from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_kernel
 from fx_mla.ops.kernels.mla_decode_fp8_tc import _mla_decode_narrow_kernel, _mla_decode_wide_kernel
 
 __all__ = ["mla_decode_fp8", "mla_decode_fp8_reference", "launch_mla_decode_fp8", "kernel_unsupported_reason",
@@ -123,11 +125,6 @@ def kernel_unsupported_reason(q_dtype: torch.dtype, cache_dtype: torch.dtype, he
 
 # ---------------------------------------------------------------- validation (CPU, CUDA and fake)
 
-def _expect(cond: bool, exc, message: str) -> None:
-    if not cond:
-        raise exc(message)
-
-
 def _check_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out_dtype) -> None:
     named = (("q", q), ("kv_cache", kv_cache), ("block_table", block_table), ("seq_lens", seq_lens),
              ("k_scale", k_scale))
@@ -208,37 +205,8 @@ def _check_data(kv_cache, block_table, seq_lens) -> None:
 
 # ---------------------------------------------------------------- the Triton launcher
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _max_shared(device: torch.device) -> Optional[int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
-
-
-def no_tokens(q, kv_cache, block_table) -> bool:
-    """No token to attend to, from the shapes alone (B or H 0, no cache block or no table column): the launchers
-    write out = 0, lse = -inf without a kernel (an empty cache leaves the kernels' page-id clamp no target)."""
-    return q.shape[0] == 0 or q.shape[1] == 0 or kv_cache.shape[0] == 0 or block_table.shape[1] == 0
-
-
-def fill_empty(out: torch.Tensor, lse: torch.Tensor):
-    return out.zero_(), lse.fill_(float("-inf"))  # on the device: no host sync
-
-
-def check_capacity(kv_cache, block_table) -> None:
-    capacity = block_table.shape[1] * kv_cache.shape[1]  # the kernels clamp lengths to it in int32
-    _expect(capacity < 2 ** 31, ValueError, f"block_table's max_blocks ({block_table.shape[1]}) * kv_cache's "
-                                            f"block_size ({kv_cache.shape[1]}) = {capacity} must be below 2**31")
-
-
-def _num_splits(batch: int, groups: int, max_len: int, block_n: int, num_sms: int, occupancy: int) -> int:
-    """Splits per request so that about occupancy * num_sms programs run; at least 4 tiles a split."""
-    programs = batch * groups
-    splits = max(1, (num_sms * occupancy) // programs)
-    return max(1, min(splits, triton.cdiv(max_len, 4 * block_n), 1024))
+# Shared with the Gluon launchers (fx_mla/ops/_decode_launch.py); the old private names stay for benchmarks / tests.
+_sm_count, _num_splits = sm_count, num_splits_for
 
 
 def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out_dtype,
@@ -265,7 +233,7 @@ def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, 
     cache_fp8 = kv_cache.dtype in FP8_DTYPES
     q_fp8 = q.dtype in FP8_DTYPES
     fp8_dot = q_fp8 and q.dtype == kv_cache.dtype
-    cfg = config or choose_config(heads, fp8_dot, _max_shared(q.device) if q.is_cuda else None)
+    cfg = config or choose_config(heads, fp8_dot, max_shared(q.device) if q.is_cuda else None)
     _expect(not (cfg.kind == "wide" and fp8_dot), ValueError,
             "config kind 'wide' does not take an FP8 query over an FP8 cache (its FP8 x FP8 form faulted on an H100 "
             "and is not validated); use kind 'base' or 'narrow'")
@@ -278,10 +246,10 @@ def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, 
         return fill_empty(out, lse)
     groups = triton.cdiv(heads, cfg.block_h)
     if num_sms is None:
-        num_sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-            if q.is_cuda else 8
-    splits = num_splits or _num_splits(batch, groups, max_blocks * page, cfg.block_n, num_sms, cfg.occupancy)
-    _expect(isinstance(splits, int) and 1 <= splits, ValueError, f"num_splits must be a positive int, got {splits!r}")
+        num_sms = sm_count(device_index(q.device)) if q.is_cuda else 8
+    splits = num_splits_for(batch, groups, max_blocks * page, cfg.block_n, num_sms, cfg.occupancy) \
+        if num_splits is None else num_splits
+    check_num_splits(splits)
     torch_compute = torch.float16 if cache_fp8 or kv_cache.dtype == torch.float16 else torch.bfloat16
     compute = tl_dtype(torch_compute)
     q_shift = Q_SHIFT if (cache_fp8 and q.dtype == torch.bfloat16) else 0
@@ -290,13 +258,7 @@ def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, 
         q = ((q.float() * 2.0 ** -q_shift).to(torch_compute) if q_shift else q.to(torch_compute))
     block_l = max(32, triton.next_power_of_2(kv_lora_rank))  # 32: the K step of an FP8 MMA
     block_r = max(32, triton.next_power_of_2(rope)) if rope > 0 else 32
-    if splits > 1:
-        new = torch.full if poison_workspace else torch.empty
-        fill = (float("nan"),) if poison_workspace else ()
-        part_o = new((batch, splits, heads, kv_lora_rank), *fill, dtype=torch.float32, device=q.device)
-        part_lse = new((batch, splits, heads), *fill, dtype=torch.float32, device=q.device)
-    else:
-        part_o, part_lse = out, lse  # unused by the kernel
+    part_o, part_lse = split_workspace(q, splits, kv_lora_rank, out, lse, poison_workspace)
     q_scale_arg = q_scale if q_scale is not None else k_scale
     common = (q, kv_cache, block_table, seq_lens, k_scale, q_scale_arg, out, lse, part_o, part_lse,
               float(sm_scale), heads, splits, kv_cache.shape[0], max_blocks,
@@ -314,11 +276,7 @@ def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, 
         kernel = tc_kernel[(groups, splits, batch)](*common, BC=TC_CHUNK, NCH=triton.cdiv(kv_lora_rank, TC_CHUNK),
                                                    **flags)
     launch_mla_decode_fp8.last_kernel = kernel  # benchmarks read its register / spill counts
-    if splits > 1:
-        pow2 = triton.next_power_of_2(splits)
-        _mla_decode_fp8_combine_kernel[(heads, batch)](
-            part_o, part_lse, out, lse, heads, splits, out.stride(0), out.stride(1),
-            L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=min(pow2, 8), SPLITS_POW2=pow2, num_warps=4)
+    combine_splits(part_o, part_lse, out, lse, splits, kv_lora_rank)
     return out, lse
 
 
@@ -393,14 +351,14 @@ def cuda_kernel_choice(q, kv_cache, kv_lora_rank, device=None) -> str:
                          f"{DECODE_KERNEL!r}")
     if DECODE_KERNEL == "triton":
         return "triton"
+    from fx_mla.ops import mla_decode_seesaw
     from fx_mla.ops.mla_decode_gluon import gluon_unsupported_reason
     from fx_mla.ops.mla_decode_gluon16 import gluon16_unsupported_reason
-    from fx_mla.ops.mla_decode_seesaw import seesaw_unsupported_reason
-    if seesaw_unsupported_reason(q, kv_cache, kv_lora_rank, device) is None:
-        return "seesaw"
     reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank, device)
-    if reason is None:
-        return "gluon"
+    if reason is None:  # the seesaw kernel covers the same inputs where its (larger) shared memory fits
+        seesaw_smem = shared_memory_reason(torch.device(device) if device is not None else q.device,
+                                           mla_decode_seesaw.SMEM_NEEDED, "the seesaw kernel")
+        return "gluon" if seesaw_smem else "seesaw"
     reason16 = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank, device)
     if reason16 is None:
         return "gluon16"

@@ -15,17 +15,17 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 
-from fx_mla.ops._fp8 import FP8_DTYPES
+from fx_mla.ops._decode_launch import (GLUON_LATENT, GLUON_ROPE, GLUON_TRITON_VERSION, check_launch_args,
+                                       check_num_splits, combine_splits, device_index, fill_empty, gluon_unsupported,
+                                       no_tokens, num_splits_for, sm_count, split_workspace)
 
 __all__ = ["launch_mla_decode_gluon", "gluon_unsupported_reason", "GLUON_TRITON_VERSION", "BLOCK_H", "BLOCK_N"]
 
-GLUON_TRITON_VERSION = "3.6"
 BLOCK_H = 64        # heads a CTA: the warpgroup MMA height
 BLOCK_N = 64        # tokens a tile (double-buffered fp16 tiles + the query fill 225 KiB of shared memory)
 NUM_WARPS = 8       # two warpgroups: token halves of QK^T, column halves of PV
-LATENT, ROPE = 512, 64
+LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 Q_SHIFT = 8         # bf16 query -> fp16 as q * 2**-8 (exact for 2**-6 <= |q| <= 65504 * 2**8), as the Triton path
 SMEM_NEEDED = 225 * 1024  # the compiled kernel uses 229,888 bytes (Triton 3.6, sm_90)
 # Kernel variants (round 2, issue 6), all compiled for sm_90 without spills; the default stays the round-1 kernel
@@ -42,65 +42,16 @@ DEFAULT_VARIANT = dict(one_page=True, trim_barrier=True, lazy_rescale=False)  # 
 
 def gluon_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
                              device: Optional[torch.device] = None) -> Optional[str]:
-    """None when the Gluon kernel covers these inputs on `device` (default: q's device), else why not."""
-    device = torch.device(device) if device is not None else q.device
-    if device.type != "cuda":
-        return f"the Gluon kernel runs on CUDA devices only, got {device}"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    cap = torch.cuda.get_device_capability(device)
-    if tuple(cap) != (9, 0):
-        return f"the Gluon kernel targets compute capability (9, 0) (Hopper wgmma), got {tuple(cap)}"
-    if not triton.__version__.startswith(GLUON_TRITON_VERSION):
-        return f"the Gluon kernel is validated on Triton {GLUON_TRITON_VERSION} only, got {triton.__version__}"
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"query dtype must be bf16 or fp16 (no FP8-query variant yet), got {q.dtype}"
-    if kv_cache.dtype not in FP8_DTYPES:
-        return f"cache dtype must be float8_e4m3fn or float8_e5m2, got {kv_cache.dtype}"
-    if q.dim() != 3 or kv_cache.dim() != 3:
-        return f"q must be [B, H, D] and kv_cache [num_blocks, block_size, D], got {tuple(q.shape)}, " \
-               f"{tuple(kv_cache.shape)}"
-    if kv_lora_rank != LATENT or q.shape[2] != LATENT + ROPE or kv_cache.shape[2] != LATENT + ROPE:
-        return f"only kv_lora_rank {LATENT} with head dim {LATENT + ROPE} is covered, got kv_lora_rank " \
-               f"{kv_lora_rank}, q head dim {q.shape[2]}, cache head dim {kv_cache.shape[2]}"
-    if q.shape[1] % BLOCK_H != 0 or q.shape[1] == 0:
-        return f"the head count must be a positive multiple of {BLOCK_H}, got {q.shape[1]}"
-    if kv_cache.stride(2) != 1 or kv_cache.stride(1) % 4 or kv_cache.stride(0) % 4 or kv_cache.data_ptr() % 4:
-        return "kv_cache rows must be contiguous and 4-byte aligned (the kernel loads 32-bit words), got strides " \
-               f"{tuple(kv_cache.stride())}"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    smem = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
-    if smem is not None and smem < SMEM_NEEDED:
-        return f"the kernel needs {SMEM_NEEDED} bytes of shared memory a block, the device allows {smem}"
+    """None when the Gluon kernel covers these inputs on `device` (default: q's device), else why not (the kernel
+    loads cache rows as 32-bit words: 4-byte alignment)."""
+    return gluon_unsupported(q, kv_cache, kv_lora_rank, device, kernel="the Gluon kernel", heads_reason=_heads_reason,
+                             row_align=4, smem_needed=SMEM_NEEDED)
+
+
+def _heads_reason(heads: int) -> Optional[str]:
+    if heads % BLOCK_H != 0 or heads == 0:
+        return f"the head count must be a positive multiple of {BLOCK_H}, got {heads}"
     return None
-
-
-def _expect(cond: bool, exc, message: str) -> None:
-    if not cond:
-        raise exc(message)
-
-
-def _check_outputs(q, kv_lora_rank, out, lse, block_table, seq_lens, k_scale):
-    batch, heads, _ = q.shape
-    _expect(isinstance(out, torch.Tensor) and out.shape == (batch, heads, kv_lora_rank), ValueError,
-            f"out must be a [B={batch}, H={heads}, L={kv_lora_rank}] tensor, got "
-            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-    _expect(out.dtype in (torch.bfloat16, torch.float16, torch.float32), TypeError,
-            f"out must be bf16, fp16 or fp32, got {out.dtype}")
-    _expect(out.stride(2) == 1, ValueError, "out must be contiguous in its last dim")
-    _expect(isinstance(lse, torch.Tensor) and lse.shape == (batch, heads) and lse.dtype == torch.float32
-            and lse.is_contiguous(), ValueError, f"lse must be a contiguous float32 [B={batch}, H={heads}] tensor")
-    _expect(block_table.dtype == torch.int32 and block_table.dim() == 2 and block_table.shape[0] == batch,
-            ValueError, f"block_table must be int32 [B={batch}, max_blocks], got {block_table.dtype} "
-                        f"{tuple(block_table.shape)}")
-    _expect(seq_lens.dtype in (torch.int32, torch.int64) and seq_lens.shape == (batch,), ValueError,
-            f"seq_lens must be int32/int64 [B={batch}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
-    _expect(k_scale.dtype == torch.float32 and k_scale.numel() == 1, TypeError,
-            f"k_scale must be a one-element float32 tensor, got {k_scale.dtype} of shape {tuple(k_scale.shape)}")
-    for name, t in (("kv_cache", None), ("block_table", block_table), ("seq_lens", seq_lens),
-                    ("k_scale", k_scale), ("out", out), ("lse", lse)):
-        if t is not None:
-            _expect(t.device == q.device, ValueError, f"{name} must be on q's device {q.device}, got {t.device}")
 
 
 def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out, lse,
@@ -113,21 +64,16 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
     variant: kernel flags (VARIANT_FLAGS) overriding DEFAULT_VARIANT; one_page applies only where
     block_size % BLOCK_N == 0.
     """
-    from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel
-    from fx_mla.ops.mla_decode_fp8 import _num_splits, _sm_count, check_capacity, fill_empty, no_tokens
-
     reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank)
     if reason is not None:
         raise ValueError(f"the Gluon MLA decode kernel does not cover these inputs: {reason}")
-    _expect(q_scale is None, ValueError, "q_scale must be None: the Gluon kernel takes a bf16/fp16 query")
-    _check_outputs(q, kv_lora_rank, out, lse, block_table, seq_lens, k_scale)
+    check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale, q_scale, "the Gluon kernel")
     flags = dict(DEFAULT_VARIANT)
     if variant:
         unknown = sorted(set(variant) - set(VARIANT_FLAGS))
-        _expect(not unknown, ValueError, f"variant: unknown flags {unknown}, expected some of {VARIANT_FLAGS}")
+        if unknown:
+            raise ValueError(f"variant: unknown flags {unknown}, expected some of {VARIANT_FLAGS}")
         flags.update({k: bool(v) for k, v in variant.items()})
-    _expect(kv_cache.device == q.device, ValueError, f"kv_cache must be on q's device {q.device}")
-    check_capacity(kv_cache, block_table)
     if no_tokens(q, kv_cache, block_table):  # B = 0, no cache block or no table column: out = 0, lse = -inf
         return fill_empty(out, lse)
     from fx_mla.ops.kernels.mla_decode_gluon import _mla_decode_gluon_kernel  # gluon: Triton 3.6 only
@@ -137,23 +83,15 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
     max_blocks = block_table.shape[1]
     groups = heads // BLOCK_H
     if num_splits is None:
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        num_splits = _num_splits(batch, groups, max_blocks * page, BLOCK_N, _sm_count(index), 1)
-    _expect(isinstance(num_splits, int) and num_splits >= 1, ValueError,
-            f"num_splits must be a positive int, got {num_splits!r}")
+        num_splits = num_splits_for(batch, groups, max_blocks * page, BLOCK_N, sm_count(device_index(q.device)), 1)
+    check_num_splits(num_splits)
     q_shift = Q_SHIFT if q.dtype == torch.bfloat16 else 0  # the kernel converts the query as it loads it
     if q.stride(2) != 1:
         q = q.contiguous()
     if block_table.stride(1) != 1:
         block_table = block_table.contiguous()
     seq_lens = seq_lens.contiguous()
-    if num_splits > 1:
-        new = torch.full if poison_workspace else torch.empty
-        fill = (float("nan"),) if poison_workspace else ()
-        part_o = new((batch, num_splits, heads, kv_lora_rank), *fill, dtype=torch.float32, device=q.device)
-        part_lse = new((batch, num_splits, heads), *fill, dtype=torch.float32, device=q.device)
-    else:
-        part_o, part_lse = out, lse  # unused by the kernel
+    part_o, part_lse = split_workspace(q, num_splits, kv_lora_rank, out, lse, poison_workspace)
     kernel = _mla_decode_gluon_kernel[(groups, num_splits, batch)](
         q, kv_cache, block_table, seq_lens, k_scale, out, lse, part_o, part_lse,
         float(sm_scale), heads, num_splits, kv_cache.shape[0], max_blocks,
@@ -164,9 +102,5 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
         ONE_PAGE=flags["one_page"] and page % BLOCK_N == 0, TRIM_BARRIER=flags["trim_barrier"],
         LAZY_RESCALE=flags["lazy_rescale"], num_warps=NUM_WARPS)
     launch_mla_decode_gluon.last_kernel = kernel  # the dev script reads its register / spill counts
-    if num_splits > 1:
-        pow2 = triton.next_power_of_2(num_splits)
-        _mla_decode_fp8_combine_kernel[(heads, batch)](
-            part_o, part_lse, out, lse, heads, num_splits, out.stride(0), out.stride(1),
-            L=kv_lora_rank, BLOCK_L=LATENT, BLOCK_S=min(pow2, 8), SPLITS_POW2=pow2, num_warps=4)
+    combine_splits(part_o, part_lse, out, lse, num_splits, kv_lora_rank)
     return out, lse

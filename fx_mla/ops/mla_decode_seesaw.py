@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 
-from fx_mla.ops.mla_decode_gluon import _check_outputs, _expect, gluon_unsupported_reason
+from fx_mla.ops._decode_launch import (GLUON_LATENT, GLUON_ROPE, check_launch_args, check_num_splits, combine_splits,
+                                       device_index, fill_empty, gluon_unsupported, no_tokens, num_splits_for,
+                                       sm_count, split_workspace)
+from fx_mla.ops.mla_decode_gluon import _heads_reason
 
 __all__ = ["launch_mla_decode_seesaw", "seesaw_unsupported_reason", "BLOCK_H", "BLOCK_N", "SMEM_NEEDED"]
 
@@ -24,7 +26,7 @@ BLOCK_H = 64         # heads a CTA: the warpgroup MMA height
 BLOCK_N = 32         # tokens a tile; a pair (one tile a warpgroup) is 64 tokens, the split granularity
 NUM_WARPS = 4        # the default partition (warpgroup 0); the worker partition adds warpgroup 1
 WORKER_REGS = 256    # setmaxnreg of the worker: 8 warps x 256 fill the register file (no spills at 255)
-LATENT, ROPE = 512, 64
+LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 Q_SHIFT = 8          # bf16 query -> fp16 as q * 2**-8, as the Triton and Gluon paths
 SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
 
@@ -33,15 +35,8 @@ def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_r
                               device: Optional[torch.device] = None) -> Optional[str]:
     """None when the seesaw kernel covers these inputs on `device` (default: q's device), else why not.
     Same coverage as the Gluon kernel (capability (9, 0), Triton 3.6, shapes, dtypes), a little more shared memory."""
-    reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank, device)
-    if reason is not None:
-        return reason.replace("the Gluon kernel", "the seesaw Gluon kernel")
-    device = torch.device(device) if device is not None else q.device
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    smem = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
-    if smem is not None and smem < SMEM_NEEDED:
-        return f"the seesaw kernel needs {SMEM_NEEDED} bytes of shared memory a block, the device allows {smem}"
-    return None
+    return gluon_unsupported(q, kv_cache, kv_lora_rank, device, kernel="the seesaw Gluon kernel",
+                             heads_reason=_heads_reason, row_align=4, smem_needed=SMEM_NEEDED)
 
 
 def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out,
@@ -53,16 +48,11 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     poison_workspace fills the split workspace with NaN first (tests). one_page: one block-table read a tile
     (applies where block_size % 32 == 0; same numerics).
     """
-    from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel
-    from fx_mla.ops.mla_decode_fp8 import _num_splits, _sm_count, check_capacity, fill_empty, no_tokens
-
     reason = seesaw_unsupported_reason(q, kv_cache, kv_lora_rank)
     if reason is not None:
         raise ValueError(f"the seesaw MLA decode kernel does not cover these inputs: {reason}")
-    _expect(q_scale is None, ValueError, "q_scale must be None: the seesaw kernel takes a bf16/fp16 query")
-    _check_outputs(q, kv_lora_rank, out, lse, block_table, seq_lens, k_scale)
-    _expect(kv_cache.device == q.device, ValueError, f"kv_cache must be on q's device {q.device}")
-    check_capacity(kv_cache, block_table)
+    check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale, q_scale,
+                      "the seesaw kernel")
     if no_tokens(q, kv_cache, block_table):  # B = 0, no cache block or no table column: out = 0, lse = -inf
         return fill_empty(out, lse)
     from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel  # gluon: Triton 3.6 only
@@ -71,24 +61,16 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     page = kv_cache.shape[1]
     max_blocks = block_table.shape[1]
     groups = heads // BLOCK_H
-    if num_splits is None:
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        num_splits = _num_splits(batch, groups, max_blocks * page, 2 * BLOCK_N, _sm_count(index), 1)
-    _expect(isinstance(num_splits, int) and not isinstance(num_splits, bool) and num_splits >= 1, ValueError,
-            f"num_splits must be a positive int, got {num_splits!r}")
+    if num_splits is None:  # 64-token pairs are the split granularity
+        num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * BLOCK_N, sm_count(device_index(q.device)), 1)
+    check_num_splits(num_splits)
     q_shift = Q_SHIFT if q.dtype == torch.bfloat16 else 0
     if q.stride(2) != 1:
         q = q.contiguous()
     if block_table.stride(1) != 1:
         block_table = block_table.contiguous()
     seq_lens = seq_lens.contiguous()
-    if num_splits > 1:
-        new = torch.full if poison_workspace else torch.empty
-        fill = (float("nan"),) if poison_workspace else ()
-        part_o = new((batch, num_splits, heads, kv_lora_rank), *fill, dtype=torch.float32, device=q.device)
-        part_lse = new((batch, num_splits, heads), *fill, dtype=torch.float32, device=q.device)
-    else:
-        part_o, part_lse = out, lse  # unused by the kernel
+    part_o, part_lse = split_workspace(q, num_splits, kv_lora_rank, out, lse, poison_workspace)
     kernel = _mla_decode_seesaw_kernel[(groups, num_splits, batch)](
         q, kv_cache, block_table, seq_lens, k_scale, out, lse, part_o, part_lse,
         float(sm_scale), heads, num_splits, kv_cache.shape[0], max_blocks,
@@ -98,9 +80,5 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
         ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
-    if num_splits > 1:
-        pow2 = triton.next_power_of_2(num_splits)
-        _mla_decode_fp8_combine_kernel[(heads, batch)](
-            part_o, part_lse, out, lse, heads, num_splits, out.stride(0), out.stride(1),
-            L=kv_lora_rank, BLOCK_L=LATENT, BLOCK_S=min(pow2, 8), SPLITS_POW2=pow2, num_warps=4)
+    combine_splits(part_o, part_lse, out, lse, num_splits, kv_lora_rank)
     return out, lse

@@ -8,6 +8,7 @@ import contextlib
 import pytest
 import torch
 
+from fx_mla.ops import _decode_launch as launch_mod
 from fx_mla.ops import mla_decode_fp8 as dmod
 from fx_mla.ops import mla_decode_gluon as gmod
 from fx_mla.ops import mla_decode_gluon16 as g16mod
@@ -101,8 +102,7 @@ def fake_hopper(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
     fake_triton = type("T", (), {"__version__": "3.6.0"})()
-    monkeypatch.setattr(gmod, "triton", fake_triton)
-    monkeypatch.setattr(g16mod, "triton", fake_triton)
+    monkeypatch.setattr(launch_mod, "triton", fake_triton)
     monkeypatch.setattr(dmod, "DECODE_KERNEL", "auto")
     return state
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from fx_mla.ops import _decode_launch as launch_mod
 from fx_mla.ops import mla_decode_gluon as gmod
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,7 +58,7 @@ def fake_hopper(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
-    monkeypatch.setattr(gmod, "triton", type("T", (), {"__version__": property(lambda self: state["version"])})())
+    monkeypatch.setattr(launch_mod, "triton", type("T", (), {"__version__": property(lambda self: state["version"])})())
     return state
 
 

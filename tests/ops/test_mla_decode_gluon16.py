@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from fx_mla.ops import _decode_launch as launch_mod
 from fx_mla.ops import mla_decode_gluon16 as gmod
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,7 +66,7 @@ def fake_hopper(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
-    monkeypatch.setattr(gmod, "triton", type("T", (), {"__version__": property(lambda self: state["version"])})())
+    monkeypatch.setattr(launch_mod, "triton", type("T", (), {"__version__": property(lambda self: state["version"])})())
     return state
 
 
@@ -120,23 +121,29 @@ def test_gluon16_declines_small_shared_memory(fake_hopper):
     assert gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0, num_stages=2) is None
 
 
-def test_gluon16_check_args_messages():
+def test_launch_args_messages():
     q, cache = _q(), _cache()
     bt, lens, ks = torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32), torch.ones(1)
     out, lse = torch.empty(2, 16, 512, dtype=torch.bfloat16), torch.empty(2, 16)
-    gmod._check_args(q, cache, 512, out, lse, bt, lens, ks)  # fine
+
+    def check(out, lse, bt, lens, ks, q_scale=None):
+        launch_mod.check_launch_args(q, cache, 512, out, lse, bt, lens, ks, q_scale, "the Gluon kernel")
+
+    with pytest.raises(ValueError, match="q_scale must be None"):
+        check(out, lse, bt, lens, ks, torch.ones(1))
+    check(out, lse, bt, lens, ks)  # fine
     with pytest.raises(ValueError, match="out must be"):
-        gmod._check_args(q, cache, 512, out[:, :8], lse, bt, lens, ks)
+        check(out[:, :8], lse, bt, lens, ks)
     with pytest.raises(TypeError, match="out must be bf16"):
-        gmod._check_args(q, cache, 512, out.to(torch.int32), lse, bt, lens, ks)
+        check(out.to(torch.int32), lse, bt, lens, ks)
     with pytest.raises(ValueError, match="lse must be"):
-        gmod._check_args(q, cache, 512, out, lse.double(), bt, lens, ks)
+        check(out, lse.double(), bt, lens, ks)
     with pytest.raises(ValueError, match="block_table must be int32"):
-        gmod._check_args(q, cache, 512, out, lse, bt.long(), lens, ks)
+        check(out, lse, bt.long(), lens, ks)
     with pytest.raises(ValueError, match="seq_lens must be"):
-        gmod._check_args(q, cache, 512, out, lse, bt, lens[:1], ks)
+        check(out, lse, bt, lens[:1], ks)
     with pytest.raises(TypeError, match="k_scale must be"):
-        gmod._check_args(q, cache, 512, out, lse, bt, lens, ks.double())
+        check(out, lse, bt, lens, ks.double())
 
 
 def test_gluon16_ws_variants_on_fake_hopper(fake_hopper):

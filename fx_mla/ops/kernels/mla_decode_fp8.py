@@ -76,6 +76,34 @@ def _tile_load(kv_ptr, pages, n0, end, offs_n, offs_l, offs_r, stride_kv_blk, st
 
 
 @triton.jit
+def _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This split's token range [start, end): the length is clamped to the block-table row, the split length follows
+    the request's own length in whole tiles (no host sync)."""
+    seq_len = tl.load(seq_lens_ptr + pid_b).to(tl.int32)
+    seq_len = tl.minimum(tl.maximum(seq_len, 0), max_blocks * PAGE)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    return start, tl.minimum(start + chunk, seq_len)
+
+
+@triton.jit
+def _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, KV_FP8: tl.constexpr, Q_FP8: tl.constexpr,
+                 Q_SHIFT: tl.constexpr):
+    """(score scale in base 2 with k_scale, q_scale and 2**Q_SHIFT folded in, output scale k_scale)."""
+    qk_scale = sm_scale * 1.4426950408889634
+    v_scale = 1.0
+    if KV_FP8:
+        k_scale = tl.load(k_scale_ptr)
+        qk_scale = qk_scale * k_scale
+        v_scale = k_scale
+    if Q_FP8:
+        qk_scale = qk_scale * tl.load(q_scale_ptr)
+    if Q_SHIFT > 0:
+        qk_scale = qk_scale * (1 << Q_SHIFT)
+    return qk_scale, v_scale
+
+
+@triton.jit
 def _mla_decode_fp8_kernel(
         q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
@@ -110,16 +138,7 @@ def _mla_decode_fp8_kernel(
         q_pe = 0  # placeholder: never used when R == 0
 
     # Everything that scales a score goes into one fp32 factor (base-2 exponent).
-    qk_scale = sm_scale * 1.4426950408889634
-    v_scale = 1.0
-    if KV_FP8:
-        k_scale = tl.load(k_scale_ptr)
-        qk_scale = qk_scale * k_scale
-        v_scale = k_scale
-    if Q_FP8:
-        qk_scale = qk_scale * tl.load(q_scale_ptr)
-    if Q_SHIFT > 0:
-        qk_scale = qk_scale * (1 << Q_SHIFT)
+    qk_scale, v_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, KV_FP8, Q_FP8, Q_SHIFT)
     if not FP8_DOT and q_ptr.dtype.element_ty != COMPUTE:
         # (The launcher converts q beforehand for the warpgroup-MMA configs: a query tile that comes
         # straight from memory stays in shared memory as the MMA's A operand instead of in registers.)
@@ -133,11 +152,7 @@ def _mla_decode_fp8_kernel(
                 q_pe = q_pe.to(COMPUTE)
 
     # This split's token range; the split length follows the request's own length (no host sync).
-    seq_len = tl.load(seq_lens_ptr + pid_b).to(tl.int32)
-    seq_len = tl.minimum(tl.maximum(seq_len, 0), max_blocks * PAGE)
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
-    end = tl.minimum(start + chunk, seq_len)
+    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)

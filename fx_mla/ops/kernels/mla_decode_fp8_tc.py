@@ -22,7 +22,7 @@ Page ids are clamped into the cache and lengths into the block-table row: never 
 import triton
 import triton.language as tl
 
-from fx_mla.ops.kernels.mla_decode_fp8 import _dot, _tile_pages
+from fx_mla.ops.kernels.mla_decode_fp8 import _dot, _score_scale, _split_range, _tile_pages
 
 
 @triton.jit
@@ -56,28 +56,23 @@ def _q_chunk(q_rows, head_ok, c0: tl.constexpr, offs_c, W: tl.constexpr, TRANSPO
 
 
 @triton.jit
-def _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    seq_len = tl.load(seq_lens_ptr + pid_b).to(tl.int32)
-    seq_len = tl.minimum(tl.maximum(seq_len, 0), max_blocks * PAGE)
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
-    return start, tl.minimum(start + chunk, seq_len)
-
-
-@triton.jit
-def _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, KV_FP8: tl.constexpr, Q_FP8: tl.constexpr,
-                 Q_SHIFT: tl.constexpr):
-    qk_scale = sm_scale * 1.4426950408889634
-    v_scale = 1.0
-    if KV_FP8:
-        k_scale = tl.load(k_scale_ptr)
-        qk_scale = qk_scale * k_scale
-        v_scale = k_scale
-    if Q_FP8:
-        qk_scale = qk_scale * tl.load(q_scale_ptr)
-    if Q_SHIFT > 0:
-        qk_scale = qk_scale * (1 << Q_SHIFT)
-    return qk_scale, v_scale
+def _q_chunks(q_rows, head_ok, offs_c, offs_r, L: tl.constexpr, R: tl.constexpr, BC: tl.constexpr, NCH: tl.constexpr,
+              TRANSPOSED: tl.constexpr):
+    """The group's query as NCH latent chunks and the rope part (unused ones repeat chunk 0 and are never read)."""
+    q0 = _q_chunk(q_rows, head_ok, 0, offs_c, L, TRANSPOSED)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if NCH > 1:
+        q1 = _q_chunk(q_rows, head_ok, BC, offs_c, L, TRANSPOSED)
+    if NCH > 2:
+        q2 = _q_chunk(q_rows, head_ok, 2 * BC, offs_c, L, TRANSPOSED)
+    if NCH > 3:
+        q3 = _q_chunk(q_rows, head_ok, 3 * BC, offs_c, L, TRANSPOSED)
+    qr = q0
+    if R > 0:
+        qr = _q_chunk(q_rows + L, head_ok, 0, offs_r, R, TRANSPOSED)
+    return q0, q1, q2, q3, qr
 
 
 @triton.jit
@@ -175,20 +170,8 @@ def _mla_decode_wide_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     QK_DT: tl.constexpr = kv_ptr.dtype.element_ty if FP8_DOT else COMPUTE
 
-    q_rows = q_ptr + pid_b * stride_q_b + heads * stride_q_h
-    q0 = _q_chunk(q_rows, head_ok, 0, offs_c, L, False)
-    q1 = q0
-    q2 = q0
-    q3 = q0
-    if NCH > 1:
-        q1 = _q_chunk(q_rows, head_ok, BC, offs_c, L, False)
-    if NCH > 2:
-        q2 = _q_chunk(q_rows, head_ok, 2 * BC, offs_c, L, False)
-    if NCH > 3:
-        q3 = _q_chunk(q_rows, head_ok, 3 * BC, offs_c, L, False)
-    qr = q0
-    if R > 0:
-        qr = _q_chunk(q_rows + L, head_ok, 0, offs_r, R, False)
+    q0, q1, q2, q3, qr = _q_chunks(q_ptr + pid_b * stride_q_b + heads * stride_q_h, head_ok, offs_c, offs_r, L, R, BC,
+                                   NCH, False)
     qk_scale, v_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, KV_FP8, Q_FP8, Q_SHIFT)
     start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
     bt_row = block_table_ptr + pid_b * stride_bt_b
@@ -252,20 +235,8 @@ def _mla_decode_narrow_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     QK_DT: tl.constexpr = kv_ptr.dtype.element_ty if FP8_DOT else COMPUTE
 
-    q_rows = q_ptr + pid_b * stride_q_b + heads * stride_q_h
-    q0 = _q_chunk(q_rows, head_ok, 0, offs_c, L, True)
-    q1 = q0
-    q2 = q0
-    q3 = q0
-    if NCH > 1:
-        q1 = _q_chunk(q_rows, head_ok, BC, offs_c, L, True)
-    if NCH > 2:
-        q2 = _q_chunk(q_rows, head_ok, 2 * BC, offs_c, L, True)
-    if NCH > 3:
-        q3 = _q_chunk(q_rows, head_ok, 3 * BC, offs_c, L, True)
-    qr = q0
-    if R > 0:
-        qr = _q_chunk(q_rows + L, head_ok, 0, offs_r, R, True)
+    q0, q1, q2, q3, qr = _q_chunks(q_ptr + pid_b * stride_q_b + heads * stride_q_h, head_ok, offs_c, offs_r, L, R, BC,
+                                   NCH, True)
     qk_scale, v_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, KV_FP8, Q_FP8, Q_SHIFT)
     start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
     bt_row = block_table_ptr + pid_b * stride_bt_b

@@ -1,0 +1,163 @@
+"""Launch plumbing shared by the decode kernels of ``torch.ops.fx_mla.mla_decode_fp8`` (the Triton split-K kernels of
+fx_mla/ops/mla_decode_fp8.py and the Gluon sm_90 kernels of mla_decode_gluon.py, mla_decode_gluon16.py and
+mla_decode_seesaw.py): shape-only early exits, the split count, the split workspace and its combine, the argument
+checks of a launch into caller-given outputs, and the device / shape / dtype checks every Gluon kernel makes.
+All of it reads shapes, dtypes, strides and device properties only: no host sync, CUDA-graph safe.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+import triton
+
+from fx_mla.ops._fp8 import FP8_DTYPES
+from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel
+
+GLUON_TRITON_VERSION = "3.6"  # the only Triton the Gluon kernels are validated on (Gluon's API changes)
+GLUON_LATENT, GLUON_ROPE = 512, 64
+
+
+def _expect(cond: bool, exc, message: str) -> None:
+    if not cond:
+        raise exc(message)
+
+
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def max_shared(device: torch.device) -> Optional[int]:
+    """Shared memory a block may opt into on `device` (None where torch does not report it)."""
+    return getattr(torch.cuda.get_device_properties(device_index(device)), "shared_memory_per_block_optin", None)
+
+
+def no_tokens(q, kv_cache, block_table) -> bool:
+    """No token to attend to, from the shapes alone (B or H 0, no cache block or no table column): the launchers
+    write out = 0, lse = -inf without a kernel (an empty cache leaves the kernels' page-id clamp no target)."""
+    return q.shape[0] == 0 or q.shape[1] == 0 or kv_cache.shape[0] == 0 or block_table.shape[1] == 0
+
+
+def fill_empty(out: torch.Tensor, lse: torch.Tensor):
+    return out.zero_(), lse.fill_(float("-inf"))  # on the device: no host sync
+
+
+def check_capacity(kv_cache, block_table) -> None:
+    capacity = block_table.shape[1] * kv_cache.shape[1]  # the kernels clamp lengths to it in int32
+    _expect(capacity < 2 ** 31, ValueError, f"block_table's max_blocks ({block_table.shape[1]}) * kv_cache's "
+                                            f"block_size ({kv_cache.shape[1]}) = {capacity} must be below 2**31")
+
+
+def num_splits_for(batch: int, groups: int, max_len: int, block_n: int, num_sms: int, occupancy: int) -> int:
+    """Splits per request so that about occupancy * num_sms programs run; at least 4 tiles a split."""
+    programs = batch * groups
+    splits = max(1, (num_sms * occupancy) // programs)
+    return max(1, min(splits, triton.cdiv(max_len, 4 * block_n), 1024))
+
+
+def check_num_splits(splits) -> None:
+    _expect(isinstance(splits, int) and not isinstance(splits, bool) and 1 <= splits <= 1024, ValueError,
+            f"num_splits must be a positive int (at most 1024), got {splits!r}")
+
+
+def split_workspace(q, splits: int, kv_lora_rank: int, out, lse, poison: bool):
+    """(part_o [B, splits, H, L], part_lse [B, splits, H]) fp32 for splits > 1, else (out, lse) (unused by the
+    kernels); poison fills them with NaN (tests: every element the combine reads must have been written)."""
+    if splits == 1:
+        return out, lse
+    batch, heads = q.shape[:2]
+    new = torch.full if poison else torch.empty
+    fill = (float("nan"),) if poison else ()
+    return (new((batch, splits, heads, kv_lora_rank), *fill, dtype=torch.float32, device=q.device),
+            new((batch, splits, heads), *fill, dtype=torch.float32, device=q.device))
+
+
+def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int) -> None:
+    """Merge the splits' (o, lse) into out / lse by their log-sum-exp weights (nothing to do for one split)."""
+    if splits == 1:
+        return
+    batch, heads = lse.shape
+    pow2 = triton.next_power_of_2(splits)
+    _mla_decode_fp8_combine_kernel[(heads, batch)](
+        part_o, part_lse, out, lse, heads, splits, out.stride(0), out.stride(1),
+        L=kv_lora_rank, BLOCK_L=max(32, triton.next_power_of_2(kv_lora_rank)), BLOCK_S=min(pow2, 8),
+        SPLITS_POW2=pow2, num_warps=4)
+
+
+def gluon_unsupported(q, kv_cache, kv_lora_rank: int, device: Optional[torch.device], *, kernel: str,
+                      heads_reason: Callable[[int], Optional[str]], row_align: int,
+                      smem_needed: int) -> Optional[str]:
+    """None when a Gluon sm_90 kernel named `kernel` covers these inputs on `device` (default: q's device), else
+    why not: CUDA, capability (9, 0), Triton GLUON_TRITON_VERSION, bf16/fp16 query, FP8 cache, L = 512 + R = 64,
+    the kernel's head rule, cache rows contiguous and `row_align`-byte aligned, `smem_needed` bytes of shared
+    memory a block."""
+    device = torch.device(device) if device is not None else q.device
+    if device.type != "cuda":
+        return f"{kernel} runs on CUDA devices only, got {device}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    cap = tuple(torch.cuda.get_device_capability(device))
+    if cap != (9, 0):
+        return f"{kernel} targets compute capability (9, 0) (Hopper wgmma), got {cap}"
+    if not triton.__version__.startswith(GLUON_TRITON_VERSION):
+        return f"{kernel} is validated on Triton {GLUON_TRITON_VERSION} only, got {triton.__version__}"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"query dtype must be bf16 or fp16 (no FP8-query variant yet), got {q.dtype}"
+    if kv_cache.dtype not in FP8_DTYPES:
+        return f"cache dtype must be float8_e4m3fn or float8_e5m2, got {kv_cache.dtype}"
+    if q.dim() != 3 or kv_cache.dim() != 3:
+        return f"q must be [B, H, D] and kv_cache [num_blocks, block_size, D], got {tuple(q.shape)}, " \
+               f"{tuple(kv_cache.shape)}"
+    d = GLUON_LATENT + GLUON_ROPE
+    if kv_lora_rank != GLUON_LATENT or q.shape[2] != d or kv_cache.shape[2] != d:
+        return f"only kv_lora_rank {GLUON_LATENT} with head dim {d} is covered, got kv_lora_rank {kv_lora_rank}, " \
+               f"q head dim {q.shape[2]}, cache head dim {kv_cache.shape[2]}"
+    reason = heads_reason(q.shape[1])
+    if reason is not None:
+        return reason
+    a = row_align
+    if kv_cache.stride(2) != 1 or kv_cache.stride(1) % a or kv_cache.stride(0) % a or kv_cache.data_ptr() % a:
+        return f"kv_cache rows must be contiguous and {a}-byte aligned, got strides {tuple(kv_cache.stride())}"
+    return shared_memory_reason(device, smem_needed, kernel)
+
+
+def shared_memory_reason(device: torch.device, needed: int, kernel: str) -> Optional[str]:
+    smem = max_shared(device)
+    if smem is not None and smem < needed:
+        return f"{kernel} needs {needed} bytes of shared memory a block, the device allows {smem}"
+    return None
+
+
+def check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale, q_scale,
+                      kernel: str) -> None:
+    """The arguments of a Gluon launch into caller-given outputs (the op checks its own before dispatching)."""
+    batch, heads, _ = q.shape
+    _expect(q_scale is None, ValueError, f"q_scale must be None: {kernel} takes a bf16/fp16 query")
+    _expect(isinstance(out, torch.Tensor) and out.shape == (batch, heads, kv_lora_rank), ValueError,
+            f"out must be a [B={batch}, H={heads}, L={kv_lora_rank}] tensor, got "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    _expect(out.dtype in (torch.bfloat16, torch.float16, torch.float32), TypeError,
+            f"out must be bf16, fp16 or fp32, got {out.dtype}")
+    _expect(out.stride(2) == 1, ValueError, "out must be contiguous in its last dim")
+    _expect(isinstance(lse, torch.Tensor) and lse.shape == (batch, heads) and lse.dtype == torch.float32
+            and lse.is_contiguous(), ValueError, f"lse must be a contiguous float32 [B={batch}, H={heads}] tensor")
+    _expect(isinstance(block_table, torch.Tensor) and block_table.dtype == torch.int32 and block_table.dim() == 2
+            and block_table.shape[0] == batch, ValueError,
+            f"block_table must be int32 [B={batch}, max_blocks], got "
+            f"{getattr(block_table, 'dtype', None)} {tuple(getattr(block_table, 'shape', ()))}")
+    _expect(isinstance(seq_lens, torch.Tensor) and seq_lens.dtype in (torch.int32, torch.int64)
+            and seq_lens.shape == (batch,), ValueError,
+            f"seq_lens must be int32/int64 [B={batch}], got {getattr(seq_lens, 'dtype', None)} "
+            f"{tuple(getattr(seq_lens, 'shape', ()))}")
+    _expect(isinstance(k_scale, torch.Tensor) and k_scale.dtype == torch.float32 and k_scale.numel() == 1, TypeError,
+            f"k_scale must be a one-element float32 tensor, got {getattr(k_scale, 'dtype', type(k_scale).__name__)}")
+    for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("seq_lens", seq_lens),
+                    ("k_scale", k_scale), ("out", out), ("lse", lse)):
+        _expect(t.device == q.device, ValueError, f"{name} must be on q's device {q.device}, got {t.device}")
+    check_capacity(kv_cache, block_table)
