@@ -8,7 +8,6 @@ import contextlib
 import pytest
 import torch
 
-from fx_mla.ops import _decode_launch as launch_mod
 from fx_mla.ops import mla_decode_fp8 as dmod
 from fx_mla.ops import mla_decode_gluon as gmod
 from fx_mla.ops import mla_decode_gluon16 as g16mod
@@ -90,21 +89,10 @@ def test_gluon_launchers_no_token_shapes_give_empty_result(monkeypatch, launcher
 # ---------------------------------------------------------------- cuda_kernel_choice on a pretended Hopper
 
 @pytest.fixture
-def fake_hopper(monkeypatch):
-    state = dict(cap=(9, 0), smem=232448)
-
-    class Props:
-        @property
-        def shared_memory_per_block_optin(self):
-            return state["smem"]
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
-    fake_triton = type("T", (), {"__version__": "3.6.0"})()
-    monkeypatch.setattr(launch_mod, "triton", fake_triton)
+def fake_hopper(fake_hopper, monkeypatch):
+    """The shared pretended Hopper (tests/ops/conftest.py) with the op's kernel choice on "auto"."""
     monkeypatch.setattr(dmod, "DECODE_KERNEL", "auto")
-    return state
+    return fake_hopper
 
 
 @pytest.mark.parametrize("heads,q_dtype,cache_dtype,expected", [

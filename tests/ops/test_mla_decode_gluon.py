@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from fx_mla.ops import _decode_launch as launch_mod
 from fx_mla.ops import mla_decode_gluon as gmod
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,21 +44,6 @@ def test_gluon_launch_on_cpu_raises_value_error():
     with pytest.raises(ValueError, match="does not cover"):
         gmod.launch_mla_decode_gluon(q, cache, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32),
                                      torch.ones(1), None, 0.07, 512, out, lse)
-
-
-@pytest.fixture
-def fake_hopper(monkeypatch):
-    """Pretend a CUDA device of capability `cap` and Triton `version` (the checks read only these)."""
-    state = dict(cap=(9, 0), version="3.6.0")
-
-    class Props:
-        shared_memory_per_block_optin = 232448
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
-    monkeypatch.setattr(launch_mod, "triton", type("T", (), {"__version__": property(lambda self: state["version"])})())
-    return state
 
 
 CUDA0 = torch.device("cuda", 0)

@@ -53,23 +53,6 @@ def test_smem_needed_matches_compiled_kernel():
     assert gmod.smem_needed(4) > 232448  # why 4 stages are declined on H100 / H200
 
 
-@pytest.fixture
-def fake_hopper(monkeypatch):
-    """Pretend a CUDA device of capability `cap` and Triton `version` (the checks read only these)."""
-    state = dict(cap=(9, 0), version="3.6.0", smem=232448)
-
-    class Props:
-        @property
-        def shared_memory_per_block_optin(self):
-            return state["smem"]
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
-    monkeypatch.setattr(launch_mod, "triton", type("T", (), {"__version__": property(lambda self: state["version"])})())
-    return state
-
-
 def test_gluon16_accepts_covered_inputs_on_fake_hopper(fake_hopper):
     assert gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0) is None
     assert gmod.gluon16_unsupported_reason(_q(dtype=torch.float16), _cache(dtype=torch.float8_e5m2, block=16), 512,

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from fx_mla.ops import _decode_launch as launch_mod
 from fx_mla.ops import mla_decode_gluon as gmod
 from fx_mla.ops import mla_decode_seesaw as smod
 
@@ -47,23 +46,6 @@ def test_seesaw_launch_on_cpu_raises_value_error():
         smod.launch_mla_decode_seesaw(_q(), _cache(), torch.zeros(2, 1, dtype=torch.int32),
                                       torch.ones(2, dtype=torch.int32), torch.ones(1), None, 0.07, 512, out,
                                       torch.empty(2, 128))
-
-
-@pytest.fixture
-def fake_hopper(monkeypatch):
-    """Pretend a CUDA device of capability `cap`, Triton `version` and `smem` bytes of opt-in shared memory."""
-    state = dict(cap=(9, 0), version="3.6.0", smem=232448)
-
-    class Props:
-        @property
-        def shared_memory_per_block_optin(self):
-            return state["smem"]
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
-    monkeypatch.setattr(launch_mod, "triton", type("T", (), {"__version__": property(lambda self: state["version"])})())
-    return state
 
 
 def test_seesaw_accepts_covered_inputs_on_fake_hopper(fake_hopper):
