@@ -1,4 +1,4 @@
-"""quant_before_gather on CUDA (marker cuda; multigpu for 2 GPUs; no expecttest): the rewritten graph against the
+"""quant_before_gather on CUDA (marker cuda; multigpu for 2 and 4 GPUs; no expecttest): the rewritten graph against the
 unrewritten one, bitwise, over NCCL.
 Run: PYTHONPATH=. python3 -m pytest -m cuda tests/gpu/test_quant_before_gather_gpu.py
 
@@ -71,9 +71,10 @@ def test_quant_before_gather_bitwise_cuda_against_default_inductor():
 
 
 @pytest.mark.multigpu
-def test_quant_before_gather_bitwise_nccl_ws2():
-    if torch.cuda.device_count() < 2 or torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("needs 2 GPUs of compute capability >= 8.9")
-    per_rank = run_ranks(cases.all_worker, 2, MODEL_WS2, ["e4m3"], VARIANTS_WS2, "cuda", "eager",
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_quant_before_gather_bitwise_nccl(world_size):
+    if torch.cuda.device_count() < world_size or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip(f"needs {world_size} GPUs of compute capability >= 8.9")
+    per_rank = run_ranks(cases.all_worker, world_size, MODEL_WS2, ["e4m3"], VARIANTS_WS2, "cuda", "eager",
                          backend="nccl", timeout=500)
-    _check(per_rank, 2, VARIANTS_WS2)
+    _check(per_rank, world_size, VARIANTS_WS2)
