@@ -78,23 +78,41 @@ def split_workspace(q, splits: int, kv_lora_rank: int, out, lse, poison: bool):
             new((batch, splits, heads), *fill, dtype=torch.float32, device=q.device))
 
 
-def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int) -> None:
-    """Merge the splits' (o, lse) into out / lse by their log-sum-exp weights (nothing to do for one split)."""
+def combine_config(batch: int, heads: int, splits: int, kv_lora_rank: int, num_sms: int = 132):
+    """(BLOCK_L, BLOCK_S, SPLITS_POW2) of the combine kernel: latent chunks of at least 64 columns, cut until
+    batch x heads x chunks reaches about two programs an SM, and as many splits a step as keep a program's tile
+    within 8192 fp32 values (64 registers a thread at 4 warps): few dependent load steps even at one request with
+    64 splits (the first version ran one program a (request, head) and 8 splits a step: 128 programs of 9 steps
+    for one request of 128 heads)."""
+    pow2 = triton.next_power_of_2(splits)
+    block_l = max(32, triton.next_power_of_2(kv_lora_rank))
+    while block_l > 64 and batch * heads * triton.cdiv(kv_lora_rank, block_l) < 2 * num_sms:
+        block_l //= 2
+    block_s = max(1, min(pow2, 8192 // block_l))
+    return block_l, block_s, pow2
+
+
+def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, config=None) -> None:
+    """Merge the splits' (o, lse) into out / lse by their log-sum-exp weights (nothing to do for one split).
+    ``config``: (BLOCK_L, BLOCK_S) instead of combine_config's (benchmarks compare them)."""
     if splits == 1:
         return
     batch, heads = lse.shape
-    pow2 = triton.next_power_of_2(splits)
-    _mla_decode_fp8_combine_kernel[(heads, batch)](
+    if config is None:
+        sms = sm_count(device_index(out.device)) if out.device.type == "cuda" else 132
+        block_l, block_s, pow2 = combine_config(batch, heads, splits, kv_lora_rank, sms)
+    else:
+        (block_l, block_s), pow2 = config, triton.next_power_of_2(splits)
+    _mla_decode_fp8_combine_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
         part_o, part_lse, out, lse, heads, splits, out.stride(0), out.stride(1),
-        L=kv_lora_rank, BLOCK_L=max(32, triton.next_power_of_2(kv_lora_rank)), BLOCK_S=min(pow2, 8),
-        SPLITS_POW2=pow2, num_warps=4)
+        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, num_warps=4)
 
 
 def gluon_unsupported(q, kv_cache, kv_lora_rank: int, device: Optional[torch.device], *, kernel: str,
                       heads_reason: Callable[[int], Optional[str]], row_align: int,
                       smem_needed: int) -> Optional[str]:
     """None when a Gluon sm_90 kernel named `kernel` covers these inputs on `device` (default: q's device), else
-    why not: CUDA, capability (9, 0), Triton GLUON_TRITON_VERSION, bf16/fp16 query, FP8 cache, L = 512 + R = 64,
+    why not: CUDA, capability (9, 0), Triton GLUON_TRITON_VERSION, bf16/fp16/FP8 query, FP8 cache, L = 512 + R = 64,
     the kernel's head rule, cache rows contiguous and `row_align`-byte aligned, `smem_needed` bytes of shared
     memory a block."""
     device = torch.device(device) if device is not None else q.device
@@ -107,8 +125,8 @@ def gluon_unsupported(q, kv_cache, kv_lora_rank: int, device: Optional[torch.dev
         return f"{kernel} targets compute capability (9, 0) (Hopper wgmma), got {cap}"
     if not triton.__version__.startswith(GLUON_TRITON_VERSION):
         return f"{kernel} is validated on Triton {GLUON_TRITON_VERSION} only, got {triton.__version__}"
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"query dtype must be bf16 or fp16 (no FP8-query variant yet), got {q.dtype}"
+    if q.dtype not in (torch.bfloat16, torch.float16) + tuple(FP8_DTYPES):
+        return f"query dtype must be bf16, fp16, float8_e4m3fn or float8_e5m2, got {q.dtype}"
     if kv_cache.dtype not in FP8_DTYPES:
         return f"cache dtype must be float8_e4m3fn or float8_e5m2, got {kv_cache.dtype}"
     if q.dim() != 3 or kv_cache.dim() != 3:
@@ -138,7 +156,14 @@ def check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens
                       kernel: str) -> None:
     """The arguments of a Gluon launch into caller-given outputs (the op checks its own before dispatching)."""
     batch, heads, _ = q.shape
-    _expect(q_scale is None, ValueError, f"q_scale must be None: {kernel} takes a bf16/fp16 query")
+    if q.dtype in FP8_DTYPES:  # the kernels load it as fp16 exactly and fold q_scale into the score scale
+        _expect(isinstance(q_scale, torch.Tensor) and q_scale.dtype == torch.float32 and q_scale.numel() == 1
+                and q_scale.device == q.device, ValueError,
+                f"q_scale must be a one-element float32 tensor on {q.device} for an FP8 query, got "
+                f"{getattr(q_scale, 'dtype', None)} {tuple(getattr(q_scale, 'shape', ()))} "
+                f"on {getattr(q_scale, 'device', None)}")
+    else:
+        _expect(q_scale is None, ValueError, f"q_scale must be None for a {q.dtype} query ({kernel})")
     _expect(isinstance(out, torch.Tensor) and out.shape == (batch, heads, kv_lora_rank), ValueError,
             f"out must be a [B={batch}, H={heads}, L={kv_lora_rank}] tensor, got "
             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")

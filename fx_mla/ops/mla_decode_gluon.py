@@ -93,12 +93,13 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
     seq_lens = seq_lens.contiguous()
     part_o, part_lse = split_workspace(q, num_splits, kv_lora_rank, out, lse, poison_workspace)
     kernel = _mla_decode_gluon_kernel[(groups, num_splits, batch)](
-        q, kv_cache, block_table, seq_lens, k_scale, out, lse, part_o, part_lse,
+        q, kv_cache, block_table, seq_lens, k_scale, k_scale if q_scale is None else q_scale, out, lse,
+        part_o, part_lse,
         float(sm_scale), heads, num_splits, kv_cache.shape[0], max_blocks,
         q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
         out.stride(0), out.stride(1),
         PAGE=page, L=LATENT, R=ROPE, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
-        E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
+        HAS_Q_SCALE=q_scale is not None,        E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
         ONE_PAGE=flags["one_page"] and page % BLOCK_N == 0, TRIM_BARRIER=flags["trim_barrier"],
         LAZY_RESCALE=flags["lazy_rescale"], num_warps=NUM_WARPS)
     launch_mla_decode_gluon.last_kernel = kernel  # the dev script reads its register / spill counts

@@ -31,10 +31,12 @@ NUM_STAGES = 3      # raw FP8 tiles in the shared-memory ring (NUM_STAGES - 1 in
 EARLY_READ = True  # read the ring while the last P V still runs: 3-5 % faster on 1x H100 (RESULTS.md)
 LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 # Kernels: "ring" (the cp.async ring kernel, one warpgroup does everything; the default) and the warp-specialized
-# round-2 kernel with a 4- or 8-warp producer partition converting into two fp16 tiles ("ws4", "ws8").
-VARIANTS = ("ring", "ws4", "ws8")
+# round-2 kernel with a 4- or 8-warp producer partition converting into two fp16 tiles ("ws4", "ws8": loads one
+# tile ahead; "ws8p2": two tiles ahead). On 1x H100 ws4 / ws8 ran 5-6 % slower than the ring kernel from HBM but
+# 16-20 % faster with the cache hot in L2 (RESULTS.md): too few bytes in flight, which ws8p2 doubles.
+VARIANTS = ("ring", "ws4", "ws8", "ws8p2")
 VARIANT = "ring"
-_WS = {"ws4": (4, 232), "ws8": (8, 152)}  # producer warps, producer registers (setmaxnreg)
+_WS = {"ws4": (4, 232, 1), "ws8": (8, 152, 1), "ws8p2": (8, 152, 2)}  # producer warps, registers, tiles ahead
 Q_SHIFT = 8         # bf16 query -> fp16 as q * 2**-8, as the Triton path
 
 
@@ -104,20 +106,21 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
         block_table = block_table.contiguous()
     seq_lens = seq_lens.contiguous()
     part_o, part_lse = split_workspace(q, num_splits, kv_lora_rank, out, lse, poison_workspace)
-    args = (q, kv_cache, block_table, seq_lens, k_scale, out, lse, part_o, part_lse,
+    args = (q, kv_cache, block_table, seq_lens, k_scale, k_scale if q_scale is None else q_scale, out, lse,
+        part_o, part_lse,
             float(sm_scale), heads, num_splits, kv_cache.shape[0], max_blocks,
             q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
             out.stride(0), out.stride(1))
     common = dict(PAGE=page, L=LATENT, R=ROPE, BLOCK_H=HEADS, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
-                  E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
+                  HAS_Q_SCALE=q_scale is not None,                  E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
                   ONE_PAGE=page % BLOCK_N == 0, num_warps=NUM_WARPS)
     if variant == "ring":
         kernel = kmod._mla_decode_gluon16_kernel[(num_splits, batch)](
             *args, NUM_STAGES=num_stages, EARLY_READ=bool(early_read), **common)
     else:
-        pw, regs = _WS[variant]
+        pw, regs, ahead = _WS[variant]
         kernel = kmod._mla_decode_gluon16_ws_kernel[(num_splits, batch)](
-            *args, PRODUCER_WARPS=pw, PRODUCER_REGS=regs, **common)
+            *args, PRODUCER_WARPS=pw, PRODUCER_REGS=regs, PREFETCH=ahead, **common)
     launch_mla_decode_gluon16.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(part_o, part_lse, out, lse, num_splits, kv_lora_rank)
     return out, lse

@@ -4,8 +4,10 @@ block_table, int64 lengths and fp32 / fp16 outputs on every kernel choice (auto:
 GPU other than the current one (needs 2 GPUs)."""
 import pytest
 import torch
+import triton
 
 import fx_mla.ops.mla_decode_fp8 as dmod
+from fx_mla.ops._decode_launch import GLUON_TRITON_VERSION
 from tests.ops.mla_decode_fp8_cases import check_close, make_problem, reference_f64
 
 pytestmark = pytest.mark.cuda
@@ -33,6 +35,19 @@ def test_strided_inputs_int64_lengths_and_out_dtypes(kernel, heads, out_dtype):
     out, lse = OP(q, p.kv_cache, bt, p.seq_lens, p.k_scale, None, p.sm_scale, 512, out_dtype)
     choice = dmod.cuda_kernel_choice(q, p.kv_cache, 512)
     check_close(out, lse, *reference_f64(p), lse_tol=1e-3, what=f"{choice} H{heads} {out_dtype}")
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+def test_fp8_query(kernel, heads):
+    """An FP8 query with its q_scale: on auto the Gluon kernels take it (fp16 exactly, q_scale in the score scale),
+    on triton the FP8 x FP8 kernel; both against the float64 reference."""
+    p = make_problem([700, 0, 129, 64], heads, 64, E4M3, E4M3, seed=heads + 1, device="cuda")
+    out, lse = OP(*p.args(torch.bfloat16))
+    choice = dmod.cuda_kernel_choice(p.q, p.kv_cache, 512)
+    hopper = torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith(GLUON_TRITON_VERSION)
+    if kernel == "auto" and hopper:
+        assert choice == ("gluon16" if heads == 16 else "seesaw")
+    check_close(out, lse, *reference_f64(p), what=f"{choice} fp8 q H{heads}")
 
 
 @pytest.mark.parametrize("batch,num_blocks,max_blocks", [(0, 8, 4), (2, 0, 4), (2, 8, 0)])

@@ -45,3 +45,17 @@ def test_gluon_decode_variants_match_float64(variant, block_size, num_splits):
     gmod.launch_mla_decode_gluon(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
                                  out, lse, num_splits=num_splits, poison_workspace=True, variant=variant)
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"{variant} bs{block_size} splits {num_splits}")
+
+
+@pytest.mark.parametrize("q_dtype,cache_dtype,num_splits", [(E4M3, E4M3, None), (E4M3, E4M3, 1),
+                                                            (torch.float8_e5m2, E4M3, 3)])
+def test_gluon_decode_fp8_query_matches_float64(q_dtype, cache_dtype, num_splits):
+    """An FP8 query (per-tensor q_scale): loaded as fp16 exactly, q_scale folded into the score scale."""
+    _skip_unless_supported()
+    p = make_problem([0, 1, 65, 700, 333], 128, 64, cache_dtype, q_dtype, seed=11, device="cuda")
+    assert p.q_scale is not None
+    out = torch.full((5, 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lse = torch.full((5, 128), float("nan"), device="cuda")
+    gmod.launch_mla_decode_gluon(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, p.q_scale, p.sm_scale, 512,
+                                 out, lse, num_splits=num_splits, poison_workspace=True)
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"fp8 q {q_dtype} splits {num_splits}")

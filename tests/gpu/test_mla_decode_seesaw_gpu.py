@@ -54,3 +54,17 @@ def test_seesaw_decode_rejects_fp8_query_scale():
     with pytest.raises(ValueError, match="q_scale"):
         smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, torch.ones(1),
                                       p.sm_scale, 512, out, lse)
+
+
+@pytest.mark.parametrize("q_dtype,cache_dtype,block_size,num_splits", [
+    (E4M3, E4M3, 64, None), (E4M3, E4M3, 16, 1), (E5M2, E5M2, 64, 7), (E5M2, E4M3, 32, None)])
+def test_seesaw_decode_fp8_query_matches_float64(q_dtype, cache_dtype, block_size, num_splits):
+    """An FP8 query (per-tensor q_scale): loaded as fp16 exactly, q_scale folded into the score scale."""
+    _skip_unless_supported()
+    p = make_problem([0, 1, 33, 65, 700, 96], 128, block_size, cache_dtype, q_dtype, seed=5, device="cuda")
+    assert p.q_scale is not None
+    out = torch.full((6, 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lse = torch.full((6, 128), float("nan"), device="cuda")
+    smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, p.q_scale, p.sm_scale, 512,
+                                  out, lse, num_splits=num_splits, poison_workspace=True)
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"fp8 q {q_dtype} bs{block_size} splits {num_splits}")

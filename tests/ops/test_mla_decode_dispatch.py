@@ -97,8 +97,10 @@ def fake_hopper(fake_hopper, monkeypatch):
 
 @pytest.mark.parametrize("heads,q_dtype,cache_dtype,expected", [
     (128, torch.bfloat16, E4M3, "seesaw"), (64, torch.float16, torch.float8_e5m2, "seesaw"),
-    (16, torch.bfloat16, E4M3, "gluon16"), (32, torch.bfloat16, E4M3, "triton"), (128, E4M3, E4M3, "triton"),
-    (16, E4M3, E4M3, "triton"), (128, torch.bfloat16, torch.bfloat16, "triton"), (8, torch.bfloat16, E4M3, "triton"),
+    (16, torch.bfloat16, E4M3, "gluon16"), (32, torch.bfloat16, E4M3, "triton"), (128, E4M3, E4M3, "seesaw"),
+    (16, E4M3, E4M3, "gluon16"), (64, torch.float8_e5m2, E4M3, "seesaw"), (32, E4M3, E4M3, "triton"),
+    (128, E4M3, torch.bfloat16, "triton"), (128, torch.bfloat16, torch.bfloat16, "triton"),
+    (8, torch.bfloat16, E4M3, "triton"), (128, torch.float32, E4M3, "triton"),
 ])
 def test_cuda_kernel_choice_on_hopper(fake_hopper, heads, q_dtype, cache_dtype, expected):
     q, kv, *_ = _inputs(2, heads, q_dtype=q_dtype, cache_dtype=cache_dtype)
@@ -135,7 +137,7 @@ def test_cuda_kernel_choice_forced_gluon_raises_where_none_covers(fake_hopper, m
 def recorded_cuda(monkeypatch):
     """The op's CUDA implementation on CPU tensors: capability (9, 0), torch.cuda.device recorded, launchers
     replaced by recorders that note whether the device guard was active."""
-    log = dict(guard=[], active=0, calls=[])
+    log = dict(guard=[], active=0, calls=[], args=[])
 
     @contextlib.contextmanager
     def device(dev):
@@ -149,6 +151,7 @@ def recorded_cuda(monkeypatch):
     def recorder(name):
         def launch(q, kv, bt, lens, ks, qs, sm, rank, *rest):
             log["calls"].append((name, log["active"], rest))
+            log["args"].append((q, kv, bt, lens, ks, qs, sm, rank))
             out, lse = rest if len(rest) == 2 else dmod._empty_outputs(q, rank, rest[0])
             return out.fill_(1.0), lse.fill_(2.0)
         return launch
@@ -173,6 +176,21 @@ def test_cuda_impl_launches_the_choice_under_a_device_guard(recorded_cuda, monke
     if choice != "triton":  # the Gluon launchers get preallocated outputs of the requested dtype
         assert rest[0].dtype == out_dtype and rest[0].shape == (2, q.shape[1], 512) and rest[1].dtype == torch.float32
     assert out.dtype == out_dtype and bool((out == 1).all()) and bool((lse == 2).all())
+
+
+@pytest.mark.parametrize("choice,heads", [("seesaw", 128), ("gluon16", 16)])
+def test_cuda_impl_fp8_query_reaches_the_gluon_launchers_with_its_scale(fake_hopper, recorded_cuda, monkeypatch,
+                                                                       choice, heads):
+    """An FP8 query over an FP8 cache goes to the Gluon kernels as is, with q_scale (they load it as fp16 exactly
+    and fold q_scale into the score scale)."""
+    choose = dmod.cuda_kernel_choice
+    monkeypatch.setattr(dmod, "cuda_kernel_choice", lambda q, kv, rank, device=None: choose(q, kv, rank, CUDA0))
+    q, kv, bt, lens, ks = _inputs(2, heads, q_dtype=E4M3)
+    qs = torch.tensor([0.37])
+    out, lse = dmod._mla_decode_fp8_cuda(q, kv, bt, lens, ks, qs, 0.1, 512, torch.bfloat16)
+    [(name, _, _)] = recorded_cuda["calls"]
+    assert name == choice
+    assert recorded_cuda["args"][0][0] is q and recorded_cuda["args"][0][5] is qs
 
 
 @pytest.mark.parametrize("batch,num_blocks,max_blocks", [(0, 4, 3), (2, 0, 3), (2, 4, 0)])

@@ -242,7 +242,45 @@ def _interpreter_checks():
     out, lse = _run_kernel(p, config=h16)
     assert torch.isfinite(lse).all() and torch.isfinite(out.float()).all()
     n += 1
+    n += _combine_checks()
     print(f"interpreter checks passed ({n})")
+
+
+def _combine_checks():
+    """The split merge on its own: random partials (some splits empty: lse = -inf, o = 0; one request with every
+    split empty) against a float64 merge, the chooser's config and explicit (BLOCK_L, BLOCK_S) ones (several latent
+    chunks, one; one split a step, all at once), outputs poisoned with NaN."""
+    from fx_mla.ops._decode_launch import combine_config, combine_splits
+    n = 0
+    for batch, heads, splits, lat in ((1, 8, 66, 512), (3, 5, 7, 40), (2, 16, 3, 512)):
+        g = torch.Generator().manual_seed(splits)
+        part_o = torch.randn(batch, splits, heads, lat, generator=g)
+        part_lse = torch.randn(batch, splits, heads, generator=g) * 4
+        part_lse[0, 1] = float("-inf")
+        part_o[0, 1] = 0.0
+        part_lse[-1] = float("-inf") if batch > 1 else part_lse[-1]
+        if batch > 1:
+            part_o[-1] = 0.0
+        lse64 = torch.logsumexp(part_lse.double(), dim=1)
+        w = torch.exp(part_lse.double() - torch.where(torch.isinf(lse64), 0.0, lse64)[:, None])
+        ref = (w[..., None] * part_o.double()).sum(1)
+        chosen = combine_config(batch, heads, splits, lat)[:2]
+        for cfg in (None, (64, 1), (64, 128), (triton_next_pow2(lat), 8), (128, 4)):
+            out = torch.full((batch, heads, lat), float("nan"), dtype=torch.float32)
+            lse = torch.full((batch, heads), float("nan"), dtype=torch.float32)
+            combine_splits(part_o, part_lse, out, lse, splits, lat, config=cfg)
+            assert not out.isnan().any() and not lse.isnan().any(), (batch, heads, splits, cfg)
+            assert torch.equal(torch.isinf(lse), torch.isinf(lse64)), cfg
+            fin = ~torch.isinf(lse64)
+            assert float((lse.double() - lse64)[fin].abs().max()) < 1e-5, cfg
+            assert float((out.double() - ref).norm() / ref.norm()) < 1e-6, (batch, heads, splits, cfg, chosen)
+            assert float(out[~fin].abs().max()) == 0.0 if (~fin).any() else True
+            n += 1
+    return n
+
+
+def triton_next_pow2(x):
+    return 1 << (x - 1).bit_length()
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_gluon16_declines_other_triton_versions(fake_hopper, version):
     (_q(64), _cache(), 512, "head count must be 16"),
     (_q(8), _cache(), 512, "head count must be 16"),
     (_q(128), _cache(), 512, "head count must be 16"),
-    (_q(dtype=E4M3), _cache(), 512, "query dtype"),
+    (_q(dtype=torch.int8), _cache(), 512, "query dtype"),
     (_q(dtype=torch.float32), _cache(), 512, "query dtype"),
     (_q(), _cache(dtype=torch.bfloat16), 512, "cache dtype"),
     (_q(d=320), _cache(d=320), 256, "kv_lora_rank 512"),
@@ -127,11 +127,22 @@ def test_launch_args_messages():
         check(out, lse, bt, lens[:1], ks)
     with pytest.raises(TypeError, match="k_scale must be"):
         check(out, lse, bt, lens, ks.double())
+    # an FP8 query needs its one-element fp32 scale on q's device
+    q = _q(dtype=E4M3)
+    check(out, lse, bt, lens, ks, torch.ones(1))
+    for bad in (None, torch.ones(1, dtype=torch.float64), torch.ones(2)):
+        with pytest.raises(ValueError, match="q_scale must be a one-element float32 tensor"):
+            check(out, lse, bt, lens, ks, bad)
+
+
+def test_gluon16_accepts_fp8_queries(fake_hopper):
+    for dtype in (E4M3, torch.float8_e5m2):
+        assert gmod.gluon16_unsupported_reason(_q(dtype=dtype), _cache(), 512, CUDA0) is None
 
 
 def test_gluon16_ws_variants_on_fake_hopper(fake_hopper):
     assert gmod.VARIANT in gmod.VARIANTS
-    for variant in ("ring", "ws4", "ws8"):
+    for variant in ("ring", "ws4", "ws8", "ws8p2"):
         assert gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0, variant=variant) is None
     reason = gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="ws2")
     assert reason is not None and "variant must be one of" in reason and "ws2" in reason

@@ -70,7 +70,7 @@ def test_seesaw_declines_other_triton_versions(fake_hopper, version):
 
 @pytest.mark.parametrize("q,cache,rank,needle", [
     (_q(16), _cache(), 512, "multiple of 64"),
-    (_q(dtype=E4M3), _cache(), 512, "query dtype"),
+    (_q(dtype=torch.int8), _cache(), 512, "query dtype"),
     (_q(), _cache(dtype=torch.bfloat16), 512, "cache dtype"),
     (_q(), _cache(), 448, "kv_lora_rank 512"),
 ])

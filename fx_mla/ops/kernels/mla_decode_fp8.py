@@ -216,9 +216,14 @@ def _mla_decode_fp8_kernel(
 def _mla_decode_fp8_combine_kernel(
         part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, num_heads, num_splits, stride_o_b, stride_o_h,
         L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_POW2: tl.constexpr):
-    """Merge the splits of one (request, head): o = sum_s exp(lse_s - lse) o_s, lse = logsumexp_s lse_s."""
-    h = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    """Merge the splits of one (request, head) over latent columns [pid_l BLOCK_L, (pid_l + 1) BLOCK_L):
+    o = sum_s exp(lse_s - lse) o_s, lse = logsumexp_s lse_s (written by the pid_l = 0 program).
+
+    Grid (cdiv(L, BLOCK_L), heads, batch): the launcher cuts L into chunks when batch x heads alone would leave
+    SMs idle (one request with many splits), and takes BLOCK_S splits a step so that few dependent steps remain."""
+    pid_l = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     offs_all = tl.arange(0, SPLITS_POW2)
     base = b * num_splits * num_heads + h
     lses = tl.load(part_lse_ptr + base + offs_all * num_heads, mask=offs_all < num_splits, other=float("-inf"))
@@ -226,7 +231,8 @@ def _mla_decode_fp8_combine_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: weights exp(-inf) = 0, no NaN
     denom = tl.sum(tl.exp(lses - m_safe), 0)
 
-    offs_l = tl.arange(0, BLOCK_L)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_mask = offs_l < L
     offs_s = tl.arange(0, BLOCK_S)
     acc = tl.zeros([BLOCK_L], dtype=tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
@@ -235,15 +241,15 @@ def _mla_decode_fp8_combine_kernel(
         lse_s = tl.load(part_lse_ptr + base + split * num_heads, mask=s_ok, other=float("-inf"))
         w = tl.exp(lse_s - m_safe)
         o_mask = s_ok[:, None]
-        if L != BLOCK_L:
-            o_mask = o_mask & (offs_l[None, :] < L)
+        if L % BLOCK_L != 0:
+            o_mask = o_mask & l_mask[None, :]
         o_s = tl.load(part_o_ptr + (base + split * num_heads)[:, None] * L + offs_l[None, :], mask=o_mask,
                       other=0.0)
         acc += tl.sum(w[:, None] * o_s, 0)
 
     has_tokens = denom > 0.0
     o = acc / tl.where(has_tokens, denom, 1.0)
-    lse = tl.where(has_tokens, m_safe + tl.log(tl.where(has_tokens, denom, 1.0)), float("-inf"))
-    l_mask = offs_l < L
     tl.store(out_ptr + b * stride_o_b + h * stride_o_h + offs_l, o.to(out_ptr.dtype.element_ty), mask=l_mask)
-    tl.store(lse_ptr + b * num_heads + h, lse)
+    if pid_l == 0:
+        lse = tl.where(has_tokens, m_safe + tl.log(tl.where(has_tokens, denom, 1.0)), float("-inf"))
+        tl.store(lse_ptr + b * num_heads + h, lse)

@@ -100,7 +100,8 @@ def _store_tile(tile, k_nope_words, k_pe_words, SUB: gl.constexpr, E5M2: gl.cons
 
 @gluon.jit
 def _to_mma_dtype(q, Q_SHIFT: gl.constexpr):
-    """The query as the fp16 MMA operand: a bf16 query times 2**-Q_SHIFT (exact) rounded to fp16."""
+    """The query as the fp16 MMA operand: a bf16 query times 2**-Q_SHIFT (exact) rounded to fp16; an fp16 query as
+    is; an FP8 query (e4m3 / e5m2, Q_SHIFT 0) converts to fp16 exactly (its scale goes into the score scale)."""
     if Q_SHIFT > 0:
         return (q.to(gl.float32) * (1.0 / (1 << Q_SHIFT))).to(gl.float16)
     return q.to(gl.float16)
@@ -108,12 +109,12 @@ def _to_mma_dtype(q, Q_SHIFT: gl.constexpr):
 
 @gluon.jit
 def _mla_decode_gluon_kernel(
-        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr,
+        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
         sm_scale, num_heads, num_splits, num_blocks, max_blocks,
         stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-        Q_SHIFT: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, TRIM_BARRIER: gl.constexpr, LAZY_RESCALE: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 8, "two warpgroups")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
@@ -165,6 +166,8 @@ def _mla_decode_gluon_kernel(
     # Everything that scales a score goes into one fp32 factor (base-2 exponent).
     k_scale = gl.load(k_scale_ptr)
     qk_scale = sm_scale * 1.4426950408889634 * k_scale * (1 << Q_SHIFT)
+    if HAS_Q_SCALE:  # an FP8 query: loaded as fp16 exactly, its per-tensor scale goes into the scores' scale
+        qk_scale = qk_scale * gl.load(q_scale_ptr)
 
     # This split's token range; the split length follows the request's own length (no host sync).
     seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)

@@ -28,7 +28,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from fx_mla.ops.kernels.mla_decode_gluon import _load_tile
+from fx_mla.ops.kernels.mla_decode_gluon import _load_tile, _to_mma_dtype
 
 
 @gluon.jit
@@ -116,21 +116,13 @@ def _store_tile(tile, lat_dst, rope_dst, n0, end, SUB: gl.constexpr, PARTIAL: gl
 
 
 @gluon.jit
-def _to_mma_dtype(q, Q_SHIFT: gl.constexpr):
-    """The query as the fp16 MMA operand: a bf16 query times 2**-Q_SHIFT (exact) rounded to fp16."""
-    if Q_SHIFT > 0:
-        return (q.to(gl.float32) * (1.0 / (1 << Q_SHIFT))).to(gl.float16)
-    return q.to(gl.float16)
-
-
-@gluon.jit
 def _mla_decode_gluon16_kernel(
-        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr,
+        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
         sm_scale, num_heads, num_splits, num_blocks, max_blocks,
         stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-        NUM_STAGES: gl.constexpr, Q_SHIFT: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+        NUM_STAGES: gl.constexpr, Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, EARLY_READ: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4, "one warpgroup")
     gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
@@ -178,6 +170,8 @@ def _mla_decode_gluon16_kernel(
 
     k_scale = gl.load(k_scale_ptr)
     qk_scale = sm_scale * 1.4426950408889634 * k_scale * (1 << Q_SHIFT)
+    if HAS_Q_SCALE:  # an FP8 query: loaded as fp16 exactly, its per-tensor scale goes into the scores' scale
+        qk_scale = qk_scale * gl.load(q_scale_ptr)
 
     # This split's token range (the split length follows the request's own length: no host sync).
     seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)
@@ -274,7 +268,10 @@ def _mla_decode_gluon16_kernel(
 @gluon.jit
 def _ws_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                  PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, PW: gl.constexpr,
-                 E5M2: gl.constexpr, ONE_PAGE: gl.constexpr):
+                 E5M2: gl.constexpr, ONE_PAGE: gl.constexpr, PREFETCH: gl.constexpr):
+    """PREFETCH: tiles whose loads are in flight while a tile converts (1 or 2; 2 keeps ~72 KB in flight an SM,
+    what HBM latency needs at this bandwidth share, at 36 more registers a thread with 8 producer warps)."""
+    gl.static_assert(PREFETCH == 1 or PREFETCH == 2, "one or two tiles ahead")
     SUB: gl.constexpr = BLOCK_N // 4
     LAT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [PW, 1], [1, 0])   # [SUB, L / 4] words
     ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [PW, 1], [1, 0])   # [BLOCK_N, R / 4] words
@@ -285,17 +282,24 @@ def _ws_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bloc
     n_tiles = gl.cdiv(end - start, BLOCK_N)
     tile = _load_tile(kv_words, bt_row, start, end, num_blocks, blk_words, tok_words,
                       PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+    if PREFETCH == 2:
+        nxt = _load_tile(kv_words, bt_row, start + BLOCK_N, end, num_blocks, blk_words, tok_words,
+                         PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
     for j in range(n_tiles):
         b = j % 2
-        # the next tile's loads go out before waiting for a free buffer (rows past the end: no traffic)
-        nxt = _load_tile(kv_words, bt_row, start + (j + 1) * BLOCK_N, end, num_blocks, blk_words, tok_words,
-                         PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+        # the loads PREFETCH tiles ahead go out before waiting for a free buffer (rows past the end: no traffic)
+        ahead = _load_tile(kv_words, bt_row, start + (j + PREFETCH) * BLOCK_N, end, num_blocks, blk_words,
+                           tok_words, PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
         mbarrier.wait(empty.index(b), ((j // 2) & 1) ^ 1)
         _store_tile(tile, nope_words.index(b), pe_words.index(b), 0, end, SUB, False, E5M2)
         fence_async_shared()
         gl.thread_barrier()  # the partition's own warps
         mbarrier.arrive(full.index(b))
-        tile = nxt
+        if PREFETCH == 2:
+            tile = nxt
+            nxt = ahead
+        else:
+            tile = ahead
 
 
 @gluon.jit
@@ -351,13 +355,13 @@ def _ws_consumer(q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, star
 
 @gluon.jit
 def _mla_decode_gluon16_ws_kernel(
-        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr,
+        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
         sm_scale, num_heads, num_splits, num_blocks, max_blocks,
         stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-        Q_SHIFT: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr, ONE_PAGE: gl.constexpr,
-        PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr, ONE_PAGE: gl.constexpr,
+        PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4, "the default partition (consumer) is one warpgroup")
     gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
     gl.static_assert(BLOCK_H % 8 == 0 and BLOCK_H <= 32, "wgmma N = heads")
@@ -391,6 +395,8 @@ def _mla_decode_gluon16_ws_kernel(
 
     k_scale = gl.load(k_scale_ptr)
     qk_scale = sm_scale * 1.4426950408889634 * k_scale * (1 << Q_SHIFT)
+    if HAS_Q_SCALE:  # an FP8 query: loaded as fp16 exactly, its per-tensor scale goes into the scores' scale
+        qk_scale = qk_scale * gl.load(q_scale_ptr)
     seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)
     seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
     chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
@@ -410,5 +416,5 @@ def _mla_decode_gluon16_ws_kernel(
         (_ws_consumer, (q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, start, end, qk_scale, k_scale,
                         o_base, o_stride, lse_base, L, BLOCK_H, BLOCK_N)),
         (_ws_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                        PAGE, L, R, BLOCK_N, PRODUCER_WARPS, E5M2, ONE_PAGE)),
+                        PAGE, L, R, BLOCK_N, PRODUCER_WARPS, E5M2, ONE_PAGE, PREFETCH)),
     ], [PRODUCER_WARPS], [PRODUCER_REGS])

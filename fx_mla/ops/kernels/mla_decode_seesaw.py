@@ -165,12 +165,12 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
 
 @gluon.jit
 def _mla_decode_seesaw_kernel(
-        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr,
+        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
         sm_scale, num_heads, num_splits, num_blocks, max_blocks,
         stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-        Q_SHIFT: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr, ONE_PAGE: gl.constexpr,
+        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr, ONE_PAGE: gl.constexpr,
         WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4, "the default partition is one warpgroup; the worker adds the second")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
@@ -219,6 +219,8 @@ def _mla_decode_seesaw_kernel(
 
     k_scale = gl.load(k_scale_ptr)
     qk_scale = sm_scale * 1.4426950408889634 * k_scale * (1 << Q_SHIFT)
+    if HAS_Q_SCALE:  # an FP8 query: loaded as fp16 exactly, its per-tensor scale goes into the scores' scale
+        qk_scale = qk_scale * gl.load(q_scale_ptr)
     # This split's token range: chunks of whole pairs; the split length follows the request's own length.
     seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)
     seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
