@@ -32,9 +32,9 @@ SHAPES16 = [(32, 16, 16384), (128, 16, 8192)]
 # (tag, ring stages, early ring read, kernel variant); safest first
 VARIANTS = [("s3", 3, False, "ring"), ("s3_early", 3, True, "ring"), ("s2", 2, False, "ring"),
             ("s2_early", 2, True, "ring"), ("ws4", 3, True, "ws4"), ("ws8", 3, True, "ws8"),
-            ("ws8p2", 3, True, "ws8p2")]
+            ("ws8p2", 3, True, "ws8p2"), ("ws8p3", 3, True, "ws8p3")]
 ROUND1 = ["s3", "s3_early", "s2", "s2_early"]
-ROUND2 = ["s3_early", "ws8", "ws8p2"]  # --round2: the default ring kernel vs the warp-specialized ones, same run
+ROUND2 = ["s3_early", "ws8p2", "ws8p3"]  # --round2: the default ring kernel vs the warp-specialized ones, same run
 
 
 def out_dir():

@@ -47,7 +47,9 @@ def test_fp8_query(kernel, heads):
     hopper = torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith(GLUON_TRITON_VERSION)
     if kernel == "auto" and hopper:
         assert choice == ("gluon16" if heads == 16 else "seesaw")
-    check_close(out, lse, *reference_f64(p), what=f"{choice} fp8 q H{heads}")
+    # the Triton FP8 x FP8 warpgroup MMA accumulates in reduced precision (see test_mla_decode_fp8_gpu.py)
+    lse_tol = 5e-3 if (choice == "triton" and heads > 16) else 1e-3
+    check_close(out, lse, *reference_f64(p), lse_tol=lse_tol, what=f"{choice} fp8 q H{heads}")
 
 
 @pytest.mark.parametrize("batch,num_blocks,max_blocks", [(0, 8, 4), (2, 0, 4), (2, 8, 0)])

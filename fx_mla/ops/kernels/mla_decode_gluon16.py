@@ -269,9 +269,9 @@ def _mla_decode_gluon16_kernel(
 def _ws_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                  PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, PW: gl.constexpr,
                  E5M2: gl.constexpr, ONE_PAGE: gl.constexpr, PREFETCH: gl.constexpr):
-    """PREFETCH: tiles whose loads are in flight while a tile converts (1 or 2; 2 keeps ~72 KB in flight an SM,
-    what HBM latency needs at this bandwidth share, at 36 more registers a thread with 8 producer warps)."""
-    gl.static_assert(PREFETCH == 1 or PREFETCH == 2, "one or two tiles ahead")
+    """PREFETCH: tiles whose loads are in flight while a tile converts (1, 2 or 3; each tile ~36 KB an SM, 36
+    registers a thread with 8 producer warps; HBM latency at this bandwidth share wants more than one)."""
+    gl.static_assert(PREFETCH >= 1 and PREFETCH <= 3, "one to three tiles ahead")
     SUB: gl.constexpr = BLOCK_N // 4
     LAT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [PW, 1], [1, 0])   # [SUB, L / 4] words
     ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [PW, 1], [1, 0])   # [BLOCK_N, R / 4] words
@@ -282,9 +282,12 @@ def _ws_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bloc
     n_tiles = gl.cdiv(end - start, BLOCK_N)
     tile = _load_tile(kv_words, bt_row, start, end, num_blocks, blk_words, tok_words,
                       PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
-    if PREFETCH == 2:
+    if PREFETCH >= 2:
         nxt = _load_tile(kv_words, bt_row, start + BLOCK_N, end, num_blocks, blk_words, tok_words,
                          PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+    if PREFETCH == 3:
+        nxt2 = _load_tile(kv_words, bt_row, start + 2 * BLOCK_N, end, num_blocks, blk_words, tok_words,
+                          PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
     for j in range(n_tiles):
         b = j % 2
         # the loads PREFETCH tiles ahead go out before waiting for a free buffer (rows past the end: no traffic)
@@ -295,7 +298,11 @@ def _ws_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bloc
         fence_async_shared()
         gl.thread_barrier()  # the partition's own warps
         mbarrier.arrive(full.index(b))
-        if PREFETCH == 2:
+        if PREFETCH == 3:
+            tile = nxt
+            nxt = nxt2
+            nxt2 = ahead
+        elif PREFETCH == 2:
             tile = nxt
             nxt = ahead
         else:
