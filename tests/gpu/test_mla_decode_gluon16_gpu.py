@@ -1,7 +1,7 @@
 """GPU tests of the 16-head Hopper Gluon MLA decode kernel: against the float64 reference on ragged problems
 (lengths incl. 0, NaN in every slot the length mask must skip, block sizes 16/32/64), outputs and split workspace
-poisoned with NaN, both ring depths and both ring-read orders, the warp-specialized variants ws4 / ws8 / ws8p2 / ws8p3 and
-FP8 queries. Skips where gluon16_unsupported_reason declines (not sm_90, not Triton 3.6)."""
+poisoned with NaN, both ring depths and both ring-read orders, the warp-specialized variants ws4 / ws8 / ws8p2 /
+ws8p3 and FP8 queries. Skips where gluon16_unsupported_reason declines (not sm_90, not Triton 3.6)."""
 import pytest
 import torch
 
@@ -44,7 +44,7 @@ def test_gluon16_variants_match_float64(num_stages, early_read):
     lse = torch.full((4, 16), float("nan"), device="cuda")
     gmod.launch_mla_decode_gluon16(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
                                    out, lse, num_splits=3, num_stages=num_stages, early_read=early_read,
-                                   poison_workspace=True)
+                                   poison_workspace=True, variant="ring")
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"stages {num_stages} early {early_read}")
 
 

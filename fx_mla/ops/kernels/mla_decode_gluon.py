@@ -5,8 +5,9 @@ fx_mla/ops/mla_decode_gluon.py imports it lazily, after gluon_unsupported_reason
 
 One CTA per (64-head group, split, request), 8 warps = two warpgroups, BLOCK_N tokens per tile. Same numerics as
 the Triton kernel of fx_mla/ops/kernels/mla_decode_fp8.py (its docstring): a bf16 query is scaled by 2**-Q_SHIFT
-and rounded to fp16 as it is loaded (an fp16 query is used as is); the FP8 cache is converted to fp16 exactly; k_scale and 2**Q_SHIFT are
-folded into the base-2 score scale and k_scale into the output; online softmax in fp32; the same (o, lse) outputs
+and rounded to fp16 as it is loaded (an fp16 query is used as is, an FP8 query converts to fp16 exactly and its
+q_scale joins the score scale); the FP8 cache is converted to fp16 exactly; k_scale and 2**Q_SHIFT are folded
+into the base-2 score scale and k_scale into the output; online softmax in fp32; the same (o, lse) outputs
 and split workspace, so the Triton combine kernel merges the splits.
 
 Work split (the reason this kernel exists; plain Triton gives both warpgroups the same 64 rows of QK^T):

@@ -122,8 +122,8 @@ def _mla_decode_gluon16_kernel(
         sm_scale, num_heads, num_splits, num_blocks, max_blocks,
         stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-        NUM_STAGES: gl.constexpr, Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
-        ONE_PAGE: gl.constexpr, EARLY_READ: gl.constexpr, num_warps: gl.constexpr):
+        NUM_STAGES: gl.constexpr, Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr,
+        SINGLE_SPLIT: gl.constexpr, ONE_PAGE: gl.constexpr, EARLY_READ: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4, "one warpgroup")
     gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
     gl.static_assert(BLOCK_H % 8 == 0 and BLOCK_H <= 32, "wgmma N = heads")
@@ -367,8 +367,8 @@ def _mla_decode_gluon16_ws_kernel(
         sm_scale, num_heads, num_splits, num_blocks, max_blocks,
         stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr, ONE_PAGE: gl.constexpr,
-        PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr):
+        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+        ONE_PAGE: gl.constexpr, PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4, "the default partition (consumer) is one warpgroup")
     gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
     gl.static_assert(BLOCK_H % 8 == 0 and BLOCK_H <= 32, "wgmma N = heads")
