@@ -61,6 +61,8 @@ def child_baseline():
     print(f"[baseline] {props.name} torch {torch.__version__} triton {triton.__version__}: copy {copy_tbps:.2f} "
           f"TB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s", flush=True)
     dump(res, "dev_gluon16_baseline.json")
+    from fx_mla.ops import mla_decode_fp8 as dmod
+    dmod.DECODE_KERNEL = "triton"  # the op would otherwise run the default Gluon kernel (it did in session 3's runs)
     op = torch.ops.fx_mla.mla_decode_fp8
     for batch, heads, ctx in SHAPES16:
         cache, tables, lens, k_scale, q, _, _ = bd.make_inputs(batch, heads, ctx, 1)

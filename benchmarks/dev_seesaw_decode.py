@@ -152,6 +152,7 @@ def child_timing(budget, with_seesaw):
     copy_tbps, mm_tflops = bd.measure_ceilings()
     res.update(copy_tbps=copy_tbps, bf16_matmul_tflops=mm_tflops)
     print(f"copy {copy_tbps:.2f} TB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s [{time.time() - t0:.0f} s]", flush=True)
+    dmod.DECODE_KERNEL = "triton"  # the baseline: the op would otherwise run a Gluon kernel
     op = torch.ops.fx_mla.mla_decode_fp8
     for batch, heads, ctx in [s for s in bd.SHAPES if s[1] % smod.BLOCK_H == 0]:
         if time.time() - t0 > budget - 12:

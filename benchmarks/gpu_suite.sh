@@ -2,8 +2,8 @@
 # The lead's GPU session in one script (device machines have torch/triton/pytest, no expecttest, no network).
 #   bash benchmarks/gpu_suite.sh tests   # GPU test suite (cuda + multigpu markers), log to $OUT
 #   bash benchmarks/gpu_suite.sh bench   # multi-GPU benchmarks: q all-gather (2 and N GPUs), DCP step, demo
-#   bash benchmarks/gpu_suite.sh kernels # one GPU: decode table (Gluon kernels in the op), the 16-head round-2
-#                                        # variants (warp-specialised, not yet run), cache gather table
+#   bash benchmarks/gpu_suite.sh kernels # one GPU: 16-head kernel variants (ring vs warp-specialised ws8p2 / ws8p3),
+#                                        # decode table (Gluon kernels in the op), split combine, cache gather table
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -27,6 +27,7 @@ case "${1:-tests}" in
   kernels)
     timeout 130 python3 benchmarks/dev_gluon16_decode.py --round2 --budget 115 2>&1 | tee "$OUT/gluon16_round2.log" \
       | grep -v "check" | tail -25
+    timeout 60 python3 benchmarks/dev_combine.py 2>&1 | tee "$OUT/combine.log"
     timeout 330 python3 benchmarks/bench_decode.py --budget 320 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
       | tail -12
     timeout 170 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 95 2>&1 | tee "$OUT/cache_gather.log" \
