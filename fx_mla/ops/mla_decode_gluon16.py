@@ -35,10 +35,13 @@ LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 # "ws8": one tile ahead; "ws8p2" / "ws8p3": two / three tiles ahead). On 1x H100 (RESULTS.md) ws4 / ws8 ran 5-6 %
 # slower than the ring kernel from HBM but 16-20 % faster with the cache hot in L2 (too few bytes in flight);
 # ws8p2 runs 9-12 % faster than the ring kernel from HBM (62-67 % of copy) and is the default; ws8p3 2-3 % slower.
-VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3")
+# "ws8p2o" (not yet run on a GPU): ws8p2 whose consumer leaves each tile's P V in flight behind the next tile's scores.
+VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o")
 VARIANT = "ws8p2"
-# producer warps, producer registers (setmaxnreg), tiles ahead; all compile without spills (Triton 3.6, sm_90)
-_WS = {"ws4": (4, 232, 1), "ws8": (8, 152, 1), "ws8p2": (8, 152, 2), "ws8p3": (8, 184, 3)}
+# producer warps, producer registers (setmaxnreg), tiles ahead, consumer overlap; all compile without spills
+# (Triton 3.6, sm_90)
+_WS = {"ws4": (4, 232, 1, False), "ws8": (8, 152, 1, False), "ws8p2": (8, 152, 2, False),
+       "ws8p3": (8, 184, 3, False), "ws8p2o": (8, 152, 2, True)}
 Q_SHIFT = 8         # bf16 query -> fp16 as q * 2**-8, as the Triton path
 
 
@@ -120,9 +123,9 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
         kernel = kmod._mla_decode_gluon16_kernel[(num_splits, batch)](
             *args, NUM_STAGES=num_stages, EARLY_READ=bool(early_read), **common)
     else:
-        pw, regs, ahead = _WS[variant]
+        pw, regs, ahead, overlap = _WS[variant]
         kernel = kmod._mla_decode_gluon16_ws_kernel[(num_splits, batch)](
-            *args, PRODUCER_WARPS=pw, PRODUCER_REGS=regs, PREFETCH=ahead, **common)
+            *args, PRODUCER_WARPS=pw, PRODUCER_REGS=regs, PREFETCH=ahead, OVERLAP=overlap, **common)
     launch_mla_decode_gluon16.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(part_o, part_lse, out, lse, num_splits, kv_lora_rank)
     return out, lse

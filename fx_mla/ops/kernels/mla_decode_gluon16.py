@@ -312,7 +312,9 @@ def _ws_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bloc
 @gluon.jit
 def _ws_consumer(q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, start, end, qk_scale, k_scale,
                  o_base, stride_o_h, lse_base,
-                 L: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr):
+                 L: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, OVERLAP: gl.constexpr):
+    """OVERLAP: leave tile j's P V in flight and issue tile j + 1's scores behind it (one wait for both; tile j's
+    buffer goes back to the producer after it), instead of waiting for P V before releasing the buffer."""
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_H, 16])
     O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -331,7 +333,14 @@ def _ws_consumer(q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, star
         # ---- S^T = K Q^T
         s = warpgroup_mma(kn, q_nope_smem.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma(k_pe.index(b), q_pe_smem.permute((1, 0)), s, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s, ))
+        if OVERLAP:
+            # groups complete in order: this also waits for tile j - 1's P V (acc, P and its buffer are free)
+            s, acc = warpgroup_mma_wait(0, deps=(s, acc))
+            if j > 0:
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(1 - b))
+        else:
+            s = warpgroup_mma_wait(0, deps=(s, ))
         # ---- online softmax over the tokens (axis 0); the tile's first token is valid, so maxima are finite
         s = gl.where((n0 + offs_tok < end)[:, None], s * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 0))
@@ -345,9 +354,13 @@ def _ws_consumer(q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, star
         gl.thread_barrier()
         # ---- O^T += V^T P^T; the buffer goes back to the producer once this MMA has read it
         acc = warpgroup_mma(kn.permute((1, 0)), p_smem.permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(b))
+        if OVERLAP:  # returns at once (only this P V is pending), keeping acc a plain tensor across iterations
+            acc = warpgroup_mma_wait(1, deps=(acc, ))
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(b))
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
 
     # ---- epilogue: o = acc * k_scale / l, lse natural log; an empty range gives lse = -inf, o = 0
     l_o = gl.convert_layout(l_i, gl.SliceLayout(0, O_LAYOUT))
@@ -368,7 +381,8 @@ def _mla_decode_gluon16_ws_kernel(
         stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
-        ONE_PAGE: gl.constexpr, PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr):
+        ONE_PAGE: gl.constexpr, PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr,
+        OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4, "the default partition (consumer) is one warpgroup")
     gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
     gl.static_assert(BLOCK_H % 8 == 0 and BLOCK_H <= 32, "wgmma N = heads")
@@ -421,7 +435,7 @@ def _mla_decode_gluon16_ws_kernel(
         lse_base = part_lse_ptr + row0
     gl.warp_specialize([
         (_ws_consumer, (q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, start, end, qk_scale, k_scale,
-                        o_base, o_stride, lse_base, L, BLOCK_H, BLOCK_N)),
+                        o_base, o_stride, lse_base, L, BLOCK_H, BLOCK_N, OVERLAP)),
         (_ws_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                         PAGE, L, R, BLOCK_N, PRODUCER_WARPS, E5M2, ONE_PAGE, PREFETCH)),
     ], [PRODUCER_WARPS], [PRODUCER_REGS])
