@@ -48,7 +48,9 @@ BS, D, OUT = 64, 576, torch.bfloat16
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 SWEEP = [(8, 4, 0), (8, 2, 0), (8, 4, 0, "s"), (8, 4, 0, "v"), (8, 2, 0, "v"), (4, 2, 0, "v"), (16, 4, 0, "v"),
          (8, 4, 0, "vs"), (8, 2, 0, "vs"), (4, 2, 0, "vs"), (4, 1, 0, "vs"), (16, 8, 0, "vs"), (8, 4, 4, "vs"),
-         (8, 4, 0, "vsp"), (8, 2, 0, "vsp"), (4, 2, 0, "vsp")]  # PDL last: a capture it broke could not spoil others
+         (8, 4, 0, "vsp"), (8, 2, 0, "vsp"), (4, 2, 0, "vsp"),
+         (8, 4, 0, "p"), (8, 4, 0, "sp")]  # PDL last: a capture it broke could not spoil others. Session 3 added
+# (8, 4, 0) with PDL alone / with streaming stores (not yet run): 'p' added ~1 point to 'vs' at 64K, and 'v' costs.
 SWEEP_SIZES = (65536, 1048576)
 MIN_CALLS = 8          # calls a graph holds for the device-us column (at least)
 ROTATE_L2 = 4          # distinct bytes touched between two uses of a buffer, in L2 sizes
@@ -266,8 +268,9 @@ def _paged_sets(n, layout, per_token, dev, gen, cgen, scale):
     return [(device_random_cache(batch * mb + 16, layout, dev, gen), bt, s) for _ in range(r)], k
 
 
-def run_sweep(dev, gen, cgen, scale, info):
-    """Launch configurations of the token form at 64K and 1M tokens, both layouts, device us."""
+def run_sweep(dev, gen, cgen, scale, info, configs=None):
+    """Launch configurations of the token form at 64K and 1M tokens, both layouts, device us. configs: a subset of
+    SWEEP (default all)."""
     rows = []
     for layout, per_token, name in LAYOUTS:
         for n in SWEEP_SIZES:
@@ -275,7 +278,7 @@ def run_sweep(dev, gen, cgen, scale, info):
             same = _copy_gbs(n * per_token, dev)
             ref = torch.ops.fx_mla.gather_dequant_cache(*sets[0], OUT, layout)
             print(f"{name} {n}: {len(sets)} caches, {k} calls a graph, same-size copy {same:.0f} GB/s", flush=True)
-            for cfg in SWEEP:
+            for cfg in (configs or SWEEP):
                 bufs = [torch.full_like(ref, float("nan")) for _ in sets]
                 launch = gmod.launch_gather_dequant_cache
                 calls = [(lambda a=sets[i % len(sets)], o=bufs[i % len(sets)]: launch(*a, o, layout, cfg))
@@ -382,6 +385,7 @@ def main():
     ap.add_argument("--sizes", default="4096,16384,65536,262144,1048576", help="token form, tokens")
     ap.add_argument("--paged-sizes", default="65536", help="paged form, tokens (64 requests)")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-configs", default="", help="with --sweep: only these, e.g. '8,4,0;8,4,0,p;8,4,0,sp'")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--rep", type=float, default=100, help="do_bench rep in ms")
     ap.add_argument("--budget-s", type=float, default=None, help="after this many seconds, no more baselines")
@@ -396,7 +400,9 @@ def main():
           f"config {info['config']}", flush=True)
     scale = torch.tensor(0.0173, device=dev)
     if args.sweep:
-        return run_sweep(dev, gen, cgen, scale, info)
+        configs = [tuple(int(x) if x.isdigit() else x for x in c.split(","))
+                   for c in args.sweep_configs.split(";") if c.strip()]
+        return run_sweep(dev, gen, cgen, scale, info, configs or None)
     compiled = {}
     if not args.no_compile:
         compiled = {f.__name__: torch.compile(f, backend="inductor", dynamic=True)

@@ -29,6 +29,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fx_mla.mla.decode import paged_decode_attention  # noqa: E402
 from fx_mla.ops import mla_decode_fp8 as dmod  # noqa: E402
+from fx_mla.ops import _decode_launch as launch_mod  # noqa: E402
 
 SHAPES = [(1, 128, 65536), (8, 128, 16384), (16, 128, 32768), (64, 128, 4096), (32, 16, 16384), (128, 16, 8192)]
 BLOCK, LAT, ROPE = 64, 512, 64
@@ -166,7 +167,8 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start):
     result = dict(name="decode", date=datetime.date.today().isoformat(), device=props.name,
                   sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
                   copy_tbps=copy_tbps, bf16_matmul_tflops=mm_tflops, block_size=BLOCK, cache_dtype="float8_e4m3fn",
-                  query_dtype="bfloat16", decode_kernel_setting=dmod.DECODE_KERNEL, timing="median of CUDA-graph replays (triton.testing.do_bench)",
+                  query_dtype="bfloat16", decode_kernel_setting=dmod.DECODE_KERNEL,
+                  combine_pdl=launch_mod.COMBINE_PDL, timing="median of CUDA-graph replays (triton.testing.do_bench)",
                   rows=rows, sweep=sweep_rows, summary=summary, seconds=time.time() - t_start)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -187,7 +189,11 @@ def main():
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "decode.json"))
+    ap.add_argument("--combine-pdl", action="store_true",
+                    help="launch the split combine as a programmatic dependent launch (_decode_launch.COMBINE_PDL)")
     args = ap.parse_args()
+    if args.combine_pdl:
+        launch_mod.COMBINE_PDL = True
     t_start = time.time()
     left = lambda: args.budget - (time.time() - t_start)  # noqa: E731
     parse = lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",") if x]  # noqa: E731

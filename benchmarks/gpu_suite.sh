@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_suite.sh bench   # multi-GPU benchmarks: q all-gather (2 and N GPUs), DCP step, demo
 #   bash benchmarks/gpu_suite.sh kernels # one GPU: 16-head kernel variants (ws8p2, ws8p2o: not yet run, ring),
 #                                        # decode table (Gluon kernels in the op), split combine, cache gather table
+#   bash benchmarks/gpu_suite.sh next    # one GPU: the experiments written in session 3 but not yet run
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -34,4 +35,15 @@ case "${1:-tests}" in
       | tail -12
     timeout 170 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 95 2>&1 | tee "$OUT/cache_gather.log" \
       | tail -30 ;;
+  next)  # session 3's unrun experiments, one GPU, ~6 minutes: ws8p2o, combine PDL, gather configs with PDL
+    timeout 190 python3 benchmarks/dev_gluon16_decode.py --round2 --budget 180 > "$OUT/gluon16_round2.log" 2>&1
+    grep -v "check" "$OUT/gluon16_round2.log" | tail -16
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_mla_decode_gluon16_gpu.py -k ws8p2o 2>&1 \
+      | tee "$OUT/ws8p2o_tests.log" | tail -3
+    timeout 90 python3 benchmarks/bench_decode.py --budget 85 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+    timeout 60 python3 benchmarks/bench_decode.py --no-baselines --combine-pdl --out "$OUT/decode_pdl.json" \
+      > "$OUT/decode_pdl.log" 2>&1
+    tail -9 "$OUT/decode.log"; tail -9 "$OUT/decode_pdl.log"
+    timeout 120 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,p;8,4,0,sp;8,4,0,s" \
+      > "$OUT/gather_sweep.log" 2>&1; tail -12 "$OUT/gather_sweep.log" ;;
 esac

@@ -92,11 +92,19 @@ def combine_config(batch: int, heads: int, splits: int, kv_lora_rank: int, num_s
     return block_l, block_s, pow2
 
 
+# Launch the combine as a programmatic dependent launch on sm_90+ (its launch overlaps the split kernel's tail; it
+# waits for that grid before reading). Off until measured: bench_decode.py --combine-pdl turns it on.
+COMBINE_PDL = False
+
+
 def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, config=None) -> None:
     """Merge the splits' (o, lse) into out / lse by their log-sum-exp weights (nothing to do for one split).
     ``config``: (BLOCK_L, BLOCK_S) instead of combine_config's (benchmarks compare them)."""
     if splits == 1:
         return
+    pdl = {}
+    if COMBINE_PDL and out.device.type == "cuda" and torch.cuda.get_device_capability(out.device)[0] >= 9:
+        pdl = dict(PDL=True, launch_pdl=True)
     batch, heads = lse.shape
     if config is None:
         sms = sm_count(device_index(out.device)) if out.device.type == "cuda" else 132
@@ -105,7 +113,7 @@ def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, c
         (block_l, block_s), pow2 = config, triton.next_power_of_2(splits)
     _mla_decode_fp8_combine_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
         part_o, part_lse, out, lse, heads, splits, out.stride(0), out.stride(1),
-        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, num_warps=4)
+        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, num_warps=4, **pdl)
 
 
 def gluon_unsupported(q, kv_cache, kv_lora_rank: int, device: Optional[torch.device], *, kernel: str,

@@ -18,6 +18,7 @@ Numerics (the launcher picks the constexprs):
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 
 @triton.jit
@@ -215,12 +216,17 @@ def _mla_decode_fp8_kernel(
 @triton.jit
 def _mla_decode_fp8_combine_kernel(
         part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, num_heads, num_splits, stride_o_b, stride_o_h,
-        L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_POW2: tl.constexpr):
+        L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_POW2: tl.constexpr,
+        PDL: tl.constexpr = False):
     """Merge the splits of one (request, head) over latent columns [pid_l BLOCK_L, (pid_l + 1) BLOCK_L):
     o = sum_s exp(lse_s - lse) o_s, lse = logsumexp_s lse_s (written by the pid_l = 0 program).
 
     Grid (cdiv(L, BLOCK_L), heads, batch): the launcher cuts L into chunks when batch x heads alone would leave
-    SMs idle (one request with many splits), and takes BLOCK_S splits a step so that few dependent steps remain."""
+    SMs idle (one request with many splits), and takes BLOCK_S splits a step so that few dependent steps remain.
+    PDL (launched as a programmatic dependent launch, sm_90): wait for the split kernel's grid to finish and flush
+    before reading anything; only the launch overlaps its tail."""
+    if PDL:
+        gdc_wait()
     pid_l = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
