@@ -168,7 +168,7 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start):
                   sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
                   copy_tbps=copy_tbps, bf16_matmul_tflops=mm_tflops, block_size=BLOCK, cache_dtype="float8_e4m3fn",
                   query_dtype="bfloat16", decode_kernel_setting=dmod.DECODE_KERNEL,
-                  combine_pdl=launch_mod.COMBINE_PDL, timing="median of CUDA-graph replays (triton.testing.do_bench)",
+                  combine_pdl=launch_mod.COMBINE_PDL, bf16_partials=launch_mod.PARTIAL_BF16, timing="median of CUDA-graph replays (triton.testing.do_bench)",
                   rows=rows, sweep=sweep_rows, summary=summary, seconds=time.time() - t_start)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -191,9 +191,13 @@ def main():
                                                   "decode.json"))
     ap.add_argument("--combine-pdl", action="store_true",
                     help="launch the split combine as a programmatic dependent launch (_decode_launch.COMBINE_PDL)")
+    ap.add_argument("--bf16-partials", action="store_true",
+                    help="split partials of the bf16 output in bf16 (_decode_launch.PARTIAL_BF16)")
     args = ap.parse_args()
     if args.combine_pdl:
         launch_mod.COMBINE_PDL = True
+    if args.bf16_partials:
+        launch_mod.PARTIAL_BF16 = True
     t_start = time.time()
     left = lambda: args.budget - (time.time() - t_start)  # noqa: E731
     parse = lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",") if x]  # noqa: E731

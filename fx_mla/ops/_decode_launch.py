@@ -66,15 +66,24 @@ def check_num_splits(splits) -> None:
             f"num_splits must be a positive int (at most 1024), got {splits!r}")
 
 
+# Split partials of a bf16 output in bf16 instead of fp32 (half the bytes the split kernels write and the combine
+# reads: at one request x 66 splits x 128 heads, 17 MB -> 8.4 MB; one more bf16 rounding of each partial before the
+# merge, below the output's own). Off until measured: bench_decode.py --bf16-partials turns it on.
+PARTIAL_BF16 = False
+
+
 def split_workspace(q, splits: int, kv_lora_rank: int, out, lse, poison: bool):
-    """(part_o [B, splits, H, L], part_lse [B, splits, H]) fp32 for splits > 1, else (out, lse) (unused by the
-    kernels); poison fills them with NaN (tests: every element the combine reads must have been written)."""
+    """(part_o [B, splits, H, L], part_lse [B, splits, H] fp32) for splits > 1, else (out, lse) (unused by the
+    kernels); part_o is fp32, or bf16 for a bf16 `out` under PARTIAL_BF16 (the kernels store in part_o's dtype, the
+    combine loads it to fp32); poison fills them with NaN (tests: every element the combine reads must have been
+    written)."""
     if splits == 1:
         return out, lse
     batch, heads = q.shape[:2]
     new = torch.full if poison else torch.empty
     fill = (float("nan"),) if poison else ()
-    return (new((batch, splits, heads, kv_lora_rank), *fill, dtype=torch.float32, device=q.device),
+    part_dtype = torch.bfloat16 if (PARTIAL_BF16 and out.dtype == torch.bfloat16) else torch.float32
+    return (new((batch, splits, heads, kv_lora_rank), *fill, dtype=part_dtype, device=q.device),
             new((batch, splits, heads), *fill, dtype=torch.float32, device=q.device))
 
 

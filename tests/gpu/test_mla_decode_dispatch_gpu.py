@@ -7,6 +7,7 @@ import torch
 import triton
 
 import fx_mla.ops.mla_decode_fp8 as dmod
+from fx_mla.ops import _decode_launch as launch_mod
 from fx_mla.ops._decode_launch import GLUON_TRITON_VERSION
 from tests.ops.mla_decode_fp8_cases import check_close, make_problem, reference_f64
 
@@ -50,6 +51,29 @@ def test_fp8_query(kernel, heads):
     # the Triton FP8 x FP8 warpgroup MMA accumulates in reduced precision (see test_mla_decode_fp8_gpu.py)
     lse_tol = 5e-3 if (choice == "triton" and heads > 16) else 1e-3
     check_close(out, lse, *reference_f64(p), lse_tol=lse_tol, what=f"{choice} fp8 q H{heads}")
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("flag", ["PARTIAL_BF16", "COMBINE_PDL"])
+def test_opt_in_split_options(kernel, monkeypatch, heads, flag):
+    """bf16 split partials and the combine as a programmatic dependent launch (both opt-in, session 3): the op on
+    several splits against the float64 reference, eagerly and replayed from a CUDA graph."""
+    monkeypatch.setattr(launch_mod, flag, True)
+    p = make_problem([3000, 0, 129, 700], heads, 64, E4M3, seed=heads + 7, device="cuda")
+    out, lse = OP(*p.args(torch.bfloat16))
+    check_close(out, lse, *reference_f64(p), what=f"{flag} H{heads}")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        OP(*p.args(torch.bfloat16))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = OP(*p.args(torch.bfloat16))
+    g_out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_close(g_out, g_lse, *reference_f64(p), what=f"{flag} H{heads} graph")
 
 
 @pytest.mark.parametrize("batch,num_blocks,max_blocks", [(0, 8, 4), (2, 0, 4), (2, 8, 0)])

@@ -243,7 +243,29 @@ def _interpreter_checks():
     assert torch.isfinite(lse).all() and torch.isfinite(out.float()).all()
     n += 1
     n += _combine_checks()
+    n += _bf16_partial_checks()
     print(f"interpreter checks passed ({n})")
+
+
+def _bf16_partial_checks():
+    """PARTIAL_BF16: a bf16 output's split partials in bf16 (the workspace dtype the launch uses), still within the
+    bf16 tolerance of the float64 reference; an fp32 output keeps fp32 partials."""
+    from fx_mla.ops import _decode_launch as launch_mod
+    n = 0
+    launch_mod.PARTIAL_BF16 = True
+    try:
+        p = make_problem([100, 0, 37], 16, 16, E4M3, torch.bfloat16, seed=21)
+        out = torch.empty(3, 16, 512, dtype=torch.bfloat16)
+        part_o, part_lse = launch_mod.split_workspace(p.q, 3, 512, out, torch.empty(3, 16), poison=True)
+        assert part_o.dtype == torch.bfloat16 and part_lse.dtype == torch.float32
+        assert launch_mod.split_workspace(p.q, 3, 512, out.float(), torch.empty(3, 16), True)[0].dtype == torch.float32
+        for splits in (3, 5):
+            o, lse = _run_kernel(p, config=dmod.DecodeConfig(16, 32, 4, 1, 1), num_splits=splits)
+            check_close(o, lse, *reference_f64(p), what=f"bf16 partials, splits {splits}")
+            n += 1
+    finally:
+        launch_mod.PARTIAL_BF16 = False
+    return n
 
 
 def _combine_checks():

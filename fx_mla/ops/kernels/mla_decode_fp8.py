@@ -209,7 +209,7 @@ def _mla_decode_fp8_kernel(
         tl.store(lse_ptr + pid_b * num_heads + heads, lse, mask=head_ok)
     else:
         part = (pid_b * num_splits + pid_s) * num_heads + heads
-        tl.store(part_o_ptr + part[:, None] * L + offs_l[None, :], o, mask=o_mask)
+        tl.store(part_o_ptr + part[:, None] * L + offs_l[None, :], o.to(part_o_ptr.dtype.element_ty), mask=o_mask)
         tl.store(part_lse_ptr + part, lse, mask=head_ok)
 
 
@@ -250,7 +250,7 @@ def _mla_decode_fp8_combine_kernel(
         if L % BLOCK_L != 0:
             o_mask = o_mask & l_mask[None, :]
         o_s = tl.load(part_o_ptr + (base + split * num_heads)[:, None] * L + offs_l[None, :], mask=o_mask,
-                      other=0.0)
+                      other=0.0).to(tl.float32)
         acc += tl.sum(w[:, None] * o_s, 0)
 
     has_tokens = denom > 0.0

@@ -249,7 +249,7 @@ def _mla_decode_gluon16_kernel(
         gl.store(lse_ptr + pid_b * num_heads + heads_s, lse)
     else:
         part = (pid_b * num_splits + pid_s) * num_heads + heads_o
-        gl.store(part_o_ptr + part[None, :] * L + offs_ol[:, None], o)
+        gl.store(part_o_ptr + part[None, :] * L + offs_ol[:, None], o.to(part_o_ptr.dtype.element_ty))
         part_s = (pid_b * num_splits + pid_s) * num_heads + heads_s
         gl.store(part_lse_ptr + part_s, lse)
 
