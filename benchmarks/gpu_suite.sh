@@ -35,11 +35,13 @@ case "${1:-tests}" in
       | tail -12
     timeout 170 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 95 2>&1 | tee "$OUT/cache_gather.log" \
       | tail -30 ;;
-  next)  # session 3's unrun experiments, one GPU, ~7 minutes: ws8p2o, combine PDL, bf16 partials, gather PDL configs
+  next)  # session 3's unrun experiments, one GPU, ~8 minutes: ws8p2o, split overhead (combine PDL, bf16 partials),
+          # gather PDL configs
     timeout 190 python3 benchmarks/dev_gluon16_decode.py --round2 --budget 180 > "$OUT/gluon16_round2.log" 2>&1
     grep -v "check" "$OUT/gluon16_round2.log" | tail -16
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_mla_decode_gluon16_gpu.py \
       tests/gpu/test_mla_decode_dispatch_gpu.py -k "ws8p2o or opt_in" 2>&1 | tee "$OUT/next_tests.log" | tail -3
+    timeout 60 python3 benchmarks/dev_split_overhead.py > "$OUT/split_overhead.log" 2>&1; cat "$OUT/split_overhead.log"
     timeout 90 python3 benchmarks/bench_decode.py --budget 85 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
     for opt in combine-pdl bf16-partials; do
       timeout 45 python3 benchmarks/bench_decode.py --no-baselines --$opt --out "$OUT/decode_$opt.json" \
