@@ -175,7 +175,7 @@ def check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens
     batch, heads, _ = q.shape
     if q.dtype in FP8_DTYPES:  # the kernels load it as fp16 exactly and fold q_scale into the score scale
         _expect(isinstance(q_scale, torch.Tensor) and q_scale.dtype == torch.float32 and q_scale.numel() == 1
-                and q_scale.device == q.device, ValueError,
+                and q_scale.device == q.device, TypeError,
                 f"q_scale must be a one-element float32 tensor on {q.device} for an FP8 query, got "
                 f"{getattr(q_scale, 'dtype', None)} {tuple(getattr(q_scale, 'shape', ()))} "
                 f"on {getattr(q_scale, 'device', None)}")

@@ -99,7 +99,7 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
         q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
         out.stride(0), out.stride(1),
         PAGE=page, L=LATENT, R=ROPE, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
-        HAS_Q_SCALE=q_scale is not None,        E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
+        HAS_Q_SCALE=q_scale is not None, E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
         ONE_PAGE=flags["one_page"] and page % BLOCK_N == 0, TRIM_BARRIER=flags["trim_barrier"],
         LAZY_RESCALE=flags["lazy_rescale"], num_warps=NUM_WARPS)
     launch_mla_decode_gluon.last_kernel = kernel  # the dev script reads its register / spill counts

@@ -4,8 +4,9 @@ default a warp-specialized producer loading two FP8 tiles ahead, or a cp.async r
 
 Same semantics and outputs as ``torch.ops.fx_mla.mla_decode_fp8`` (fx_mla/ops/mla_decode_fp8.py) for the inputs the
 kernel covers: bf16/fp16 query, or FP8 with a per-tensor q_scale, [B, 16, 576], FP8 e4m3/e5m2 paged cache
-[num_blocks, block_size, 576] with 16-byte aligned rows, kv_lora_rank 512 (rope 64). Writes (out [B, 16, 512], lse [B, 16] fp32, natural log) into the
-caller's tensors; splits go through the same fp32 workspace and the same Triton combine kernel as the Triton path.
+[num_blocks, block_size, 576] with 16-byte aligned rows, kv_lora_rank 512 (rope 64). Writes (out [B, 16, 512],
+lse [B, 16] fp32, natural log) into the caller's tensors; splits go through the same workspace (fp32, or bf16
+partials under _decode_launch.PARTIAL_BF16) and the same Triton combine kernel as the Triton path.
 No host sync (CUDA-graph capturable); bad block ids / lengths are clamped in the kernel, never read out of bounds.
 
 Gluon is imported lazily: this module imports on any Triton (CPU CI runs 3.9); the kernel runs only where
@@ -47,11 +48,11 @@ Q_SHIFT = 8         # bf16 query -> fp16 as q * 2**-8, as the Triton path
 
 def smem_needed(num_stages: int = NUM_STAGES, variant: str = "ring") -> int:
     """Shared memory of the compiled kernel (Triton 3.6, sm_90: ring 205,056 bytes at 3 stages, 168,192 at 2;
-    ws4 168,228): fp16 query + raw FP8 ring + one fp16 tile + P + 256 bytes of scratch (ring); fp16 query + two
-    fp16 tiles + P + barriers and scratch (ws)."""
+    ws4 168,228, ws8* 168,232): fp16 query + raw FP8 ring + one fp16 tile + P + 256 bytes of scratch (ring); fp16
+    query + two fp16 tiles + P + barriers and scratch (ws)."""
     d = LATENT + ROPE
     if variant != "ring":
-        return HEADS * d * 2 + 2 * BLOCK_N * d * 2 + HEADS * BLOCK_N * 2 + 292
+        return HEADS * d * 2 + 2 * BLOCK_N * d * 2 + HEADS * BLOCK_N * 2 + 296
     return HEADS * d * 2 + num_stages * BLOCK_N * d + BLOCK_N * d * 2 + HEADS * BLOCK_N * 2 + 256
 
 
@@ -84,7 +85,7 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
                               variant: Optional[str] = None):
     """Fill out / lse with the decode attention of q over the paged cache; returns (out, lse).
 
-    num_splits: splits per request (None: default_num_splits). variant: "ring" / "ws4" / "ws8" (None: VARIANT);
+    num_splits: splits per request (None: default_num_splits). variant: one of VARIANTS (None: VARIANT);
     num_stages / early_read: options of the ring kernel (see the kernel module). poison_workspace fills the split
     workspace with NaN first (tests: every element the combine reads must have been written). B = 0, an empty cache
     or a table without columns: out = 0, lse = -inf without a kernel.
@@ -117,8 +118,8 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
             q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
             out.stride(0), out.stride(1))
     common = dict(PAGE=page, L=LATENT, R=ROPE, BLOCK_H=HEADS, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
-                  HAS_Q_SCALE=q_scale is not None,                  E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
-                  ONE_PAGE=page % BLOCK_N == 0, num_warps=NUM_WARPS)
+                  HAS_Q_SCALE=q_scale is not None, E5M2=kv_cache.dtype == torch.float8_e5m2,
+                  SINGLE_SPLIT=num_splits == 1, ONE_PAGE=page % BLOCK_N == 0, num_warps=NUM_WARPS)
     if variant == "ring":
         kernel = kmod._mla_decode_gluon16_kernel[(num_splits, batch)](
             *args, NUM_STAGES=num_stages, EARLY_READ=bool(early_read), **common)

@@ -78,7 +78,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
         out.stride(0), out.stride(1),
         PAGE=page, L=LATENT, R=ROPE, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
-        HAS_Q_SCALE=q_scale is not None,        E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
+        HAS_Q_SCALE=q_scale is not None, E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
         ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(part_o, part_lse, out, lse, num_splits, kv_lora_rank)

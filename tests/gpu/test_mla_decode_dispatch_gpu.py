@@ -7,6 +7,8 @@ import torch
 import triton
 
 import fx_mla.ops.mla_decode_fp8 as dmod
+import fx_mla.ops.mla_decode_gluon16 as g16mod
+import fx_mla.ops.mla_decode_seesaw as smod
 from fx_mla.ops import _decode_launch as launch_mod
 from fx_mla.ops._decode_launch import GLUON_TRITON_VERSION
 from tests.ops.mla_decode_fp8_cases import check_close, make_problem, reference_f64
@@ -59,9 +61,18 @@ def test_opt_in_split_options(kernel, monkeypatch, heads, flag):
     """bf16 split partials and the combine as a programmatic dependent launch (both opt-in, session 3): the op on
     several splits against the float64 reference, eagerly and replayed from a CUDA graph."""
     monkeypatch.setattr(launch_mod, flag, True)
+    seen = []
+    for mod in (dmod, smod, g16mod):  # each launcher calls the combine it imported: record what it merges
+        real = mod.combine_splits
+        monkeypatch.setattr(mod, "combine_splits", lambda po, pl, o, l_, splits, rank, *a, _real=real, **k: (
+            seen.append((splits, po.dtype, launch_mod.COMBINE_PDL)), _real(po, pl, o, l_, splits, rank, *a, **k)))
     p = make_problem([3000, 0, 129, 700], heads, 64, E4M3, seed=heads + 7, device="cuda")
     out, lse = OP(*p.args(torch.bfloat16))
     check_close(out, lse, *reference_f64(p), what=f"{flag} H{heads}")
+    [(splits, part_dtype, pdl)] = seen
+    assert splits > 1, "the option only acts on split launches"
+    assert part_dtype == (torch.bfloat16 if flag == "PARTIAL_BF16" else torch.float32)
+    assert pdl == (flag == "COMBINE_PDL")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -71,6 +82,7 @@ def test_opt_in_split_options(kernel, monkeypatch, heads, flag):
     with torch.cuda.graph(graph):
         g_out, g_lse = OP(*p.args(torch.bfloat16))
     g_out.fill_(float("nan"))
+    g_lse.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
     check_close(g_out, g_lse, *reference_f64(p), what=f"{flag} H{heads} graph")

@@ -46,7 +46,7 @@ def test_seesaw_decode_one_page_matches_float64(num_splits):
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"one_page splits {num_splits}")
 
 
-def test_seesaw_decode_rejects_fp8_query_scale():
+def test_seesaw_decode_rejects_a_scale_with_a_bf16_query():
     _skip_unless_supported()
     p = make_problem([5], 128, 64, E4M3, torch.bfloat16, seed=1, device="cuda")
     out = torch.empty(1, 128, 512, dtype=torch.bfloat16, device="cuda")

@@ -274,7 +274,7 @@ def _combine_checks():
     chunks, one; one split a step, all at once), outputs poisoned with NaN."""
     from fx_mla.ops._decode_launch import combine_config, combine_splits
     n = 0
-    for batch, heads, splits, lat in ((1, 8, 66, 512), (3, 5, 7, 40), (2, 16, 3, 512)):
+    for batch, heads, splits, lat in ((1, 8, 66, 512), (3, 5, 7, 40), (2, 16, 3, 512), (2, 4, 5, 96)):
         g = torch.Generator().manual_seed(splits)
         part_o = torch.randn(batch, splits, heads, lat, generator=g)
         part_lse = torch.randn(batch, splits, heads, generator=g) * 4
@@ -287,7 +287,8 @@ def _combine_checks():
         w = torch.exp(part_lse.double() - torch.where(torch.isinf(lse64), 0.0, lse64)[:, None])
         ref = (w[..., None] * part_o.double()).sum(1)
         chosen = combine_config(batch, heads, splits, lat)[:2]
-        for cfg in (None, (64, 1), (64, 128), (triton_next_pow2(lat), 8), (128, 4)):
+        # (64, 4) at L = 96: a second latent chunk, half masked
+        for cfg in (None, (64, 1), (64, 128), (triton_next_pow2(lat), 8), (128, 4), (64, 4)):
             out = torch.full((batch, heads, lat), float("nan"), dtype=torch.float32)
             lse = torch.full((batch, heads), float("nan"), dtype=torch.float32)
             combine_splits(part_o, part_lse, out, lse, splits, lat, config=cfg)

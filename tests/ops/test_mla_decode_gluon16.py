@@ -132,7 +132,7 @@ def test_launch_args_messages():
     q = _q(dtype=E4M3)
     check(out, lse, bt, lens, ks, torch.ones(1))
     for bad in (None, torch.ones(1, dtype=torch.float64), torch.ones(2)):
-        with pytest.raises(ValueError, match="q_scale must be a one-element float32 tensor"):
+        with pytest.raises(TypeError, match="q_scale must be a one-element float32 tensor"):
             check(out, lse, bt, lens, ks, bad)
 
 

@@ -170,8 +170,8 @@ def _mla_decode_seesaw_kernel(
         sm_scale, num_heads, num_splits, num_blocks, max_blocks,
         stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr, ONE_PAGE: gl.constexpr,
-        WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+        ONE_PAGE: gl.constexpr, WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4, "the default partition is one warpgroup; the worker adds the second")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(BLOCK_N % 32 == 0, "tiles load as four row blocks of >= 8 rows")
