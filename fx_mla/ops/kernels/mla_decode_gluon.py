@@ -40,6 +40,16 @@ def _load_words(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words, col
     (a loop-carried FP8 tensor becomes one 16-bit register per entry).
     ONE_PAGE: the rows lie in one page (PAGE % BLOCK_N == 0, tiles start at multiples of BLOCK_N), so one
     block-table entry (read only when n0 < end, i.e. inside the row) and contiguous rows: far less address math."""
+    rows, ok = _row_words(bt_row, n0, end, num_blocks, blk_words, tok_words, col0, PAGE, ROWS, LAYOUT, ONE_PAGE)
+    offs = gl.arange(0, WORDS, layout=gl.SliceLayout(0, LAYOUT))
+    return gl.load(kv_words + rows[:, None] + offs[None, :], mask=ok[:, None], other=0)
+
+
+@gluon.jit
+def _row_words(bt_row, n0, end, num_blocks, blk_words, tok_words, col0,
+               PAGE: gl.constexpr, ROWS: gl.constexpr, LAYOUT: gl.constexpr, ONE_PAGE: gl.constexpr):
+    """(word offset of column word col0 in the cache row of each token in [n0, n0 + ROWS), the mask of tokens
+    before `end`), as LAYOUT's row slice. Page ids are clamped into the cache (a masked row reads page 0)."""
     r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, LAYOUT))
     pos = n0 + r
     ok = pos < end
@@ -51,8 +61,7 @@ def _load_words(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words, col
         page = gl.load(bt_row + pos // PAGE, mask=ok, other=0)
         page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
         rows = page.to(gl.int64) * blk_words + (pos % PAGE) * tok_words + col0
-    offs = gl.arange(0, WORDS, layout=gl.SliceLayout(0, LAYOUT))
-    return gl.load(kv_words + rows[:, None] + offs[None, :], mask=ok[:, None], other=0)
+    return rows, ok
 
 
 @gluon.jit
@@ -109,6 +118,46 @@ def _to_mma_dtype(q, Q_SHIFT: gl.constexpr):
 
 
 @gluon.jit
+def _query_tiles(q_ptr, pid_b, head0, stride_q_b, stride_q_h, L: gl.constexpr, R: gl.constexpr,
+                 BLOCK_H: gl.constexpr, Q_SHIFT: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Heads [head0, head0 + BLOCK_H) of request pid_b as the fp16 MMA operands: latent [BLOCK_H, L] and rope
+    [BLOCK_H, R] (16 bytes a thread along the row), for the callers' shared memory."""
+    Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NUM_WARPS, 1], [1, 0])
+    ROPE_Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
+    heads = head0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, Q_LAYOUT))
+    q_rows = q_ptr + pid_b * stride_q_b + heads.to(gl.int64) * stride_q_h
+    offs_ql = gl.arange(0, L, layout=gl.SliceLayout(0, Q_LAYOUT))
+    q_nope = _to_mma_dtype(gl.load(q_rows[:, None] + offs_ql[None, :]), Q_SHIFT)
+    heads_r = head0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_Q_LAYOUT))
+    q_rows_r = q_ptr + pid_b * stride_q_b + heads_r.to(gl.int64) * stride_q_h
+    offs_qr = gl.arange(0, R, layout=gl.SliceLayout(0, ROPE_Q_LAYOUT))
+    q_pe = _to_mma_dtype(gl.load(q_rows_r[:, None] + L + offs_qr[None, :]), Q_SHIFT)
+    return q_nope, q_pe
+
+
+@gluon.jit
+def _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr):
+    """(k_scale, the one fp32 factor of a score in base 2): sm_scale * log2(e) * k_scale * 2**Q_SHIFT, times q_scale
+    for an FP8 query (loaded as fp16 exactly, its per-tensor scale goes into the scores' scale)."""
+    k_scale = gl.load(k_scale_ptr)
+    qk_scale = sm_scale * 1.4426950408889634 * k_scale * (1 << Q_SHIFT)
+    if HAS_Q_SCALE:
+        qk_scale = qk_scale * gl.load(q_scale_ptr)
+    return k_scale, qk_scale
+
+
+@gluon.jit
+def _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE: gl.constexpr, GRAIN: gl.constexpr):
+    """Tokens [start, end) of split pid_s of request pid_b: chunks of whole GRAIN-token units; the split length
+    follows the request's own length (no host sync), clamped to the block-table row."""
+    seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)
+    seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
+    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), GRAIN) * GRAIN
+    start = pid_s * chunk
+    return start, gl.minimum(start + chunk, seq_len)
+
+
+@gluon.jit
 def _mla_decode_gluon_kernel(
         q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
@@ -136,8 +185,6 @@ def _mla_decode_gluon_kernel(
     # Global loads: 16 consecutive bytes a thread (one 128-bit load) along the row; the cache as 32-bit words.
     LAT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])   # [SUB, L / 4]
     ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])   # [BLOCK_N, R / 4]
-    Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
-    ROPE_Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     # 128-byte swizzle (rows of 128 B or more): the fp16 tiles the MMAs read, and the same bytes seen as words
     # of two fp16 entries for the converted cache stores (the swizzle is defined on bytes, so both views agree).
     SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -146,16 +193,10 @@ def _mla_decode_gluon_kernel(
     SMEM_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.float16)
 
     # ---- query tile (fp16, bf16 scaled by 2**-Q_SHIFT) into shared memory, once
-    heads = pid_g * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, Q_LAYOUT))
-    q_rows = q_ptr + pid_b * stride_q_b + heads.to(gl.int64) * stride_q_h
-    offs_ql = gl.arange(0, L, layout=gl.SliceLayout(0, Q_LAYOUT))
-    q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_LAT,
-                                            _to_mma_dtype(gl.load(q_rows[:, None] + offs_ql[None, :]), Q_SHIFT))
-    heads_r = pid_g * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_Q_LAYOUT))
-    q_rows_r = q_ptr + pid_b * stride_q_b + heads_r.to(gl.int64) * stride_q_h
-    offs_qr = gl.arange(0, R, layout=gl.SliceLayout(0, ROPE_Q_LAYOUT))
-    q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_ROPE,
-                                          _to_mma_dtype(gl.load(q_rows_r[:, None] + L + offs_qr[None, :]), Q_SHIFT))
+    q_nope, q_pe = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT,
+                                num_warps)
+    q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_LAT, q_nope)
+    q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_ROPE, q_pe)
     # Two fp16 cache-tile buffers (tile j is read by P V while tile j+1 is written) and the P tile.
     k_nope_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_LAT)
     k_pe_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_ROPE)
@@ -164,18 +205,9 @@ def _mla_decode_gluon_kernel(
     k_pe_words = k_pe_smem._reinterpret(gl.int32, [2, BLOCK_N, R // 2], SMEM_WORDS)
     kv_words = kv_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
 
-    # Everything that scales a score goes into one fp32 factor (base-2 exponent).
-    k_scale = gl.load(k_scale_ptr)
-    qk_scale = sm_scale * 1.4426950408889634 * k_scale * (1 << Q_SHIFT)
-    if HAS_Q_SCALE:  # an FP8 query: loaded as fp16 exactly, its per-tensor scale goes into the scores' scale
-        qk_scale = qk_scale * gl.load(q_scale_ptr)
-
-    # This split's token range; the split length follows the request's own length (no host sync).
-    seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)
-    seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
-    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
-    end = gl.minimum(start + chunk, seq_len)
+    # Everything that scales a score goes into one fp32 factor (base-2 exponent); this split's token range.
+    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
+    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
     bt_row = block_table_ptr + pid_b * stride_bt_b
 
     # ---- prologue: tile 0 converted into buffer 0, its scores issued; tile 1 in flight to registers

@@ -28,7 +28,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from fx_mla.ops.kernels.mla_decode_gluon import _load_tile, _to_mma_dtype
+from fx_mla.ops.kernels.mla_decode_gluon import _load_tile, _query_tiles, _row_words, _score_scale, _split_range
+from fx_mla.ops.kernels.mla_decode_gluon import _store_tile as _store_full_tile
 
 
 @gluon.jit
@@ -38,17 +39,7 @@ def _issue_rows(dst, kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words
     """cp.async of the 32-bit words [col0, col0 + WORDS) of the cache rows of tokens [n0, n0 + ROWS) into `dst`
     ([ROWS, WORDS] int32). Rows at or past `end` are zero-filled without a memory access; page ids are clamped.
     ONE_PAGE: the rows lie in one page (one block-table entry, read only when n0 < end)."""
-    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, LAYOUT))
-    pos = n0 + r
-    ok = pos < end
-    if ONE_PAGE:
-        page = gl.load(bt_row + n0 // PAGE, mask=n0 < end, other=0)
-        page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
-        rows = page.to(gl.int64) * blk_words + ((n0 % PAGE) * tok_words + col0) + r * tok_words
-    else:
-        page = gl.load(bt_row + pos // PAGE, mask=ok, other=0)
-        page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
-        rows = page.to(gl.int64) * blk_words + (pos % PAGE) * tok_words + col0
+    rows, ok = _row_words(bt_row, n0, end, num_blocks, blk_words, tok_words, col0, PAGE, ROWS, LAYOUT, ONE_PAGE)
     offs = gl.arange(0, WORDS, layout=gl.SliceLayout(0, LAYOUT))
     async_copy.async_copy_global_to_shared(dst, kv_words + rows[:, None] + offs[None, :], mask=ok[:, None],
                                            cache_modifier=".cg")
@@ -64,19 +55,6 @@ def _issue_tile(lat_dst, rope_dst, kv_words, bt_row, n0, end, num_blocks, blk_wo
     _issue_rows(rope_dst, kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words, L // 4,
                 PAGE, BLOCK_N, R // 4, ROPE_LAYOUT, ONE_PAGE)
     async_copy.commit_group()
-
-
-@gluon.jit
-def _fp8_words_to_fp16_words(words, E5M2: gl.constexpr):
-    """[M, W] words of four FP8 entries -> [M, 2W] words of two fp16 entries, same order (exact conversion)."""
-    if E5M2:
-        asm: gl.constexpr = ("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; "
-                             "cvt.rn.f16x2.e5m2x2 $0, lo; cvt.rn.f16x2.e5m2x2 $1, hi; }")
-    else:
-        asm: gl.constexpr = ("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; "
-                             "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }")
-    lo, hi = gl.inline_asm_elementwise(asm, "=r,=r,r", [words], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
-    return gl.reshape(gl.join(lo, hi), [words.shape[0], 2 * words.shape[1]])
 
 
 @gluon.jit
@@ -100,19 +78,13 @@ def _zero_rows(words, n0, end):
 
 @gluon.jit
 def _store_tile(tile, lat_dst, rope_dst, n0, end, SUB: gl.constexpr, PARTIAL: gl.constexpr, E5M2: gl.constexpr):
-    """FP8 words -> fp16 words into the MMA tile (shared memory viewed as words of two fp16 entries)."""
-    lat0, lat1, lat2, lat3, rope = tile
+    """FP8 words -> fp16 words into the MMA tile (shared memory viewed as words of two fp16 entries); PARTIAL: rows
+    of tokens at or past `end` zeroed first."""
     if PARTIAL:
-        lat0 = _zero_rows(lat0, n0, end)
-        lat1 = _zero_rows(lat1, n0 + SUB, end)
-        lat2 = _zero_rows(lat2, n0 + 2 * SUB, end)
-        lat3 = _zero_rows(lat3, n0 + 3 * SUB, end)
-        rope = _zero_rows(rope, n0, end)
-    lat_dst.slice(0, SUB).store(_fp8_words_to_fp16_words(lat0, E5M2))
-    lat_dst.slice(SUB, SUB).store(_fp8_words_to_fp16_words(lat1, E5M2))
-    lat_dst.slice(2 * SUB, SUB).store(_fp8_words_to_fp16_words(lat2, E5M2))
-    lat_dst.slice(3 * SUB, SUB).store(_fp8_words_to_fp16_words(lat3, E5M2))
-    rope_dst.store(_fp8_words_to_fp16_words(rope, E5M2))
+        lat0, lat1, lat2, lat3, rope = tile
+        tile = (_zero_rows(lat0, n0, end), _zero_rows(lat1, n0 + SUB, end), _zero_rows(lat2, n0 + 2 * SUB, end),
+                _zero_rows(lat3, n0 + 3 * SUB, end), _zero_rows(rope, n0, end))
+    _store_full_tile(tile, lat_dst, rope_dst, SUB, E5M2)
 
 
 @gluon.jit
@@ -142,23 +114,14 @@ def _mla_decode_gluon16_kernel(
     # cp.async and read-back: 16 bytes (four words) a thread along the row.
     LAT_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])   # [*, L / 4]
     ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])   # [*, R / 4]
-    Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
-    ROPE_Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     RING: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     SMEM_16: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     SMEM_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
 
     # ---- shared memory: query (fp16, once), raw FP8 ring, one fp16 tile, P
-    heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, Q_LAYOUT))
-    q_rows = q_ptr + pid_b * stride_q_b + heads.to(gl.int64) * stride_q_h
-    offs_ql = gl.arange(0, L, layout=gl.SliceLayout(0, Q_LAYOUT))
-    q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_16,
-                                            _to_mma_dtype(gl.load(q_rows[:, None] + offs_ql[None, :]), Q_SHIFT))
-    heads_r = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_Q_LAYOUT))
-    q_rows_r = q_ptr + pid_b * stride_q_b + heads_r.to(gl.int64) * stride_q_h
-    offs_qr = gl.arange(0, R, layout=gl.SliceLayout(0, ROPE_Q_LAYOUT))
-    q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_16,
-                                          _to_mma_dtype(gl.load(q_rows_r[:, None] + L + offs_qr[None, :]), Q_SHIFT))
+    q_nope, q_pe = _query_tiles(q_ptr, pid_b, 0, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT, num_warps)
+    q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_16, q_nope)
+    q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_16, q_pe)
     lat_ring = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, BLOCK_N, L // 4], RING)
     rope_ring = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, BLOCK_N, R // 4], RING)
     k_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_N, L], SMEM_16)
@@ -168,17 +131,8 @@ def _mla_decode_gluon16_kernel(
     k_pe_words = k_pe_smem._reinterpret(gl.int32, [BLOCK_N, R // 2], SMEM_WORDS)
     kv_words = kv_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
 
-    k_scale = gl.load(k_scale_ptr)
-    qk_scale = sm_scale * 1.4426950408889634 * k_scale * (1 << Q_SHIFT)
-    if HAS_Q_SCALE:  # an FP8 query: loaded as fp16 exactly, its per-tensor scale goes into the scores' scale
-        qk_scale = qk_scale * gl.load(q_scale_ptr)
-
-    # This split's token range (the split length follows the request's own length: no host sync).
-    seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)
-    seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
-    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
-    end = gl.minimum(start + chunk, seq_len)
+    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
+    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
     bt_row = block_table_ptr + pid_b * stride_bt_b
 
     # ---- prologue: tiles 0 .. NUM_STAGES - 2 in flight (rows past the end: no traffic)
@@ -294,7 +248,7 @@ def _ws_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bloc
         ahead = _load_tile(kv_words, bt_row, start + (j + PREFETCH) * BLOCK_N, end, num_blocks, blk_words,
                            tok_words, PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
         mbarrier.wait(empty.index(b), ((j // 2) & 1) ^ 1)
-        _store_tile(tile, nope_words.index(b), pe_words.index(b), 0, end, SUB, False, E5M2)
+        _store_full_tile(tile, nope_words.index(b), pe_words.index(b), SUB, E5M2)
         fence_async_shared()
         gl.thread_barrier()  # the partition's own warps
         mbarrier.arrive(full.index(b))
@@ -389,24 +343,14 @@ def _mla_decode_gluon16_ws_kernel(
     gl.static_assert((not ONE_PAGE) or PAGE % BLOCK_N == 0, "ONE_PAGE: a tile lies in one page")
     pid_s = gl.program_id(0)
     pid_b = gl.program_id(1).to(gl.int64)
-    Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
-    ROPE_Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     SMEM_16: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    SMEM_Q: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 
-    heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, Q_LAYOUT))
-    q_rows = q_ptr + pid_b * stride_q_b + heads.to(gl.int64) * stride_q_h
-    offs_ql = gl.arange(0, L, layout=gl.SliceLayout(0, Q_LAYOUT))
-    q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_Q,
-                                            _to_mma_dtype(gl.load(q_rows[:, None] + offs_ql[None, :]), Q_SHIFT))
-    heads_r = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_Q_LAYOUT))
-    q_rows_r = q_ptr + pid_b * stride_q_b + heads_r.to(gl.int64) * stride_q_h
-    offs_qr = gl.arange(0, R, layout=gl.SliceLayout(0, ROPE_Q_LAYOUT))
-    q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_Q,
-                                          _to_mma_dtype(gl.load(q_rows_r[:, None] + L + offs_qr[None, :]), Q_SHIFT))
+    q_nope, q_pe = _query_tiles(q_ptr, pid_b, 0, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT, num_warps)
+    q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_16, q_nope)
+    q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_16, q_pe)
     k_nope = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_16)
     k_pe = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_16)
-    p_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, BLOCK_N], SMEM_Q)
+    p_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, BLOCK_N], SMEM_16)
     full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
@@ -414,15 +358,8 @@ def _mla_decode_gluon16_ws_kernel(
         mbarrier.init(empty.index(i), count=1)
     fence_async_shared()
 
-    k_scale = gl.load(k_scale_ptr)
-    qk_scale = sm_scale * 1.4426950408889634 * k_scale * (1 << Q_SHIFT)
-    if HAS_Q_SCALE:  # an FP8 query: loaded as fp16 exactly, its per-tensor scale goes into the scores' scale
-        qk_scale = qk_scale * gl.load(q_scale_ptr)
-    seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)
-    seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
-    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
-    end = gl.minimum(start + chunk, seq_len)
+    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
+    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
     bt_row = block_table_ptr + pid_b * stride_bt_b
     if SINGLE_SPLIT:
         o_base = out_ptr + pid_b * stride_o_b

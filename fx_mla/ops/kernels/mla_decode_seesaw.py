@@ -34,7 +34,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from fx_mla.ops.kernels.mla_decode_gluon import _load_tile, _store_tile, _to_mma_dtype
+from fx_mla.ops.kernels.mla_decode_gluon import _load_tile, _query_tiles, _score_scale, _split_range, _store_tile
 
 
 @gluon.jit
@@ -180,24 +180,18 @@ def _mla_decode_seesaw_kernel(
     pid_s = gl.program_id(1)
     pid_b = gl.program_id(2).to(gl.int64)
 
-    Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
-    ROPE_Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     SMEM_ROPE: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     SMEM_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.float16)
     SMEM_ROW: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
     # ---- query (fp16; bf16 scaled by 2**-Q_SHIFT) into shared memory, once, by the default warps
-    heads = pid_g * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, Q_LAYOUT))
-    q_rows = q_ptr + pid_b * stride_q_b + heads.to(gl.int64) * stride_q_h
-    offs_ql = gl.arange(0, L, layout=gl.SliceLayout(0, Q_LAYOUT))
+    q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT,
+                                    num_warps)
     q_nope = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, L], SMEM_LAT)
-    q_nope.index(0).store(_to_mma_dtype(gl.load(q_rows[:, None] + offs_ql[None, :]), Q_SHIFT))
-    heads_r = pid_g * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_Q_LAYOUT))
-    q_rows_r = q_ptr + pid_b * stride_q_b + heads_r.to(gl.int64) * stride_q_h
-    offs_qr = gl.arange(0, R, layout=gl.SliceLayout(0, ROPE_Q_LAYOUT))
+    q_nope.index(0).store(q_nope_t)
     q_pe = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, R], SMEM_ROPE)
-    q_pe.index(0).store(_to_mma_dtype(gl.load(q_rows_r[:, None] + L + offs_qr[None, :]), Q_SHIFT))
+    q_pe.index(0).store(q_pe_t)
     # Tiles A (WG0) and B (WG1) of a pair, two buffers each; P_A, P_B; row statistics; three barriers.
     ka_nope = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_LAT)
     ka_pe = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_ROPE)
@@ -217,16 +211,8 @@ def _mla_decode_seesaw_kernel(
     mbarrier.init(bar_fin, count=1)
     fence_async_shared()
 
-    k_scale = gl.load(k_scale_ptr)
-    qk_scale = sm_scale * 1.4426950408889634 * k_scale * (1 << Q_SHIFT)
-    if HAS_Q_SCALE:  # an FP8 query: loaded as fp16 exactly, its per-tensor scale goes into the scores' scale
-        qk_scale = qk_scale * gl.load(q_scale_ptr)
-    # This split's token range: chunks of whole pairs; the split length follows the request's own length.
-    seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)
-    seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
-    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), 2 * BLOCK_N) * (2 * BLOCK_N)
-    start = pid_s * chunk
-    end = gl.minimum(start + chunk, seq_len)
+    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
+    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, 2 * BLOCK_N)  # whole pairs
     bt_row = block_table_ptr + pid_b * stride_bt_b
     head0 = pid_g * BLOCK_H
     if SINGLE_SPLIT:
