@@ -125,6 +125,34 @@ def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, c
         L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, num_warps=4, **pdl)
 
 
+# A bf16 query over an FP8 cache -> fp16 as q * 2**-8 (the Triton and the Gluon kernels; exact for 2**-6 <= |q| <=
+# 65504 * 2**8, and 2**8 goes back into the score scale); fp16 and FP8 queries convert as they are.
+Q_SHIFT = 8
+
+
+def gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out, lse, num_splits: int,
+                      poison: bool):
+    """What every Gluon decode kernel takes: (positional arguments, shared constexprs, (part_o, part_lse)) for a
+    launch of `num_splits` splits a request (checked); q / block_table rows and seq_lens made contiguous where the
+    kernels need it; the split workspace (split_workspace). The caller adds its kernel's own tile constexprs and
+    merges the workspace with combine_splits."""
+    check_num_splits(num_splits)
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    seq_lens = seq_lens.contiguous()
+    part_o, part_lse = split_workspace(q, num_splits, GLUON_LATENT, out, lse, poison)
+    args = (q, kv_cache, block_table, seq_lens, k_scale, k_scale if q_scale is None else q_scale, out, lse,
+            part_o, part_lse, float(sm_scale), q.shape[1], num_splits, kv_cache.shape[0], block_table.shape[1],
+            q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
+            out.stride(0), out.stride(1))
+    consts = dict(PAGE=kv_cache.shape[1], L=GLUON_LATENT, R=GLUON_ROPE,
+                  Q_SHIFT=Q_SHIFT if q.dtype == torch.bfloat16 else 0, HAS_Q_SCALE=q_scale is not None,
+                  E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1)
+    return args, consts, (part_o, part_lse)
+
+
 def gluon_unsupported(q, kv_cache, kv_lora_rank: int, device: Optional[torch.device], *, kernel: str,
                       heads_reason: Callable[[int], Optional[str]], row_align: int,
                       smem_needed: int) -> Optional[str]:

@@ -33,9 +33,9 @@ import triton.language as tl
 
 from fx_mla.mla.decode import gather_pages
 from fx_mla.mla.validate import check_block_ids
-from fx_mla.ops._decode_launch import (_expect, check_capacity, check_num_splits, combine_splits, device_index,
-                                       fill_empty, max_shared, no_tokens, num_splits_for, shared_memory_reason,
-                                       sm_count, split_workspace)
+from fx_mla.ops._decode_launch import (Q_SHIFT, _expect, check_capacity, check_num_splits, combine_splits,
+                                       device_index, fill_empty, max_shared, no_tokens, num_splits_for,
+                                       shared_memory_reason, sm_count, split_workspace)
 from fx_mla.ops._fp8 import FP8_DTYPES, fp8_supported
 from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_kernel
 from fx_mla.ops.kernels.mla_decode_fp8_tc import _mla_decode_narrow_kernel, _mla_decode_wide_kernel
@@ -48,7 +48,6 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_LATENT = 512    # BLOCK_L above 512 would not fit the fp32 accumulator of a head group in registers
 MAX_ROPE = 256
 TC_CHUNK = 128     # latent entries a chunk in the tensor-core kernels (L <= 4 chunks)
-Q_SHIFT = 8         # bf16 query -> fp16 for an FP8 cache: q * 2**-8 keeps |q| up to 2**24 in range
 
 
 # ---------------------------------------------------------------- launch configuration (the one place)

@@ -1,9 +1,10 @@
 """Launcher of the Hopper Gluon kernel of the MLA decode (fx_mla/ops/kernels/mla_decode_gluon.py).
 
 Same semantics and outputs as ``torch.ops.fx_mla.mla_decode_fp8`` (fx_mla/ops/mla_decode_fp8.py) for the shapes the
-kernel covers: bf16/fp16 query [B, H, 576] with H a multiple of 64, FP8 e4m3/e5m2 paged cache [num_blocks,
-block_size, 576], kv_lora_rank 512 (rope 64). Writes (out [B, H, 512], lse [B, H] fp32, natural log) into the
-caller's tensors; splits go through the same fp32 workspace and the same Triton combine kernel as the Triton path.
+kernel covers: bf16/fp16 query (or FP8 with its q_scale) [B, H, 576] with H a multiple of 64, FP8 e4m3/e5m2 paged
+cache [num_blocks, block_size, 576], kv_lora_rank 512 (rope 64). Writes (out [B, H, 512], lse [B, H] fp32,
+natural log) into the caller's tensors; splits go through the same split workspace and Triton combine kernel as the
+Triton path.
 No host sync (CUDA-graph capturable); bad block ids / lengths are clamped in the kernel, never read out of bounds.
 
 Gluon is imported lazily: this module imports on any Triton (CPU CI runs 3.9), and the kernel only runs where
@@ -16,17 +17,15 @@ from typing import Optional
 
 import torch
 
-from fx_mla.ops._decode_launch import (GLUON_LATENT, GLUON_ROPE, GLUON_TRITON_VERSION, check_launch_args,
-                                       check_num_splits, combine_splits, device_index, fill_empty, gluon_unsupported,
-                                       no_tokens, num_splits_for, sm_count, split_workspace)
+from fx_mla.ops._decode_launch import (GLUON_TRITON_VERSION, check_launch_args, combine_splits, device_index,
+                                       fill_empty, gluon_launch_args, gluon_unsupported, no_tokens, num_splits_for,
+                                       sm_count)
 
 __all__ = ["launch_mla_decode_gluon", "gluon_unsupported_reason", "GLUON_TRITON_VERSION", "BLOCK_H", "BLOCK_N"]
 
 BLOCK_H = 64        # heads a CTA: the warpgroup MMA height
 BLOCK_N = 64        # tokens a tile (double-buffered fp16 tiles + the query fill 225 KiB of shared memory)
 NUM_WARPS = 8       # two warpgroups: token halves of QK^T, column halves of PV
-LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
-Q_SHIFT = 8         # bf16 query -> fp16 as q * 2**-8 (exact for 2**-6 <= |q| <= 65504 * 2**8), as the Triton path
 SMEM_NEEDED = 225 * 1024  # the compiled kernel uses 229,888 bytes (Triton 3.6, sm_90)
 # Kernel variants (round 2, issue 6), all compiled for sm_90 without spills; the default stays the round-1 kernel
 # until a device run (benchmarks/dev_gluon_decode.py --variants) shows a variant correct and faster.
@@ -84,24 +83,11 @@ def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale
     groups = heads // BLOCK_H
     if num_splits is None:
         num_splits = num_splits_for(batch, groups, max_blocks * page, BLOCK_N, sm_count(device_index(q.device)), 1)
-    check_num_splits(num_splits)
-    q_shift = Q_SHIFT if q.dtype == torch.bfloat16 else 0  # the kernel converts the query as it loads it
-    if q.stride(2) != 1:
-        q = q.contiguous()
-    if block_table.stride(1) != 1:
-        block_table = block_table.contiguous()
-    seq_lens = seq_lens.contiguous()
-    part_o, part_lse = split_workspace(q, num_splits, kv_lora_rank, out, lse, poison_workspace)
+    args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
+                                                lse, num_splits, poison_workspace)
     kernel = _mla_decode_gluon_kernel[(groups, num_splits, batch)](
-        q, kv_cache, block_table, seq_lens, k_scale, k_scale if q_scale is None else q_scale, out, lse,
-        part_o, part_lse,
-        float(sm_scale), heads, num_splits, kv_cache.shape[0], max_blocks,
-        q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
-        out.stride(0), out.stride(1),
-        PAGE=page, L=LATENT, R=ROPE, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
-        HAS_Q_SCALE=q_scale is not None, E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
-        ONE_PAGE=flags["one_page"] and page % BLOCK_N == 0, TRIM_BARRIER=flags["trim_barrier"],
-        LAZY_RESCALE=flags["lazy_rescale"], num_warps=NUM_WARPS)
+        *args, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=flags["one_page"] and page % BLOCK_N == 0,
+        TRIM_BARRIER=flags["trim_barrier"], LAZY_RESCALE=flags["lazy_rescale"], num_warps=NUM_WARPS, **consts)
     launch_mla_decode_gluon.last_kernel = kernel  # the dev script reads its register / spill counts
-    combine_splits(part_o, part_lse, out, lse, num_splits, kv_lora_rank)
+    combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
     return out, lse

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 
 from fx_mla.ops._decode_launch import (GLUON_LATENT, GLUON_ROPE, GLUON_TRITON_VERSION, check_launch_args,
-                                       check_num_splits, combine_splits, device_index, fill_empty, gluon_unsupported,
-                                       no_tokens, num_splits_for, sm_count, split_workspace)
+                                       combine_splits, device_index, fill_empty, gluon_launch_args, gluon_unsupported,
+                                       no_tokens, num_splits_for, sm_count)
 
 __all__ = ["launch_mla_decode_gluon16", "gluon16_unsupported_reason", "smem_needed", "GLUON_TRITON_VERSION",
            "HEADS", "BLOCK_N", "NUM_STAGES", "EARLY_READ", "VARIANTS", "VARIANT"]
@@ -43,7 +43,6 @@ VARIANT = "ws8p2"
 # (Triton 3.6, sm_90)
 _WS = {"ws4": (4, 232, 1, False), "ws8": (8, 152, 1, False), "ws8p2": (8, 152, 2, False),
        "ws8p3": (8, 184, 3, False), "ws8p2o": (8, 152, 2, True)}
-Q_SHIFT = 8         # bf16 query -> fp16 as q * 2**-8, as the Triton path
 
 
 def smem_needed(num_stages: int = NUM_STAGES, variant: str = "ring") -> int:
@@ -104,22 +103,9 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
     max_blocks = block_table.shape[1]
     if num_splits is None:
         num_splits = default_num_splits(batch, max_blocks * page, device_index(q.device))
-    check_num_splits(num_splits)
-    q_shift = Q_SHIFT if q.dtype == torch.bfloat16 else 0
-    if q.stride(2) != 1:
-        q = q.contiguous()
-    if block_table.stride(1) != 1:
-        block_table = block_table.contiguous()
-    seq_lens = seq_lens.contiguous()
-    part_o, part_lse = split_workspace(q, num_splits, kv_lora_rank, out, lse, poison_workspace)
-    args = (q, kv_cache, block_table, seq_lens, k_scale, k_scale if q_scale is None else q_scale, out, lse,
-        part_o, part_lse,
-            float(sm_scale), heads, num_splits, kv_cache.shape[0], max_blocks,
-            q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
-            out.stride(0), out.stride(1))
-    common = dict(PAGE=page, L=LATENT, R=ROPE, BLOCK_H=HEADS, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
-                  HAS_Q_SCALE=q_scale is not None, E5M2=kv_cache.dtype == torch.float8_e5m2,
-                  SINGLE_SPLIT=num_splits == 1, ONE_PAGE=page % BLOCK_N == 0, num_warps=NUM_WARPS)
+    args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
+                                                lse, num_splits, poison_workspace)
+    common = dict(consts, BLOCK_H=HEADS, BLOCK_N=BLOCK_N, ONE_PAGE=page % BLOCK_N == 0, num_warps=NUM_WARPS)
     if variant == "ring":
         kernel = kmod._mla_decode_gluon16_kernel[(num_splits, batch)](
             *args, NUM_STAGES=num_stages, EARLY_READ=bool(early_read), **common)
@@ -128,5 +114,5 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
         kernel = kmod._mla_decode_gluon16_ws_kernel[(num_splits, batch)](
             *args, PRODUCER_WARPS=pw, PRODUCER_REGS=regs, PREFETCH=ahead, OVERLAP=overlap, **common)
     launch_mla_decode_gluon16.last_kernel = kernel  # the dev script reads its register / spill counts
-    combine_splits(part_o, part_lse, out, lse, num_splits, kv_lora_rank)
+    combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
     return out, lse

@@ -1,9 +1,10 @@
 """Launcher of the Hopper "seesaw" Gluon kernel of the MLA decode (fx_mla/ops/kernels/mla_decode_seesaw.py).
 
 Same contract as launch_mla_decode_gluon (fx_mla/ops/mla_decode_gluon.py) without its `variant`: bf16/fp16 query
-[B, H, 576] with H a multiple of 64, FP8 e4m3/e5m2 paged cache [num_blocks, block_size, 576], kv_lora_rank 512;
-writes out [B, H, 512] and lse [B, H] (fp32, natural log) into the caller's tensors; splits go through the same
-fp32 workspace and the same Triton combine kernel. No host sync; bad block ids / lengths are clamped in the kernel.
+(or FP8 with its q_scale) [B, H, 576] with H a multiple of 64, FP8 e4m3/e5m2 paged cache [num_blocks, block_size,
+576], kv_lora_rank 512; writes out [B, H, 512] and lse [B, H] (fp32, natural log) into the caller's tensors;
+splits go through the same split workspace (_decode_launch.gluon_launch_args) and the same Triton combine kernel.
+No host sync; bad block ids / lengths are clamped in the kernel.
 
 The kernel differs in its schedule only (two warp-specialized warpgroups on alternating 32-token tiles that
 exchange row statistics, so one warpgroup's softmax overlaps the other's MMAs); it needs 230,732 bytes of shared
@@ -15,9 +16,8 @@ from typing import Optional
 
 import torch
 
-from fx_mla.ops._decode_launch import (GLUON_LATENT, GLUON_ROPE, check_launch_args, check_num_splits, combine_splits,
-                                       device_index, fill_empty, gluon_unsupported, no_tokens, num_splits_for,
-                                       sm_count, split_workspace)
+from fx_mla.ops._decode_launch import (check_launch_args, combine_splits, device_index, fill_empty,
+                                       gluon_launch_args, gluon_unsupported, no_tokens, num_splits_for, sm_count)
 from fx_mla.ops.mla_decode_gluon import _heads_reason
 
 __all__ = ["launch_mla_decode_seesaw", "seesaw_unsupported_reason", "BLOCK_H", "BLOCK_N", "SMEM_NEEDED"]
@@ -26,8 +26,6 @@ BLOCK_H = 64         # heads a CTA: the warpgroup MMA height
 BLOCK_N = 32         # tokens a tile; a pair (one tile a warpgroup) is 64 tokens, the split granularity
 NUM_WARPS = 4        # the default partition (warpgroup 0); the worker partition adds warpgroup 1
 WORKER_REGS = 256    # setmaxnreg of the worker: 8 warps x 256 fill the register file (no spills at 255)
-LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
-Q_SHIFT = 8          # bf16 query -> fp16 as q * 2**-8, as the Triton and Gluon paths
 SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
 
 
@@ -63,23 +61,11 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     groups = heads // BLOCK_H
     if num_splits is None:  # 64-token pairs are the split granularity
         num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * BLOCK_N, sm_count(device_index(q.device)), 1)
-    check_num_splits(num_splits)
-    q_shift = Q_SHIFT if q.dtype == torch.bfloat16 else 0
-    if q.stride(2) != 1:
-        q = q.contiguous()
-    if block_table.stride(1) != 1:
-        block_table = block_table.contiguous()
-    seq_lens = seq_lens.contiguous()
-    part_o, part_lse = split_workspace(q, num_splits, kv_lora_rank, out, lse, poison_workspace)
+    args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
+                                                lse, num_splits, poison_workspace)
     kernel = _mla_decode_seesaw_kernel[(groups, num_splits, batch)](
-        q, kv_cache, block_table, seq_lens, k_scale, k_scale if q_scale is None else q_scale, out, lse,
-        part_o, part_lse,
-        float(sm_scale), heads, num_splits, kv_cache.shape[0], max_blocks,
-        q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),
-        out.stride(0), out.stride(1),
-        PAGE=page, L=LATENT, R=ROPE, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, Q_SHIFT=q_shift,
-        HAS_Q_SCALE=q_scale is not None, E5M2=kv_cache.dtype == torch.float8_e5m2, SINGLE_SPLIT=num_splits == 1,
-        ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS)
+        *args, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0,
+        WORKER_REGS=WORKER_REGS, num_warps=NUM_WARPS, **consts)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
-    combine_splits(part_o, part_lse, out, lse, num_splits, kv_lora_rank)
+    combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
     return out, lse

@@ -208,3 +208,85 @@ def test_cuda_impl_validates_before_dispatch(recorded_cuda):
     with pytest.raises(ValueError, match="block_table must be"):
         dmod._mla_decode_fp8_cuda(q, kv, bt[:1], lens, ks, None, 0.1, 512, torch.bfloat16)
     assert recorded_cuda["calls"] == []
+
+
+# ---------------------------------------------------------------- the shared Gluon launch arguments
+
+def _kernel_params(module_file, kernel_name):
+    """(positional parameter names, constexpr names) of a Gluon kernel, read as text (no Gluon import on CPU)."""
+    import os
+    import re
+    src = open(os.path.join(os.path.dirname(dmod.__file__), "kernels", module_file)).read()
+    sig = re.search(rf"def {kernel_name}\((.*?)\):", src, re.S).group(1)
+    params = [p.strip() for p in sig.replace("\n", " ").split(",") if p.strip()]
+    return ([p for p in params if "constexpr" not in p], {p.split(":")[0] for p in params if "constexpr" in p})
+
+
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16, E4M3])
+def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
+    from fx_mla.ops._decode_launch import Q_SHIFT, gluon_launch_args
+    q, kv, bt, lens, ks = _inputs(2, 16, q_dtype=q_dtype)
+    q = torch.cat([q, q], dim=2)[..., :576]              # rows 1152 apart, contiguous in the last dim
+    bt_cm = bt.t().contiguous().t()                       # column-major: made contiguous
+    qs = torch.tensor([0.5]) if q_dtype == E4M3 else None
+    out, lse = torch.empty(2, 16, 512, dtype=torch.bfloat16), torch.empty(2, 16)
+    args, consts, (part_o, part_lse) = gluon_launch_args(q, kv, bt_cm, lens, ks, qs, 0.1, out, lse, 3, poison=True)
+    assert args[0] is q and args[2].is_contiguous() and torch.equal(args[2], bt)
+    assert args[5] is (qs if qs is not None else ks) and args[8] is part_o and args[9] is part_lse
+    assert part_o.shape == (2, 3, 16, 512) and bool(part_o.isnan().all())
+    assert args[12:15] == (3, 4, 3)                       # splits, cache blocks, block-table columns
+    assert args[15:17] == (q.stride(0), q.stride(1)) and args[17:19] == (576 * 64 // 4, 576 // 4)
+    assert consts["Q_SHIFT"] == (Q_SHIFT if q_dtype == torch.bfloat16 else 0)
+    assert consts["HAS_Q_SCALE"] == (qs is not None) and not consts["SINGLE_SPLIT"] and consts["PAGE"] == 64
+    for module_file, kernel_name in (("mla_decode_gluon.py", "_mla_decode_gluon_kernel"),
+                                     ("mla_decode_seesaw.py", "_mla_decode_seesaw_kernel"),
+                                     ("mla_decode_gluon16.py", "_mla_decode_gluon16_kernel"),
+                                     ("mla_decode_gluon16.py", "_mla_decode_gluon16_ws_kernel")):
+        positional, constexprs = _kernel_params(module_file, kernel_name)
+        assert len(positional) == len(args), kernel_name
+        assert set(consts) <= constexprs, (kernel_name, set(consts) - constexprs)
+    with pytest.raises(ValueError, match="num_splits"):
+        gluon_launch_args(q, kv, bt, lens, ks, qs, 0.1, out, lse, 0, poison=False)
+
+
+@pytest.mark.parametrize("launcher", ["gluon", "seesaw", "gluon16_ring", "gluon16_ws8p2"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launcher, splits):
+    """Each Gluon launcher, on CPU tensors with its support check bypassed and its kernel replaced by a recorder:
+    the call binds to the real kernel's parameters (all of them, constexprs included), and the split workspace
+    reaches the combine."""
+    import inspect
+
+    from fx_mla.ops.kernels import mla_decode_gluon as kg
+    from fx_mla.ops.kernels import mla_decode_gluon16 as kg16
+    from fx_mla.ops.kernels import mla_decode_seesaw as ks_
+    mod, kmod, name, heads, kw = {
+        "gluon": (gmod, kg, "_mla_decode_gluon_kernel", 128, {}),
+        "seesaw": (smod, ks_, "_mla_decode_seesaw_kernel", 128, {}),
+        "gluon16_ring": (g16mod, kg16, "_mla_decode_gluon16_kernel", 16, dict(variant="ring")),
+        "gluon16_ws8p2": (g16mod, kg16, "_mla_decode_gluon16_ws_kernel", 16, dict(variant="ws8p2")),
+    }[launcher]
+    real = getattr(kmod, name)
+    calls, merged = [], []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                inspect.signature(real.fn).bind(*args, **constexprs)  # every parameter (num_warps too), none unknown
+                calls.append((grid, args, constexprs))
+                return "compiled"
+            return launch
+
+    monkeypatch.setattr(kmod, name, Recorder())
+    for reason in ("gluon_unsupported_reason", "seesaw_unsupported_reason", "gluon16_unsupported_reason"):
+        if hasattr(mod, reason):
+            monkeypatch.setattr(mod, reason, lambda *a, **k: None)
+    monkeypatch.setattr(mod, "combine_splits", lambda *a: merged.append(a))
+    q, kv, bt, lens, ks = _inputs(2, heads, q_dtype=E4M3)
+    out, lse = torch.empty(2, heads, 512, dtype=torch.bfloat16), torch.empty(2, heads)
+    launch = getattr(mod, f"launch_{mod.__name__.rsplit('.', 1)[1]}")
+    assert launch(q, kv, bt, lens, ks, torch.tensor([0.5]), 0.1, 512, out, lse, num_splits=splits, **kw) == (out, lse)
+    [(grid, args, constexprs)] = calls
+    assert splits in grid and constexprs["HAS_Q_SCALE"] and constexprs["SINGLE_SPLIT"] == (splits == 1)
+    [(part_o, part_lse, m_out, m_lse, m_splits, rank)] = merged
+    assert part_o is args[8] and part_lse is args[9] and m_out is out and (m_splits, rank) == (splits, 512)
