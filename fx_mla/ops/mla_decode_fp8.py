@@ -329,8 +329,9 @@ def _mla_decode_fp8_cuda(q, kv_cache, block_table, seq_lens, k_scale, q_scale, s
                                          out_dtype)
         name = {"seesaw": "mla_decode_seesaw", "gluon": "mla_decode_gluon", "gluon16": "mla_decode_gluon16"}[choice]
         launch = getattr(importlib.import_module(f"fx_mla.ops.{name}"), f"launch_{name}")
+        # checked: _check_args above and cuda_kernel_choice's support check cover the launcher's own checks
         return launch(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank,
-                      *_empty_outputs(q, kv_lora_rank, out_dtype))
+                      *_empty_outputs(q, kv_lora_rank, out_dtype), checked=True)
 
 
 # Which CUDA kernel the op runs: "auto" (a Gluon sm_90 kernel where its support check allows it, else the Triton

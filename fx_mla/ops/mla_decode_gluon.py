@@ -55,18 +55,22 @@ def _heads_reason(heads: int) -> Optional[str]:
 
 def launch_mla_decode_gluon(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out, lse,
                             num_splits: Optional[int] = None, poison_workspace: bool = False,
-                            variant: Optional[dict] = None):
+                            variant: Optional[dict] = None, checked: bool = False):
     """Fill out / lse with the decode attention of q over the paged cache; returns (out, lse).
 
     num_splits: splits per request (None: the Triton path's rule, about one CTA per SM). poison_workspace fills
     the split workspace with NaN first (tests: every element the combine reads must have been written).
     variant: kernel flags (VARIANT_FLAGS) overriding DEFAULT_VARIANT; one_page applies only where
     block_size % BLOCK_N == 0.
+    checked: the caller (torch.ops.fx_mla.mla_decode_fp8) validated the inputs and picked this kernel with its
+    support check, so neither runs again here (the op's hot path).
     """
-    reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank)
-    if reason is not None:
-        raise ValueError(f"the Gluon MLA decode kernel does not cover these inputs: {reason}")
-    check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale, q_scale, "the Gluon kernel")
+    if not checked:
+        reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank)
+        if reason is not None:
+            raise ValueError(f"the Gluon MLA decode kernel does not cover these inputs: {reason}")
+        check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale, q_scale,
+                          "the Gluon kernel")
     flags = dict(DEFAULT_VARIANT)
     if variant:
         unknown = sorted(set(variant) - set(VARIANT_FLAGS))

@@ -81,19 +81,23 @@ def default_num_splits(batch: int, max_len: int, index: int) -> int:
 def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out, lse,
                               num_splits: Optional[int] = None, num_stages: int = NUM_STAGES,
                               early_read: bool = EARLY_READ, poison_workspace: bool = False,
-                              variant: Optional[str] = None):
+                              variant: Optional[str] = None, checked: bool = False):
     """Fill out / lse with the decode attention of q over the paged cache; returns (out, lse).
 
     num_splits: splits per request (None: default_num_splits). variant: one of VARIANTS (None: VARIANT);
     num_stages / early_read: options of the ring kernel (see the kernel module). poison_workspace fills the split
     workspace with NaN first (tests: every element the combine reads must have been written). B = 0, an empty cache
     or a table without columns: out = 0, lse = -inf without a kernel.
+    checked: the caller (torch.ops.fx_mla.mla_decode_fp8) validated the inputs and picked this kernel with its
+    support check, so neither runs again here (the op's hot path).
     """
     variant = VARIANT if variant is None else variant
-    reason = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank, num_stages=num_stages, variant=variant)
-    if reason is not None:
-        raise ValueError(f"the 16-head Gluon MLA decode kernel does not cover these inputs: {reason}")
-    check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale, q_scale, "the Gluon kernel")
+    if not checked:
+        reason = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank, num_stages=num_stages, variant=variant)
+        if reason is not None:
+            raise ValueError(f"the 16-head Gluon MLA decode kernel does not cover these inputs: {reason}")
+        check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale, q_scale,
+                          "the Gluon kernel")
     if no_tokens(q, kv_cache, block_table):  # B = 0, no cache block or no table column: out = 0, lse = -inf
         return fill_empty(out, lse)
     from fx_mla.ops.kernels import mla_decode_gluon16 as kmod  # gluon: Triton 3.6 only

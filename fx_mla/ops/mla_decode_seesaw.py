@@ -39,18 +39,21 @@ def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_r
 
 def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out,
                              lse, num_splits: Optional[int] = None, poison_workspace: bool = False,
-                             one_page: bool = True):
+                             one_page: bool = True, checked: bool = False):
     """Fill out / lse with the decode attention of q over the paged cache; returns (out, lse).
 
     num_splits: splits per request (None: the Triton path's rule with 64-token pairs, about one CTA per SM).
     poison_workspace fills the split workspace with NaN first (tests). one_page: one block-table read a tile
     (applies where block_size % 32 == 0; same numerics).
+    checked: the caller (torch.ops.fx_mla.mla_decode_fp8) validated the inputs and picked this kernel with its
+    support check, so neither runs again here (the op's hot path).
     """
-    reason = seesaw_unsupported_reason(q, kv_cache, kv_lora_rank)
-    if reason is not None:
-        raise ValueError(f"the seesaw MLA decode kernel does not cover these inputs: {reason}")
-    check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale, q_scale,
-                      "the seesaw kernel")
+    if not checked:
+        reason = seesaw_unsupported_reason(q, kv_cache, kv_lora_rank)
+        if reason is not None:
+            raise ValueError(f"the seesaw MLA decode kernel does not cover these inputs: {reason}")
+        check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale, q_scale,
+                          "the seesaw kernel")
     if no_tokens(q, kv_cache, block_table):  # B = 0, no cache block or no table column: out = 0, lse = -inf
         return fill_empty(out, lse)
     from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel  # gluon: Triton 3.6 only

@@ -137,7 +137,7 @@ def test_cuda_kernel_choice_forced_gluon_raises_where_none_covers(fake_hopper, m
 def recorded_cuda(monkeypatch):
     """The op's CUDA implementation on CPU tensors: capability (9, 0), torch.cuda.device recorded, launchers
     replaced by recorders that note whether the device guard was active."""
-    log = dict(guard=[], active=0, calls=[], args=[])
+    log = dict(guard=[], active=0, calls=[], args=[], checked=[])
 
     @contextlib.contextmanager
     def device(dev):
@@ -149,8 +149,9 @@ def recorded_cuda(monkeypatch):
             log["active"] -= 1
 
     def recorder(name):
-        def launch(q, kv, bt, lens, ks, qs, sm, rank, *rest):
+        def launch(q, kv, bt, lens, ks, qs, sm, rank, *rest, **kw):
             log["calls"].append((name, log["active"], rest))
+            log["checked"].append(kw.get("checked", False))
             log["args"].append((q, kv, bt, lens, ks, qs, sm, rank))
             out, lse = rest if len(rest) == 2 else dmod._empty_outputs(q, rank, rest[0])
             return out.fill_(1.0), lse.fill_(2.0)
@@ -173,8 +174,9 @@ def test_cuda_impl_launches_the_choice_under_a_device_guard(recorded_cuda, monke
     assert recorded_cuda["guard"] == [q.device]
     [(name, active, rest)] = recorded_cuda["calls"]
     assert name == choice and active == 1  # launched inside the guard
-    if choice != "triton":  # the Gluon launchers get preallocated outputs of the requested dtype
+    if choice != "triton":  # the Gluon launchers get preallocated outputs of the requested dtype, checked inputs
         assert rest[0].dtype == out_dtype and rest[0].shape == (2, q.shape[1], 512) and rest[1].dtype == torch.float32
+        assert recorded_cuda["checked"] == [True]
     assert out.dtype == out_dtype and bool((out == 1).all()) and bool((lse == 2).all())
 
 
