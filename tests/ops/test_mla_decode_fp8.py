@@ -3,17 +3,16 @@ and 64, H 16 and 128, e4m3/e5m2/bf16/fp16 caches, fp8 queries), opcheck, argumen
 under TRITON_INTERPRET=1 in a subprocess (the flag must be set before triton is imported). Run as a script with
 TRITON_INTERPRET=1 it performs the interpreter checks itself; test_triton_kernels_interpreted does exactly that.
 """
-import math
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import triton
 
 from fx_mla.ops import mla_decode_fp8 as dmod  # registers the op
-from tests.ops.mla_decode_fp8_cases import FP8, check_close, make_problem, reference_f64
+from tests.ops.mla_decode_fp8_cases import check_close, make_problem, reference_f64
 
 OP = torch.ops.fx_mla.mla_decode_fp8.default
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -288,7 +287,7 @@ def _combine_checks():
         ref = (w[..., None] * part_o.double()).sum(1)
         chosen = combine_config(batch, heads, splits, lat)[:2]
         # (64, 4) at L = 96: a second latent chunk, half masked
-        for cfg in (None, (64, 1), (64, 128), (triton_next_pow2(lat), 8), (128, 4), (64, 4)):
+        for cfg in (None, (64, 1), (64, 128), (triton.next_power_of_2(lat), 8), (128, 4), (64, 4)):
             out = torch.full((batch, heads, lat), float("nan"), dtype=torch.float32)
             lse = torch.full((batch, heads), float("nan"), dtype=torch.float32)
             combine_splits(part_o, part_lse, out, lse, splits, lat, config=cfg)
@@ -301,9 +300,6 @@ def _combine_checks():
             n += 1
     return n
 
-
-def triton_next_pow2(x):
-    return 1 << (x - 1).bit_length()
 
 
 if __name__ == "__main__":
