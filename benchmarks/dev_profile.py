@@ -1,0 +1,66 @@
+"""Driver for Nsight Compute: one warm launch of each kernel the issue-5/6 targets hinge on, one GPU.
+
+    ncu --clock-control none --set full -k regex:"seesaw|gluon16|gather_dequant|combine" \
+        -o prof python3 benchmarks/dev_profile.py [--which decode16,decode128,b1,gather]
+
+Cases (block 64, e4m3 cache, bf16 query, full-length requests over permuted pages, as bench_decode.py):
+  decode16   32 x 16 x 16384 through torch.ops.fx_mla.mla_decode_fp8 (gluon16 ws8p2 + combine)
+  decode128  16 x 128 x 8192 (seesaw + combine; fewer tokens than the benchmark's 32K, same per-tile loop)
+  b1         1 x 128 x 65536 (seesaw, 66 splits, + combine)
+  gather     65536 tokens, token form, e4m3 576 -> bf16 (fx_mla::gather_dequant_cache)
+Every case runs twice (compile + warm) before a final launch; ncu's -c / --launch-skip pick what to profile.
+No timing here: ncu replays each kernel with its own clocks off (--clock-control none keeps them as they are).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks import bench_decode as bd  # noqa: E402
+from fx_mla.ops import gather_dequant_cache as gmod  # noqa: E402,F401  (registers the op)
+from fx_mla.ops import mla_decode_fp8 as dmod  # noqa: E402,F401
+from tests.ops.gather_dequant_cache_cases import bench_token_problem, device_random_cache  # noqa: E402
+
+
+def _decode(batch, heads, ctx):
+    cache, tables, lens, k_scale, q, _, _ = bd.make_inputs(batch, heads, ctx, 1)
+    for _ in range(3):
+        out, lse = torch.ops.fx_mla.mla_decode_fp8(q, cache, tables[0], lens, k_scale, None, bd.SM_SCALE, bd.LAT,
+                                                   torch.bfloat16)
+    torch.cuda.synchronize()
+    print(f"decode {batch}x{heads}x{ctx}: out finite {bool(torch.isfinite(out).all())}", flush=True)
+
+
+def _gather(n):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cgen = torch.Generator().manual_seed(0)
+    num_blocks, bt, cu, tts, ss = bench_token_problem(n, "cuda", cgen)
+    cache = device_random_cache(num_blocks, "plain", "cuda", gen)
+    scale = torch.tensor(0.03, device="cuda")
+    for _ in range(3):
+        out = torch.ops.fx_mla.gather_dequant_cache(cache, bt, cu, tts, ss, scale, torch.bfloat16, "plain")
+    torch.cuda.synchronize()
+    print(f"gather {n}: out finite {bool(torch.isfinite(out).all())}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--which", default="decode16,decode128,b1,gather")
+    which = ap.parse_args().which.split(",")
+    if "decode16" in which:
+        _decode(32, 16, 16384)
+    if "decode128" in which:
+        _decode(16, 128, 8192)
+    if "b1" in which:
+        _decode(1, 128, 65536)
+    if "gather" in which:
+        _gather(65536)
+
+
+if __name__ == "__main__":
+    main()
