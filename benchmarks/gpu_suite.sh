@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_suite.sh kernels # one GPU: 16-head kernel variants (ws8p2, ws8p2o: not yet run, ring),
 #                                        # decode table (Gluon kernels in the op), split combine, cache gather table
 #   bash benchmarks/gpu_suite.sh next    # one GPU: the experiments written in session 3 but not yet run
+#   bash benchmarks/gpu_suite.sh profile # one GPU: 1:2 stream ceilings (dev_stream_mix.py), dual-consumer
+#                                        # 16-head variants (timing + tests), ncu of the kernels
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -46,4 +48,13 @@ case "${1:-tests}" in
     tail -9 "$OUT/decode.log"
     timeout 100 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,p;8,4,0,sp;8,4,0,s" \
       > "$OUT/gather_sweep.log" 2>&1; tail -12 "$OUT/gather_sweep.log" ;;
+  profile)  # session 5: stream-mix ceilings for issue 5, then Nsight Compute on the issue-5/6 kernels
+    timeout 150 python3 benchmarks/dev_stream_mix.py > "$OUT/stream_mix.log" 2>&1; tail -8 "$OUT/stream_mix.log"
+    timeout 200 python3 benchmarks/dev_gluon16_decode.py --round3 --budget 190 > "$OUT/gluon16_round3.log" 2>&1
+    grep -v "check" "$OUT/gluon16_round3.log" | tail -16
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_mla_decode_gluon16_gpu.py -k "dc8 or dc4" \
+      2>&1 | tee "$OUT/dc_tests.log" | tail -3
+    timeout 200 ncu --clock-control none --profile-from-start off --set full -o "$OUT/prof" \
+      python3 benchmarks/dev_profile.py > "$OUT/ncu.log" 2>&1; tail -4 "$OUT/ncu.log"
+    ncu -i "$OUT/prof.ncu-rep" --page details > "$OUT/details.txt" 2>&1; wc -l "$OUT/details.txt" ;;
 esac

@@ -376,3 +376,160 @@ def _mla_decode_gluon16_ws_kernel(
         (_ws_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                         PAGE, L, R, BLOCK_N, PRODUCER_WARPS, E5M2, ONE_PAGE, PREFETCH)),
     ], [PRODUCER_WARPS], [PRODUCER_REGS])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Round 3: two consumer warpgroups. In ws8p2 one warpgroup runs every tile's chain (S^T MMAs -> wait -> softmax with
+# cross-warp reductions -> P to shared memory -> P V -> wait) one tile after another; with the cache hot in L2 that
+# chain, not the producer or the memory, set the pace (2.1-2.4 us a tile on 1x H100). Here consumer c (c = 0: the
+# default partition, c = 1: a 4-warp worker) takes tiles j = c, c + 2, ... and fp16 buffer c, with its own row
+# statistics and O^T accumulator, so two chains run side by side on the tensor cores. The producer is ws8p2's
+# (tile j into buffer j % 2, full / empty barriers with the same phases). At the end consumer 1 parks (m, l, O^T)
+# in shared memory (its fp16 buffer, free by then) and consumer 0 merges the two states exactly like two splits.
+
+
+@gluon.jit
+def _dc_consumer(q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, fin, park, m_park, l_park,
+                 start, end, qk_scale, k_scale, o_base, stride_o_h, lse_base,
+                 L: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, CID: gl.constexpr):
+    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_H, 16])
+    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_H, 16])
+    ROW_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
+    ROW_O: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
+    n_tiles = gl.cdiv(end - start, BLOCK_N)
+    n_own = (n_tiles + 1 - CID) // 2  # tiles CID, CID + 2, ... below n_tiles
+    kn = k_nope.index(CID)
+    kp = k_pe.index(CID)
+    ps = p_smem.index(CID)
+    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW_S)
+    l_i = gl.zeros([BLOCK_H], gl.float32, ROW_S)
+    acc = gl.zeros([L, BLOCK_H], gl.float32, O_LAYOUT)
+    s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, S_LAYOUT)
+    offs_tok = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S_LAYOUT))
+    for i in range(n_own):
+        n0 = start + (2 * i + CID) * BLOCK_N
+        mbarrier.wait(full.index(CID), i & 1)
+        # an opaque zero index keeps the query descriptors of these MMAs from being hoisted out of the loop (72
+        # registers: ptxas then spills them in the default partition), as in the seesaw kernel
+        zero = gl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [i], dtype=gl.int32, is_pure=False, pack=1)
+        s = warpgroup_mma(kn, q_nope_smem.index(zero).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma(kp, q_pe_smem.index(zero).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        s = gl.where((n0 + offs_tok < end)[:, None], s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + gl.sum(p, 0)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, ROW_O)[None, :]
+        ps.store(gl.permute(p.to(gl.float16), (1, 0)))
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(kn.permute((1, 0)), ps.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(CID))
+
+    if CID == 1:
+        # park (m, l, O^T) for consumer 0; buffer 1 is free: the producer's last tile for it was consumed above
+        park.index(2).store(acc)
+        m_park.store(m_i)
+        l_park.store(l_i)
+        gl.thread_barrier()
+        mbarrier.arrive(fin)
+    else:
+        park.index(0).store(acc)  # buffer 0 is free too; the merge below reads both in row chunks (few registers)
+        mbarrier.wait(fin, 0)
+        m_1 = m_park.load(ROW_S)
+        l_1 = l_park.load(ROW_S)
+        m = gl.maximum(m_i, m_1)
+        has_tok = m > float("-inf")  # both empty: m = -inf, l = 0, O^T = 0
+        f_0 = gl.where(has_tok, gl.exp2(m_i - m), 0.0)
+        f_1 = gl.where(has_tok, gl.exp2(m_1 - m), 0.0)
+        l_i = l_i * f_0 + l_1 * f_1
+        has_l = l_i > 0.0
+        lse = gl.where(has_l, (m + gl.log2(gl.where(has_l, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        gl.store(lse_base + gl.arange(0, BLOCK_H, layout=ROW_S), lse)
+        gl.thread_barrier()
+        # ---- o = (O^T_0 f_0 + O^T_1 f_1) * k_scale / l in chunks of CH latent rows
+        CH: gl.constexpr = 128
+        MERGE: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])  # [CH, BLOCK_H]
+        ROW_M: gl.constexpr = gl.SliceLayout(0, MERGE)
+        inv_l = k_scale / gl.where(has_l, l_i, 1.0)
+        g_0 = gl.convert_layout(f_0 * inv_l, ROW_M)
+        g_1 = gl.convert_layout(f_1 * inv_l, ROW_M)
+        heads_m = gl.arange(0, BLOCK_H, layout=ROW_M)
+        rows_m = gl.arange(0, CH, layout=gl.SliceLayout(1, MERGE))
+        for c in gl.static_range(L // CH):
+            o = (park.index(0).slice(c * CH, CH).load(MERGE) * g_0[None, :]
+                 + park.index(2).slice(c * CH, CH).load(MERGE) * g_1[None, :])
+            gl.store(o_base + heads_m.to(gl.int64)[None, :] * stride_o_h + (c * CH + rows_m)[:, None],
+                     o.to(o_base.dtype.element_ty))
+
+
+@gluon.jit
+def _mla_decode_gluon16_dc_kernel(
+        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
+        out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+        sm_scale, num_heads, num_splits, num_blocks, max_blocks,
+        stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
+        PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+        ONE_PAGE: gl.constexpr, PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    gl.static_assert(num_warps == 4, "the default partition (consumer 0) is one warpgroup")
+    gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
+    gl.static_assert(BLOCK_H % 8 == 0 and BLOCK_H <= 32, "wgmma N = heads")
+    gl.static_assert(2 * BLOCK_N * L * 2 >= 2 * L * BLOCK_H * 4, "O^T of consumer 1 parks in its fp16 buffer")
+    gl.static_assert((not ONE_PAGE) or PAGE % BLOCK_N == 0, "ONE_PAGE: a tile lies in one page")
+    pid_s = gl.program_id(0)
+    pid_b = gl.program_id(1).to(gl.int64)
+    SMEM_16: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    SMEM_PARK: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    SMEM_ROW: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+
+    q_nope, q_pe = _query_tiles(q_ptr, pid_b, 0, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT, num_warps)
+    q_nope_smem = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, L], SMEM_16)
+    q_nope_smem.index(0).store(q_nope)
+    q_pe_smem = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, R], SMEM_16)
+    q_pe_smem.index(0).store(q_pe)
+    k_nope = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_16)
+    k_pe = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_16)
+    p_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_H, BLOCK_N], SMEM_16)
+    m_park = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
+    l_park = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
+    # the consumers' O^T [L, BLOCK_H] fp32 at the end, each over the first half of its own fp16 buffer
+    park = k_nope._reinterpret(gl.float32, [4, L, BLOCK_H], SMEM_PARK)  # [0]: buffer 0, [2]: buffer 1
+    full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    fin = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    mbarrier.init(fin, count=1)
+    fence_async_shared()
+
+    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
+    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
+    bt_row = block_table_ptr + pid_b * stride_bt_b
+    if SINGLE_SPLIT:
+        o_base = out_ptr + pid_b * stride_o_b
+        o_stride = stride_o_h
+        lse_base = lse_ptr + pid_b * num_heads
+    else:
+        row0 = (pid_b * num_splits + pid_s) * num_heads
+        o_base = part_o_ptr + row0 * L
+        o_stride = L
+        lse_base = part_lse_ptr + row0
+    C0: gl.constexpr = 0
+    C1: gl.constexpr = 1
+    gl.warp_specialize([
+        (_dc_consumer, (q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, fin, park, m_park, l_park,
+                        start, end, qk_scale, k_scale, o_base, o_stride, lse_base, L, BLOCK_H, BLOCK_N, C0)),
+        (_dc_consumer, (q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, fin, park, m_park, l_park,
+                        start, end, qk_scale, k_scale, o_base, o_stride, lse_base, L, BLOCK_H, BLOCK_N, C1)),
+        (_ws_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                        PAGE, L, R, BLOCK_N, PRODUCER_WARPS, E5M2, ONE_PAGE, PREFETCH)),
+    ], [4, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
