@@ -302,7 +302,7 @@ def run_sweep(dev, gen, cgen, scale, info, configs=None):
     print(f"\ncopy ceiling {ceil:.0f} GB/s ({src['what']}, {src['method']})\n{'config':20s} "
           + " ".join(f"{h:>18s}" for h in heads) + "   (%copy %same, device us)")
     best = {}
-    for cfg in SWEEP:
+    for cfg in (configs or SWEEP):
         cells = []
         for _, _, nm in LAYOUTS:
             for n in SWEEP_SIZES:

@@ -51,7 +51,8 @@ DS_MLA_ROW_BYTES, DS_MLA_LATENT, DS_MLA_GROUP, DS_MLA_ROPE = 656, 512, 128, 64
 DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 
 # Launch configuration, in one place: (BLOCK_T tokens a program, num_warps, programs per SM for a persistent
-# grid, 0 = one tile a program[, flags]). flags, a string of letters (kernels' docstring): "v" = loads as wide
+# grid, 0 = one tile a program[, flags[, maxnreg]]). maxnreg: a register cap a thread (0: the compiler's own; at
+# 48 registers, 10 programs of 4 warps fit an SM, at 32 all 16). flags, a string of letters (kernels' docstring): "v" = loads as wide
 # as the output stores (no shared-memory layout change between load and store), "s" = streaming output
 # stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere). Small tiles keep
 # registers low (~32-48 a thread), so many programs share an SM and many independent index chains
@@ -272,7 +273,8 @@ def _split_entry(d):
 def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out,
                                 layout="plain", config=None):
     """Fill out ([n, D_out], or [B, T, D_out] when token_to_seq is None: the paged form). Device-agnostic
-    (CPU tensors run under TRITON_INTERPRET=1). config: (BLOCK_T, num_warps, programs_per_sm[, flags]) override."""
+    (CPU tensors run under TRITON_INTERPRET=1). config: (BLOCK_T, num_warps, programs_per_sm[, flags[, maxnreg]])
+    override."""
     from fx_mla.ops.kernels.gather_dequant_cache import (_gather_dequant_cache_fp8_ds_mla_kernel,
                                                          _gather_dequant_cache_kernel)
     paged = token_to_seq is None
@@ -281,8 +283,11 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         return out
     block_t, warps, per_sm, *rest = config or CONFIG[layout]
     flags = rest[0] if rest else ""
+    maxnreg = rest[1] if len(rest) > 1 else 0
     if set(flags) - set("vsp"):
         raise ValueError(f"config flags must be letters of 'vsp', got {flags!r}")
+    if not isinstance(maxnreg, int) or maxnreg < 0:
+        raise ValueError(f"config maxnreg must be an int >= 0 (0: the compiler's choice), got {maxnreg!r}")
     n_tiles = -(-n_tokens // block_t)
     grid = n_tiles
     if per_sm:  # persistent: per_sm programs per SM (per "SM" of the CPU interpreter: one) stride over tiles
@@ -300,6 +305,8 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
                   VEC=16 // out.element_size() if "v" in flags else 0, STREAM="s" in flags, PDL=False)
     if "p" in flags and cache.is_cuda and _capability(cache.device)[0] >= 9:
         common.update(PDL=True, launch_pdl=True)
+    if maxnreg and cache.is_cuda:  # register cap (more programs an SM); the interpreter has no registers
+        common.update(maxnreg=maxnreg)
     if layout == "fp8_ds_mla":
         _gather_dequant_cache_fp8_ds_mla_kernel[(grid,)](cache, out, *args, **common)
         return out

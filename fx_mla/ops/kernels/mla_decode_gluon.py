@@ -30,6 +30,22 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 RESCALE_LOG2 = gl.constexpr(8.0)  # LAZY_RESCALE: how far (base 2) a new row max may pass the kept one
 
 
+@gluon.constexpr_function
+def lat_layout(row8, warps):
+    """Register layout of a tile's latent words [rows, L / 4] (16 bytes, four words, a thread along the row) as the
+    loaders of a warp group of `warps` warps hold them before the FP8 -> fp16 store into a 128-byte-swizzled tile.
+    row8: a warp's lanes cover 8 rows x 4 threads (64 bytes of each row, one 128-byte swizzle column of the fp16
+    tile): each st.shared.v4 then hits every bank exactly four times (conflict-free: the swizzle moves the 16-byte
+    chunks of the 8 rows apart). Otherwise a warp covers one row of 128 words, whose 32 lanes write 8 swizzle
+    columns 8 KB apart: the same banks, an 8-way conflict (Nsight Compute, 1x H100: 8.5-8.9-way on every
+    conversion store, a third of all shared-store wavefronts, in the seesaw and gluon16 kernels)."""
+    row8 = getattr(row8, "value", row8)
+    warps = getattr(warps, "value", warps)
+    if row8:
+        return gl.BlockedLayout([1, 4], [8, 4], [max(warps // 4, 1), min(warps, 4)], [1, 0])
+    return gl.BlockedLayout([1, 4], [1, 32], [warps, 1], [1, 0])
+
+
 @gluon.jit
 def _load_words(kv_words, bt_row, n0, end, num_blocks, blk_words, tok_words, col0,
                 PAGE: gl.constexpr, ROWS: gl.constexpr, WORDS: gl.constexpr, LAYOUT: gl.constexpr,

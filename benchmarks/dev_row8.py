@@ -1,0 +1,85 @@
+"""Conflict-free conversion stores (ROW8) in the Gluon decode kernels, on against off, one GPU (issue 6).
+
+Nsight Compute on 1x H100 (session 5) showed the FP8 -> fp16 tile stores of the seesaw (128 heads) and gluon16
+(16 heads) kernels 8.5-8.9-way bank-conflicted: a warp's lanes covered one tile row, whose 128-byte swizzle columns
+lie 8 KB apart on the same banks. ROW8 spreads a warp over 8 rows x 4 word columns (kernels/mla_decode_gluon.py,
+lat_layout). This times the op (torch.ops.fx_mla.mla_decode_fp8: the kernel + its split combine) on the six
+issue-6 shapes with ROW8 off and on (same run, same inputs, alternating), after checking each output against the
+fp32 reference (rel err of out, max abs err of lse), with bench_decode's method (block 64, e4m3 cache, bf16 query,
+CUDA-graph medians over rotated block tables) and its roofline (copy and bf16 matmul measured here).
+
+    PYTHONPATH=. python3 benchmarks/dev_row8.py      # JSON to $OUT/dev_row8.json, else benchmarks/results/
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import bench_decode as bd  # noqa: E402
+from fx_mla.ops import mla_decode_fp8 as dmod  # noqa: E402
+from fx_mla.ops import mla_decode_gluon16 as g16  # noqa: E402
+from fx_mla.ops import mla_decode_seesaw as ss  # noqa: E402
+
+SHAPES = [(1, 128, 65536), (8, 128, 16384), (16, 128, 32768), (64, 128, 4096), (32, 16, 16384), (128, 16, 8192)]
+
+
+def _set(row8):
+    ss.ROW8 = g16.ROW8 = row8
+
+
+def main():
+    copy_tbps, mm_tflops = bd.measure_ceilings()
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}: copy "
+          f"{copy_tbps:.2f} TB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s", flush=True)
+    rows = []
+    for batch, heads, ctx in SHAPES:
+        cache, tables, lens, k_scale, q, _, _ = bd.make_inputs(batch, heads, ctx, 3)
+        ref_o, ref_l = dmod.mla_decode_fp8_reference(q, cache, tables[0], lens, k_scale, None, bd.SM_SCALE, bd.LAT,
+                                                     torch.float32)
+        op = (lambda t: torch.ops.fx_mla.mla_decode_fp8(q, cache, t, lens, k_scale, None, bd.SM_SCALE, bd.LAT,
+                                                        torch.bfloat16))
+        kv_bytes = batch * ctx * bd.D
+        flops = 2 * batch * heads * ctx * (bd.D + bd.LAT)
+        floor_us = max(kv_bytes / (copy_tbps * 1e12), flops / (mm_tflops * 1e12)) * 1e6
+        row = dict(batch=batch, heads=heads, context=ctx, floor_us=floor_us)
+        for rep in range(2):  # off, on, off, on: drift shows as a difference between the two runs of one setting
+            for row8 in (False, True):
+                _set(row8)
+                o, lse = op(tables[0])
+                torch.cuda.synchronize()
+                err = bd.rel_err(o, ref_o)
+                lse_err = float((lse - ref_l).abs().max())
+                us, how = bd.time_us(op, tables)
+                key = "on" if row8 else "off"
+                row.setdefault(key, []).append(dict(us=us, how=how, err=err, lse_err=lse_err))
+        for key in ("off", "on"):
+            best = min(r["us"] for r in row[key])
+            row[f"{key}_us"] = best
+            row[f"{key}_pct_roofline"] = 100 * floor_us / best
+            row[f"{key}_ok"] = all(r["err"] < 1e-2 and r["lse_err"] < 1e-3 for r in row[key])
+        rows.append(row)
+        off = "/".join("%.1f" % r["us"] for r in row["off"])
+        on = "/".join("%.1f" % r["us"] for r in row["on"])
+        err = max(r["err"] for r in row["on"])
+        lse_err = max(r["lse_err"] for r in row["on"])
+        print(f"{batch:>4}x{heads:<3}x{ctx:<6} floor {floor_us:7.1f} us | off {off} us "
+              f"({row['off_pct_roofline']:.1f} %) | on {on} us ({row['on_pct_roofline']:.1f} %) | err {err:.1e} "
+              f"lse {lse_err:.1e} ok {row['off_ok']}/{row['on_ok']}", flush=True)
+        del cache, tables
+        torch.cuda.empty_cache()
+    _set(True)
+    payload = dict(name="dev_row8", device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   triton=triton.__version__, copy_tbps=copy_tbps, mm_tflops=mm_tflops, rows=rows)
+    out = os.path.join(os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                       "dev_row8.json")
+    with open(out, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
