@@ -31,18 +31,24 @@ RESCALE_LOG2 = gl.constexpr(8.0)  # LAZY_RESCALE: how far (base 2) a new row max
 
 
 @gluon.constexpr_function
-def lat_layout(row8, warps):
+def lat_layout(lane_rows, warps):
     """Register layout of a tile's latent words [rows, L / 4] (16 bytes, four words, a thread along the row) as the
-    loaders of a warp group of `warps` warps hold them before the FP8 -> fp16 store into a 128-byte-swizzled tile.
-    row8: a warp's lanes cover 8 rows x 4 threads (64 bytes of each row, one 128-byte swizzle column of the fp16
-    tile): each st.shared.v4 then hits every bank exactly four times (conflict-free: the swizzle moves the 16-byte
-    chunks of the 8 rows apart). Otherwise a warp covers one row of 128 words, whose 32 lanes write 8 swizzle
-    columns 8 KB apart: the same banks, an 8-way conflict (Nsight Compute, 1x H100: 8.5-8.9-way on every
-    conversion store, a third of all shared-store wavefronts, in the seesaw and gluon16 kernels)."""
-    row8 = getattr(row8, "value", row8)
+    loaders of a group of `warps` warps hold them before the FP8 -> fp16 store into a 128-byte-swizzled tile, where a
+    thread's 16 fp16 entries are two 16-byte chunks of one 128-byte swizzle row and the 8 swizzle columns of a tile
+    row lie 8 KB apart, on the same banks. lane_rows: tile rows a warp's lanes cover.
+    1: 32 lanes along one row (512 bytes of cache row a load): each st.shared.v4 touches 4 chunk positions of 8
+       swizzle columns, 8 lanes on each 4-bank group: twice the minimum wavefronts (Nsight Compute, 1x H100:
+       8.5-8.9-way conflicts, a third of the shared-store wavefronts, in the seesaw and gluon16 kernels).
+    2: 2 rows x 16 lanes (256 bytes a row a load): the swizzle puts the two rows' chunks on the other half of the
+       banks, 4 lanes on each 4-bank group: conflict-free.
+    8: 8 rows x 4 lanes (64 bytes a row a load): conflict-free, but a load touches 8 cache lines (twice the L1
+       wavefronts of 1 or 2)."""
+    lane_rows = getattr(lane_rows, "value", lane_rows)
     warps = getattr(warps, "value", warps)
-    if row8:
+    if lane_rows == 8:
         return gl.BlockedLayout([1, 4], [8, 4], [max(warps // 4, 1), min(warps, 4)], [1, 0])
+    if lane_rows == 2:
+        return gl.BlockedLayout([1, 4], [2, 16], [warps, 1], [1, 0])
     return gl.BlockedLayout([1, 4], [1, 32], [warps, 1], [1, 0])
 
 
