@@ -193,12 +193,12 @@ def main():
                     help="launch the split combine as a programmatic dependent launch (_decode_launch.COMBINE_PDL)")
     ap.add_argument("--bf16-partials", action="store_true",
                     help="split partials of the bf16 output in bf16 (_decode_launch.PARTIAL_BF16)")
-    ap.add_argument("--lane-rows", default="",
-                    help="SEESAW,GLUON16: LANE_ROWS of the two Gluon kernels' conversion stores (default: the modules')")
+    ap.add_argument("--lanes", default="",
+                    help="SEESAW,GLUON16: LANES of the two Gluon kernels' conversion loads/stores (default: the modules')")
     args = ap.parse_args()
-    if args.lane_rows:
+    if args.lanes:
         from fx_mla.ops import mla_decode_gluon16, mla_decode_seesaw
-        mla_decode_seesaw.LANE_ROWS, mla_decode_gluon16.LANE_ROWS = (int(x) for x in args.lane_rows.split(","))
+        mla_decode_seesaw.LANES, mla_decode_gluon16.LANES = args.lanes.split(",")
     if args.combine_pdl:
         launch_mod.COMBINE_PDL = True
     if args.bf16_partials:

@@ -1,14 +1,15 @@
-"""Conflict-free conversion stores in the Gluon decode kernels: LANE_ROWS 1 / 2 / 8, one GPU (issue 6).
+"""Conflict-free conversion stores in the Gluon decode kernels: LANES "1x32" / "8x4" / "q2x4", one GPU (issue 6).
 
 Nsight Compute on 1x H100 (session 5) showed the FP8 -> fp16 tile stores of the seesaw (128 heads) and gluon16
 (16 heads) kernels 8.5-8.9-way bank-conflicted: a warp's lanes covered one tile row, whose 128-byte swizzle columns
-lie 8 KB apart on the same banks. LANE_ROWS 2 (2 rows x 16 lanes) or 8 (8 rows x 4 lanes) make them conflict-free
-(kernels/mla_decode_gluon.py, lat_layout). This times the op (torch.ops.fx_mla.mla_decode_fp8: the kernel + its
-split combine) on the six issue-6 shapes with LANE_ROWS 1, 2 and 8 (same run, same inputs, alternating), after checking each output against the
+lie 8 KB apart on the same banks. "8x4" (8 rows x 4 lanes) and "q2x4" (2 rows x 16 lanes, each quarter warp 2 rows
+x 4 lanes) make them conflict-free (kernels/mla_decode_gluon.py, lat_layout). This times the op
+(torch.ops.fx_mla.mla_decode_fp8: the kernel + its split combine) on the six issue-6 shapes with each setting (same
+run, same inputs, alternating), after checking each output against the
 fp32 reference (rel err of out, max abs err of lse), with bench_decode's method (block 64, e4m3 cache, bf16 query,
 CUDA-graph medians over rotated block tables) and its roofline (copy and bf16 matmul measured here).
 
-    PYTHONPATH=. python3 benchmarks/dev_row8.py      # JSON to $OUT/dev_lane_rows.json, else benchmarks/results/
+    PYTHONPATH=. python3 benchmarks/dev_lane_rows.py     # JSON to $OUT/dev_lane_rows.json, else benchmarks/results/
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ from fx_mla.ops import mla_decode_seesaw as ss  # noqa: E402
 SHAPES = [(1, 128, 65536), (8, 128, 16384), (16, 128, 32768), (64, 128, 4096), (32, 16, 16384), (128, 16, 8192)]
 
 
-SETTINGS = (1, 2, 8)  # LANE_ROWS: sessions 2-4, 2 x 16 lanes, 8 x 4 lanes
+SETTINGS = ("1x32", "8x4", "q2x4")  # LANES: sessions 2-4; 8 rows x 4 lanes; 2 rows x 16 lanes, quarter-warp tiled
 
 
-def _set(lane_rows):
-    ss.LANE_ROWS = g16.LANE_ROWS = lane_rows
+def _set(lanes):
+    ss.LANES = g16.LANES = lanes
 
 
 def main():
@@ -51,31 +52,31 @@ def main():
         floor_us = max(kv_bytes / (copy_tbps * 1e12), flops / (mm_tflops * 1e12)) * 1e6
         row = dict(batch=batch, heads=heads, context=ctx, floor_us=floor_us)
         for rep in range(2):  # 1, 2, 8, 1, 2, 8: drift shows as a difference between the two runs of one setting
-            for lane_rows in SETTINGS:
-                _set(lane_rows)
+            for lanes in SETTINGS:
+                _set(lanes)
                 o, lse = op(tables[0])
                 torch.cuda.synchronize()
                 err = bd.rel_err(o, ref_o)
                 lse_err = float((lse - ref_l).abs().max())
                 us, how = bd.time_us(op, tables)
-                key = f"rows{lane_rows}"
+                key = f"lanes_{lanes}"
                 row.setdefault(key, []).append(dict(us=us, how=how, err=err, lse_err=lse_err))
-        for key in (f"rows{x}" for x in SETTINGS):
+        for key in (f"lanes_{x}" for x in SETTINGS):
             best = min(r["us"] for r in row[key])
             row[f"{key}_us"] = best
             row[f"{key}_pct_roofline"] = 100 * floor_us / best
             row[f"{key}_ok"] = all(r["err"] < 1e-2 and r["lse_err"] < 1e-3 for r in row[key])
         rows.append(row)
-        cells = " | ".join(f"rows {x}: " + "/".join("%.1f" % r["us"] for r in row[f"rows{x}"])
-                           + f" us ({row[f'rows{x}_pct_roofline']:.1f} %)" for x in SETTINGS)
-        err = max(r["err"] for x in SETTINGS for r in row[f"rows{x}"])
-        lse_err = max(r["lse_err"] for x in SETTINGS for r in row[f"rows{x}"])
-        ok = all(row[f"rows{x}_ok"] for x in SETTINGS)
+        cells = " | ".join(f"{x}: " + "/".join("%.1f" % r["us"] for r in row[f"lanes_{x}"])
+                           + f" us ({row[f'lanes_{x}_pct_roofline']:.1f} %)" for x in SETTINGS)
+        err = max(r["err"] for x in SETTINGS for r in row[f"lanes_{x}"])
+        lse_err = max(r["lse_err"] for x in SETTINGS for r in row[f"lanes_{x}"])
+        ok = all(row[f"lanes_{x}_ok"] for x in SETTINGS)
         print(f"{batch:>4}x{heads:<3}x{ctx:<6} floor {floor_us:7.1f} us | {cells} | err {err:.1e} lse {lse_err:.1e} "
               f"ok {ok}", flush=True)
         del cache, tables
         torch.cuda.empty_cache()
-    _set(2)
+    _set("q2x4")
     payload = dict(name="dev_lane_rows", device=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=triton.__version__, copy_tbps=copy_tbps, mm_tflops=mm_tflops, rows=rows)
     out = os.path.join(os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),

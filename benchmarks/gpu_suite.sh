@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_suite.sh profile # one GPU: 1:2 stream ceilings (dev_stream_mix.py), dual-consumer
 #                                        # 16-head variants (timing + tests), ncu of the kernels
 #   bash benchmarks/gpu_suite.sh row8    # one GPU: ROW8 on/off on the six decode shapes + tests, gather maxnreg sweep
-#   bash benchmarks/gpu_suite.sh lanes   # one GPU: LANE_ROWS 1/2/8, tests, decode table at the fastest setting
+#   bash benchmarks/gpu_suite.sh lanes   # one GPU: LANES 1x32/8x4/q2x4, tests, decode table at the fastest setting
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -66,7 +66,7 @@ case "${1:-tests}" in
       and not ws8p2o and not dc8 and not ring" 2>&1 | tee "$OUT/row8_tests.log" | tail -3
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
       "8,4,0;8,4,0,,40;8,4,0,,32;4,4,0;4,2,0;4,4,0,,32" > "$OUT/gather_sweep.log" 2>&1; tail -10 "$OUT/gather_sweep.log" ;;
-  lanes)  # session 5: LANE_ROWS 1 / 2 / 8 on the six decode shapes, GPU tests at the default (2), decode table with
+  lanes)  # session 5: LANES 1x32 / 8x4 / q2x4 on the six decode shapes, GPU tests at the default (q2x4), table with
           # the fastest setting of each kernel (picked from this run's dev_lane_rows.json)
     timeout 200 python3 benchmarks/dev_lane_rows.py > "$OUT/lanes.log" 2>&1; cat "$OUT/lanes.log"
     timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
@@ -74,9 +74,9 @@ case "${1:-tests}" in
       and not ws8p2o and not dc8 and not ring" 2>&1 | tee "$OUT/lanes_tests.log" | tail -3
     best=$(python3 -c "
 import json; r = json.load(open('$OUT/dev_lane_rows.json'))['rows']
-def pick(h): return min((1, 2, 8), key=lambda x: sum(row[f'rows{x}_us'] / row['rows1_us'] for row in r if row['heads'] == h))
+def pick(h): return min(('1x32', '8x4', 'q2x4'), key=lambda x: sum(row[f'lanes_{x}_us'] / row['lanes_1x32_us'] for row in r if row['heads'] == h))
 print(f'{pick(128)},{pick(16)}')")
-    echo "lane rows (seesaw,gluon16): $best"
-    timeout 130 python3 benchmarks/bench_decode.py --budget 120 --lane-rows "$best" --out "$OUT/decode.json" \
+    echo "lanes (seesaw,gluon16): $best"
+    timeout 130 python3 benchmarks/bench_decode.py --budget 120 --lanes "$best" --out "$OUT/decode.json" \
       > "$OUT/decode.log" 2>&1; tail -10 "$OUT/decode.log" ;;
 esac

@@ -41,10 +41,10 @@ LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 # merged at the end) fed by an 8- / 4-warp producer one tile ahead.
 VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o", "dc8", "dc4")
 VARIANT = "ws8p2"
-# Tile rows a producer warp's lanes cover (kernels/mla_decode_gluon.lat_layout): 1 = sessions 2-4 (bank-conflicted
-# fp16 tile stores), 2 or 8 = conflict-free stores. 1x H100 (RESULTS.md, session 5): 8 rows 5-6 % slower than 1
-# (twice the L1 wavefronts a load in this memory-bound kernel).
-LANE_ROWS = 2
+# How a producer warp's lanes cover a tile (kernels/mla_decode_gluon.lat_layout): "1x32" = sessions 2-4 (2-way
+# conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "8x4" 5-6 % slower than
+# "1x32" (twice the L1 wavefronts a load in this memory-bound kernel).
+LANES = "q2x4"
 # producer warps, producer registers (setmaxnreg), tiles ahead, consumer overlap; all compile without spills
 # (Triton 3.6, sm_90)
 _WS = {"ws4": (4, 232, 1, False), "ws8": (8, 152, 1, False), "ws8p2": (8, 152, 2, False),
@@ -127,12 +127,12 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
     elif variant in _DC:
         pw, regs, ahead, c_regs = _DC[variant]
         kernel = kmod._mla_decode_gluon16_dc_kernel[(num_splits, batch)](
-            *args, PRODUCER_WARPS=pw, PRODUCER_REGS=regs, PREFETCH=ahead, CONSUMER_REGS=c_regs, LANE_ROWS=int(LANE_ROWS),
+            *args, PRODUCER_WARPS=pw, PRODUCER_REGS=regs, PREFETCH=ahead, CONSUMER_REGS=c_regs, LANES=str(LANES),
             **common)
     else:
         pw, regs, ahead, overlap = _WS[variant]
         kernel = kmod._mla_decode_gluon16_ws_kernel[(num_splits, batch)](
-            *args, PRODUCER_WARPS=pw, PRODUCER_REGS=regs, PREFETCH=ahead, OVERLAP=overlap, LANE_ROWS=int(LANE_ROWS), **common)
+            *args, PRODUCER_WARPS=pw, PRODUCER_REGS=regs, PREFETCH=ahead, OVERLAP=overlap, LANES=str(LANES), **common)
     launch_mla_decode_gluon16.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
     return out, lse

@@ -26,9 +26,9 @@ BLOCK_H = 64         # heads a CTA: the warpgroup MMA height
 BLOCK_N = 32         # tokens a tile; a pair (one tile a warpgroup) is 64 tokens, the split granularity
 NUM_WARPS = 4        # the default partition (warpgroup 0); the worker partition adds warpgroup 1
 WORKER_REGS = 256    # setmaxnreg of the worker: 8 warps x 256 fill the register file (no spills at 255)
-# Tile rows a converting warp's lanes cover (kernels/mla_decode_gluon.lat_layout): 1 = sessions 2-4 (bank-conflicted
-# fp16 tile stores), 2 or 8 = conflict-free stores. 1x H100 (RESULTS.md, session 5): 8 rows 2-6 % faster than 1.
-LANE_ROWS = 2
+# How a converting warp's lanes cover a tile (kernels/mla_decode_gluon.lat_layout): "1x32" = sessions 2-4 (2-way
+# conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "8x4" 2-6 % faster.
+LANES = "q2x4"
 SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
 
 
@@ -71,7 +71,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
                                                 lse, num_splits, poison_workspace)
     kernel = _mla_decode_seesaw_kernel[(groups, num_splits, batch)](
         *args, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0,
-        WORKER_REGS=WORKER_REGS, LANE_ROWS=int(LANE_ROWS), num_warps=NUM_WARPS, **consts)
+        WORKER_REGS=WORKER_REGS, LANES=str(LANES), num_warps=NUM_WARPS, **consts)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
     return out, lse

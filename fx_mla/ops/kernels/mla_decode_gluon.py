@@ -31,24 +31,37 @@ RESCALE_LOG2 = gl.constexpr(8.0)  # LAZY_RESCALE: how far (base 2) a new row max
 
 
 @gluon.constexpr_function
-def lat_layout(lane_rows, warps):
+def lat_layout(lanes, warps, rows):
     """Register layout of a tile's latent words [rows, L / 4] (16 bytes, four words, a thread along the row) as the
     loaders of a group of `warps` warps hold them before the FP8 -> fp16 store into a 128-byte-swizzled tile, where a
-    thread's 16 fp16 entries are two 16-byte chunks of one 128-byte swizzle row and the 8 swizzle columns of a tile
-    row lie 8 KB apart, on the same banks. lane_rows: tile rows a warp's lanes cover.
-    1: 32 lanes along one row (512 bytes of cache row a load): each st.shared.v4 touches 4 chunk positions of 8
-       swizzle columns, 8 lanes on each 4-bank group: twice the minimum wavefronts (Nsight Compute, 1x H100:
-       8.5-8.9-way conflicts, a third of the shared-store wavefronts, in the seesaw and gluon16 kernels).
-    2: 2 rows x 16 lanes (256 bytes a row a load): the swizzle puts the two rows' chunks on the other half of the
-       banks, 4 lanes on each 4-bank group: conflict-free.
-    8: 8 rows x 4 lanes (64 bytes a row a load): conflict-free, but a load touches 8 cache lines (twice the L1
-       wavefronts of 1 or 2)."""
-    lane_rows = getattr(lane_rows, "value", lane_rows)
+    thread's 16 fp16 entries are two 16-byte chunks of one 128-byte swizzle row, the 8 swizzle columns of a tile row
+    lie 8 KB apart (the same banks), and a 16-byte shared store is served a quarter warp (8 lanes) at a time: it is
+    conflict-free when each 8 consecutive lanes hit 8 different chunk positions. `lanes`, a warp's lanes:
+    "1x32": one row (512-byte loads); a quarter warp writes 2 swizzle columns of one row: 2-way conflicts on every
+            conversion store (Nsight Compute, 1x H100: 8.5-8.9 wavefronts a store request, a third of all shared-store
+            wavefronts, in the seesaw and gluon16 kernels);
+    "2x16": 2 rows x 16 lanes, blocked (256-byte loads); a quarter warp still lies in one row: as "1x32" by the
+            quarter-warp rule, conflict-free if the whole warp were served at once (timed to tell);
+    "8x4":  8 rows x 4 lanes (64-byte loads): a quarter warp = 2 rows of one swizzle column, conflict-free, but a
+            load touches 8 cache lines (twice the L1 wavefronts);
+    "q2x4": 2 rows x 16 lanes (256-byte loads) with lane bit 2 selecting the row, so each quarter warp is 2 rows x 4
+            lanes of one swizzle column: conflict-free stores and 256-byte loads (a linear layout)."""
+    lanes = getattr(lanes, "value", lanes)
     warps = getattr(warps, "value", warps)
-    if lane_rows == 8:
+    rows = getattr(rows, "value", rows)
+    if lanes == "8x4":
         return gl.BlockedLayout([1, 4], [8, 4], [max(warps // 4, 1), min(warps, 4)], [1, 0])
-    if lane_rows == 2:
+    if lanes == "2x16":
         return gl.BlockedLayout([1, 4], [2, 16], [warps, 1], [1, 0])
+    if lanes == "q2x4":
+        # [rows, 128 words]: registers = 4 words, the second 64-word half, then further row blocks; lanes (bits 0, 1,
+        # 3, 4) along the row in 4-word steps and bit 2 across two rows; warps down the rows
+        assert rows % (2 * warps) == 0, "q2x4: rows must be a multiple of 2 x warps"
+        warp_bases = [[2 << k, 0] for k in range(warps.bit_length() - 1)]
+        row_regs = [[2 * warps << k, 0] for k in range((rows // (2 * warps)).bit_length() - 1)]
+        return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 64]] + row_regs,
+                                          lane_bases=[[0, 4], [0, 8], [1, 0], [0, 16], [0, 32]],
+                                          warp_bases=warp_bases, block_bases=[], shape=[rows, 128])
     return gl.BlockedLayout([1, 4], [1, 32], [warps, 1], [1, 0])
 
 

@@ -223,12 +223,12 @@ def _mla_decode_gluon16_kernel(
 @gluon.jit
 def _ws_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                  PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, PW: gl.constexpr,
-                 E5M2: gl.constexpr, ONE_PAGE: gl.constexpr, PREFETCH: gl.constexpr, LANE_ROWS: gl.constexpr):
+                 E5M2: gl.constexpr, ONE_PAGE: gl.constexpr, PREFETCH: gl.constexpr, LANES: gl.constexpr):
     """PREFETCH: tiles whose loads are in flight while a tile converts (1, 2 or 3; each tile ~36 KB an SM, 36
     registers a thread with 8 producer warps; HBM latency at this bandwidth share wants more than one)."""
     gl.static_assert(PREFETCH >= 1 and PREFETCH <= 3, "one to three tiles ahead")
     SUB: gl.constexpr = BLOCK_N // 4
-    LAT_LAYOUT: gl.constexpr = lat_layout(LANE_ROWS, PW)                                 # [SUB, L / 4] words
+    LAT_LAYOUT: gl.constexpr = lat_layout(LANES, PW, SUB)                                 # [SUB, L / 4] words
     ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [PW, 1], [1, 0])   # [BLOCK_N, R / 4] words
     SMEM_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
     nope_words = k_nope._reinterpret(gl.int32, [2, BLOCK_N, L // 2], SMEM_WORDS)
@@ -337,7 +337,7 @@ def _mla_decode_gluon16_ws_kernel(
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr,
-        OVERLAP: gl.constexpr, LANE_ROWS: gl.constexpr, num_warps: gl.constexpr):
+        OVERLAP: gl.constexpr, LANES: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4, "the default partition (consumer) is one warpgroup")
     gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
     gl.static_assert(BLOCK_H % 8 == 0 and BLOCK_H <= 32, "wgmma N = heads")
@@ -375,7 +375,7 @@ def _mla_decode_gluon16_ws_kernel(
         (_ws_consumer, (q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, start, end, qk_scale, k_scale,
                         o_base, o_stride, lse_base, L, BLOCK_H, BLOCK_N, OVERLAP)),
         (_ws_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                        PAGE, L, R, BLOCK_N, PRODUCER_WARPS, E5M2, ONE_PAGE, PREFETCH, LANE_ROWS)),
+                        PAGE, L, R, BLOCK_N, PRODUCER_WARPS, E5M2, ONE_PAGE, PREFETCH, LANES)),
     ], [PRODUCER_WARPS], [PRODUCER_REGS])
 
 
@@ -479,7 +479,7 @@ def _mla_decode_gluon16_dc_kernel(
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr,
-        CONSUMER_REGS: gl.constexpr, LANE_ROWS: gl.constexpr, num_warps: gl.constexpr):
+        CONSUMER_REGS: gl.constexpr, LANES: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4, "the default partition (consumer 0) is one warpgroup")
     gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
     gl.static_assert(BLOCK_H % 8 == 0 and BLOCK_H <= 32, "wgmma N = heads")
@@ -532,5 +532,5 @@ def _mla_decode_gluon16_dc_kernel(
         (_dc_consumer, (q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, fin, park, m_park, l_park,
                         start, end, qk_scale, k_scale, o_base, o_stride, lse_base, L, BLOCK_H, BLOCK_N, C1)),
         (_ws_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                        PAGE, L, R, BLOCK_N, PRODUCER_WARPS, E5M2, ONE_PAGE, PREFETCH, LANE_ROWS)),
+                        PAGE, L, R, BLOCK_N, PRODUCER_WARPS, E5M2, ONE_PAGE, PREFETCH, LANES)),
     ], [4, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])

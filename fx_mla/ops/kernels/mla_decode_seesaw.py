@@ -44,7 +44,7 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
                       qk_scale, k_scale, o_base, stride_o_h, lse_base,
                       WG: gl.constexpr, PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr,
                       BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, E5M2: gl.constexpr, ONE_PAGE: gl.constexpr,
-                      LANE_ROWS: gl.constexpr):
+                      LANES: gl.constexpr):
     """The whole life of warpgroup WG (0: tile A of each pair, columns [0, L/2); 1: tile B, columns [L/2, L))."""
     SUB: gl.constexpr = BLOCK_N // 4
     PAIR: gl.constexpr = 2 * BLOCK_N
@@ -60,7 +60,7 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
     # Global loads of a tile: 16 consecutive bytes a thread, the cache as 32-bit words (36 registers a tile).
-    LAT_LAYOUT: gl.constexpr = lat_layout(LANE_ROWS, 4)                                 # [SUB, L / 4] words
+    LAT_LAYOUT: gl.constexpr = lat_layout(LANES, 4, SUB)                                 # [SUB, L / 4] words
     ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])   # [BLOCK_N, R / 4] words
     SMEM_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
     own_nope_words = own_nope._reinterpret(gl.int32, [2, BLOCK_N, L // 2], SMEM_WORDS)
@@ -173,7 +173,7 @@ def _mla_decode_seesaw_kernel(
         stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
-        ONE_PAGE: gl.constexpr, WORKER_REGS: gl.constexpr, LANE_ROWS: gl.constexpr, num_warps: gl.constexpr):
+        ONE_PAGE: gl.constexpr, WORKER_REGS: gl.constexpr, LANES: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4, "the default partition is one warpgroup; the worker adds the second")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(BLOCK_N % 32 == 0, "tiles load as four row blocks of >= 8 rows")
@@ -233,9 +233,9 @@ def _mla_decode_seesaw_kernel(
         (_seesaw_partition, (q_nope, q_pe, ka_nope, ka_pe, kb_nope, p_a, p_b, m_a_s, l_a_s, m_b_s, l_s,
                              bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                              qk_scale, k_scale, o_base, o_stride, lse_base,
-                             WG0, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANE_ROWS)),
+                             WG0, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES)),
         (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
                              bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                              qk_scale, k_scale, o_base, o_stride, lse_base,
-                             WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANE_ROWS)),
+                             WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES)),
     ], [4], [WORKER_REGS])
