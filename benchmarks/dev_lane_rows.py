@@ -37,6 +37,10 @@ def _set(lanes):
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=2, help="timings of each setting, alternating")
+    reps = ap.parse_args().reps
     copy_tbps, mm_tflops = bd.measure_ceilings()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}: copy "
           f"{copy_tbps:.2f} TB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s", flush=True)
@@ -51,7 +55,7 @@ def main():
         flops = 2 * batch * heads * ctx * (bd.D + bd.LAT)
         floor_us = max(kv_bytes / (copy_tbps * 1e12), flops / (mm_tflops * 1e12)) * 1e6
         row = dict(batch=batch, heads=heads, context=ctx, floor_us=floor_us)
-        for rep in range(2):  # 1, 2, 8, 1, 2, 8: drift shows as a difference between the two runs of one setting
+        for rep in range(reps):  # 1, 2, 8, 1, 2, 8: drift shows as a difference between the two runs of one setting
             for lanes in SETTINGS:
                 _set(lanes)
                 o, lse = op(tables[0])

@@ -79,4 +79,9 @@ print(f'{pick(128)},{pick(16)}')")
     echo "lanes (seesaw,gluon16): $best"
     timeout 130 python3 benchmarks/bench_decode.py --budget 120 --lanes "$best" --out "$OUT/decode.json" \
       > "$OUT/decode.log" 2>&1; tail -10 "$OUT/decode.log" ;;
+  lanes1)  # the same, lighter: one timing a setting, GPU tests of the default; no decode table
+    timeout 120 python3 benchmarks/dev_lane_rows.py --reps 1 > "$OUT/lanes.log" 2>&1; cat "$OUT/lanes.log"
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
+      tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_mla_decode_gluon16_gpu.py -k "not ws4 and not ws8p3 \
+      and not ws8p2o and not dc8 and not ring" 2>&1 | tee "$OUT/lanes_tests.log" | tail -3 ;;
 esac
