@@ -194,7 +194,8 @@ def main():
     ap.add_argument("--bf16-partials", action="store_true",
                     help="split partials of the bf16 output in bf16 (_decode_launch.PARTIAL_BF16)")
     ap.add_argument("--lanes", default="",
-                    help="SEESAW,GLUON16: LANES of the two Gluon kernels' conversion loads/stores (default: the modules')")
+                    help="SEESAW,GLUON16: LANES of the two Gluon kernels' conversion loads/stores "
+                         "(default: the modules')")
     args = ap.parse_args()
     if args.lanes:
         from fx_mla.ops import mla_decode_gluon16, mla_decode_seesaw

@@ -1,6 +1,7 @@
 """Driver for Nsight Compute: one warm launch of each kernel the issue-5/6 targets hinge on, one GPU.
 
-    ncu --clock-control none --profile-from-start off --set full -o prof python3 benchmarks/dev_profile.py [--which decode16,decode128,b1,gather]
+    ncu --clock-control none --profile-from-start off --set full -o prof python3 benchmarks/dev_profile.py \
+        [--which decode16,decode128,b1,gather]
 
 Cases (block 64, e4m3 cache, bf16 query, full-length requests over permuted pages, as bench_decode.py):
   decode16   32 x 16 x 16384 through torch.ops.fx_mla.mla_decode_fp8 (gluon16 ws8p2 + combine)

@@ -52,13 +52,14 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 
 # Launch configuration, in one place: (BLOCK_T tokens a program, num_warps, programs per SM for a persistent
 # grid, 0 = one tile a program[, flags[, maxnreg]]). maxnreg: a register cap a thread (0: the compiler's own; at
-# 48 registers, 10 programs of 4 warps fit an SM, at 32 all 16). flags, a string of letters (kernels' docstring): "v" = loads as wide
-# as the output stores (no shared-memory layout change between load and store), "s" = streaming output
-# stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere). Small tiles keep
+# 48 registers, 10 programs of 4 warps fit an SM, at 32 all 16). flags, a string of letters (kernels' docstring):
+# "v" = loads as wide as the output stores (no shared-memory layout change between load and store), "s" = streaming
+# output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere). Small tiles keep
 # registers low (~32-48 a thread), so many programs share an SM and many independent index chains
 # (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache) are in flight. From bench_cache_gather.py
 # --sweep on an H100 80GB HBM3 (16 configs, bit-identical): (8, 4, 0) best or within 0.1 % of best, both layouts,
-# 64K and 1M tokens; "v" cost ds_mla 6-7 %, "s"/"p" moved <= 1 %, 2 warps and persistent grids were slower.
+# 64K and 1M tokens; "v" cost ds_mla 6-7 %, "s"/"p" moved <= 1 %, 2 warps and persistent grids were slower; register
+# caps of 40 / 32 (more programs an SM) were no faster, 32 much slower (spills) (session 5, RESULTS.md).
 CONFIG = {"plain": (8, 4, 0), "fp8_ds_mla": (8, 4, 0)}
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 

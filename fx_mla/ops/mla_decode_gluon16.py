@@ -42,8 +42,8 @@ LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o", "dc8", "dc4")
 VARIANT = "ws8p2"
 # How a producer warp's lanes cover a tile (kernels/mla_decode_gluon.lat_layout): "1x32" = sessions 2-4 (2-way
-# conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "8x4" 5-6 % slower than
-# "1x32" (twice the L1 wavefronts a load in this memory-bound kernel).
+# conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "q2x4" 9-11 % faster
+# than "1x32", "8x4" 5-7 % slower (twice the L1 wavefronts a load in this memory-bound kernel).
 LANES = "q2x4"
 # producer warps, producer registers (setmaxnreg), tiles ahead, consumer overlap; all compile without spills
 # (Triton 3.6, sm_90)

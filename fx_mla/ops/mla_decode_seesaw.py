@@ -27,7 +27,8 @@ BLOCK_N = 32         # tokens a tile; a pair (one tile a warpgroup) is 64 tokens
 NUM_WARPS = 4        # the default partition (warpgroup 0); the worker partition adds warpgroup 1
 WORKER_REGS = 256    # setmaxnreg of the worker: 8 warps x 256 fill the register file (no spills at 255)
 # How a converting warp's lanes cover a tile (kernels/mla_decode_gluon.lat_layout): "1x32" = sessions 2-4 (2-way
-# conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "8x4" 2-6 % faster.
+# conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "q2x4" 11-13 % faster
+# than "1x32" on three 128-head shapes, the same on 64 x 128 x 4096 (where "8x4" is 5 % faster).
 LANES = "q2x4"
 SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
 

@@ -278,6 +278,9 @@ def test_launch_config_flags_are_checked():
     with pytest.raises(ValueError, match="config flags must be letters of 'vsp', got 'vx'"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "vx"))
+    with pytest.raises(ValueError, match="config maxnreg must be an int >= 0"):
+        gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
+                                         out, "plain", (8, 4, 0, "", -1))
 
 
 def test_launch_config_covers_every_layout():
