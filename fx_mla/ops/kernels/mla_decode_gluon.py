@@ -193,6 +193,23 @@ def _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE: gl.co
 
 
 @gluon.jit
+def _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, head0, num_heads, num_splits,
+                 stride_o_b, stride_o_h, L: gl.constexpr, SINGLE_SPLIT: gl.constexpr):
+    """(o_base, o_stride, lse_base): where a CTA of request pid_b, split pid_s writes the rows of heads head0.. of its
+    (o, lse): straight into out / lse for a single split, else into the split workspace (rows of L fp32)."""
+    if SINGLE_SPLIT:
+        o_base = out_ptr + pid_b * stride_o_b + head0 * stride_o_h
+        o_stride = stride_o_h
+        lse_base = lse_ptr + pid_b * num_heads + head0
+    else:
+        row0 = (pid_b * num_splits + pid_s) * num_heads + head0
+        o_base = part_o_ptr + row0 * L
+        o_stride = L
+        lse_base = part_lse_ptr + row0
+    return o_base, o_stride, lse_base
+
+
+@gluon.jit
 def _mla_decode_gluon_kernel(
         q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,

@@ -28,8 +28,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from fx_mla.ops.kernels.mla_decode_gluon import (_load_tile, _query_tiles, _row_words, _score_scale, _split_range,
-                                                 lat_layout)
+from fx_mla.ops.kernels.mla_decode_gluon import (_load_tile, _output_rows, _query_tiles, _row_words, _score_scale,
+                                                 _split_range, lat_layout)
 from fx_mla.ops.kernels.mla_decode_gluon import _store_tile as _store_full_tile
 
 
@@ -362,15 +362,8 @@ def _mla_decode_gluon16_ws_kernel(
     k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
     start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
     bt_row = block_table_ptr + pid_b * stride_bt_b
-    if SINGLE_SPLIT:
-        o_base = out_ptr + pid_b * stride_o_b
-        o_stride = stride_o_h
-        lse_base = lse_ptr + pid_b * num_heads
-    else:
-        row0 = (pid_b * num_splits + pid_s) * num_heads
-        o_base = part_o_ptr + row0 * L
-        o_stride = L
-        lse_base = part_lse_ptr + row0
+    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, 0, num_heads,
+                                              num_splits, stride_o_b, stride_o_h, L, SINGLE_SPLIT)
     gl.warp_specialize([
         (_ws_consumer, (q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, start, end, qk_scale, k_scale,
                         o_base, o_stride, lse_base, L, BLOCK_H, BLOCK_N, OVERLAP)),
@@ -515,15 +508,8 @@ def _mla_decode_gluon16_dc_kernel(
     k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
     start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
     bt_row = block_table_ptr + pid_b * stride_bt_b
-    if SINGLE_SPLIT:
-        o_base = out_ptr + pid_b * stride_o_b
-        o_stride = stride_o_h
-        lse_base = lse_ptr + pid_b * num_heads
-    else:
-        row0 = (pid_b * num_splits + pid_s) * num_heads
-        o_base = part_o_ptr + row0 * L
-        o_stride = L
-        lse_base = part_lse_ptr + row0
+    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, 0, num_heads,
+                                              num_splits, stride_o_b, stride_o_h, L, SINGLE_SPLIT)
     C0: gl.constexpr = 0
     C1: gl.constexpr = 1
     gl.warp_specialize([

@@ -34,8 +34,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from fx_mla.ops.kernels.mla_decode_gluon import (_load_tile, _query_tiles, _score_scale, _split_range, _store_tile,
-                                                 lat_layout)
+from fx_mla.ops.kernels.mla_decode_gluon import (_load_tile, _output_rows, _query_tiles, _score_scale, _split_range,
+                                                 _store_tile, lat_layout)
 
 
 @gluon.jit
@@ -217,15 +217,8 @@ def _mla_decode_seesaw_kernel(
     start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, 2 * BLOCK_N)  # whole pairs
     bt_row = block_table_ptr + pid_b * stride_bt_b
     head0 = pid_g * BLOCK_H
-    if SINGLE_SPLIT:
-        o_base = out_ptr + pid_b * stride_o_b + head0 * stride_o_h
-        o_stride = stride_o_h
-        lse_base = lse_ptr + pid_b * num_heads + head0
-    else:
-        row0 = (pid_b * num_splits + pid_s) * num_heads + head0
-        o_base = part_o_ptr + row0 * L
-        o_stride = L
-        lse_base = part_lse_ptr + row0
+    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, head0,
+                                              num_heads, num_splits, stride_o_b, stride_o_h, L, SINGLE_SPLIT)
     WG0: gl.constexpr = 0
     WG1: gl.constexpr = 1
     # Partition arguments spelled out (a tuple concatenation would unwrap the constexprs into plain ints).
