@@ -9,6 +9,7 @@
 #                                        # 16-head variants (timing + tests), ncu of the kernels
 #   bash benchmarks/gpu_suite.sh row8    # one GPU: ROW8 on/off on the six decode shapes + tests, gather maxnreg sweep
 #   bash benchmarks/gpu_suite.sh lanes   # one GPU: LANES 1x32/8x4/q2x4, tests, decode table at the fastest setting
+#   bash benchmarks/gpu_suite.sh gather_c # one GPU: gather with the request table in registers (not yet run)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -84,4 +85,8 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
       tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_mla_decode_gluon16_gpu.py -k "not ws4 and not ws8p3 \
       and not ws8p2o and not dc8 and not ring" 2>&1 | tee "$OUT/lanes_tests.log" | tail -3 ;;
+  gather_c)  # written in session 5, not yet run: the gather's request table in registers (flag c), 1:2 ceilings
+    timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
+      > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log"
+    timeout 150 python3 benchmarks/dev_stream_mix.py > "$OUT/stream_mix.log" 2>&1; tail -6 "$OUT/stream_mix.log" ;;
 esac
