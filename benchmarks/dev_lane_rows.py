@@ -10,6 +10,9 @@ fp32 reference (rel err of out, max abs err of lse), with bench_decode's method 
 CUDA-graph medians over rotated block tables) and its roofline (copy and bf16 matmul measured here).
 
     PYTHONPATH=. python3 benchmarks/dev_lane_rows.py     # JSON to $OUT/dev_lane_rows.json, else benchmarks/results/
+Any other module setting the same way, e.g. the seesaw kernel against its producer form:
+    PYTHONPATH=. python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules seesaw --values seesaw,producer \
+        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096
 """
 from __future__ import annotations
 
@@ -30,17 +33,32 @@ SHAPES = [(1, 128, 65536), (8, 128, 16384), (16, 128, 32768), (64, 128, 4096), (
 
 
 SETTINGS = ("1x32", "8x4", "q2x4")  # LANES: sessions 2-4; 8 rows x 4 lanes; 2 rows x 16 lanes, quarter-warp tiled
-
-
-def _set(lanes):
-    ss.LANES = g16.LANES = lanes
+MODULES = {"seesaw": ss, "gluon16": g16}
 
 
 def main():
     import argparse
+    global SHAPES, SETTINGS
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2, help="timings of each setting, alternating")
-    reps = ap.parse_args().reps
+    ap.add_argument("--attr", default="LANES", help="the module setting to vary (default LANES)")
+    ap.add_argument("--modules", default="seesaw,gluon16", help="modules whose --attr is set: seesaw, gluon16")
+    ap.add_argument("--values", default="", help="comma-separated values of --attr (default: the LANES settings)")
+    ap.add_argument("--shapes", default="", help="BxHxS,... (default: the six issue-6 shapes)")
+    args = ap.parse_args()
+    reps = args.reps
+    if args.values:
+        SETTINGS = tuple(args.values.split(","))
+    if args.shapes:
+        SHAPES = [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")]
+    mods = [MODULES[m] for m in args.modules.split(",")]
+
+    def _set(value):
+        for m in mods:
+            setattr(m, args.attr, value)
+
+    defaults = [getattr(m, args.attr) for m in mods]
+    pre = args.attr.lower()  # row keys: f"{pre}_{value}", e.g. lanes_q2x4
     copy_tbps, mm_tflops = bd.measure_ceilings()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}: copy "
           f"{copy_tbps:.2f} TB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s", flush=True)
@@ -63,28 +81,30 @@ def main():
                 err = bd.rel_err(o, ref_o)
                 lse_err = float((lse - ref_l).abs().max())
                 us, how = bd.time_us(op, tables)
-                key = f"lanes_{lanes}"
+                key = f"{pre}_{lanes}"
                 row.setdefault(key, []).append(dict(us=us, how=how, err=err, lse_err=lse_err))
-        for key in (f"lanes_{x}" for x in SETTINGS):
+        for key in (f"{pre}_{x}" for x in SETTINGS):
             best = min(r["us"] for r in row[key])
             row[f"{key}_us"] = best
             row[f"{key}_pct_roofline"] = 100 * floor_us / best
             row[f"{key}_ok"] = all(r["err"] < 1e-2 and r["lse_err"] < 1e-3 for r in row[key])
         rows.append(row)
-        cells = " | ".join(f"{x}: " + "/".join("%.1f" % r["us"] for r in row[f"lanes_{x}"])
-                           + f" us ({row[f'lanes_{x}_pct_roofline']:.1f} %)" for x in SETTINGS)
-        err = max(r["err"] for x in SETTINGS for r in row[f"lanes_{x}"])
-        lse_err = max(r["lse_err"] for x in SETTINGS for r in row[f"lanes_{x}"])
-        ok = all(row[f"lanes_{x}_ok"] for x in SETTINGS)
+        cells = " | ".join(f"{x}: " + "/".join("%.1f" % r["us"] for r in row[f"{pre}_{x}"])
+                           + f" us ({row[f'{pre}_{x}_pct_roofline']:.1f} %)" for x in SETTINGS)
+        err = max(r["err"] for x in SETTINGS for r in row[f"{pre}_{x}"])
+        lse_err = max(r["lse_err"] for x in SETTINGS for r in row[f"{pre}_{x}"])
+        ok = all(row[f"{pre}_{x}_ok"] for x in SETTINGS)
         print(f"{batch:>4}x{heads:<3}x{ctx:<6} floor {floor_us:7.1f} us | {cells} | err {err:.1e} lse {lse_err:.1e} "
               f"ok {ok}", flush=True)
         del cache, tables
         torch.cuda.empty_cache()
-    _set("q2x4")
-    payload = dict(name="dev_lane_rows", device=torch.cuda.get_device_name(), torch=torch.__version__,
+    for m, v in zip(mods, defaults):
+        setattr(m, args.attr, v)
+    payload = dict(name="dev_lane_rows", attr=args.attr, modules=args.modules, settings=list(SETTINGS),
+                   device=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=triton.__version__, copy_tbps=copy_tbps, mm_tflops=mm_tflops, rows=rows)
     out = os.path.join(os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                       "dev_lane_rows.json")
+                       "dev_lane_rows.json" if args.attr == "LANES" else f"dev_{pre}.json")
     with open(out, "w") as f:
         json.dump(payload, f, indent=1)
 

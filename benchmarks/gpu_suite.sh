@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_suite.sh row8    # one GPU: ROW8 on/off on the six decode shapes + tests, gather maxnreg sweep
 #   bash benchmarks/gpu_suite.sh lanes   # one GPU: LANES 1x32/8x4/q2x4, tests, decode table at the fastest setting
 #   bash benchmarks/gpu_suite.sh gather_c # one GPU: gather with the request table in registers (not yet run)
+#   bash benchmarks/gpu_suite.sh next6   # one GPU: session 5's unrun work: seesaw producer variant, gather flag c
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -85,6 +86,15 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
       tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_mla_decode_gluon16_gpu.py -k "not ws4 and not ws8p3 \
       and not ws8p2o and not dc8 and not ring" 2>&1 | tee "$OUT/lanes_tests.log" | tail -3 ;;
+  next6)  # written in session 5, not yet run: the seesaw producer variant (tests, then timed against the seesaw
+          # kernel), then the gather's request table in registers (flag c)
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k producer \
+      2>&1 | tee "$OUT/producer_tests.log" | tail -3
+    grep -q " passed" "$OUT/producer_tests.log" && ! grep -q "failed\|error" "$OUT/producer_tests.log" && \
+      timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules seesaw --values seesaw,producer \
+      --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/producer.log" 2>&1; tail -6 "$OUT/producer.log"
+    timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
+      > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log" ;;
   gather_c)  # written in session 5, not yet run: the gather's request table in registers (flag c), 1:2 ceilings
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
       > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log"

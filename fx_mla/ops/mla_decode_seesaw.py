@@ -20,7 +20,8 @@ from fx_mla.ops._decode_launch import (check_launch_args, combine_splits, device
                                        gluon_launch_args, gluon_unsupported, no_tokens, num_splits_for, sm_count)
 from fx_mla.ops.mla_decode_gluon import _heads_reason
 
-__all__ = ["launch_mla_decode_seesaw", "seesaw_unsupported_reason", "BLOCK_H", "BLOCK_N", "SMEM_NEEDED"]
+__all__ = ["launch_mla_decode_seesaw", "seesaw_unsupported_reason", "BLOCK_H", "BLOCK_N", "SMEM_NEEDED", "VARIANTS",
+           "VARIANT"]
 
 BLOCK_H = 64         # heads a CTA: the warpgroup MMA height
 BLOCK_N = 32         # tokens a tile; a pair (one tile a warpgroup) is 64 tokens, the split granularity
@@ -30,20 +31,31 @@ WORKER_REGS = 256    # setmaxnreg of the worker: 8 warps x 256 fill the register
 # conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "q2x4" 11-13 % faster
 # than "1x32" on three 128-head shapes, the same on 64 x 128 x 4096 (where "8x4" is 5 % faster).
 LANES = "q2x4"
+# "seesaw": each warpgroup loads and converts its own tiles; "producer" (session 5, not yet run on a GPU): a third,
+# 4-warp partition loads and converts all tiles (kernels/mla_decode_seesaw.py, _mla_decode_seesaw_p_kernel), the
+# warpgroups at PRODUCER_WORKER_REGS registers, the producer at PRODUCER_REGS (no spills, Triton 3.6 sm_90).
+VARIANTS = ("seesaw", "producer")
+VARIANT = "seesaw"
+PRODUCER_WORKER_REGS, PRODUCER_REGS = 200, 104
+SMEM_NEEDED_PRODUCER = 230880  # bytes of the compiled producer variant: 8 barriers more
 SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
 
 
 def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
-                              device: Optional[torch.device] = None) -> Optional[str]:
+                              device: Optional[torch.device] = None, variant: Optional[str] = None) -> Optional[str]:
     """None when the seesaw kernel covers these inputs on `device` (default: q's device), else why not.
     Same coverage as the Gluon kernel (capability (9, 0), Triton 3.6, shapes, dtypes), a little more shared memory."""
+    variant = VARIANT if variant is None else variant
+    if variant not in VARIANTS:
+        return f"variant must be one of {VARIANTS}, got {variant!r}"
+    smem = SMEM_NEEDED_PRODUCER if variant == "producer" else SMEM_NEEDED
     return gluon_unsupported(q, kv_cache, kv_lora_rank, device, kernel="the seesaw Gluon kernel",
-                             heads_reason=_heads_reason, row_align=4, smem_needed=SMEM_NEEDED)
+                             heads_reason=_heads_reason, row_align=4, smem_needed=smem)
 
 
 def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out,
                              lse, num_splits: Optional[int] = None, poison_workspace: bool = False,
-                             one_page: bool = True, checked: bool = False):
+                             one_page: bool = True, checked: bool = False, variant: Optional[str] = None):
     """Fill out / lse with the decode attention of q over the paged cache; returns (out, lse).
 
     num_splits: splits per request (None: the Triton path's rule with 64-token pairs, about one CTA per SM).
@@ -51,16 +63,18 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     (applies where block_size % 32 == 0; same numerics).
     checked: the caller (torch.ops.fx_mla.mla_decode_fp8) validated the inputs and picked this kernel with its
     support check, so neither runs again here (the op's hot path).
+    variant: one of VARIANTS (None: VARIANT).
     """
+    variant = VARIANT if variant is None else variant
     if not checked:
-        reason = seesaw_unsupported_reason(q, kv_cache, kv_lora_rank)
+        reason = seesaw_unsupported_reason(q, kv_cache, kv_lora_rank, variant=variant)
         if reason is not None:
             raise ValueError(f"the seesaw MLA decode kernel does not cover these inputs: {reason}")
         check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale, q_scale,
                           "the seesaw kernel")
     if no_tokens(q, kv_cache, block_table):  # B = 0, no cache block or no table column: out = 0, lse = -inf
         return fill_empty(out, lse)
-    from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel  # gluon: Triton 3.6 only
+    from fx_mla.ops.kernels import mla_decode_seesaw as kmod  # gluon: Triton 3.6 only
 
     batch, heads, _ = q.shape
     page = kv_cache.shape[1]
@@ -70,9 +84,13 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * BLOCK_N, sm_count(device_index(q.device)), 1)
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
                                                 lse, num_splits, poison_workspace)
-    kernel = _mla_decode_seesaw_kernel[(groups, num_splits, batch)](
-        *args, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0,
-        WORKER_REGS=WORKER_REGS, LANES=str(LANES), num_warps=NUM_WARPS, **consts)
+    common = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
+                  num_warps=NUM_WARPS, **consts)
+    if variant == "producer":
+        kernel = kmod._mla_decode_seesaw_p_kernel[(groups, num_splits, batch)](
+            *args, WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER_REGS=PRODUCER_REGS, **common)
+    else:
+        kernel = kmod._mla_decode_seesaw_kernel[(groups, num_splits, batch)](*args, WORKER_REGS=WORKER_REGS, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
     return out, lse

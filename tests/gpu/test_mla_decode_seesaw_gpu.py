@@ -1,6 +1,7 @@
 """GPU tests of the seesaw Gluon MLA decode kernel: against the float64 reference on ragged problems (lengths incl.
 0, odd tile counts, NaN in every slot the length mask must skip, block sizes 16/64), outputs and split workspace
-poisoned with NaN. Skips where seesaw_unsupported_reason declines (not sm_90, not Triton 3.6)."""
+poisoned with NaN; both variants (VARIANTS: the seesaw kernel and its producer form). Skips where
+seesaw_unsupported_reason declines (not sm_90, not Triton 3.6)."""
 import pytest
 import torch
 
@@ -20,30 +21,34 @@ def _skip_unless_supported():
         pytest.skip(reason)
 
 
+@pytest.mark.parametrize("variant", smod.VARIANTS)
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
 @pytest.mark.parametrize("cache_dtype,q_dtype,out_dtype", [(E4M3, torch.bfloat16, torch.bfloat16),
                                                            (E5M2, torch.float16, torch.float32)])
-def test_seesaw_decode_matches_float64(block_size, num_splits, cache_dtype, q_dtype, out_dtype):
+def test_seesaw_decode_matches_float64(block_size, num_splits, cache_dtype, q_dtype, out_dtype, variant):
     _skip_unless_supported()
     lengths = [0, 1, 33, 65, 700, 96]  # 1, 2, 3 tiles: fully masked second tiles of the last pair
     p = make_problem(lengths, 128, block_size, cache_dtype, q_dtype, seed=block_size, device="cuda")
     out = torch.full((len(lengths), 128, 512), float("nan"), dtype=out_dtype, device="cuda")
     lse = torch.full((len(lengths), 128), float("nan"), device="cuda")
     smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
-                                  out, lse, num_splits=num_splits, poison_workspace=True, one_page=False)
-    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"bs{block_size} splits {num_splits}")
+                                  out, lse, num_splits=num_splits, poison_workspace=True, one_page=False,
+                                  variant=variant)
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"{variant} bs{block_size} splits {num_splits}")
 
 
+@pytest.mark.parametrize("variant", smod.VARIANTS)
 @pytest.mark.parametrize("num_splits", [None, 1])
-def test_seesaw_decode_one_page_matches_float64(num_splits):
+def test_seesaw_decode_one_page_matches_float64(num_splits, variant):
     _skip_unless_supported()
     p = make_problem([0, 1, 95, 700, 333], 128, 64, E4M3, torch.bfloat16, seed=3, device="cuda")
     out = torch.full((5, 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
     lse = torch.full((5, 128), float("nan"), device="cuda")
     smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
-                                  out, lse, num_splits=num_splits, poison_workspace=True, one_page=True)
-    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"one_page splits {num_splits}")
+                                  out, lse, num_splits=num_splits, poison_workspace=True, one_page=True,
+                                  variant=variant)
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"{variant} one_page splits {num_splits}")
 
 
 def test_seesaw_decode_rejects_a_scale_with_a_bf16_query():
@@ -56,9 +61,10 @@ def test_seesaw_decode_rejects_a_scale_with_a_bf16_query():
                                       p.sm_scale, 512, out, lse)
 
 
+@pytest.mark.parametrize("variant", smod.VARIANTS)
 @pytest.mark.parametrize("q_dtype,cache_dtype,block_size,num_splits", [
     (E4M3, E4M3, 64, None), (E4M3, E4M3, 16, 1), (E5M2, E5M2, 64, 7), (E5M2, E4M3, 32, None)])
-def test_seesaw_decode_fp8_query_matches_float64(q_dtype, cache_dtype, block_size, num_splits):
+def test_seesaw_decode_fp8_query_matches_float64(q_dtype, cache_dtype, block_size, num_splits, variant):
     """An FP8 query (per-tensor q_scale): loaded as fp16 exactly, q_scale folded into the score scale."""
     _skip_unless_supported()
     p = make_problem([0, 1, 33, 65, 700, 96], 128, block_size, cache_dtype, q_dtype, seed=5, device="cuda")
@@ -66,5 +72,6 @@ def test_seesaw_decode_fp8_query_matches_float64(q_dtype, cache_dtype, block_siz
     out = torch.full((6, 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
     lse = torch.full((6, 128), float("nan"), device="cuda")
     smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, p.q_scale, p.sm_scale, 512,
-                                  out, lse, num_splits=num_splits, poison_workspace=True)
-    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"fp8 q {q_dtype} bs{block_size} splits {num_splits}")
+                                  out, lse, num_splits=num_splits, poison_workspace=True, variant=variant)
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2,
+                what=f"{variant} fp8 q {q_dtype} bs{block_size} splits {num_splits}")

@@ -93,3 +93,15 @@ def test_seesaw_kernel_source_constexprs_match_launcher():
     for name in ("PAGE", "L", "R", "BLOCK_H", "BLOCK_N", "Q_SHIFT", "E5M2", "SINGLE_SPLIT", "ONE_PAGE", "WORKER_REGS"):
         assert f"{name}: gl.constexpr" in src, name
     assert smod.BLOCK_H == 64 and smod.BLOCK_N == 32
+
+
+def test_seesaw_variants_on_fake_hopper(fake_hopper):
+    assert smod.VARIANT in smod.VARIANTS
+    reason = smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="bogus")
+    assert reason is not None and "variant must be one of" in reason and "bogus" in reason
+    for variant in smod.VARIANTS:
+        assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant=variant) is None
+    fake_hopper["smem"] = smod.SMEM_NEEDED  # the seesaw kernel fits, the producer form (8 barriers more) does not
+    assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="seesaw") is None
+    reason = smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="producer")
+    assert reason is not None and "shared memory" in reason

@@ -44,8 +44,11 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
                       qk_scale, k_scale, o_base, stride_o_h, lse_base,
                       WG: gl.constexpr, PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr,
                       BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, E5M2: gl.constexpr, ONE_PAGE: gl.constexpr,
-                      LANES: gl.constexpr):
-    """The whole life of warpgroup WG (0: tile A of each pair, columns [0, L/2); 1: tile B, columns [L/2, L))."""
+                      LANES: gl.constexpr, full_own=None, empty_a=None, empty_b=None, PRODUCER: gl.constexpr = False):
+    """The whole life of warpgroup WG (0: tile A of each pair, columns [0, L/2); 1: tile B, columns [L/2, L)).
+    PRODUCER: a producer partition (_seesaw_producer) converts the tiles; this warpgroup waits for its tile of a
+    pair on full_own[buffer] and, once its MMAs of a pair are complete, releases both tiles of the pair (it reads
+    both: its own scores and V, the other's V) on empty_a / empty_b[buffer]."""
     SUB: gl.constexpr = BLOCK_N // 4
     PAIR: gl.constexpr = 2 * BLOCK_N
     HALF: gl.constexpr = L // 2
@@ -70,13 +73,16 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
     n_pairs = gl.cdiv(end - start, PAIR)
 
     # ---- prologue: the tile of pair 0 converted into buffer 0, its scores issued; pair 1's tile to registers
-    tile = _load_tile(kv_words, bt_row, start + off, end, num_blocks, blk_words, tok_words,
-                      PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
-    _store_tile(tile, own_nope_words.index(0), own_pe_words.index(0), SUB, E5M2)
-    tile = _load_tile(kv_words, bt_row, start + PAIR + off, end, num_blocks, blk_words, tok_words,
-                      PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
-    fence_async_shared()
-    gl.thread_barrier()  # inside a partition: its own 4 warps
+    if PRODUCER:
+        mbarrier.wait(full_own.index(0), 0)
+    else:
+        tile = _load_tile(kv_words, bt_row, start + off, end, num_blocks, blk_words, tok_words,
+                          PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+        _store_tile(tile, own_nope_words.index(0), own_pe_words.index(0), SUB, E5M2)
+        tile = _load_tile(kv_words, bt_row, start + PAIR + off, end, num_blocks, blk_words, tok_words,
+                          PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+        fence_async_shared()
+        gl.thread_barrier()  # inside a partition: its own 4 warps
     s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, S_LAYOUT)
     s = warpgroup_mma(q_nope.index(0), own_nope.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
     s = warpgroup_mma(q_pe.index(0), own_pe.index(0).permute((1, 0)), s, is_async=True)
@@ -133,11 +139,14 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
             m_i = m_b
         # ---- our tile of pair j+1 into the other buffer while the P V MMAs run; then its scores
         nbuf = 1 - buf
-        _store_tile(tile, own_nope_words.index(nbuf), own_pe_words.index(nbuf), SUB, E5M2)
-        fence_async_shared()
-        gl.thread_barrier()
-        tile = _load_tile(kv_words, bt_row, start + (j + 2) * PAIR + off, end, num_blocks, blk_words, tok_words,
-                          PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+        if PRODUCER:  # the producer converts one pair past the last (zeros): no branch around this wait
+            mbarrier.wait(full_own.index(nbuf), ((j + 1) // 2) & 1)
+        else:
+            _store_tile(tile, own_nope_words.index(nbuf), own_pe_words.index(nbuf), SUB, E5M2)
+            fence_async_shared()
+            gl.thread_barrier()
+            tile = _load_tile(kv_words, bt_row, start + (j + 2) * PAIR + off, end, num_blocks, blk_words,
+                              tok_words, PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
         # An opaque zero keeps the 36 query descriptors of this MMA from being hoisted out of the loop into 72
         # registers (ptxas then spills them in the default partition).
         zero = gl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [j], dtype=gl.int32, is_pure=False, pack=1)
@@ -145,6 +154,10 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
                           is_async=True)
         s = warpgroup_mma(q_pe.index(zero), own_pe.index(nbuf).permute((1, 0)), s, is_async=True)
         acc, s = warpgroup_mma_wait(0, deps=(acc, s))
+        if PRODUCER:  # this warpgroup's reads of pair j's two tiles are complete
+            gl.thread_barrier()
+            mbarrier.arrive(empty_a.index(buf))
+            mbarrier.arrive(empty_b.index(buf))
 
     # ---- epilogue: o = acc * k_scale / l (WG1's l, handed over), lse natural log; no tokens: -inf, o = 0
     if WG == 1:
@@ -232,3 +245,129 @@ def _mla_decode_seesaw_kernel(
                              qk_scale, k_scale, o_base, o_stride, lse_base,
                              WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES)),
     ], [4], [WORKER_REGS])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Producer variant (session 5, written without a GPU: not yet run). Nsight Compute put the seesaw kernel's warps at
+# 0.35 eligible a cycle with the tensor pipe 34 % busy: each warpgroup loads and converts its own tiles on its
+# critical path, between its P V and its next scores. Here a third, 4-warp partition does all loads and conversions
+# (tile t of the split = pair t // 2, A for even t, B for odd, into buffer (t // 2) % 2, one tile ahead in
+# registers), and the two MMA warpgroups only wait for their tile (full) and release both tiles of a pair once their
+# MMAs on it completed (empty, count 2). The producer converts one pair past the last (zero rows, no memory traffic)
+# because the warpgroups issue the next pair's scores before leaving the loop, as in the seesaw kernel. Shared
+# memory as in the seesaw kernel plus 8 barriers; registers: producer PRODUCER_REGS, the warpgroups the rest.
+
+
+@gluon.jit
+def _seesaw_producer(ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, empty_b, kv_ptr, bt_row, start, end,
+                     num_blocks, blk_words, tok_words, PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr,
+                     BLOCK_N: gl.constexpr, E5M2: gl.constexpr, ONE_PAGE: gl.constexpr, LANES: gl.constexpr):
+    SUB: gl.constexpr = BLOCK_N // 4
+    PAIR: gl.constexpr = 2 * BLOCK_N
+    LAT_LAYOUT: gl.constexpr = lat_layout(LANES, 4, SUB)                            # [SUB, L / 4] words
+    ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])   # [BLOCK_N, R / 4] words
+    SMEM_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    a_nope = ka_nope._reinterpret(gl.int32, [2, BLOCK_N, L // 2], SMEM_WORDS)
+    a_pe = ka_pe._reinterpret(gl.int32, [2, BLOCK_N, R // 2], SMEM_WORDS)
+    b_nope = kb_nope._reinterpret(gl.int32, [2, BLOCK_N, L // 2], SMEM_WORDS)
+    b_pe = kb_pe._reinterpret(gl.int32, [2, BLOCK_N, R // 2], SMEM_WORDS)
+    kv_words = kv_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+    n_tiles = 2 * (gl.cdiv(end - start, PAIR) + 1)  # one pair past the last: see above
+    tile = _load_tile(kv_words, bt_row, start, end, num_blocks, blk_words, tok_words,
+                      PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+    for t in range(n_tiles):
+        j = t // 2
+        b = j % 2
+        parity = ((j // 2) & 1) ^ 1  # a fresh barrier passes parity 1 at once
+        nxt = _load_tile(kv_words, bt_row, start + (t + 1) * BLOCK_N, end, num_blocks, blk_words, tok_words,
+                         PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+        if t % 2 == 0:
+            mbarrier.wait(empty_a.index(b), parity)
+            _store_tile(tile, a_nope.index(b), a_pe.index(b), SUB, E5M2)
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(full_a.index(b))
+        else:
+            mbarrier.wait(empty_b.index(b), parity)
+            _store_tile(tile, b_nope.index(b), b_pe.index(b), SUB, E5M2)
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(full_b.index(b))
+        tile = nxt
+
+
+@gluon.jit
+def _mla_decode_seesaw_p_kernel(
+        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
+        out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+        sm_scale, num_heads, num_splits, num_blocks, max_blocks,
+        stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
+        PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+        ONE_PAGE: gl.constexpr, WORKER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, LANES: gl.constexpr,
+        num_warps: gl.constexpr):
+    gl.static_assert(num_warps == 4, "the default partition is warpgroup 0; workers: warpgroup 1, the producer")
+    gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
+    gl.static_assert(BLOCK_N % 32 == 0, "tiles load as four row blocks of >= 8 rows")
+    gl.static_assert((not ONE_PAGE) or PAGE % BLOCK_N == 0, "ONE_PAGE: a tile lies in one page")
+    pid_g = gl.program_id(0)
+    pid_s = gl.program_id(1)
+    pid_b = gl.program_id(2).to(gl.int64)
+    SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    SMEM_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.float16)
+    SMEM_ROW: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+
+    q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT,
+                                    num_warps)
+    q_nope = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, L], SMEM_LAT)
+    q_nope.index(0).store(q_nope_t)
+    q_pe = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, R], SMEM_LAT)
+    q_pe.index(0).store(q_pe_t)
+    ka_nope = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_LAT)
+    ka_pe = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_LAT)
+    kb_nope = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_LAT)
+    kb_pe = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_LAT)
+    p_a = gl.allocate_shared_memory(gl.float16, [BLOCK_H, BLOCK_N], SMEM_P)
+    p_b = gl.allocate_shared_memory(gl.float16, [BLOCK_H, BLOCK_N], SMEM_P)
+    m_a_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
+    l_a_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
+    m_b_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
+    l_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
+    bar_a = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bar_b = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bar_fin = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    full_a = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    full_b = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    empty_a = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    empty_b = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar_a, count=1)
+    mbarrier.init(bar_b, count=1)
+    mbarrier.init(bar_fin, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(full_a.index(i), count=1)
+        mbarrier.init(full_b.index(i), count=1)
+        mbarrier.init(empty_a.index(i), count=2)  # both warpgroups read both tiles of a pair
+        mbarrier.init(empty_b.index(i), count=2)
+    fence_async_shared()
+
+    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
+    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, 2 * BLOCK_N)  # whole pairs
+    bt_row = block_table_ptr + pid_b * stride_bt_b
+    head0 = pid_g * BLOCK_H
+    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, head0,
+                                              num_heads, num_splits, stride_o_b, stride_o_h, L, SINGLE_SPLIT)
+    WG0: gl.constexpr = 0
+    WG1: gl.constexpr = 1
+    ON: gl.constexpr = True
+    gl.warp_specialize([
+        (_seesaw_partition, (q_nope, q_pe, ka_nope, ka_pe, kb_nope, p_a, p_b, m_a_s, l_a_s, m_b_s, l_s,
+                             bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                             qk_scale, k_scale, o_base, o_stride, lse_base,
+                             WG0, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES, full_a, empty_a, empty_b, ON)),
+        (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
+                             bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                             qk_scale, k_scale, o_base, o_stride, lse_base,
+                             WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES, full_b, empty_a, empty_b, ON)),
+        (_seesaw_producer, (ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, empty_b, kv_ptr, bt_row, start,
+                            end, num_blocks, blk_words, tok_words, PAGE, L, R, BLOCK_N, E5M2, ONE_PAGE, LANES)),
+    ], [4, 4], [WORKER_REGS, PRODUCER_REGS])
