@@ -352,6 +352,9 @@ def _mla_decode_seesaw_p_kernel(
 
     k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
     start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, 2 * BLOCK_N)  # whole pairs
+    # a split past the request's end has end < start: empty, not negative (a negative pair count would leave the
+    # warpgroups' first full-barrier wait without a producer arrive: a hang; the other kernels only skip loops)
+    end = gl.maximum(end, start)
     bt_row = block_table_ptr + pid_b * stride_bt_b
     head0 = pid_g * BLOCK_H
     o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, head0,
