@@ -35,10 +35,12 @@ LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 # 4- or 8-warp producer partition loading FP8 words into registers and converting them into two fp16 tiles ("ws4",
 # "ws8": one tile ahead; "ws8p2" / "ws8p3": two / three tiles ahead). On 1x H100 (RESULTS.md) ws4 / ws8 ran 5-6 %
 # slower than the ring kernel from HBM but 16-20 % faster with the cache hot in L2 (too few bytes in flight);
-# ws8p2 runs 9-12 % faster than the ring kernel from HBM (62-67 % of copy) and is the default; ws8p3 2-3 % slower.
-# "ws8p2o" (not yet run on a GPU): ws8p2 whose consumer leaves each tile's P V in flight behind the next tile's scores.
+# ws8p2 runs 9-12 % faster than the ring kernel from HBM (62-67 % of copy; 70-77 % with LANES "q2x4", session 5) and
+# is the default; ws8p3 2-3 % slower.
+# "ws8p2o": ws8p2 whose consumer leaves each tile's P V in flight behind the next tile's scores (1x H100, session 4:
+# within noise of ws8p2).
 # "dc8" / "dc4" (session 5): two consumer warpgroups on alternate tiles (each its own fp16 buffer and softmax state,
-# merged at the end) fed by an 8- / 4-warp producer one tile ahead.
+# merged at the end) fed by an 8- / 4-warp producer one tile ahead: 9-36 % slower than ws8p2 from HBM (1x H100).
 VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o", "dc8", "dc4")
 VARIANT = "ws8p2"
 # How a producer warp's lanes cover a tile (kernels/mla_decode_gluon.lat_layout): "1x32" = sessions 2-4 (2-way
