@@ -32,7 +32,7 @@ WORKER_REGS = 256    # setmaxnreg of the worker: 8 warps x 256 fill the register
 # than "1x32" on three 128-head shapes, the same on 64 x 128 x 4096 (where "8x4" is 5 % faster).
 LANES = "q2x4"
 # "seesaw": each warpgroup loads and converts its own tiles; "producer" (session 5, not yet run on a GPU): a third,
-# 4-warp partition loads and converts all tiles (kernels/mla_decode_seesaw.py, _mla_decode_seesaw_p_kernel), the
+# 4-warp partition loads and converts all tiles (kernels/mla_decode_seesaw.py, PRODUCER=True), the
 # warpgroups at PRODUCER_WORKER_REGS registers, the producer at PRODUCER_REGS (no spills, Triton 3.6 sm_90).
 VARIANTS = ("seesaw", "producer")
 VARIANT = "seesaw"
@@ -87,10 +87,10 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     common = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
                   num_warps=NUM_WARPS, **consts)
     if variant == "producer":
-        kernel = kmod._mla_decode_seesaw_p_kernel[(groups, num_splits, batch)](
-            *args, WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER_REGS=PRODUCER_REGS, **common)
+        common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
     else:
-        kernel = kmod._mla_decode_seesaw_kernel[(groups, num_splits, batch)](*args, WORKER_REGS=WORKER_REGS, **common)
+        common.update(WORKER_REGS=WORKER_REGS)
+    kernel = kmod._mla_decode_seesaw_kernel[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
     return out, lse

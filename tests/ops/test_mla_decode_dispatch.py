@@ -266,7 +266,7 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
     mod, kmod, name, heads, kw = {
         "gluon": (gmod, kg, "_mla_decode_gluon_kernel", 128, {}),
         "seesaw": (smod, ks_, "_mla_decode_seesaw_kernel", 128, {}),
-        "seesaw_producer": (smod, ks_, "_mla_decode_seesaw_p_kernel", 128, dict(variant="producer")),
+        "seesaw_producer": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="producer")),
         "gluon16_ring": (g16mod, kg16, "_mla_decode_gluon16_kernel", 16, dict(variant="ring")),
         "gluon16_ws8p2": (g16mod, kg16, "_mla_decode_gluon16_ws_kernel", 16, dict(variant="ws8p2")),
         "gluon16_dc8": (g16mod, kg16, "_mla_decode_gluon16_dc_kernel", 16, dict(variant="dc8")),

@@ -41,7 +41,7 @@ def lat_layout(lanes, warps, rows):
             conversion store (Nsight Compute, 1x H100: 8.5-8.9 wavefronts a store request, a third of all shared-store
             wavefronts, in the seesaw and gluon16 kernels);
     "2x16": 2 rows x 16 lanes, blocked (256-byte loads); a quarter warp still lies in one row: as "1x32" by the
-            quarter-warp rule, conflict-free if the whole warp were served at once (timed to tell);
+            quarter-warp rule (tests/ops/test_lat_layout.py models it; not timed on a GPU);
     "8x4":  8 rows x 4 lanes (64-byte loads): a quarter warp = 2 rows of one swizzle column, conflict-free, but a
             load touches 8 cache lines (twice the L1 wavefronts);
     "q2x4": 2 rows x 16 lanes (256-byte loads) with lane bit 2 selecting the row, so each quarter warp is 2 rows x 4

@@ -186,8 +186,10 @@ def _mla_decode_seesaw_kernel(
         stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
-        ONE_PAGE: gl.constexpr, WORKER_REGS: gl.constexpr, LANES: gl.constexpr, num_warps: gl.constexpr):
-    gl.static_assert(num_warps == 4, "the default partition is one warpgroup; the worker adds the second")
+        ONE_PAGE: gl.constexpr, WORKER_REGS: gl.constexpr, LANES: gl.constexpr, num_warps: gl.constexpr,
+        PRODUCER: gl.constexpr = False, PRODUCER_REGS: gl.constexpr = 0):
+    """PRODUCER: the producer variant below (a third partition converts the tiles, full / empty barriers)."""
+    gl.static_assert(num_warps == 4, "the default partition is one warpgroup; the workers: the second (+ producer)")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(BLOCK_N % 32 == 0, "tiles load as four row blocks of >= 8 rows")
     gl.static_assert((not ONE_PAGE) or PAGE % BLOCK_N == 0, "ONE_PAGE: a tile lies in one page")
@@ -224,10 +226,25 @@ def _mla_decode_seesaw_kernel(
     mbarrier.init(bar_a, count=1)
     mbarrier.init(bar_b, count=1)
     mbarrier.init(bar_fin, count=1)
+    if PRODUCER:
+        full_a = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        full_b = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        empty_a = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        empty_b = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(full_a.index(i), count=1)
+            mbarrier.init(full_b.index(i), count=1)
+            mbarrier.init(empty_a.index(i), count=2)  # both warpgroups read both tiles of a pair
+            mbarrier.init(empty_b.index(i), count=2)
     fence_async_shared()
 
     k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
     start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, 2 * BLOCK_N)  # whole pairs
+    if PRODUCER:
+        # a split past the request's end has end < start: empty, not negative (a negative pair count would leave
+        # the warpgroups' first full-barrier wait without a producer arrive: a hang; without the producer the
+        # loops are just skipped)
+        end = gl.maximum(end, start)
     bt_row = block_table_ptr + pid_b * stride_bt_b
     head0 = pid_g * BLOCK_H
     o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, head0,
@@ -235,16 +252,31 @@ def _mla_decode_seesaw_kernel(
     WG0: gl.constexpr = 0
     WG1: gl.constexpr = 1
     # Partition arguments spelled out (a tuple concatenation would unwrap the constexprs into plain ints).
-    gl.warp_specialize([
-        (_seesaw_partition, (q_nope, q_pe, ka_nope, ka_pe, kb_nope, p_a, p_b, m_a_s, l_a_s, m_b_s, l_s,
-                             bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                             qk_scale, k_scale, o_base, o_stride, lse_base,
-                             WG0, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES)),
-        (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
-                             bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                             qk_scale, k_scale, o_base, o_stride, lse_base,
-                             WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES)),
-    ], [4], [WORKER_REGS])
+    if PRODUCER:
+        gl.warp_specialize([
+            (_seesaw_partition, (q_nope, q_pe, ka_nope, ka_pe, kb_nope, p_a, p_b, m_a_s, l_a_s, m_b_s, l_s,
+                                 bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                                 qk_scale, k_scale, o_base, o_stride, lse_base, WG0, PAGE, L, R, BLOCK_H, BLOCK_N,
+                                 E5M2, ONE_PAGE, LANES, full_a, empty_a, empty_b, PRODUCER)),
+            (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
+                                 bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                                 qk_scale, k_scale, o_base, o_stride, lse_base, WG1, PAGE, L, R, BLOCK_H, BLOCK_N,
+                                 E5M2, ONE_PAGE, LANES, full_b, empty_a, empty_b, PRODUCER)),
+            (_seesaw_producer, (ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, empty_b, kv_ptr, bt_row,
+                                start, end, num_blocks, blk_words, tok_words, PAGE, L, R, BLOCK_N, E5M2, ONE_PAGE,
+                                LANES)),
+        ], [4, 4], [WORKER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_seesaw_partition, (q_nope, q_pe, ka_nope, ka_pe, kb_nope, p_a, p_b, m_a_s, l_a_s, m_b_s, l_s,
+                                 bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                                 qk_scale, k_scale, o_base, o_stride, lse_base,
+                                 WG0, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES)),
+            (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
+                                 bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                                 qk_scale, k_scale, o_base, o_stride, lse_base,
+                                 WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES)),
+        ], [4], [WORKER_REGS])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -256,6 +288,7 @@ def _mla_decode_seesaw_kernel(
 # MMAs on it completed (empty, count 2). The producer converts one pair past the last (zero rows, no memory traffic)
 # because the warpgroups issue the next pair's scores before leaving the loop, as in the seesaw kernel. Shared
 # memory as in the seesaw kernel plus 8 barriers; registers: producer PRODUCER_REGS, the warpgroups the rest.
+# Launched as _mla_decode_seesaw_kernel with PRODUCER=True.
 
 
 @gluon.jit
@@ -294,83 +327,3 @@ def _seesaw_producer(ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, em
             gl.thread_barrier()
             mbarrier.arrive(full_b.index(b))
         tile = nxt
-
-
-@gluon.jit
-def _mla_decode_seesaw_p_kernel(
-        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
-        out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
-        sm_scale, num_heads, num_splits, num_blocks, max_blocks,
-        stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
-        PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
-        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
-        ONE_PAGE: gl.constexpr, WORKER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, LANES: gl.constexpr,
-        num_warps: gl.constexpr):
-    gl.static_assert(num_warps == 4, "the default partition is warpgroup 0; workers: warpgroup 1, the producer")
-    gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
-    gl.static_assert(BLOCK_N % 32 == 0, "tiles load as four row blocks of >= 8 rows")
-    gl.static_assert((not ONE_PAGE) or PAGE % BLOCK_N == 0, "ONE_PAGE: a tile lies in one page")
-    pid_g = gl.program_id(0)
-    pid_s = gl.program_id(1)
-    pid_b = gl.program_id(2).to(gl.int64)
-    SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    SMEM_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.float16)
-    SMEM_ROW: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-
-    q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT,
-                                    num_warps)
-    q_nope = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, L], SMEM_LAT)
-    q_nope.index(0).store(q_nope_t)
-    q_pe = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, R], SMEM_LAT)
-    q_pe.index(0).store(q_pe_t)
-    ka_nope = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_LAT)
-    ka_pe = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_LAT)
-    kb_nope = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_LAT)
-    kb_pe = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_LAT)
-    p_a = gl.allocate_shared_memory(gl.float16, [BLOCK_H, BLOCK_N], SMEM_P)
-    p_b = gl.allocate_shared_memory(gl.float16, [BLOCK_H, BLOCK_N], SMEM_P)
-    m_a_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
-    l_a_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
-    m_b_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
-    l_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
-    bar_a = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bar_b = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bar_fin = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    full_a = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    full_b = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    empty_a = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    empty_b = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(bar_a, count=1)
-    mbarrier.init(bar_b, count=1)
-    mbarrier.init(bar_fin, count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(full_a.index(i), count=1)
-        mbarrier.init(full_b.index(i), count=1)
-        mbarrier.init(empty_a.index(i), count=2)  # both warpgroups read both tiles of a pair
-        mbarrier.init(empty_b.index(i), count=2)
-    fence_async_shared()
-
-    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
-    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, 2 * BLOCK_N)  # whole pairs
-    # a split past the request's end has end < start: empty, not negative (a negative pair count would leave the
-    # warpgroups' first full-barrier wait without a producer arrive: a hang; the other kernels only skip loops)
-    end = gl.maximum(end, start)
-    bt_row = block_table_ptr + pid_b * stride_bt_b
-    head0 = pid_g * BLOCK_H
-    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, head0,
-                                              num_heads, num_splits, stride_o_b, stride_o_h, L, SINGLE_SPLIT)
-    WG0: gl.constexpr = 0
-    WG1: gl.constexpr = 1
-    ON: gl.constexpr = True
-    gl.warp_specialize([
-        (_seesaw_partition, (q_nope, q_pe, ka_nope, ka_pe, kb_nope, p_a, p_b, m_a_s, l_a_s, m_b_s, l_s,
-                             bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                             qk_scale, k_scale, o_base, o_stride, lse_base,
-                             WG0, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES, full_a, empty_a, empty_b, ON)),
-        (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
-                             bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                             qk_scale, k_scale, o_base, o_stride, lse_base,
-                             WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES, full_b, empty_a, empty_b, ON)),
-        (_seesaw_producer, (ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, empty_b, kv_ptr, bt_row, start,
-                            end, num_blocks, blk_words, tok_words, PAGE, L, R, BLOCK_N, E5M2, ONE_PAGE, LANES)),
-    ], [4, 4], [WORKER_REGS, PRODUCER_REGS])
