@@ -36,6 +36,11 @@ SETTINGS = ("1x32", "8x4", "q2x4")  # LANES: sessions 2-4; 8 rows x 4 lanes; 2 r
 MODULES = {"seesaw": ss, "gluon16": g16}
 
 
+def _key(value):
+    """Row key part of a setting: "VARIANT=producer+LANES=8x4" -> "variant_producer_lanes_8x4"."""
+    return value.replace("=", "_").replace("+", "_").lower() if "=" in value else value
+
+
 def main():
     import argparse
     global SHAPES, SETTINGS
@@ -43,7 +48,9 @@ def main():
     ap.add_argument("--reps", type=int, default=2, help="timings of each setting, alternating")
     ap.add_argument("--attr", default="LANES", help="the module setting to vary (default LANES)")
     ap.add_argument("--modules", default="seesaw,gluon16", help="modules whose --attr is set: seesaw, gluon16")
-    ap.add_argument("--values", default="", help="comma-separated values of --attr (default: the LANES settings)")
+    ap.add_argument("--values", default="",
+                    help="comma-separated values of --attr (default: the LANES settings); a value of the form "
+                         "ATTR=v+ATTR2=w sets several module settings at once, e.g. VARIANT=producer+LANES=8x4")
     ap.add_argument("--shapes", default="", help="BxHxS,... (default: the six issue-6 shapes)")
     args = ap.parse_args()
     reps = args.reps
@@ -53,11 +60,24 @@ def main():
         SHAPES = [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")]
     mods = [MODULES[m] for m in args.modules.split(",")]
 
+    def _pairs(value):
+        if "=" not in value:
+            return [(args.attr, value)]
+        return [tuple(kv.split("=", 1)) for kv in value.split("+")]
+
+    attrs = sorted({a for v in SETTINGS for a, _ in _pairs(v)})
+    defaults = {(i, a): getattr(m, a) for i, m in enumerate(mods) for a in attrs}
+
     def _set(value):
         for m in mods:
-            setattr(m, args.attr, value)
+            for a, v in _pairs(value):
+                if not hasattr(m, a):
+                    raise SystemExit(f"--values: module {m.__name__} has no setting {a}")
+                setattr(m, a, v)
+        for (i, a), v in defaults.items():  # settings a value does not name keep their defaults
+            if a not in dict(_pairs(value)):
+                setattr(mods[i], a, v)
 
-    defaults = [getattr(m, args.attr) for m in mods]
     pre = args.attr.lower()  # row keys: f"{pre}_{value}", e.g. lanes_q2x4
     copy_tbps, mm_tflops = bd.measure_ceilings()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}: copy "
@@ -81,30 +101,31 @@ def main():
                 err = bd.rel_err(o, ref_o)
                 lse_err = float((lse - ref_l).abs().max())
                 us, how = bd.time_us(op, tables)
-                key = f"{pre}_{lanes}"
+                key = f"{pre}_{_key(lanes)}"
                 row.setdefault(key, []).append(dict(us=us, how=how, err=err, lse_err=lse_err))
-        for key in (f"{pre}_{x}" for x in SETTINGS):
+        for key in (f"{pre}_{_key(x)}" for x in SETTINGS):
             best = min(r["us"] for r in row[key])
             row[f"{key}_us"] = best
             row[f"{key}_pct_roofline"] = 100 * floor_us / best
             row[f"{key}_ok"] = all(r["err"] < 1e-2 and r["lse_err"] < 1e-3 for r in row[key])
         rows.append(row)
-        cells = " | ".join(f"{x}: " + "/".join("%.1f" % r["us"] for r in row[f"{pre}_{x}"])
-                           + f" us ({row[f'{pre}_{x}_pct_roofline']:.1f} %)" for x in SETTINGS)
-        err = max(r["err"] for x in SETTINGS for r in row[f"{pre}_{x}"])
-        lse_err = max(r["lse_err"] for x in SETTINGS for r in row[f"{pre}_{x}"])
-        ok = all(row[f"{pre}_{x}_ok"] for x in SETTINGS)
+        cells = " | ".join(f"{x}: " + "/".join("%.1f" % r["us"] for r in row[f"{pre}_{_key(x)}"])
+                           + f" us ({row[f'{pre}_{_key(x)}_pct_roofline']:.1f} %)" for x in SETTINGS)
+        err = max(r["err"] for x in SETTINGS for r in row[f"{pre}_{_key(x)}"])
+        lse_err = max(r["lse_err"] for x in SETTINGS for r in row[f"{pre}_{_key(x)}"])
+        ok = all(row[f"{pre}_{_key(x)}_ok"] for x in SETTINGS)
         print(f"{batch:>4}x{heads:<3}x{ctx:<6} floor {floor_us:7.1f} us | {cells} | err {err:.1e} lse {lse_err:.1e} "
               f"ok {ok}", flush=True)
         del cache, tables
         torch.cuda.empty_cache()
-    for m, v in zip(mods, defaults):
-        setattr(m, args.attr, v)
+    for (i, a), v in defaults.items():
+        setattr(mods[i], a, v)
     payload = dict(name="dev_lane_rows", attr=args.attr, modules=args.modules, settings=list(SETTINGS),
                    device=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=triton.__version__, copy_tbps=copy_tbps, mm_tflops=mm_tflops, rows=rows)
     out = os.path.join(os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                       "dev_lane_rows.json" if args.attr == "LANES" else f"dev_{pre}.json")
+                       "dev_settings.json" if any("=" in v for v in SETTINGS)
+                       else "dev_lane_rows.json" if args.attr == "LANES" else f"dev_{pre}.json")
     with open(out, "w") as f:
         json.dump(payload, f, indent=1)
 

@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_suite.sh lanes   # one GPU: LANES 1x32/8x4/q2x4, tests, decode table at the fastest setting
 #   bash benchmarks/gpu_suite.sh gather_c # one GPU: gather with the request table in registers (not yet run)
 #   bash benchmarks/gpu_suite.sh next6   # one GPU: session 5's unrun work: seesaw producer variant, gather flag c
+#   bash benchmarks/gpu_suite.sh s6      # one GPU: next6 with "8x4" lanes for both seesaw forms in the comparison
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -93,6 +94,16 @@ print(f'{pick(128)},{pick(16)}')")
     grep -q " passed" "$OUT/producer_tests.log" && ! grep -q "failed\|error" "$OUT/producer_tests.log" && \
       timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules seesaw --values seesaw,producer \
       --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/producer.log" 2>&1; tail -6 "$OUT/producer.log"
+    timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
+      > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log" ;;
+  s6)  # session 6: next6 with the producer form also at "8x4" lanes (64 x 128 x 4096 preferred them), then gather c
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k producer \
+      2>&1 | tee "$OUT/producer_tests.log" | tail -3
+    v="VARIANT=seesaw+LANES=q2x4,VARIANT=producer+LANES=q2x4,VARIANT=seesaw+LANES=8x4"
+    grep -q " passed" "$OUT/producer_tests.log" && ! grep -q "failed\|error" "$OUT/producer_tests.log" && \
+      v="$v,VARIANT=producer+LANES=8x4"
+    timeout 200 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "$v" \
+      --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/settings.log" 2>&1; tail -6 "$OUT/settings.log"
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
       > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log" ;;
   gather_c)  # written in session 5, not yet run: the gather's request table in registers (flag c), 1:2 ceilings
