@@ -63,7 +63,8 @@ def main():
     def _pairs(value):
         if "=" not in value:
             return [(args.attr, value)]
-        return [tuple(kv.split("=", 1)) for kv in value.split("+")]
+        pairs = [kv.split("=", 1) for kv in value.split("+")]
+        return [(a, int(v) if v.isdigit() else v) for a, v in pairs]  # e.g. PRODUCER_DEPTH=2
 
     attrs = sorted({a for v in SETTINGS for a, _ in _pairs(v)})
     defaults = {(i, a): getattr(m, a) for i, m in enumerate(mods) for a in attrs}

@@ -96,12 +96,13 @@ print(f'{pick(128)},{pick(16)}')")
       --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/producer.log" 2>&1; tail -6 "$OUT/producer.log"
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
       > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log" ;;
-  s6)  # session 6: next6 with the producer form also at "8x4" lanes (64 x 128 x 4096 preferred them), then gather c
+  s6)  # session 6: the producer forms (1 and 2 tiles ahead) against the seesaw kernel, "8x4" lanes too (64 x 128 x
+       # 4096 preferred them), then gather flag c
     timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k producer \
       2>&1 | tee "$OUT/producer_tests.log" | tail -3
-    v="VARIANT=seesaw+LANES=q2x4,VARIANT=producer+LANES=q2x4,VARIANT=seesaw+LANES=8x4"
+    v="VARIANT=seesaw+LANES=q2x4,VARIANT=seesaw+LANES=8x4"
     grep -q " passed" "$OUT/producer_tests.log" && ! grep -q "failed\|error" "$OUT/producer_tests.log" && \
-      v="$v,VARIANT=producer+LANES=8x4"
+      v="$v,VARIANT=producer+LANES=q2x4,VARIANT=producer2+LANES=q2x4,VARIANT=producer2+LANES=8x4"
     timeout 200 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "$v" \
       --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/settings.log" 2>&1; tail -6 "$OUT/settings.log"
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \

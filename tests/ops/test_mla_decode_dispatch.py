@@ -251,8 +251,8 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
         gluon_launch_args(q, kv, bt, lens, ks, qs, 0.1, out, lse, 0, poison=False)
 
 
-@pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "gluon16_ring", "gluon16_ws8p2",
-                                      "gluon16_dc8"])
+@pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_producer2", "gluon16_ring",
+                                      "gluon16_ws8p2", "gluon16_dc8"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launcher, splits):
     """Each Gluon launcher, on CPU tensors with its support check bypassed and its kernel replaced by a recorder:
@@ -267,6 +267,7 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         "gluon": (gmod, kg, "_mla_decode_gluon_kernel", 128, {}),
         "seesaw": (smod, ks_, "_mla_decode_seesaw_kernel", 128, {}),
         "seesaw_producer": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="producer")),
+        "seesaw_producer2": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="producer2")),
         "gluon16_ring": (g16mod, kg16, "_mla_decode_gluon16_kernel", 16, dict(variant="ring")),
         "gluon16_ws8p2": (g16mod, kg16, "_mla_decode_gluon16_ws_kernel", 16, dict(variant="ws8p2")),
         "gluon16_dc8": (g16mod, kg16, "_mla_decode_gluon16_dc_kernel", 16, dict(variant="dc8")),
