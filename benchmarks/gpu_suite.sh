@@ -105,7 +105,7 @@ print(f'{pick(128)},{pick(16)}')")
       v="$v,VARIANT=producer+LANES=q2x4,VARIANT=producer2+LANES=q2x4,VARIANT=producer2+LANES=8x4"
     timeout 200 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "$v" \
       --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/settings.log" 2>&1; tail -6 "$OUT/settings.log"
-    timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
+    timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c;16,8,0;16,8,0,c" \
       > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log" ;;
   gather_c)  # written in session 5, not yet run: the gather's request table in registers (flag c), 1:2 ceilings
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
