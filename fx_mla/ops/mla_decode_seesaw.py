@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from fx_mla.ops._decode_launch import (check_launch_args, combine_splits, device_index, fill_empty,
+from fx_mla.ops._decode_launch import (check_launch_args, combine_splits, device_index, fill_empty, max_shared,
                                        gluon_launch_args, gluon_unsupported, no_tokens, num_splits_for, sm_count)
 from fx_mla.ops.mla_decode_gluon import _heads_reason
 
@@ -31,15 +31,16 @@ WORKER_REGS = 256    # setmaxnreg of the worker: 8 warps x 256 fill the register
 # conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "q2x4" 11-13 % faster
 # than "1x32" on three 128-head shapes, the same on 64 x 128 x 4096 (where "8x4" is 5 % faster).
 LANES = "q2x4"
-# "seesaw": each warpgroup loads and converts its own tiles; "producer" / "producer2" (session 5 / 6, not yet run on
-# a GPU): a third, 4-warp partition loads and converts all tiles (kernels/mla_decode_seesaw.py, PRODUCER=True) with
-# 1 / 2 tiles in flight ahead of the one it stores (2: two loads overlap one memory latency, 36 registers more).
-VARIANTS = ("seesaw", "producer", "producer2")
-VARIANT = "seesaw"
-# (setmaxnreg of the warpgroups' worker partition, of the producer, PRODUCER_DEPTH) of the producer forms: the most
-# registers the warpgroups keep while the producer compiles without spills (Triton 3.6 sm_90, offline; depth 2 spills
-# at 184 / 128).
-PRODUCER_CONFIGS = {"producer": (200, 104, 1), "producer2": (176, 136, 2)}
+# "seesaw": each warpgroup loads and converts its own tiles; "producer": a third, 4-warp partition loads and converts
+# all tiles (kernels/mla_decode_seesaw.py, PRODUCER=True), the warpgroups at PRODUCER_WORKER_REGS registers, the
+# producer at PRODUCER_REGS (no spills, Triton 3.6 sm_90). "auto" (default): the producer form for launches of one
+# split a request, the seesaw kernel otherwise (a shape-only choice: every rank picks the same). 1x H100, session 6
+# (RESULTS.md): the producer form 8.6 % faster on 64 x 128 x 4096 (one split), 1.5-2.3 % slower on the three
+# 128-head shapes with 8-66 splits. A producer keeping two tiles in flight (176 / 136 registers) was 13-21 % slower
+# everywhere and was dropped.
+VARIANTS = ("auto", "seesaw", "producer")
+VARIANT = "auto"
+PRODUCER_WORKER_REGS, PRODUCER_REGS = 200, 104
 SMEM_NEEDED_PRODUCER = 230880  # bytes of the compiled producer variant: 8 barriers more
 SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
 
@@ -51,9 +52,17 @@ def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_r
     variant = VARIANT if variant is None else variant
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
-    smem = SMEM_NEEDED_PRODUCER if variant in PRODUCER_CONFIGS else SMEM_NEEDED
+    # "auto" needs only what the seesaw kernel needs: it falls back to it where the producer form does not fit
+    smem = SMEM_NEEDED_PRODUCER if variant == "producer" else SMEM_NEEDED
     return gluon_unsupported(q, kv_cache, kv_lora_rank, device, kernel="the seesaw Gluon kernel",
                              heads_reason=_heads_reason, row_align=4, smem_needed=smem)
+
+
+def pick_variant(num_splits: int, smem: Optional[int]) -> str:
+    """The form "auto" launches: "producer" for one split a request where its shared memory fits (smem: bytes a block
+    may opt into, None: unknown, assumed to fit), else "seesaw". From the launch shape alone, never from data."""
+    fits = smem is None or smem >= SMEM_NEEDED_PRODUCER
+    return "producer" if num_splits == 1 and fits else "seesaw"
 
 
 def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out,
@@ -66,7 +75,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     (applies where block_size % 32 == 0; same numerics).
     checked: the caller (torch.ops.fx_mla.mla_decode_fp8) validated the inputs and picked this kernel with its
     support check, so neither runs again here (the op's hot path).
-    variant: one of VARIANTS (None: VARIANT).
+    variant: one of VARIANTS (None: VARIANT); "auto" resolves through pick_variant.
     """
     variant = VARIANT if variant is None else variant
     if not checked:
@@ -89,9 +98,10 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
                                                 lse, num_splits, poison_workspace)
     common = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
                   num_warps=NUM_WARPS, **consts)
-    if variant in PRODUCER_CONFIGS:
-        worker_regs, producer_regs, depth = PRODUCER_CONFIGS[variant]
-        common.update(WORKER_REGS=worker_regs, PRODUCER=True, PRODUCER_REGS=producer_regs, PRODUCER_DEPTH=depth)
+    if variant == "auto":
+        variant = pick_variant(num_splits, max_shared(q.device) if q.is_cuda else None)
+    if variant == "producer":
+        common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
     else:
         common.update(WORKER_REGS=WORKER_REGS)
     kernel = kmod._mla_decode_seesaw_kernel[(groups, num_splits, batch)](*args, **common)

@@ -251,7 +251,7 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
         gluon_launch_args(q, kv, bt, lens, ks, qs, 0.1, out, lse, 0, poison=False)
 
 
-@pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_producer2", "gluon16_ring",
+@pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_auto", "gluon16_ring",
                                       "gluon16_ws8p2", "gluon16_dc8"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launcher, splits):
@@ -267,7 +267,7 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         "gluon": (gmod, kg, "_mla_decode_gluon_kernel", 128, {}),
         "seesaw": (smod, ks_, "_mla_decode_seesaw_kernel", 128, {}),
         "seesaw_producer": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="producer")),
-        "seesaw_producer2": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="producer2")),
+        "seesaw_auto": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="auto")),
         "gluon16_ring": (g16mod, kg16, "_mla_decode_gluon16_kernel", 16, dict(variant="ring")),
         "gluon16_ws8p2": (g16mod, kg16, "_mla_decode_gluon16_ws_kernel", 16, dict(variant="ws8p2")),
         "gluon16_dc8": (g16mod, kg16, "_mla_decode_gluon16_dc_kernel", 16, dict(variant="dc8")),
@@ -294,5 +294,9 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
     assert launch(q, kv, bt, lens, ks, torch.tensor([0.5]), 0.1, 512, out, lse, num_splits=splits, **kw) == (out, lse)
     [(grid, args, constexprs)] = calls
     assert splits in grid and constexprs["HAS_Q_SCALE"] and constexprs["SINGLE_SPLIT"] == (splits == 1)
+    if launcher.startswith("seesaw"):  # the producer form where asked for, and under "auto" for one split
+        variant = kw.get("variant", smod.VARIANT)
+        producer = variant == "producer" or (variant == "auto" and splits == 1)
+        assert constexprs.get("PRODUCER", False) == producer
     [(part_o, part_lse, m_out, m_lse, m_splits, rank)] = merged
     assert part_o is args[8] and part_lse is args[9] and m_out is out and (m_splits, rank) == (splits, 512)

@@ -103,17 +103,17 @@ def test_seesaw_variants_on_fake_hopper(fake_hopper):
         assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant=variant) is None
     fake_hopper["smem"] = smod.SMEM_NEEDED  # the seesaw kernel fits, the producer form (8 barriers more) does not
     assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="seesaw") is None
-    for variant in smod.PRODUCER_CONFIGS:
-        reason = smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant=variant)
-        assert reason is not None and "shared memory" in reason
+    reason = smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="producer")
+    assert reason is not None and "shared memory" in reason
+    assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="auto") is None  # falls back
 
 
-def test_seesaw_producer_configs_fit_the_register_file():
-    """setmaxnreg of the two warpgroups (the default partition keeps what the worker gets) and the producer: multiples
-    of 8 within [24, 256], together at most the 64K registers of an SM for 12 warps."""
-    assert set(smod.PRODUCER_CONFIGS) == set(smod.VARIANTS) - {"seesaw"}
-    for worker, producer, depth in smod.PRODUCER_CONFIGS.values():
-        assert depth in (1, 2)
-        for regs in (worker, producer):
-            assert regs % 8 == 0 and 24 <= regs <= 256
-        assert (2 * worker + producer) * 128 <= 65536
+def test_seesaw_auto_variant_is_a_function_of_the_launch_shape():
+    """"auto": the producer form for one split a request where its shared memory fits, the seesaw kernel otherwise."""
+    assert smod.VARIANT == "auto"
+    assert smod.pick_variant(1, None) == "producer"
+    assert smod.pick_variant(1, smod.SMEM_NEEDED_PRODUCER) == "producer"
+    assert smod.pick_variant(1, smod.SMEM_NEEDED_PRODUCER - 1) == "seesaw"
+    for splits in (2, 8, 66, 1024):
+        assert smod.pick_variant(splits, None) == "seesaw"
+        assert smod.pick_variant(splits, 1 << 20) == "seesaw"

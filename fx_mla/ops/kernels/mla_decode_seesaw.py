@@ -187,9 +187,8 @@ def _mla_decode_seesaw_kernel(
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, WORKER_REGS: gl.constexpr, LANES: gl.constexpr, num_warps: gl.constexpr,
-        PRODUCER: gl.constexpr = False, PRODUCER_REGS: gl.constexpr = 0, PRODUCER_DEPTH: gl.constexpr = 1):
-    """PRODUCER: the producer variant below (a third partition converts the tiles, full / empty barriers), its
-    loads PRODUCER_DEPTH tiles ahead."""
+        PRODUCER: gl.constexpr = False, PRODUCER_REGS: gl.constexpr = 0):
+    """PRODUCER: the producer variant below (a third partition converts the tiles, full / empty barriers)."""
     gl.static_assert(num_warps == 4, "the default partition is one warpgroup; the workers: the second (+ producer)")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(BLOCK_N % 32 == 0, "tiles load as four row blocks of >= 8 rows")
@@ -265,7 +264,7 @@ def _mla_decode_seesaw_kernel(
                                  E5M2, ONE_PAGE, LANES, full_b, empty_a, empty_b, PRODUCER)),
             (_seesaw_producer, (ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, empty_b, kv_ptr, bt_row,
                                 start, end, num_blocks, blk_words, tok_words, PAGE, L, R, BLOCK_N, E5M2, ONE_PAGE,
-                                LANES, PRODUCER_DEPTH)),
+                                LANES)),
         ], [4, 4], [WORKER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
@@ -295,11 +294,7 @@ def _mla_decode_seesaw_kernel(
 @gluon.jit
 def _seesaw_producer(ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, empty_b, kv_ptr, bt_row, start, end,
                      num_blocks, blk_words, tok_words, PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr,
-                     BLOCK_N: gl.constexpr, E5M2: gl.constexpr, ONE_PAGE: gl.constexpr, LANES: gl.constexpr,
-                     DEPTH: gl.constexpr):
-    """DEPTH: tiles whose loads are in flight (in registers) while the producer waits for a free buffer and
-    stores the current one: 1 (36 registers of FP8 words) or 2 (72: two tile loads overlap one memory latency)."""
-    gl.static_assert(DEPTH == 1 or DEPTH == 2, "one or two tiles ahead")
+                     BLOCK_N: gl.constexpr, E5M2: gl.constexpr, ONE_PAGE: gl.constexpr, LANES: gl.constexpr):
     SUB: gl.constexpr = BLOCK_N // 4
     PAIR: gl.constexpr = 2 * BLOCK_N
     LAT_LAYOUT: gl.constexpr = lat_layout(LANES, 4, SUB)                            # [SUB, L / 4] words
@@ -313,14 +308,11 @@ def _seesaw_producer(ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, em
     n_tiles = 2 * (gl.cdiv(end - start, PAIR) + 1)  # one pair past the last: see above
     tile = _load_tile(kv_words, bt_row, start, end, num_blocks, blk_words, tok_words,
                       PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
-    if DEPTH == 2:
-        tile2 = _load_tile(kv_words, bt_row, start + BLOCK_N, end, num_blocks, blk_words, tok_words,
-                           PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
     for t in range(n_tiles):
         j = t // 2
         b = j % 2
         parity = ((j // 2) & 1) ^ 1  # a fresh barrier passes parity 1 at once
-        nxt = _load_tile(kv_words, bt_row, start + (t + DEPTH) * BLOCK_N, end, num_blocks, blk_words, tok_words,
+        nxt = _load_tile(kv_words, bt_row, start + (t + 1) * BLOCK_N, end, num_blocks, blk_words, tok_words,
                          PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
         if t % 2 == 0:
             mbarrier.wait(empty_a.index(b), parity)
@@ -334,8 +326,4 @@ def _seesaw_producer(ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, em
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(full_b.index(b))
-        if DEPTH == 2:
-            tile = tile2
-            tile2 = nxt
-        else:
-            tile = nxt
+        tile = nxt
