@@ -12,7 +12,7 @@
 #   bash benchmarks/gpu_suite.sh gather_c # one GPU: gather with the request table in registers (not yet run)
 #   bash benchmarks/gpu_suite.sh next6   # one GPU: session 5's unrun work: seesaw producer variant, gather flag c
 #   bash benchmarks/gpu_suite.sh s6      # one GPU: next6 with "8x4" lanes for both seesaw forms in the comparison
-#   bash benchmarks/gpu_suite.sh s6b     # one GPU: seesaw VARIANT "auto" tests, its rule on more shapes, decode table
+#   bash benchmarks/gpu_suite.sh s6b     # one GPU: seesaw VARIANT "auto" tests, decode table
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -108,14 +108,11 @@ print(f'{pick(128)},{pick(16)}')")
       --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/settings.log" 2>&1; tail -6 "$OUT/settings.log"
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c;16,8,0;16,8,0,c" \
       > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log" ;;
-  s6b)  # session 6, after s6: VARIANT "auto" (producer form at one split) tests, the decode table, the rule on more shapes
-    timeout 130 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
+  s6b)  # session 6, after s6: VARIANT "auto" (producer form at one split) tests, then the decode table
+    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
       tests/gpu/test_mla_decode_dispatch_gpu.py -k "auto or dispatch" 2>&1 | tee "$OUT/auto_tests.log" | tail -3
-    timeout 200 python3 benchmarks/bench_decode.py --budget 180 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
-    tail -10 "$OUT/decode.log"
-    timeout 100 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules seesaw --values seesaw,producer --reps 1 \
-      --shapes 64x128x8192,128x128x2048,32x128x8192 > "$OUT/variant_rule.log" 2>&1
-    tail -4 "$OUT/variant_rule.log" ;;
+    timeout 230 python3 benchmarks/bench_decode.py --budget 200 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+    tail -10 "$OUT/decode.log" ;;
   gather_c)  # written in session 5, not yet run: the gather's request table in registers (flag c), 1:2 ceilings
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
       > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log"
