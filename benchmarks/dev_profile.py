@@ -1,13 +1,16 @@
 """Driver for Nsight Compute: one warm launch of each kernel the issue-5/6 targets hinge on, one GPU.
 
     ncu --clock-control none --profile-from-start off --set full -o prof python3 benchmarks/dev_profile.py \
-        [--which decode16,decode128,b1,gather]
+        [--which decode16,decode128,b1,gather] [--seesaw-variants seesaw,producer]
 
 Cases (block 64, e4m3 cache, bf16 query, full-length requests over permuted pages, as bench_decode.py):
   decode16   32 x 16 x 16384 through torch.ops.fx_mla.mla_decode_fp8 (gluon16 ws8p2 + combine)
   decode128  16 x 128 x 8192 (seesaw + combine; fewer tokens than the benchmark's 32K, same per-tile loop)
   b1         1 x 128 x 65536 (seesaw, 66 splits, + combine)
   gather     65536 tokens, token form, e4m3 576 -> bf16 (fx_mla::gather_dequant_cache)
+  b8, b64    8 x 128 x 16384 (8 splits) and 64 x 128 x 4096 (one split): where the seesaw kernel and its producer
+             form trade places (RESULTS.md, session 6)
+--seesaw-variants: the 128-head cases run once with each mla_decode_seesaw.VARIANT named (default: the module's).
 Every case runs twice (compile + warm) before a final launch, the only one profiled.
 No timing here: ncu replays each kernel with its own clocks off (--clock-control none keeps them as they are).
 """
@@ -57,15 +60,22 @@ def _gather(n):
 
 
 def main():
+    from fx_mla.ops import mla_decode_seesaw as smod
     ap = argparse.ArgumentParser()
     ap.add_argument("--which", default="decode16,decode128,b1,gather")
-    which = ap.parse_args().which.split(",")
+    ap.add_argument("--seesaw-variants", default="")
+    args = ap.parse_args()
+    which = args.which.split(",")
+    variants = args.seesaw_variants.split(",") if args.seesaw_variants else [smod.VARIANT]
     if "decode16" in which:
         _decode(32, 16, 16384)
-    if "decode128" in which:
-        _decode(16, 128, 8192)
-    if "b1" in which:
-        _decode(1, 128, 65536)
+    for variant in variants:
+        smod.VARIANT = variant
+        print(f"seesaw variant {variant}", flush=True)
+        for case, shape in (("decode128", (16, 128, 8192)), ("b1", (1, 128, 65536)), ("b8", (8, 128, 16384)),
+                            ("b64", (64, 128, 4096))):
+            if case in which:
+                _decode(*shape)
     if "gather" in which:
         _gather(65536)
 

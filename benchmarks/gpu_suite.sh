@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_suite.sh next6   # one GPU: session 5's unrun work: seesaw producer variant, gather flag c
 #   bash benchmarks/gpu_suite.sh s6      # one GPU: next6 with "8x4" lanes for both seesaw forms in the comparison
 #   bash benchmarks/gpu_suite.sh s6b     # one GPU: seesaw VARIANT "auto" tests, decode table
+#   bash benchmarks/gpu_suite.sh prof6   # one GPU: ncu of the seesaw kernel and its producer form at B = 8 and 64
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -113,6 +114,11 @@ print(f'{pick(128)},{pick(16)}')")
       tests/gpu/test_mla_decode_dispatch_gpu.py -k "auto or dispatch" 2>&1 | tee "$OUT/auto_tests.log" | tail -3
     timeout 230 python3 benchmarks/bench_decode.py --budget 200 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
     tail -10 "$OUT/decode.log" ;;
+  prof6)  # Nsight Compute of the seesaw kernel and its producer form at 8 splits (B = 8) and one split (B = 64)
+    timeout 220 ncu --clock-control none --profile-from-start off --set full -o "$OUT/prof6" \
+      python3 benchmarks/dev_profile.py --which b8,b64 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
+    tail -6 "$OUT/ncu.log"
+    ncu -i "$OUT/prof6.ncu-rep" --page details > "$OUT/details6.txt" 2>&1; wc -l "$OUT/details6.txt" ;;
   gather_c)  # written in session 5, not yet run: the gather's request table in registers (flag c), 1:2 ceilings
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
       > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log"
