@@ -55,7 +55,8 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # 48 registers, 10 programs of 4 warps fit an SM, at 32 all 16). flags, a string of letters (kernels' docstring):
 # "v" = loads as wide as the output stores (no shared-memory layout change between load and store), "s" = streaming
 # output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere), "c" = the token form
-# reads cu_seq_lens / seq_starts whole when batch <= REQ_VEC_MAX (one dependent load less; not yet timed on a GPU).
+# reads cu_seq_lens / seq_starts whole when batch <= REQ_VEC_MAX (one dependent load less; measured 11-28 points
+# slower at 64K tokens / 32 requests on 1x H100: its one-hot select costs more than the load it saves; session 6).
 # Small tiles keep registers low (~32-48 a thread), so many programs share an SM and many independent index chains
 # (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache) are in flight. From bench_cache_gather.py
 # --sweep on an H100 80GB HBM3 (16 configs, bit-identical): (8, 4, 0) best or within 0.1 % of best, both layouts,

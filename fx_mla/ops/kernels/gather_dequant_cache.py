@@ -19,7 +19,8 @@ Launch flags (constexpr, chosen in the launcher's CONFIG):
 - STREAM: output stores carry cache_modifier ".cs" (streaming: written once, not read back by this kernel).
 - REQ_VEC: cu_seq_lens / seq_starts read whole and indexed in registers (_token_rows): one dependent load less
   a tile, for batches of up to REQ_VEC requests (launcher flag "c": REQ_VEC = the next power of two >= n_req,
-  used while that is at most 32; larger batches run without it).
+  used while that is at most 32; larger batches run without it). Measured slower (1x H100, session 6: the one-hot
+  select of _pick costs BLOCK_T x REQ_VEC compares and selects, more than the dependent load it saves): opt-in only.
 - PDL: programmatic dependent launch (sm_90+). Every program waits (griddepcontrol.wait) for the previous
   kernel in the stream to finish and flush before it reads anything, so the result does not depend on what
   ran before; it then lets the next kernel's programs be scheduled early (launch_dependents). Only the
