@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_suite.sh s6      # one GPU: next6 with "8x4" lanes for both seesaw forms in the comparison
 #   bash benchmarks/gpu_suite.sh s6b     # one GPU: seesaw VARIANT "auto" tests, decode table
 #   bash benchmarks/gpu_suite.sh prof6   # one GPU: ncu of the seesaw kernel and its producer form at B = 8 and 64
+#   bash benchmarks/gpu_suite.sh prof6s  # the same, B = 8 only, stall / pipe / memory sections
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -119,6 +120,13 @@ print(f'{pick(128)},{pick(16)}')")
       python3 benchmarks/dev_profile.py --which b8,b64 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
     tail -6 "$OUT/ncu.log"
     ncu -i "$OUT/prof6.ncu-rep" --page details > "$OUT/details6.txt" 2>&1; wc -l "$OUT/details6.txt" ;;
+  prof6s)  # prof6, short: B = 8 only, the sections that say where the warps stall and how busy the pipes are
+    timeout 150 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
+      --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section LaunchStats --section Occupancy -o "$OUT/prof6s" \
+      python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
+    tail -4 "$OUT/ncu.log"
+    ncu -i "$OUT/prof6s.ncu-rep" --page details > "$OUT/details6s.txt" 2>&1; wc -l "$OUT/details6s.txt" ;;
   gather_c)  # written in session 5, not yet run: the gather's request table in registers (flag c), 1:2 ceilings
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
       > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log"
