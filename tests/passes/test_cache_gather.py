@@ -302,6 +302,26 @@ def test_cache_gather_capability_guard(capability, fires):
                 assert "needs compute capability >= 8.9, device has 8.0" in rep.declines[0].reason
 
 
+@pytest.mark.parametrize("emulate", [False, True])
+@pytest.mark.parametrize("form", ["index", "fp32_then_round"])
+def test_cache_gather_declines_inductor_emulate_on_cuda(form, emulate):
+    """Seen from CUDA with Inductor as the inner compiler: under emulate_precision_casts a bf16 multiply by the fp32
+    scale is declined (measured not bitwise on H100), with the graph left intact; the fp32 multiply
+    ((x.float() * s).to(dt)) and default Inductor still rewrite."""
+    p = _AtCapability((9, 0))
+    args = paged_inputs(5, 40, torch.float8_e4m3fn)
+    with registered(p):
+        got, rep = compile_run(PAGED_FORMS[form], args, [p.name], inner="inductor", emulate_precision_casts=emulate)
+    declined = emulate and form == "index"
+    assert bool(rep.matches) == (not declined), rep.format(graphs=False)
+    if declined:
+        assert not rep.changed
+        assert any("emulate_precision_casts on CUDA" in d.reason and "bf16 multiply" in d.reason
+                   for d in rep.declines), rep.format(graphs=False)
+    want, _ = compile_run(PAGED_FORMS[form], args, [], inner="inductor", emulate_precision_casts=emulate)
+    assert torch.equal(got, want)  # CPU tensors: the CPU rules hold whichever way the CUDA-side decision went
+
+
 # ---------------------------------------------------------------- DCP 2 on gloo ranks
 
 def _dcp2_worker(rank, world_size):
