@@ -36,7 +36,7 @@ LANES = "q2x4"
 # producer at PRODUCER_REGS (no spills, Triton 3.6 sm_90). "auto" (default): the producer form for launches of one
 # split a request, the seesaw kernel otherwise (a shape-only choice: every rank picks the same). 1x H100, session 6
 # (RESULTS.md): the producer form 8.6 % faster on 64 x 128 x 4096 (one split), 1.5-2.3 % slower on the three
-# 128-head shapes with 8-66 splits. A producer keeping two tiles in flight (176 / 136 registers) was 13-21 % slower
+# 128-head shapes with 4-66 splits. A producer keeping two tiles in flight (176 / 136 registers) was 13-21 % slower
 # everywhere and was dropped.
 VARIANTS = ("auto", "seesaw", "producer")
 VARIANT = "auto"
