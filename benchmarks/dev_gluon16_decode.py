@@ -15,8 +15,6 @@ JSON to $OUT/dev_gluon16_decode.json (+ one file a child). One GPU, < 150 s.
   PYTHONPATH=. python3 benchmarks/dev_gluon16_decode.py [--budget 140] [--skip-timing]
 Round 2 (warp-specialized kernels ws4 / ws8 vs the default ring kernel s3_early, 35 s a child, < 120 s):
   PYTHONPATH=. python3 benchmarks/dev_gluon16_decode.py --round2 --budget 180
-Round 3 (session 5: dual-consumer dc8 / dc4 vs ws8p2):
-  PYTHONPATH=. python3 benchmarks/dev_gluon16_decode.py --round3 --budget 190
 """
 from __future__ import annotations
 
@@ -34,11 +32,9 @@ SHAPES16 = [(32, 16, 16384), (128, 16, 8192)]
 # (tag, ring stages, early ring read, kernel variant); safest first
 VARIANTS = [("s3", 3, False, "ring"), ("s3_early", 3, True, "ring"), ("s2", 2, False, "ring"),
             ("s2_early", 2, True, "ring"), ("ws4", 3, True, "ws4"), ("ws8", 3, True, "ws8"),
-            ("ws8p2", 3, True, "ws8p2"), ("ws8p3", 3, True, "ws8p3"), ("ws8p2o", 3, True, "ws8p2o"),
-            ("dc8", 3, True, "dc8"), ("dc4", 3, True, "dc4")]
+            ("ws8p2", 3, True, "ws8p2"), ("ws8p3", 3, True, "ws8p3"), ("ws8p2o", 3, True, "ws8p2o")]
 ROUND1 = ["s3", "s3_early", "s2", "s2_early"]
 ROUND2 = ["ws8p2", "ws8p2o", "s3_early"]  # --round2: the default (ws8p2), its consumer-overlap form, the ring kernel
-ROUND3 = ["ws8p2", "dc8", "dc4"]  # --round3: the default against the dual-consumer kernels
 
 
 def out_dir():
@@ -229,7 +225,6 @@ def main():
     ap.add_argument("--budget", type=float, default=140.0)
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--round2", action="store_true", help="only ROUND2: ws8p2 (default), ws8p2o, the ring kernel")
-    ap.add_argument("--round3", action="store_true", help="only ROUND3: ws8p2 (default), dc8, dc4")
     ap.add_argument("--child-limit", type=float, default=None, help="seconds a child (default 60; --round2: 50)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -241,9 +236,9 @@ def main():
 
     t0 = time.time()
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    tags = ROUND3 if args.round3 else ROUND2 if args.round2 else ROUND1
+    tags = ROUND2 if args.round2 else ROUND1
     jobs = [tags[0]] + ([] if args.skip_timing else ["baseline"]) + tags[1:]
-    limit = args.child_limit or (50.0 if args.round2 or args.round3 else 60.0)
+    limit = args.child_limit or (50.0 if args.round2 else 60.0)
     status = {}
     for job in jobs:
         left = args.budget - (time.time() - t0)

@@ -5,13 +5,10 @@
 #   bash benchmarks/gpu_suite.sh kernels # one GPU: 16-head kernel variants (ws8p2, ws8p2o: not yet run, ring),
 #                                        # decode table (Gluon kernels in the op), split combine, cache gather table
 #   bash benchmarks/gpu_suite.sh next    # one GPU: the experiments written in session 3 but not yet run
-#   bash benchmarks/gpu_suite.sh profile # one GPU: 1:2 stream ceilings (dev_stream_mix.py), dual-consumer
-#                                        # 16-head variants (timing + tests), ncu of the kernels
+#   bash benchmarks/gpu_suite.sh profile # one GPU: 1:2 stream ceilings (dev_stream_mix.py), ncu of the kernels
 #   bash benchmarks/gpu_suite.sh row8    # one GPU: ROW8 on/off on the six decode shapes + tests, gather maxnreg sweep
 #   bash benchmarks/gpu_suite.sh lanes   # one GPU: LANES 1x32/8x4/q2x4, tests, decode table at the fastest setting
-#   bash benchmarks/gpu_suite.sh gather_c # one GPU: gather with the request table in registers (not yet run)
-#   bash benchmarks/gpu_suite.sh next6   # one GPU: session 5's unrun work: seesaw producer variant, gather flag c
-#   bash benchmarks/gpu_suite.sh s6      # one GPU: next6 with "8x4" lanes for both seesaw forms in the comparison
+#   bash benchmarks/gpu_suite.sh s6      # one GPU: the seesaw kernel against its producer form, both lane layouts
 #   bash benchmarks/gpu_suite.sh s6b     # one GPU: seesaw VARIANT "auto" tests, decode table
 #   bash benchmarks/gpu_suite.sh prof6   # one GPU: ncu of the seesaw kernel and its producer form at B = 8 and 64
 #   bash benchmarks/gpu_suite.sh prof6s  # the same, B = 8 only, stall / pipe / memory sections
@@ -58,10 +55,6 @@ case "${1:-tests}" in
       > "$OUT/gather_sweep.log" 2>&1; tail -12 "$OUT/gather_sweep.log" ;;
   profile)  # session 5: stream-mix ceilings for issue 5, then Nsight Compute on the issue-5/6 kernels
     timeout 150 python3 benchmarks/dev_stream_mix.py > "$OUT/stream_mix.log" 2>&1; tail -8 "$OUT/stream_mix.log"
-    timeout 200 python3 benchmarks/dev_gluon16_decode.py --round3 --budget 190 > "$OUT/gluon16_round3.log" 2>&1
-    grep -v "check" "$OUT/gluon16_round3.log" | tail -16
-    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_mla_decode_gluon16_gpu.py -k "dc8 or dc4" \
-      2>&1 | tee "$OUT/dc_tests.log" | tail -3
     timeout 200 ncu --clock-control none --profile-from-start off --set full -o "$OUT/prof" \
       python3 benchmarks/dev_profile.py > "$OUT/ncu.log" 2>&1; tail -4 "$OUT/ncu.log"
     ncu -i "$OUT/prof.ncu-rep" --page details > "$OUT/details.txt" 2>&1; wc -l "$OUT/details.txt" ;;
@@ -69,7 +62,7 @@ case "${1:-tests}" in
     timeout 200 python3 benchmarks/dev_lane_rows.py > "$OUT/row8.log" 2>&1; cat "$OUT/row8.log"
     timeout 170 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
       tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_mla_decode_gluon16_gpu.py -k "not ws4 and not ws8p3 \
-      and not ws8p2o and not dc8 and not ring" 2>&1 | tee "$OUT/row8_tests.log" | tail -3
+      and not ws8p2o and not ring" 2>&1 | tee "$OUT/row8_tests.log" | tail -3
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
       "8,4,0;8,4,0,,40;8,4,0,,32;4,4,0;4,2,0;4,4,0,,32" > "$OUT/gather_sweep.log" 2>&1; tail -10 "$OUT/gather_sweep.log" ;;
   lanes)  # session 5: LANES 1x32 / 8x4 / q2x4 on the six decode shapes, GPU tests at the default (q2x4), table with
@@ -77,7 +70,7 @@ case "${1:-tests}" in
     timeout 200 python3 benchmarks/dev_lane_rows.py > "$OUT/lanes.log" 2>&1; cat "$OUT/lanes.log"
     timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
       tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_mla_decode_gluon16_gpu.py -k "not ws4 and not ws8p3 \
-      and not ws8p2o and not dc8 and not ring" 2>&1 | tee "$OUT/lanes_tests.log" | tail -3
+      and not ws8p2o and not ring" 2>&1 | tee "$OUT/lanes_tests.log" | tail -3
     best=$(python3 -c "
 import json; r = json.load(open('$OUT/dev_lane_rows.json'))['rows']
 def pick(h): return min(('1x32', '8x4', 'q2x4'), key=lambda x: sum(row[f'lanes_{x}_us'] / row['lanes_1x32_us'] for row in r if row['heads'] == h))
@@ -89,18 +82,8 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 120 python3 benchmarks/dev_lane_rows.py --reps 1 > "$OUT/lanes.log" 2>&1; cat "$OUT/lanes.log"
     timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
       tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_mla_decode_gluon16_gpu.py -k "not ws4 and not ws8p3 \
-      and not ws8p2o and not dc8 and not ring" 2>&1 | tee "$OUT/lanes_tests.log" | tail -3 ;;
-  next6)  # written in session 5, not yet run: the seesaw producer variant (tests, then timed against the seesaw
-          # kernel), then the gather's request table in registers (flag c)
-    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k producer \
-      2>&1 | tee "$OUT/producer_tests.log" | tail -3
-    grep -q " passed" "$OUT/producer_tests.log" && ! grep -q "failed\|error" "$OUT/producer_tests.log" && \
-      timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules seesaw --values seesaw,producer \
-      --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/producer.log" 2>&1; tail -6 "$OUT/producer.log"
-    timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
-      > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log" ;;
-  s6)  # session 6: the producer forms (1 and 2 tiles ahead) against the seesaw kernel, "8x4" lanes too (64 x 128 x
-       # 4096 preferred them), then gather flag c
+      and not ws8p2o and not ring" 2>&1 | tee "$OUT/lanes_tests.log" | tail -3 ;;
+  s6)  # session 6: the producer form against the seesaw kernel, "8x4" lanes too (64 x 128 x 4096 preferred them)
     timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k producer \
       2>&1 | tee "$OUT/producer_tests.log" | tail -3
     v="VARIANT=seesaw+LANES=q2x4,VARIANT=seesaw+LANES=8x4"
@@ -108,8 +91,7 @@ print(f'{pick(128)},{pick(16)}')")
       v="$v,VARIANT=producer+LANES=q2x4"  # (session 6 also timed a producer two tiles ahead here: dropped)
     timeout 200 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "$v" \
       --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/settings.log" 2>&1; tail -6 "$OUT/settings.log"
-    timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c;16,8,0;16,8,0,c" \
-      > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log" ;;
+    ;;  # (session 6 also swept gather configs here, with flag c: since removed)
   s6b)  # session 6, after s6: VARIANT "auto" (producer form at one split) tests, then the decode table
     timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
       tests/gpu/test_mla_decode_dispatch_gpu.py -k "auto or dispatch" 2>&1 | tee "$OUT/auto_tests.log" | tail -3
@@ -127,8 +109,4 @@ print(f'{pick(128)},{pick(16)}')")
       python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
     tail -4 "$OUT/ncu.log"
     ncu -i "$OUT/prof6s.ncu-rep" --page details > "$OUT/details6s.txt" 2>&1; wc -l "$OUT/details6s.txt" ;;
-  gather_c)  # written in session 5, not yet run: the gather's request table in registers (flag c), 1:2 ceilings
-    timeout 150 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0;8,4,0,c;8,4,0,sc;4,4,0,c" \
-      > "$OUT/gather_sweep.log" 2>&1; tail -8 "$OUT/gather_sweep.log"
-    timeout 150 python3 benchmarks/dev_stream_mix.py > "$OUT/stream_mix.log" 2>&1; tail -6 "$OUT/stream_mix.log" ;;
 esac

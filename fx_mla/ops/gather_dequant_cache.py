@@ -54,17 +54,15 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # grid, 0 = one tile a program[, flags[, maxnreg]]). maxnreg: a register cap a thread (0: the compiler's own; at
 # 48 registers, 10 programs of 4 warps fit an SM, at 32 all 16). flags, a string of letters (kernels' docstring):
 # "v" = loads as wide as the output stores (no shared-memory layout change between load and store), "s" = streaming
-# output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere), "c" = the token form
-# reads cu_seq_lens / seq_starts whole when batch <= REQ_VEC_MAX (one dependent load less; measured 11-28 points
-# slower at 64K tokens / 32 requests on 1x H100: its one-hot select costs more than the load it saves; session 6).
+# output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere).
 # Small tiles keep registers low (~32-48 a thread), so many programs share an SM and many independent index chains
 # (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache) are in flight. From bench_cache_gather.py
 # --sweep on an H100 80GB HBM3 (16 configs, bit-identical): (8, 4, 0) best or within 0.1 % of best, both layouts,
 # 64K and 1M tokens; "v" cost ds_mla 6-7 %, "s"/"p" moved <= 1 %, 2 warps and persistent grids were slower; register
-# caps of 40 / 32 (more programs an SM) were no faster, 32 much slower (spills) (session 5, RESULTS.md).
+# caps of 40 / 32 (more programs an SM) were no faster, 32 much slower (spills) (session 5, RESULTS.md); reading
+# cu_seq_lens / seq_starts whole and selecting in registers (one dependent load less) was 11-28 points slower at 64K
+# tokens and was removed (session 6).
 CONFIG = {"plain": (8, 4, 0), "fp8_ds_mla": (8, 4, 0)}
-REQ_VEC_MAX = 32    # flag "c": batches of at most this many requests read cu_seq_lens / seq_starts whole (64: 80
-#                     registers a thread instead of 56 in the sm_90 compile, fewer programs an SM)
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
 
@@ -289,8 +287,8 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     block_t, warps, per_sm, *rest = config or CONFIG[layout]
     flags = rest[0] if rest else ""
     maxnreg = rest[1] if len(rest) > 1 else 0
-    if set(flags) - set("vspc"):
-        raise ValueError(f"config flags must be letters of 'vspc', got {flags!r}")
+    if set(flags) - set("vsp"):
+        raise ValueError(f"config flags must be letters of 'vsp', got {flags!r}")
     if not isinstance(maxnreg, int) or maxnreg < 0:
         raise ValueError(f"config maxnreg must be an int >= 0 (0: the compiler's choice), got {maxnreg!r}")
     n_tiles = -(-n_tokens // block_t)
@@ -312,8 +310,6 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         common.update(PDL=True, launch_pdl=True)
     if maxnreg and cache.is_cuda:  # register cap (more programs an SM); the interpreter has no registers
         common.update(maxnreg=maxnreg)
-    if "c" in flags and not paged and batch <= REQ_VEC_MAX:  # request table in registers (shape-only choice)
-        common.update(REQ_VEC=max(2, 1 << max(batch - 1, 0).bit_length()))
     if layout == "fp8_ds_mla":
         _gather_dequant_cache_fp8_ds_mla_kernel[(grid,)](cache, out, *args, **common)
         return out

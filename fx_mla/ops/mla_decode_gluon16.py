@@ -39,9 +39,9 @@ LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 # is the default; ws8p3 2-3 % slower.
 # "ws8p2o": ws8p2 whose consumer leaves each tile's P V in flight behind the next tile's scores (1x H100, session 4:
 # within noise of ws8p2).
-# "dc8" / "dc4" (session 5): two consumer warpgroups on alternate tiles (each its own fp16 buffer and softmax state,
-# merged at the end) fed by an 8- / 4-warp producer one tile ahead: 9-36 % slower than ws8p2 from HBM (1x H100).
-VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o", "dc8", "dc4")
+# Measured and removed (session 5, RESULTS.md; git history): "dc8" / "dc4", two consumer warpgroups on alternate
+# tiles fed by an 8- / 4-warp producer, 9-36 % slower than ws8p2 from HBM (1x H100).
+VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o")
 VARIANT = "ws8p2"
 # How a producer warp's lanes cover a tile (kernels/mla_decode_gluon.lat_layout): "1x32" = sessions 2-4 (2-way
 # conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "q2x4" 9-11 % faster
@@ -51,9 +51,6 @@ LANES = "q2x4"
 # (Triton 3.6, sm_90)
 _WS = {"ws4": (4, 232, 1, False), "ws8": (8, 152, 1, False), "ws8p2": (8, 152, 2, False),
        "ws8p3": (8, 184, 3, False), "ws8p2o": (8, 152, 2, True)}
-# dual consumer: producer warps, producer registers, tiles ahead, consumer-1 registers (the largest register splits
-# of the 64K-register file that compile with at most 40 bytes of spills, Triton 3.6 sm_90: 16 / 40 bytes)
-_DC = {"dc8": (8, 104, 1, 152), "dc4": (4, 176, 1, 160)}
 
 
 def smem_needed(num_stages: int = NUM_STAGES, variant: str = "ring") -> int:
@@ -61,8 +58,6 @@ def smem_needed(num_stages: int = NUM_STAGES, variant: str = "ring") -> int:
     ws4 168,228, ws8* 168,232): fp16 query + raw FP8 ring + one fp16 tile + P + 256 bytes of scratch (ring); fp16
     query + two fp16 tiles + P + barriers and scratch (ws)."""
     d = LATENT + ROPE
-    if variant in _DC:  # compiled: 170,680 (dc8) / 170,672 (dc4) bytes
-        return HEADS * d * 2 + 2 * BLOCK_N * d * 2 + 2 * HEADS * BLOCK_N * 2 + 2 * HEADS * 4 + 568
     if variant != "ring":
         return HEADS * d * 2 + 2 * BLOCK_N * d * 2 + HEADS * BLOCK_N * 2 + 296
     return HEADS * d * 2 + num_stages * BLOCK_N * d + BLOCK_N * d * 2 + HEADS * BLOCK_N * 2 + 256
@@ -126,11 +121,6 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
     if variant == "ring":
         kernel = kmod._mla_decode_gluon16_kernel[(num_splits, batch)](
             *args, NUM_STAGES=num_stages, EARLY_READ=bool(early_read), **common)
-    elif variant in _DC:
-        pw, regs, ahead, c_regs = _DC[variant]
-        kernel = kmod._mla_decode_gluon16_dc_kernel[(num_splits, batch)](
-            *args, PRODUCER_WARPS=pw, PRODUCER_REGS=regs, PREFETCH=ahead, CONSUMER_REGS=c_regs, LANES=str(LANES),
-            **common)
     else:
         pw, regs, ahead, overlap = _WS[variant]
         kernel = kmod._mla_decode_gluon16_ws_kernel[(num_splits, batch)](

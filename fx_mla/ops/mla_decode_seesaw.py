@@ -98,8 +98,8 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
                                                 lse, num_splits, poison_workspace)
     common = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
                   num_warps=NUM_WARPS, **consts)
-    if variant == "auto":
-        variant = pick_variant(num_splits, max_shared(q.device) if q.is_cuda else None)
+    if variant == "auto":  # the device is asked only where the answer matters (one split a request)
+        variant = pick_variant(num_splits, max_shared(q.device) if q.is_cuda and num_splits == 1 else None)
     if variant == "producer":
         common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
     else:

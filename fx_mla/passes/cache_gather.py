@@ -130,14 +130,10 @@ def _emulate_gap(ctx: Any, tail: Tail) -> Optional[str]:
     the rewritten graph was measured not bitwise the unrewritten one (1x H100, torch 2.11: 36 % of the dequantized
     values differ, with the scale rounded to bf16 first or not; RESULTS.md, "Inductor rounding on CUDA"), and no
     rounding rule that reproduces it is known. Diagnostics (EMULATE_SCALE_ROUNDING_OVERRIDE set) still rewrite."""
-    if ctx.device.type != "cuda" or getattr(ctx.options, "inner", "inductor") == "eager":
+    inductor = getattr(ctx.options, "inner", "inductor") != "eager"
+    if ctx.device.type != "cuda" or not inductor or EMULATE_SCALE_ROUNDING_OVERRIDE is not None:
         return None
-    if tail.scale is None or _dtype(tail.scale) != torch.float32 or tail.mul_dtype not in (torch.bfloat16,
-                                                                                             torch.float16):
-        return None
-    from torch._inductor import config as inductor_config
-
-    if not inductor_config.emulate_precision_casts or EMULATE_SCALE_ROUNDING_OVERRIDE is not None:
+    if not _scale_rounded_by_executor(ctx, tail):  # (Inductor: emulation on, an fp32 scale, a bf16/fp16 multiply)
         return None
     return (f"Inductor with emulate_precision_casts on CUDA: its rounding of a {_short(tail.mul_dtype)} multiply by an "
             "fp32 scale is not reproduced bitwise by the op (measured on H100); the gather stays as written")

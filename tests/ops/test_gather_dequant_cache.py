@@ -275,7 +275,7 @@ def test_opcheck(case):
 def test_launch_config_flags_are_checked():
     cache, p, scale = _token_inputs(11, 576, torch.float8_e4m3fn)
     out = torch.empty(p.token_to_seq.numel(), 576, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="config flags must be letters of 'vspc', got 'vx'"):
+    with pytest.raises(ValueError, match="config flags must be letters of 'vsp', got 'vx'"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "vx"))
     with pytest.raises(ValueError, match="config maxnreg must be an int >= 0"):
@@ -287,7 +287,7 @@ def test_launch_config_covers_every_layout():
     assert set(gmod.CONFIG) == set(gmod.LAYOUTS)
     for layout, (block_t, warps, per_sm, *flags) in gmod.CONFIG.items():
         assert block_t >= 1 and block_t & (block_t - 1) == 0, (layout, block_t)
-        assert warps in (1, 2, 4, 8, 16) and per_sm >= 0 and len(flags) <= 1 and set("".join(flags)) <= set("vspc")
+        assert warps in (1, 2, 4, 8, 16) and per_sm >= 0 and len(flags) <= 1 and set("".join(flags)) <= set("vsp")
 
 
 # ---------------------------------------------------------------- Triton kernels under the interpreter
@@ -342,25 +342,18 @@ def _interpreter_checks():
             cache, p, scale = _token_inputs(1, 576, cache_dtype, **small)
             check(cache, p, scale, out_dtype, config=(8, 4, 0), what=f"576 {cache_dtype}->{out_dtype}")
             check(cache, p, scale, out_dtype, config=(8, 4, 0, "vs"), what=f"576 {cache_dtype}->{out_dtype} vs")
-            check(cache, p, scale, out_dtype, config=(8, 4, 0, "c"), what=f"576 {cache_dtype}->{out_dtype} c")
     for d, cache_dtype in [(320, torch.float8_e4m3fn), (288, torch.float8_e5m2), (40, torch.float16),
                            (100, torch.float32), (1100, torch.float8_e4m3fn)]:  # 3 parts; 2 column slices
         cache, p, scale = _token_inputs(2, d, cache_dtype, **small)
         check(cache, p, scale, torch.bfloat16, config=(4, 4, 0, "vsp"), what=f"D={d}")
     cache, p, scale = _token_inputs(3, 576, torch.float8_e4m3fn, starts=False, **small)
     check(cache, p, scale, torch.bfloat16, config=(4, 4, 2), what="persistent, no seq_starts")
-    check(cache, p, scale, torch.bfloat16, config=(4, 4, 2, "c"), what="persistent, no seq_starts, c")
-    g1 = _gen(6)  # one request: REQ_VEC 2 > n_req
-    p1 = token_problem([9], 4, g1, starts=[3], padding=1)
-    c1, s1 = random_cache(p1.num_blocks, 4, 576, torch.float8_e4m3fn, g1, "plain"), random_scale(g1)
-    check(c1, p1, s1, torch.bfloat16, config=(8, 4, 0, "c"), what="one request, c")
     check(cache, p, scale, torch.float16, config=(8, 4, 0), paged=True, what="paged")
     check(cache, p, None, torch.float32, config=(16, 4, 1), paged=True, what="paged persistent, no scale")
     for out_dtype in OUT_DTYPES:
         cache, p, _ = _token_inputs(4, 656, None, "fp8_ds_mla", **small)
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 4, 0), what=f"ds_mla {out_dtype}")
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 2, 0, "vs"), what=f"ds_mla {out_dtype} vs")
-        check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 4, 0, "c"), what=f"ds_mla {out_dtype} c")
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", what="ds_mla CONFIG")  # config None: CONFIG's
     c5, p5, s5 = _token_inputs(5, 576, torch.float8_e4m3fn, **small)
     check(c5, p5, s5, torch.bfloat16, what="576 CONFIG")
@@ -379,8 +372,7 @@ def _interpreter_checks():
     ss[2] = 3 * 4                    # pushes request 2's last tokens past its row (into the poison columns)
     inner, bt_view = _poisoned(cache, bt, poison)
     bad = type(p)(bt_view, p.cu_seq_lens, tts, ss, p.num_blocks)
-    for paged, cfg in ((False, (4, 4, 0)), (True, (4, 4, 0)), (False, (4, 2, 0, "vs")), (True, (8, 4, 0, "vs")),
-                       (False, (4, 4, 0, "c")), (True, (4, 4, 0, "c"))):
+    for paged, cfg in ((False, (4, 4, 0)), (True, (4, 4, 0)), (False, (4, 2, 0, "vs")), (True, (8, 4, 0, "vs"))):
         out = check(inner, bad, scale, torch.bfloat16, config=cfg, paged=paged, what=f"out of range {paged} {cfg}")
         assert not bool(out.isnan().any()), "a read outside the cache or a block-table row"
         assert bool((out == 0).all(-1).any()), "out-of-range tokens write zeros"

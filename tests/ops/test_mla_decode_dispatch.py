@@ -252,7 +252,7 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
 
 
 @pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_auto", "gluon16_ring",
-                                      "gluon16_ws8p2", "gluon16_dc8"])
+                                      "gluon16_ws8p2"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launcher, splits):
     """Each Gluon launcher, on CPU tensors with its support check bypassed and its kernel replaced by a recorder:
@@ -270,7 +270,6 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         "seesaw_auto": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="auto")),
         "gluon16_ring": (g16mod, kg16, "_mla_decode_gluon16_kernel", 16, dict(variant="ring")),
         "gluon16_ws8p2": (g16mod, kg16, "_mla_decode_gluon16_ws_kernel", 16, dict(variant="ws8p2")),
-        "gluon16_dc8": (g16mod, kg16, "_mla_decode_gluon16_dc_kernel", 16, dict(variant="dc8")),
     }[launcher]
     real = getattr(kmod, name)
     calls, merged = [], []

@@ -157,12 +157,6 @@ def test_smem_needed_ws_matches_compiled_kernel():
     assert 168228 <= gmod.smem_needed(variant="ws4") <= 168232 + 64
 
 
-def test_smem_needed_dc_matches_compiled_kernel():
-    # dc8 / dc4: 170,680 / 170,672 bytes in the Triton 3.6 sm_90 compile (GluonASTSource, checked by hand)
-    for variant in ("dc8", "dc4"):
-        assert 170672 <= gmod.smem_needed(variant=variant) <= 170680 + 64
-
-
 def test_gluon16_launch_bad_variant_raises_value_error():
     out, lse = torch.empty(2, 16, 512, dtype=torch.bfloat16), torch.empty(2, 16)
     with pytest.raises(ValueError, match="does not cover"):

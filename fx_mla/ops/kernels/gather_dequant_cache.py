@@ -17,10 +17,6 @@ Launch flags (constexpr, chosen in the launcher's CONFIG):
   bf16 store 16 bytes = 8 elements a thread: the loaded tile changes layout through shared memory (a barrier
   and a round trip) between the two. 0: no hint.
 - STREAM: output stores carry cache_modifier ".cs" (streaming: written once, not read back by this kernel).
-- REQ_VEC: cu_seq_lens / seq_starts read whole and indexed in registers (_token_rows): one dependent load less
-  a tile, for batches of up to REQ_VEC requests (launcher flag "c": REQ_VEC = the next power of two >= n_req,
-  used while that is at most 32; larger batches run without it). Measured slower (1x H100, session 6: the one-hot
-  select of _pick costs BLOCK_T x REQ_VEC compares and selects, more than the dependent load it saves): opt-in only.
 - PDL: programmatic dependent launch (sm_90+). Every program waits (griddepcontrol.wait) for the previous
   kernel in the stream to finish and flush before it reads anything, so the result does not depend on what
   ran before; it then lets the next kernel's programs be scheduled early (launch_dependents). Only the
@@ -59,24 +55,12 @@ def _floor_divmod(a, B: tl.constexpr):
 
 
 @triton.jit
-def _pick(idx, vec_ptr, n, REQ_VEC: tl.constexpr):
-    """vec[idx] for each idx (0 <= idx < n <= REQ_VEC), read as one [REQ_VEC] vector load and selected in
-    registers (a one-hot sum): no load that depends on idx."""
-    r = tl.arange(0, REQ_VEC)
-    v = tl.load(vec_ptr + r, mask=r < n, other=0).to(tl.int64)
-    return tl.sum(tl.where(idx[:, None] == r[None, :], v[None, :], 0), axis=1)
-
-
-@triton.jit
 def _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks,
                 n_blocks, c_s0, c_s1, row_len,
                 BLOCK_T: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
-                HAS_SEQ_STARTS: tl.constexpr, REQ_VEC: tl.constexpr = 0):
+                HAS_SEQ_STARTS: tl.constexpr):
     """Output token ids t [BLOCK_T] (int64), the element offset of each one's cache row, and a mask
-    `ok` of tokens that read the cache (others write zeros) and `live` of tokens that exist.
-    REQ_VEC (a power of two >= n_req, or 0): cu_seq_lens / seq_starts are read whole, independently of
-    token_to_seq, and indexed in registers, so the chain token_to_seq -> cu_seq_lens -> block_table -> cache
-    loses one dependent load (same indices, same result)."""
+    `ok` of tokens that read the cache (others write zeros) and `live` of tokens that exist."""
     t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # n_tokens < 2**31: the product fits
     live = t < n_tokens
     if PAGED:
@@ -89,14 +73,9 @@ def _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n
         valid = s >= 0                 # negative request id: DCP padding token
         b = tl.maximum(s, 0)
         ok = live & (b < n_req)
-        if REQ_VEC > 0:
-            start = tl.where(ok, _pick(b, cu_ptr, n_req, REQ_VEC), 0)
-            if HAS_SEQ_STARTS:
-                start -= tl.where(ok, _pick(b, ss_ptr, n_req, REQ_VEC), 0)
-        else:
-            start = tl.load(cu_ptr + b, mask=ok, other=0).to(tl.int64)
-            if HAS_SEQ_STARTS:
-                start -= tl.load(ss_ptr + b, mask=ok, other=0).to(tl.int64)
+        start = tl.load(cu_ptr + b, mask=ok, other=0).to(tl.int64)
+        if HAS_SEQ_STARTS:
+            start -= tl.load(ss_ptr + b, mask=ok, other=0).to(tl.int64)
         off = tl.where(valid, t - start, 0)
     j, r = _floor_divmod(off, BLOCK_SIZE)
     j = tl.where(j < 0, j + max_blocks, j)
@@ -167,7 +146,7 @@ def _gather_dequant_cache_kernel(
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
         PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr, VEC: tl.constexpr, STREAM: tl.constexpr,
-        PDL: tl.constexpr, REQ_VEC: tl.constexpr = 0):
+        PDL: tl.constexpr):
     """Plain layout: out[t, :D] = round(fp32(cache[row(t), :D]) * scale) (no scale: a cast); out rows are
     OUT_STRIDE apart (the launcher gathers entries wider than 1024 in column slices).
 
@@ -189,7 +168,7 @@ def _gather_dequant_cache_kernel(
     tile = tl.program_id(0)
     t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
                                    n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
-                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, REQ_VEC)
+                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
     for _ in range(tl.program_id(0), n_tiles, step):
         x1 = _load_part(cache_ptr, row, ok, 0, P1, P1, VEC)
         if P2 > 0:
@@ -200,7 +179,7 @@ def _gather_dequant_cache_kernel(
             tile += step
             t_n, row_n, ok_n, live_n = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
                                                    n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
-                                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, REQ_VEC)
+                                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
         out_row = t * OUT_STRIDE
         _store_part(out_ptr, out_row, live, x1, s, 0, P1, P1, HAS_SCALE, ROUND_BY_BITS, VEC, STREAM)
         if P2 > 0:
@@ -218,7 +197,7 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr,
         PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr, VEC: tl.constexpr, STREAM: tl.constexpr,
-        PDL: tl.constexpr, REQ_VEC: tl.constexpr = 0):
+        PDL: tl.constexpr):
     """fp8_ds_mla layout, a 656-byte row: 512 e4m3 | 4 fp32 group scales | 64 bf16 rope.
     out[t, i] = round(fp32(e4m3[i]) * scale[i // 128]) for i < 512, out[t, 512 + k] = round(rope[k]).
     The latent is one [BLOCK_T, 4, 128] tile (group x element), loaded with the scales and the rope
@@ -238,7 +217,7 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
     tile = tl.program_id(0)
     t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
                                    n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
-                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, REQ_VEC)
+                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
     for _ in range(tl.program_id(0), n_tiles, step):
         # typed pointers to each token's row parts (row offsets are multiples of 16 bytes)
         lat_base = (cache_ptr + row).to(tl.pointer_type(tl.float8e4nv))
@@ -253,7 +232,7 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
             tile += step
             t_n, row_n, ok_n, live_n = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
                                                    n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
-                                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, REQ_VEC)
+                                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
         out_row = t * D_OUT
         y = x.to(tl.float32) * sc[:, :, None]
         _store(out_ptr + out_row[:, None, None] + lat_off, _round_fp32_to(y, OUT_DTYPE, ROUND_BY_BITS),
