@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_suite.sh s6b     # one GPU: seesaw VARIANT "auto" tests, decode table
 #   bash benchmarks/gpu_suite.sh prof6   # one GPU: ncu of the seesaw kernel and its producer form at B = 8 and 64
 #   bash benchmarks/gpu_suite.sh prof6s  # the same, B = 8 only, stall / pipe / memory sections
+#   bash benchmarks/gpu_suite.sh s7      # one GPU: fixed against per-pair cost of the seesaw kernel, then prof6s
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -109,4 +110,8 @@ print(f'{pick(128)},{pick(16)}')")
       python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
     tail -4 "$OUT/ncu.log"
     ncu -i "$OUT/prof6s.ncu-rep" --page details > "$OUT/details6s.txt" 2>&1; wc -l "$OUT/details6s.txt" ;;
+  s7)  # session 7: where B = 1 / 8 lose time (dev_fixed_cost.py), then why the producer form loses at splits
+    timeout 200 python3 benchmarks/dev_fixed_cost.py > "$OUT/fixed_cost.log" 2>&1; grep -v "^$" "$OUT/fixed_cost.log" \
+      | tail -20
+    bash "$0" prof6s ;;
 esac
