@@ -113,5 +113,10 @@ print(f'{pick(128)},{pick(16)}')")
   s7)  # session 7: where B = 1 / 8 lose time (dev_fixed_cost.py), then why the producer form loses at splits
     timeout 200 python3 benchmarks/dev_fixed_cost.py > "$OUT/fixed_cost.log" 2>&1; grep -v "^$" "$OUT/fixed_cost.log" \
       | tail -20
-    bash "$0" prof6s ;;
+    timeout 150 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
+      --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section LaunchStats --section Occupancy -o "$OUT/prof6s" \
+      python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
+    tail -4 "$OUT/ncu.log"
+    ncu -i "$OUT/prof6s.ncu-rep" --page details > "$OUT/details6s.txt" 2>&1; wc -l "$OUT/details6s.txt" ;;
 esac
