@@ -110,10 +110,15 @@ print(f'{pick(128)},{pick(16)}')")
       python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
     tail -4 "$OUT/ncu.log"
     ncu -i "$OUT/prof6s.ncu-rep" --page details > "$OUT/details6s.txt" 2>&1; wc -l "$OUT/details6s.txt" ;;
-  s7)  # session 7: where B = 1 / 8 lose time (dev_fixed_cost.py), then why the producer form loses at splits
-    timeout 200 python3 benchmarks/dev_fixed_cost.py > "$OUT/fixed_cost.log" 2>&1; grep -v "^$" "$OUT/fixed_cost.log" \
-      | tail -20
-    timeout 150 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
+  s7)  # session 7: META_FIRST off / on (same run), where B = 1 / 8 lose time (dev_fixed_cost.py), the seesaw
+        # kernel's GPU tests, then why the producer form loses at splits (ncu, B = 8)
+    timeout 140 python3 benchmarks/dev_lane_rows.py --modules seesaw --values META_FIRST=0,META_FIRST=1 \
+      --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/meta_first.log" 2>&1; tail -5 "$OUT/meta_first.log"
+    timeout 140 python3 benchmarks/dev_fixed_cost.py > "$OUT/fixed_cost.log" 2>&1; grep -v "^$" "$OUT/fixed_cost.log" \
+      | tail -12
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py 2>&1 \
+      | tee "$OUT/seesaw_tests.log" | tail -3
+    timeout 140 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
       --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
       --section LaunchStats --section Occupancy -o "$OUT/prof6s" \
       python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
