@@ -55,10 +55,15 @@ def check_capacity(kv_cache, block_table) -> None:
 
 
 def num_splits_for(batch: int, groups: int, max_len: int, block_n: int, num_sms: int, occupancy: int) -> int:
-    """Splits per request so that about occupancy * num_sms programs run; at least 4 tiles a split."""
+    """Splits per request so that about occupancy * num_sms programs run; at least 4 tiles a split; then as few
+    splits as give the same longest chunk of whole tiles at max_len (the kernels cut a request into
+    cdiv(len, splits) tokens rounded up to whole tiles, so e.g. 1024 tiles over 66 splits is 64 chunks of 16 and two
+    empty splits: their CTAs and partials, and the combine's reads of them, cost time for nothing)."""
     programs = batch * groups
     splits = max(1, (num_sms * occupancy) // programs)
-    return max(1, min(splits, triton.cdiv(max_len, 4 * block_n), 1024))
+    splits = max(1, min(splits, triton.cdiv(max_len, 4 * block_n), 1024))
+    tiles = triton.cdiv(max(max_len, 1), block_n)
+    return max(1, triton.cdiv(tiles, triton.cdiv(tiles, splits)))
 
 
 def check_num_splits(splits) -> None:

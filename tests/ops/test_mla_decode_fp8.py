@@ -3,6 +3,7 @@ and 64, H 16 and 128, e4m3/e5m2/bf16/fp16 caches, fp8 queries), opcheck, argumen
 under TRITON_INTERPRET=1 in a subprocess (the flag must be set before triton is imported). Run as a script with
 TRITON_INTERPRET=1 it performs the interpreter checks itself; test_triton_kernels_interpreted does exactly that.
 """
+import itertools
 import os
 import subprocess
 import sys
@@ -170,10 +171,20 @@ def test_choose_config():
 
 def test_split_count_from_static_bounds():
     # aims at occupancy * SMs programs, never more splits than 4-tile chunks of the longest possible sequence
-    assert dmod._num_splits(1, 2, 65536, 64, 132, 1) == 66
+    # and no split left empty at the longest length (66 would give 64 chunks of 16 tiles and two empty splits)
+    assert dmod._num_splits(1, 2, 65536, 64, 132, 1) == 64
     assert dmod._num_splits(128, 1, 8192, 64, 132, 1) == 1
     assert dmod._num_splits(32, 1, 16384, 64, 132, 2) == 8
+    assert dmod._num_splits(8, 2, 16384, 64, 132, 1) == 8
     assert dmod._num_splits(1, 1, 100, 64, 132, 1) == 1
+    assert dmod._num_splits(1, 1, 0, 64, 132, 1) == 1
+    for batch, groups, max_len, block_n in itertools.product((1, 3, 8, 33), (1, 2), (64, 1000, 65536, 70001),
+                                                             (32, 64)):
+        splits = dmod._num_splits(batch, groups, max_len, block_n, 132, 1)
+        tiles = -(-max_len // block_n)
+        chunk = -(-tiles // splits)
+        assert 1 <= splits <= max(1, 132 // (batch * groups)) and (splits - 1) * chunk < tiles, \
+            (batch, groups, max_len, block_n, splits)
 
 
 # ---------------------------------------------------------------- Triton kernels under the interpreter
