@@ -69,7 +69,7 @@ case "${1:-tests}" in
   lanes)  # session 5: LANES 1x32 / 8x4 / q2x4 on the six decode shapes, GPU tests at the default (q2x4), table with
           # the fastest setting of each kernel (picked from this run's dev_lane_rows.json)
     timeout 200 python3 benchmarks/dev_lane_rows.py > "$OUT/lanes.log" 2>&1; cat "$OUT/lanes.log"
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
+    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
       tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_mla_decode_gluon16_gpu.py -k "not ws4 and not ws8p3 \
       and not ws8p2o and not ring" 2>&1 | tee "$OUT/lanes_tests.log" | tail -3
     best=$(python3 -c "
@@ -81,7 +81,7 @@ print(f'{pick(128)},{pick(16)}')")
       > "$OUT/decode.log" 2>&1; tail -10 "$OUT/decode.log" ;;
   lanes1)  # the same, lighter: one timing a setting, GPU tests of the default; no decode table
     timeout 120 python3 benchmarks/dev_lane_rows.py --reps 1 > "$OUT/lanes.log" 2>&1; cat "$OUT/lanes.log"
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
+    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
       tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_mla_decode_gluon16_gpu.py -k "not ws4 and not ws8p3 \
       and not ws8p2o and not ring" 2>&1 | tee "$OUT/lanes_tests.log" | tail -3 ;;
   s6)  # session 6: the producer form against the seesaw kernel, "8x4" lanes too (64 x 128 x 4096 preferred them)
@@ -114,11 +114,13 @@ print(f'{pick(128)},{pick(16)}')")
         # kernel's GPU tests, then why the producer form loses at splits (ncu, B = 8)
     timeout 140 python3 benchmarks/dev_lane_rows.py --modules seesaw --values META_FIRST=0,META_FIRST=1 \
       --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/meta_first.log" 2>&1; tail -5 "$OUT/meta_first.log"
-    timeout 140 python3 benchmarks/dev_fixed_cost.py > "$OUT/fixed_cost.log" 2>&1; grep -v "^$" "$OUT/fixed_cost.log" \
+    timeout 120 python3 benchmarks/dev_fixed_cost.py > "$OUT/fixed_cost.log" 2>&1; grep -v "^$" "$OUT/fixed_cost.log" \
       | tail -12
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py 2>&1 \
+    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py 2>&1 \
       | tee "$OUT/seesaw_tests.log" | tail -3
-    timeout 140 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cache_gather_pass_gpu.py 2>&1 \
+      | tee "$OUT/cache_gather_pass_tests.log" | tail -3
+    timeout 120 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
       --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
       --section LaunchStats --section Occupancy -o "$OUT/prof6s" \
       python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
