@@ -120,7 +120,7 @@ print(f'{pick(128)},{pick(16)}')")
       | tee "$OUT/seesaw_tests.log" | tail -3
     timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cache_gather_pass_gpu.py 2>&1 \
       | tee "$OUT/cache_gather_pass_tests.log" | tail -3
-    timeout 120 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
+    timeout 100 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
       --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
       --section LaunchStats --section Occupancy -o "$OUT/prof6s" \
       python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
