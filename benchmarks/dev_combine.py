@@ -1,6 +1,6 @@
 """Device timing of the split merge (the combine kernel of every decode launcher) on its own, one GPU.
 
-For the split counts the launchers pick on the issue-6 shapes (128 heads: B = 1 -> 66 splits, B = 8 -> 8;
+For the split counts the launchers pick on the issue-6 shapes (128 heads: B = 1 -> 64 splits (66 before session 7), B = 8 -> 8;
 16 heads: B = 32 -> 4), the first version's launch (one program a (request, head), 8 splits a step) against
 combine_config's (latent chunks, up to 8192 values a step), and the bytes moved (fp32 partials read, output written)
 as GB/s. Median of CUDA-graph replays (bench_decode.time_us over 8 distinct workspaces, so nothing stays in L2 from
@@ -21,7 +21,7 @@ from benchmarks import bench_decode as bd  # noqa: E402
 from fx_mla.ops._decode_launch import combine_config, combine_splits  # noqa: E402
 
 L = 512
-SHAPES = [(1, 128, 66), (1, 128, 33), (8, 128, 8), (32, 16, 4), (16, 128, 4)]
+SHAPES = [(1, 128, 66), (1, 128, 64), (1, 128, 33), (8, 128, 8), (32, 16, 4), (16, 128, 4)]
 
 
 def main():

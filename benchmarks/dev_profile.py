@@ -6,7 +6,7 @@
 Cases (block 64, e4m3 cache, bf16 query, full-length requests over permuted pages, as bench_decode.py):
   decode16   32 x 16 x 16384 through torch.ops.fx_mla.mla_decode_fp8 (gluon16 ws8p2 + combine)
   decode128  16 x 128 x 8192 (seesaw + combine; fewer tokens than the benchmark's 32K, same per-tile loop)
-  b1         1 x 128 x 65536 (seesaw, 66 splits, + combine)
+  b1         1 x 128 x 65536 (seesaw, 64 splits (66 before session 7), + combine)
   gather     65536 tokens, token form, e4m3 576 -> bf16 (fx_mla::gather_dequant_cache)
   b8, b64    8 x 128 x 16384 (8 splits) and 64 x 128 x 4096 (one split): where the seesaw kernel and its producer
              form trade places (RESULTS.md, session 6)
