@@ -41,9 +41,6 @@ LANES = "q2x4"
 VARIANTS = ("auto", "seesaw", "producer")
 VARIANT = "auto"
 PRODUCER_WORKER_REGS, PRODUCER_REGS = 200, 104
-# Issue the kernel's scale / sequence-length loads before the query's (one round trip before the partitions start
-# instead of two; kernels/mla_decode_seesaw.py, META_FIRST). Same numerics either way.
-META_FIRST = True
 SMEM_NEEDED_PRODUCER = 230880  # bytes of the compiled producer variant: 8 barriers more
 SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
 
@@ -100,7 +97,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
                                                 lse, num_splits, poison_workspace)
     common = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
-                  META_FIRST=bool(META_FIRST), num_warps=NUM_WARPS, **consts)
+                  num_warps=NUM_WARPS, **consts)
     if variant == "auto":  # the device is asked only where the answer matters (one split a request)
         variant = pick_variant(num_splits, max_shared(q.device) if q.is_cuda and num_splits == 1 else None)
     if variant == "producer":

@@ -187,11 +187,8 @@ def _mla_decode_seesaw_kernel(
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, WORKER_REGS: gl.constexpr, LANES: gl.constexpr, num_warps: gl.constexpr,
-        PRODUCER: gl.constexpr = False, PRODUCER_REGS: gl.constexpr = 0, META_FIRST: gl.constexpr = True):
-    """PRODUCER: the producer variant below (a third partition converts the tiles, full / empty barriers).
-    META_FIRST: the scale and sequence-length loads are issued before the query's, so the three are in flight
-    together (sessions 1-6 issued them after the query's shared-memory store and fence: two round trips before
-    the partitions start instead of one)."""
+        PRODUCER: gl.constexpr = False, PRODUCER_REGS: gl.constexpr = 0):
+    """PRODUCER: the producer variant below (a third partition converts the tiles, full / empty barriers)."""
     gl.static_assert(num_warps == 4, "the default partition is one warpgroup; the workers: the second (+ producer)")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(BLOCK_N % 32 == 0, "tiles load as four row blocks of >= 8 rows")
@@ -205,9 +202,6 @@ def _mla_decode_seesaw_kernel(
     SMEM_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.float16)
     SMEM_ROW: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
-    if META_FIRST:
-        k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
-        start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, 2 * BLOCK_N)
     # ---- query (fp16; bf16 scaled by 2**-Q_SHIFT) into shared memory, once, by the default warps
     q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT,
                                     num_warps)
@@ -244,9 +238,8 @@ def _mla_decode_seesaw_kernel(
             mbarrier.init(empty_b.index(i), count=2)
     fence_async_shared()
 
-    if not META_FIRST:
-        k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
-        start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, 2 * BLOCK_N)  # pairs
+    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
+    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, 2 * BLOCK_N)  # whole pairs
     if PRODUCER:
         # a split past the request's end has end < start: empty, not negative (a negative pair count would leave
         # the warpgroups' first full-barrier wait without a producer arrive: a hang; without the producer the
