@@ -10,6 +10,9 @@ Cases (block 64, e4m3 cache, bf16 query, full-length requests over permuted page
   gather     65536 tokens, token form, e4m3 576 -> bf16 (fx_mla::gather_dequant_cache)
   b8, b64    8 x 128 x 16384 (8 splits) and 64 x 128 x 4096 (one split): where the seesaw kernel and its producer
              form trade places (RESULTS.md, session 6)
+  b8e, b64e  the same launches with every seq_len 0 (each CTA: query load, no pair, out = 0 / lse = -inf written):
+             the ~12 us an empty launch costs (dev_fixed_cost.py, session 7) against ~2.7 us for a trivial kernel
+  b8p2       8 x 128 x 16384 with seq_lens 1024 (two pairs a CTA at 8 splits)
 --seesaw-variants: the 128-head cases run once with each mla_decode_seesaw.VARIANT named (default: the module's).
 Every case runs twice (compile + warm) before a final launch, the only one profiled.
 No timing here: ncu replays each kernel with its own clocks off (--clock-control none keeps them as they are).
@@ -36,14 +39,16 @@ def _profile(on):
     (torch.cuda.profiler.start if on else torch.cuda.profiler.stop)()
 
 
-def _decode(batch, heads, ctx):
+def _decode(batch, heads, ctx, seq_len=None):
     cache, tables, lens, k_scale, q, _, _ = bd.make_inputs(batch, heads, ctx, 1)
+    if seq_len is not None:
+        lens.fill_(seq_len)
     for i in range(3):
         _profile(i == 2)
         out, lse = torch.ops.fx_mla.mla_decode_fp8(q, cache, tables[0], lens, k_scale, None, bd.SM_SCALE, bd.LAT,
                                                    torch.bfloat16)
         _profile(False)
-    print(f"decode {batch}x{heads}x{ctx}: out finite {bool(torch.isfinite(out).all())}", flush=True)
+    print(f"decode {batch}x{heads}x{ctx} (seq_len {seq_len}): out finite {bool(torch.isfinite(out).all())}", flush=True)
 
 
 def _gather(n):
@@ -73,7 +78,8 @@ def main():
         smod.VARIANT = variant
         print(f"seesaw variant {variant}", flush=True)
         for case, shape in (("decode128", (16, 128, 8192)), ("b1", (1, 128, 65536)), ("b8", (8, 128, 16384)),
-                            ("b64", (64, 128, 4096))):
+                            ("b64", (64, 128, 4096)), ("b8e", (8, 128, 16384, 0)), ("b64e", (64, 128, 4096, 0)),
+                            ("b8p2", (8, 128, 16384, 1024))):
             if case in which:
                 _decode(*shape)
     if "gather" in which:
