@@ -128,8 +128,8 @@ print(f'{pick(128)},{pick(16)}')")
     tail -4 "$OUT/ncu.log"
     ncu -i "$OUT/prof6s.ncu-rep" --page details > "$OUT/details6s.txt" 2>&1; wc -l "$OUT/details6s.txt" ;;
   s7b)  # session 7, after s7: the seesaw tests at the final code, then where an empty launch's ~12 us go
-    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
-      tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 | tee "$OUT/seesaw_tests.log" | tail -3
+    timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
+      | tee "$OUT/dispatch_tests.log" | tail -3
     timeout 150 ncu --clock-control none --profile-from-start off --set full --import-source no -o "$OUT/prof7" \
       python3 benchmarks/dev_profile.py --which b8e,b64e,b8p2 > "$OUT/ncu.log" 2>&1
     tail -5 "$OUT/ncu.log"
