@@ -12,7 +12,8 @@
 #   bash benchmarks/gpu_suite.sh s6b     # one GPU: seesaw VARIANT "auto" tests, decode table
 #   bash benchmarks/gpu_suite.sh prof6   # one GPU: ncu of the seesaw kernel and its producer form at B = 8 and 64
 #   bash benchmarks/gpu_suite.sh prof6s  # the same, B = 8 only, stall / pipe / memory sections
-#   bash benchmarks/gpu_suite.sh s7b     # one GPU: seesaw GPU tests, ncu (full) of empty / two-pair launches
+#   bash benchmarks/gpu_suite.sh s7b     # one GPU: dispatch GPU tests, ncu (full) of empty / two-pair launches
+#   bash benchmarks/gpu_suite.sh s7c     # s7b without the tests
 #   bash benchmarks/gpu_suite.sh s7      # one GPU: fixed against per-pair cost of the seesaw kernel, then prof6s
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -127,9 +128,9 @@ print(f'{pick(128)},{pick(16)}')")
       python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
     tail -4 "$OUT/ncu.log"
     ncu -i "$OUT/prof6s.ncu-rep" --page details > "$OUT/details6s.txt" 2>&1; wc -l "$OUT/details6s.txt" ;;
-  s7b)  # session 7, after s7: the seesaw tests at the final code, then where an empty launch's ~12 us go
-    timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
-      | tee "$OUT/dispatch_tests.log" | tail -3
+  s7b|s7c)  # session 7, after s7: (s7b) the dispatch tests, then where an empty launch's ~12 us go
+    [ "$1" = s7b ] && timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_dispatch_gpu.py \
+      2>&1 | tee "$OUT/dispatch_tests.log" | tail -3
     timeout 150 ncu --clock-control none --profile-from-start off --set full --import-source no -o "$OUT/prof7" \
       python3 benchmarks/dev_profile.py --which b8e,b64e,b8p2 > "$OUT/ncu.log" 2>&1
     tail -5 "$OUT/ncu.log"
