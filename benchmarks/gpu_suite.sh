@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_suite.sh prof6s  # the same, B = 8 only, stall / pipe / memory sections
 #   bash benchmarks/gpu_suite.sh s7b     # one GPU: dispatch GPU tests, ncu (full) of empty / two-pair launches
 #   bash benchmarks/gpu_suite.sh s7c     # s7b without the tests
+#   bash benchmarks/gpu_suite.sh s8      # one GPU: the tile64 kernel's first run: its GPU tests, then against "auto"
 #   bash benchmarks/gpu_suite.sh s7      # one GPU: fixed against per-pair cost of the seesaw kernel, then prof6s
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -137,4 +138,11 @@ print(f'{pick(128)},{pick(16)}')")
     ncu -i "$OUT/prof7.ncu-rep" --page details > "$OUT/details7.txt" 2>&1; wc -l "$OUT/details7.txt"
     ncu -i "$OUT/prof7.ncu-rep" --page source --csv --print-source sass > "$OUT/source7.csv" 2>/dev/null
     gzip -f "$OUT/source7.csv"; ls -la "$OUT" ;;
+  s8)  # session 7 wrote the 64-token-tile kernel (VARIANT "tile64") without a GPU: its tests first (a hang is
+        # possible in a kernel never run: the timeout ends it), then, if they passed, tile64 against auto
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k tile64 2>&1 \
+      | tee "$OUT/tile64_tests.log" | tail -4
+    grep -q " passed" "$OUT/tile64_tests.log" && ! grep -q "failed\|error" "$OUT/tile64_tests.log" && \
+      timeout 200 python3 benchmarks/dev_lane_rows.py --modules seesaw --values VARIANT=auto,VARIANT=tile64 \
+        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/tile64.log" 2>&1; tail -6 "$OUT/tile64.log" ;;
 esac
