@@ -24,9 +24,11 @@ trap 'tar czf "$R/all.tgz" -C "$OUT" .' EXIT
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpus.txt"
 case "${1:-tests}" in
-  tests)
-    timeout 500 python3 -m pytest -q -p no:cacheprovider -m "cuda or multigpu" tests/gpu 2>&1 \
-      | tee "$OUT/gpu_tests.log" | grep -v PASSED | tail -60 ;;
+  tests)  # the tile64 kernel (never run when written, session 7) separately: a hang there must not cost the rest
+    timeout 440 python3 -m pytest -q -p no:cacheprovider -m "cuda or multigpu" tests/gpu -k "not tile64" 2>&1 \
+      | tee "$OUT/gpu_tests.log" | grep -v PASSED | tail -60
+    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k tile64 2>&1 \
+      | tee "$OUT/tile64_tests.log" | tail -4 ;;
   bench)
     n=$(nvidia-smi -L | wc -l)
     python3 benchmarks/bench_q_allgather.py --world-size 2 2>&1 | tee "$OUT/q_allgather_ws2.log"
