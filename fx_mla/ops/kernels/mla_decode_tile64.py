@@ -18,10 +18,13 @@ Shared memory: Q 72 KiB + tiles A and B 72 KiB each, ONE buffer each (two would 
 * P of a tile goes into that tile's rope rows (64 tokens x 64 fp16 = 64 heads x 64 tokens fp16, same swizzled
   layout), dead once the tile's scores are computed.
 * A tile is released to the producer (empty barrier, count 2) once both warpgroups' MMAs reading it are complete:
-  warpgroup 0 releases A after its P_A V_A and B after its P_B V_B; warpgroup 1 both after its two P V products.
+  each warpgroup releases A after its P_A V_A and B after its P_B V_B (warpgroup 1 takes P_A from shared memory,
+  relative to m_a, and rescales its accumulator around that product: no register copy of P_A, 16 registers less).
   The producer converts A of the next pair, then B, each after its release; warpgroup 0 issues the next A scores
   before waiting for its P_B V_B (wait(2): one commit group a warpgroup_mma call with shared-memory operands), so
   that product runs while A is converted.
+* The cost of one buffer a tile: the producer cannot run ahead (A of pair j+1 waits for both P_A V_A of pair j,
+  B for both P_B V_B), so part of each conversion sits on the critical path; the first GPU run decides.
 * The producer converts one pair past the last (zero rows, no memory traffic): the warpgroups issue the next
   pair's scores before leaving the loop, as in the seesaw kernel.
 Numerics are the seesaw kernel's: bf16 query scaled by 2**-Q_SHIFT into fp16, k_scale and 2**Q_SHIFT in the base-2
