@@ -7,6 +7,8 @@ as GB/s. Median of CUDA-graph replays (bench_decode.time_us over 8 distinct work
 the previous replay more than it would after the split kernel). Numerics: both configs against a float64 merge.
 
   PYTHONPATH=. python3 benchmarks/dev_combine.py      # JSON to $OUT/dev_combine.json, else benchmarks/results/
+  PYTHONPATH=. python3 benchmarks/dev_combine.py --extra 64x64,128x32,256x32 --shapes 1x128x64,8x128x8
+      # more (BLOCK_L x BLOCK_S) configs timed beside the two, on the shapes named (B x H x splits)
 """
 from __future__ import annotations
 
@@ -25,8 +27,15 @@ SHAPES = [(1, 128, 66), (1, 128, 64), (1, 128, 33), (8, 128, 8), (32, 16, 4), (1
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--extra", default="", help="more BLOCK_LxBLOCK_S configs, e.g. 64x64,128x32")
+    ap.add_argument("--shapes", default="", help="BxHxSPLITS,... (default: SHAPES)")
+    args = ap.parse_args()
+    extra = [tuple(int(v) for v in c.split("x")) for c in args.extra.split(",") if c]
+    shapes = [tuple(int(v) for v in c.split("x")) for c in args.shapes.split(",") if c] or SHAPES
     rows = []
-    for batch, heads, splits in SHAPES:
+    for batch, heads, splits in shapes:
         ws = []
         for i in range(8):
             g = torch.Generator(device="cuda").manual_seed(i)
@@ -39,7 +48,9 @@ def main():
         row = dict(batch=batch, heads=heads, splits=splits,
                    bytes=batch * splits * heads * (L + 1) * 4 + batch * heads * (L * 2 + 4))
         chosen = combine_config(batch, heads, splits, L, torch.cuda.get_device_properties(0).multi_processor_count)
-        for name, cfg in (("first", (512, min(8, 1 << (splits - 1).bit_length()))), ("chosen", chosen[:2])):
+        configs = [("first", (512, min(8, 1 << (splits - 1).bit_length()))), ("chosen", chosen[:2])]
+        configs += [(f"{bl}x{bs}", (bl, bs)) for bl, bs in extra]
+        for name, cfg in configs:
             out = torch.full((batch, heads, L), float("nan"), device="cuda", dtype=torch.bfloat16)
             lse = torch.full((batch, heads), float("nan"), device="cuda")
             combine_splits(po, pl, out, lse, splits, L, config=cfg)
@@ -49,6 +60,9 @@ def main():
             row[name] = dict(config=list(cfg), us=us, timing=how, gbps=row["bytes"] / us / 1e3, rel_err=err,
                              lse_err=lerr)
         row["speedup"] = row["first"]["us"] / row["chosen"]["us"]
+        for name, _ in configs[2:]:
+            print(f"   {name}: {row[name]['us']:7.2f} us ({row[name]['gbps']:6.0f} GB/s) err {row[name]['rel_err']:.1e}",
+                  flush=True)
         rows.append(row)
         print(f"B={batch:3d} H={heads:3d} splits={splits:3d}  first {row['first']['us']:7.2f} us "
               f"({row['first']['gbps']:6.0f} GB/s)  chosen {tuple(row['chosen']['config'])} {row['chosen']['us']:7.2f} us "

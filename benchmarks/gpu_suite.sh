@@ -14,7 +14,8 @@
 #   bash benchmarks/gpu_suite.sh prof6s  # the same, B = 8 only, stall / pipe / memory sections
 #   bash benchmarks/gpu_suite.sh s7b     # one GPU: dispatch GPU tests, ncu (full) of empty / two-pair launches
 #   bash benchmarks/gpu_suite.sh s7c     # s7b without the tests
-#   bash benchmarks/gpu_suite.sh s8      # one GPU: the tile64 kernel's first run: its GPU tests, then against "auto"
+#   bash benchmarks/gpu_suite.sh s8      # one GPU: the tile64 kernel's first run: its GPU tests, then against "auto";
+#                                        # combine configs at 64 / 8 splits; ncu of empty launches (s7c's)
 #   bash benchmarks/gpu_suite.sh s7      # one GPU: fixed against per-pair cost of the seesaw kernel, then prof6s
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -146,5 +147,10 @@ print(f'{pick(128)},{pick(16)}')")
       | tee "$OUT/tile64_tests.log" | tail -4
     grep -q " passed" "$OUT/tile64_tests.log" && ! grep -q "failed\|error" "$OUT/tile64_tests.log" && \
       timeout 200 python3 benchmarks/dev_lane_rows.py --modules seesaw --values VARIANT=auto,VARIANT=tile64 \
-        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/tile64.log" 2>&1; tail -6 "$OUT/tile64.log" ;;
+        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/tile64.log" 2>&1; tail -6 "$OUT/tile64.log"
+    timeout 60 python3 benchmarks/dev_combine.py --shapes 1x128x64,8x128x8 --extra 64x64,64x32,128x32,256x16,512x8 \
+      > "$OUT/combine.log" 2>&1; tail -14 "$OUT/combine.log"
+    timeout 150 ncu --clock-control none --profile-from-start off --set full --import-source no -o "$OUT/prof7" \
+      python3 benchmarks/dev_profile.py --which b8e,b64e,b8p2 > "$OUT/ncu.log" 2>&1; tail -3 "$OUT/ncu.log"
+    ncu -i "$OUT/prof7.ncu-rep" --page details > "$OUT/details7.txt" 2>&1; wc -l "$OUT/details7.txt" ;;
 esac
