@@ -39,6 +39,33 @@ from fx_mla.ops.kernels.mla_decode_gluon import (_load_tile, _output_rows, _quer
 
 
 @gluon.jit
+def _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, WG: gl.constexpr,
+                   L: gl.constexpr, BLOCK_H: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
+    """End of warpgroup WG of a two-warpgroup kernel (this one and kernels/mla_decode_tile64.py): o = acc * k_scale / l
+    into its L / 2 columns (WG1 keeps l and hands it to WG0 through l_s / bar_fin), lse in natural log (WG1);
+    no tokens: o = 0, lse = -inf."""
+    ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+    ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+    HALF: gl.constexpr = L // 2
+    if WG == 1:
+        l_s.store(l_i)
+        gl.thread_barrier()
+        mbarrier.arrive(bar_fin)
+        has_s = l_i > 0.0
+        lse = gl.where(has_s, (m_i + gl.log2(gl.where(has_s, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        gl.store(lse_base + gl.arange(0, BLOCK_H, layout=ROW_S), lse)
+        l_o = gl.convert_layout(l_i, ROW_O)
+    else:
+        mbarrier.wait(bar_fin, 0)
+        l_o = l_s.load(ROW_O)
+    has_tokens = l_o > 0.0
+    o = acc * (k_scale / gl.where(has_tokens, l_o, 1.0))[:, None]
+    rows = gl.arange(0, BLOCK_H, layout=ROW_O)
+    cols = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_LAYOUT))
+    gl.store(o_base + rows.to(gl.int64)[:, None] * stride_o_h + cols[None, :], o.to(o_base.dtype.element_ty))
+
+
+@gluon.jit
 def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other, m_a_s, l_a_s, m_b_s, l_s,
                       bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                       qk_scale, k_scale, o_base, stride_o_h, lse_base,
@@ -159,24 +186,8 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
             mbarrier.arrive(empty_a.index(buf))
             mbarrier.arrive(empty_b.index(buf))
 
-    # ---- epilogue: o = acc * k_scale / l (WG1's l, handed over), lse natural log; no tokens: -inf, o = 0
-    if WG == 1:
-        l_s.store(l_i)
-        gl.thread_barrier()
-        mbarrier.arrive(bar_fin)
-        has_s = l_i > 0.0
-        lse = gl.where(has_s, (m_i + gl.log2(gl.where(has_s, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        gl.store(lse_base + gl.arange(0, BLOCK_H, layout=ROW_S), lse)
-        l_o = gl.convert_layout(l_i, ROW_O)
-    else:
-        mbarrier.wait(bar_fin, 0)
-        l_o = l_s.load(ROW_O)
-    has_tokens = l_o > 0.0
-    o = acc * (k_scale / gl.where(has_tokens, l_o, 1.0))[:, None]
-    rows = gl.arange(0, BLOCK_H, layout=ROW_O)
-    cols = COL0 + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_LAYOUT))
-    gl.store(o_base + rows.to(gl.int64)[:, None] * stride_o_h + cols[None, :], o.to(o_base.dtype.element_ty))
-
+    _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, WG, L, BLOCK_H, S_LAYOUT,
+                   O_LAYOUT)
 
 @gluon.jit
 def _mla_decode_seesaw_kernel(

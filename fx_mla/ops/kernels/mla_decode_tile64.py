@@ -38,6 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from fx_mla.ops.kernels.mla_decode_gluon import (_load_tile, _output_rows, _query_tiles, _score_scale, _split_range,
                                                  _store_tile, lat_layout)
+from fx_mla.ops.kernels.mla_decode_seesaw import _pair_epilogue
 
 
 @gluon.jit
@@ -134,24 +135,8 @@ def _t64_partition(q_nope, q_pe, own_nope, own_pe, other_nope, other_pe, m_a_s, 
             s = warpgroup_mma(q_pe.index(zero), own_pe.permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s, ))
 
-    # ---- epilogue: o = acc * k_scale / l (WG1's l, handed over), lse natural log; no tokens: -inf, o = 0
-    if WG == 1:
-        l_s.store(l_i)
-        gl.thread_barrier()
-        mbarrier.arrive(bar_fin)
-        has_s = l_i > 0.0
-        lse = gl.where(has_s, (m_i + gl.log2(gl.where(has_s, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        gl.store(lse_base + gl.arange(0, BLOCK_H, layout=ROW_S), lse)
-        l_o = gl.convert_layout(l_i, ROW_O)
-    else:
-        mbarrier.wait(bar_fin, 0)
-        l_o = l_s.load(ROW_O)
-    has_tokens = l_o > 0.0
-    o = acc * (k_scale / gl.where(has_tokens, l_o, 1.0))[:, None]
-    rows = gl.arange(0, BLOCK_H, layout=ROW_O)
-    cols = COL0 + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_LAYOUT))
-    gl.store(o_base + rows.to(gl.int64)[:, None] * stride_o_h + cols[None, :], o.to(o_base.dtype.element_ty))
-
+    _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, WG, L, BLOCK_H, S_LAYOUT,
+                   O_LAYOUT)
 
 @gluon.jit
 def _t64_producer(ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, empty_b, kv_ptr, bt_row, start, end,
@@ -218,20 +203,19 @@ def _mla_decode_tile64_kernel(
     pid_s = gl.program_id(1)
     pid_b = gl.program_id(2).to(gl.int64)
 
-    SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    SMEM_ROPE: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    SMEM_TILE: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)  # fp16 rows
     SMEM_ROW: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
     q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT,
                                     num_warps)
-    q_nope = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, L], SMEM_LAT)
+    q_nope = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, L], SMEM_TILE)
     q_nope.index(0).store(q_nope_t)
-    q_pe = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, R], SMEM_ROPE)
+    q_pe = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, R], SMEM_TILE)
     q_pe.index(0).store(q_pe_t)
-    ka_nope = gl.allocate_shared_memory(gl.float16, [BLOCK_N, L], SMEM_LAT)
-    ka_pe = gl.allocate_shared_memory(gl.float16, [BLOCK_N, R], SMEM_ROPE)
-    kb_nope = gl.allocate_shared_memory(gl.float16, [BLOCK_N, L], SMEM_LAT)
-    kb_pe = gl.allocate_shared_memory(gl.float16, [BLOCK_N, R], SMEM_ROPE)
+    ka_nope = gl.allocate_shared_memory(gl.float16, [BLOCK_N, L], SMEM_TILE)
+    ka_pe = gl.allocate_shared_memory(gl.float16, [BLOCK_N, R], SMEM_TILE)
+    kb_nope = gl.allocate_shared_memory(gl.float16, [BLOCK_N, L], SMEM_TILE)
+    kb_pe = gl.allocate_shared_memory(gl.float16, [BLOCK_N, R], SMEM_TILE)
     m_a_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
     l_a_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
     m_b_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
