@@ -104,24 +104,22 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * block_n, sm_count(device_index(q.device)), 1)
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
                                                 lse, num_splits, poison_workspace)
+    # ONE_PAGE: the kernels load 32-token blocks (seesaw tiles, tile64 half tiles), each in one page
+    common = dict(BLOCK_H=BLOCK_H, BLOCK_N=block_n, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
+                  num_warps=NUM_WARPS, **consts)
     if variant == "tile64":
         from fx_mla.ops.kernels import mla_decode_tile64 as tmod  # gluon: Triton 3.6 only
-        kernel = tmod._mla_decode_tile64_kernel[(groups, num_splits, batch)](
-            *args, BLOCK_H=BLOCK_H, BLOCK_N=block_n, ONE_PAGE=bool(one_page) and page % (block_n // 2) == 0,
-            LANES=str(LANES), WORKER_REGS=TILE64_WORKER_REGS, PRODUCER_REGS=TILE64_PRODUCER_REGS,
-            num_warps=NUM_WARPS, **consts)
-        launch_mla_decode_seesaw.last_kernel = kernel
-        combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
-        return out, lse
-    common = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
-                  num_warps=NUM_WARPS, **consts)
-    if variant == "auto":  # the device is asked only where the answer matters (one split a request)
-        variant = pick_variant(num_splits, max_shared(q.device) if q.is_cuda and num_splits == 1 else None)
-    if variant == "producer":
-        common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
+        kernel_fn = tmod._mla_decode_tile64_kernel
+        common.update(WORKER_REGS=TILE64_WORKER_REGS, PRODUCER_REGS=TILE64_PRODUCER_REGS)
     else:
-        common.update(WORKER_REGS=WORKER_REGS)
-    kernel = kmod._mla_decode_seesaw_kernel[(groups, num_splits, batch)](*args, **common)
+        kernel_fn = kmod._mla_decode_seesaw_kernel
+        if variant == "auto":  # the device is asked only where the answer matters (one split a request)
+            variant = pick_variant(num_splits, max_shared(q.device) if q.is_cuda and num_splits == 1 else None)
+        if variant == "producer":
+            common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
+        else:
+            common.update(WORKER_REGS=WORKER_REGS)
+    kernel = kernel_fn[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
     return out, lse
