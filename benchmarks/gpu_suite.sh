@@ -12,11 +12,9 @@
 #   bash benchmarks/gpu_suite.sh s6b     # one GPU: seesaw VARIANT "auto" tests, decode table
 #   bash benchmarks/gpu_suite.sh prof6   # one GPU: ncu of the seesaw kernel and its producer form at B = 8 and 64
 #   bash benchmarks/gpu_suite.sh prof6s  # the same, B = 8 only, stall / pipe / memory sections
-#   bash benchmarks/gpu_suite.sh s7b     # one GPU: dispatch GPU tests, ncu (full) of empty / two-pair launches
-#   bash benchmarks/gpu_suite.sh s7c     # s7b without the tests
 #   bash benchmarks/gpu_suite.sh s8      # one GPU: the tile64 kernel's first run: its GPU tests, then against "auto";
-#                                        # combine configs at 64 / 8 splits; ncu of empty launches (s7c's)
-#   bash benchmarks/gpu_suite.sh s7      # one GPU: fixed against per-pair cost of the seesaw kernel, then prof6s
+#                                        # combine configs at 64 / 8 splits; ncu (full) of empty / two-pair launches
+# (session 7's spent s7 recipe, whose META_FIRST A/B named a setting since reverted, is in git history)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -116,31 +114,6 @@ print(f'{pick(128)},{pick(16)}')")
       python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
     tail -4 "$OUT/ncu.log"
     ncu -i "$OUT/prof6s.ncu-rep" --page details > "$OUT/details6s.txt" 2>&1; wc -l "$OUT/details6s.txt" ;;
-  s7)  # session 7: META_FIRST off / on (same run), where B = 1 / 8 lose time (dev_fixed_cost.py), the seesaw
-        # kernel's GPU tests, then why the producer form loses at splits (ncu, B = 8)
-    timeout 140 python3 benchmarks/dev_lane_rows.py --modules seesaw --values META_FIRST=0,META_FIRST=1 \
-      --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/meta_first.log" 2>&1; tail -5 "$OUT/meta_first.log"
-    timeout 120 python3 benchmarks/dev_fixed_cost.py > "$OUT/fixed_cost.log" 2>&1; grep -v "^$" "$OUT/fixed_cost.log" \
-      | tail -12
-    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py 2>&1 \
-      | tee "$OUT/seesaw_tests.log" | tail -3
-    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cache_gather_pass_gpu.py 2>&1 \
-      | tee "$OUT/cache_gather_pass_tests.log" | tail -3
-    timeout 100 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
-      --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-      --section LaunchStats --section Occupancy -o "$OUT/prof6s" \
-      python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
-    tail -4 "$OUT/ncu.log"
-    ncu -i "$OUT/prof6s.ncu-rep" --page details > "$OUT/details6s.txt" 2>&1; wc -l "$OUT/details6s.txt" ;;
-  s7b|s7c)  # session 7, after s7: (s7b) the dispatch tests, then where an empty launch's ~12 us go
-    [ "$1" = s7b ] && timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_dispatch_gpu.py \
-      2>&1 | tee "$OUT/dispatch_tests.log" | tail -3
-    timeout 150 ncu --clock-control none --profile-from-start off --set full --import-source no -o "$OUT/prof7" \
-      python3 benchmarks/dev_profile.py --which b8e,b64e,b8p2 > "$OUT/ncu.log" 2>&1
-    tail -5 "$OUT/ncu.log"
-    ncu -i "$OUT/prof7.ncu-rep" --page details > "$OUT/details7.txt" 2>&1; wc -l "$OUT/details7.txt"
-    ncu -i "$OUT/prof7.ncu-rep" --page source --csv --print-source sass > "$OUT/source7.csv" 2>/dev/null
-    gzip -f "$OUT/source7.csv"; ls -la "$OUT" ;;
   s8)  # session 7 wrote the 64-token-tile kernel (VARIANT "tile64") without a GPU: its tests first (a hang is
         # possible in a kernel never run: the timeout ends it), then, if they passed, tile64 against auto
     timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k tile64 2>&1 \
