@@ -50,6 +50,11 @@ TILE64_BLOCK_N = 64
 TILE64_WORKER_REGS, TILE64_PRODUCER_REGS = 200, 112  # offline sm_90 compile: ~136 bytes of scalar spills, the least
 SMEM_NEEDED_TILE64 = 222624  # Q + two 64-token tiles (one buffer each) + statistics and 7 barriers
 SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
+# EARLY_Q (opt-in, session 8, not yet measured): the seesaw kernel and its producer form load the query inside the
+# two warpgroups, half each, while their first tiles' loads are in flight, instead of in the default warps before the
+# partitions start (one memory round trip less ahead of the first MMA; 48 / 64 bytes more shared memory, the same
+# registers and no spills in the offline sm_90 compile). Not applied to "tile64".
+EARLY_Q = False
 
 
 def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
@@ -119,6 +124,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
             common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
         else:
             common.update(WORKER_REGS=WORKER_REGS)
+        common.update(EARLY_Q=bool(EARLY_Q))
     kernel = kernel_fn[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)

@@ -51,6 +51,25 @@ def test_seesaw_decode_one_page_matches_float64(num_splits, variant):
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"{variant} one_page splits {num_splits}")
 
 
+@pytest.mark.parametrize("variant", ["seesaw", "producer"])
+@pytest.mark.parametrize("num_splits,block_size", [(None, 64), (1, 16), (7, 64)])
+def test_seesaw_decode_early_q_matches_float64(num_splits, block_size, variant, monkeypatch):
+    """EARLY_Q: the warpgroups load the query halves themselves; bitwise the same as the default load order."""
+    _skip_unless_supported()
+    p = make_problem([0, 1, 33, 65, 700, 96], 128, block_size, E4M3, torch.bfloat16, seed=11, device="cuda")
+    outs = []
+    for early in (False, True):
+        monkeypatch.setattr(smod, "EARLY_Q", early)
+        out = torch.full((6, 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+        lse = torch.full((6, 128), float("nan"), device="cuda")
+        smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
+                                      out, lse, num_splits=num_splits, poison_workspace=True, one_page=False,
+                                      variant=variant)
+        check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"{variant} EARLY_Q={early} splits {num_splits}")
+        outs.append((out, lse))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_seesaw_decode_rejects_a_scale_with_a_bf16_query():
     _skip_unless_supported()
     p = make_problem([5], 128, 64, E4M3, torch.bfloat16, seed=1, device="cuda")
