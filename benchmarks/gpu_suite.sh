@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_suite.sh prof6s  # the same, B = 8 only, stall / pipe / memory sections
 #   bash benchmarks/gpu_suite.sh s8      # one GPU: tile64 and EARLY_Q first runs: GPU tests, then against "auto";
 #                                        # ncu (full) of empty / two-pair launches; combine configs at 64 / 8 splits
+#   bash benchmarks/gpu_suite.sh s9      # one GPU: decode table and cache gather table (for the card's record)
 # (session 7's spent s7 recipe, whose META_FIRST A/B named a setting since reverted, is in git history)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -134,4 +135,10 @@ print(f'{pick(128)},{pick(16)}')")
     ncu -i "$OUT/prof8.ncu-rep" --page details > "$OUT/details8.txt" 2>&1; wc -l "$OUT/details8.txt"
     timeout 50 python3 benchmarks/dev_combine.py --shapes 1x128x64,8x128x8 --extra 64x64,64x32,128x32,256x16,512x8 \
       > "$OUT/combine.log" 2>&1; tail -14 "$OUT/combine.log" ;;
+  s9)  # session 8, after s8: the decode table (with its Inductor / eager baselines) and the cache gather table on
+        # this card (issue 5 was measured on H100 only)
+    timeout 250 python3 benchmarks/bench_decode.py --budget 220 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+    tail -12 "$OUT/decode.log"
+    timeout 220 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 120 > "$OUT/cache_gather.log" 2>&1
+    grep -v "check" "$OUT/cache_gather.log" | tail -25 ;;
 esac
