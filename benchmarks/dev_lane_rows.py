@@ -25,6 +25,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_decode as bd  # noqa: E402
+from fx_mla.ops import _decode_launch as launch_mod  # noqa: E402
 from fx_mla.ops import mla_decode_fp8 as dmod  # noqa: E402
 from fx_mla.ops import mla_decode_gluon16 as g16  # noqa: E402
 from fx_mla.ops import mla_decode_seesaw as ss  # noqa: E402
@@ -33,7 +34,7 @@ SHAPES = [(1, 128, 65536), (8, 128, 16384), (16, 128, 32768), (64, 128, 4096), (
 
 
 SETTINGS = ("1x32", "8x4", "q2x4")  # LANES: sessions 2-4; 8 rows x 4 lanes; 2 rows x 16 lanes, quarter-warp tiled
-MODULES = {"seesaw": ss, "gluon16": g16}
+MODULES = {"seesaw": ss, "gluon16": g16, "launch": launch_mod}  # launch: the split workspace (PARTIAL_BF16)
 
 
 def _key(value):
@@ -67,14 +68,18 @@ def main():
         return [(a, int(v) if v.isdigit() else v) for a, v in pairs]  # e.g. PRODUCER_DEPTH=2
 
     attrs = sorted({a for v in SETTINGS for a, _ in _pairs(v)})
-    defaults = {(i, a): getattr(m, a) for i, m in enumerate(mods) for a in attrs}
+    for a in attrs:
+        if not any(hasattr(m, a) for m in mods):
+            raise SystemExit(f"--values: none of the modules {args.modules} has a setting {a}")
+    # a setting goes to the modules that have it (e.g. --modules seesaw,launch: STAGED_O to the one, PARTIAL_BF16
+    # to the other)
+    defaults = {(i, a): getattr(m, a) for i, m in enumerate(mods) for a in attrs if hasattr(m, a)}
 
     def _set(value):
         for m in mods:
             for a, v in _pairs(value):
-                if not hasattr(m, a):
-                    raise SystemExit(f"--values: module {m.__name__} has no setting {a}")
-                setattr(m, a, v)
+                if hasattr(m, a):
+                    setattr(m, a, v)
         for (i, a), v in defaults.items():  # settings a value does not name keep their defaults
             if a not in dict(_pairs(value)):
                 setattr(mods[i], a, v)

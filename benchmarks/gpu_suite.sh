@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_suite.sh s8      # one GPU: tile64 and EARLY_Q first runs: GPU tests, then against "auto";
 #                                        # ncu (full) of empty / two-pair launches; combine configs at 64 / 8 splits
 #   bash benchmarks/gpu_suite.sh s9      # one GPU: decode table and cache gather table (for the card's record)
+#   bash benchmarks/gpu_suite.sh s10     # one GPU: STAGED_O (output through shared memory) tests and A/B
 # (session 7's spent s7 recipe, whose META_FIRST A/B named a setting since reverted, is in git history)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -141,4 +142,14 @@ print(f'{pick(128)},{pick(16)}')")
     tail -12 "$OUT/decode.log"
     timeout 220 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 120 > "$OUT/cache_gather.log" 2>&1
     grep -v "check" "$OUT/cache_gather.log" | tail -25 ;;
+  s10)  # session 8, after s8's Nsight Compute of empty launches (the L2 busiest, 16.8 MB of partials written from
+         # the MMA layout): STAGED_O (the output through shared memory in whole rows) tests, then against "auto",
+         # with bf16 partials and with EARLY_Q, on the four 128-head shapes
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k staged 2>&1 \
+      | tee "$OUT/staged_tests.log" | tail -3
+    grep -q " passed" "$OUT/staged_tests.log" && ! grep -q "failed\|error" "$OUT/staged_tests.log" && \
+      timeout 240 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
+        "VARIANT=auto,STAGED_O=True,STAGED_O=True+PARTIAL_BF16=True,STAGED_O=True+EARLY_Q=True" \
+        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/s10_ab.log" 2>&1
+    tail -6 "$OUT/s10_ab.log" ;;
 esac

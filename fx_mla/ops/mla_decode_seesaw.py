@@ -55,6 +55,11 @@ SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2
 # partitions start (one memory round trip less ahead of the first MMA; 48 / 64 bytes more shared memory, the same
 # registers and no spills in the offline sm_90 compile). Not applied to "tile64".
 EARLY_Q = False
+# STAGED_O (opt-in, session 8, not yet measured): the seesaw kernel and its producer form write the output through
+# shared memory in whole rows (kernels/mla_decode_seesaw._pair_epilogue). Nsight Compute of a launch with no tokens
+# (1x H100, session 8): 13.3 us against ~2.5 us for a trivial kernel, the L2 its busiest unit (48 %), 16.8 MB of
+# split partials written from the MMA layout (32 bytes of 8 rows a warp store; a bf16 output: 16).
+STAGED_O = False
 
 
 def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
@@ -124,7 +129,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
             common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
         else:
             common.update(WORKER_REGS=WORKER_REGS)
-        common.update(EARLY_Q=bool(EARLY_Q))
+        common.update(EARLY_Q=bool(EARLY_Q), STAGED_O=bool(STAGED_O))
     kernel = kernel_fn[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)

@@ -70,6 +70,30 @@ def test_seesaw_decode_early_q_matches_float64(num_splits, block_size, variant, 
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+@pytest.mark.parametrize("variant", ["seesaw", "producer"])
+@pytest.mark.parametrize("num_splits,out_dtype,partial_bf16", [(None, torch.bfloat16, False), (1, torch.bfloat16, False),
+                                                               (1, torch.float32, False), (7, torch.float16, False),
+                                                               (7, torch.bfloat16, True)])
+def test_seesaw_decode_staged_output_matches_float64(num_splits, out_dtype, partial_bf16, variant, monkeypatch):
+    """STAGED_O: the output through shared memory in whole rows; bitwise the same as the MMA-layout stores (fp32 and
+    bf16 split partials, 16- and 32-bit outputs of a single split)."""
+    _skip_unless_supported()
+    from fx_mla.ops import _decode_launch as launch_mod
+    monkeypatch.setattr(launch_mod, "PARTIAL_BF16", partial_bf16)
+    p = make_problem([0, 1, 33, 65, 700, 96], 128, 64, E4M3, torch.bfloat16, seed=13, device="cuda")
+    outs = []
+    for staged in (False, True):
+        monkeypatch.setattr(smod, "STAGED_O", staged)
+        out = torch.full((6, 128, 512), float("nan"), dtype=out_dtype, device="cuda")
+        lse = torch.full((6, 128), float("nan"), device="cuda")
+        smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
+                                      out, lse, num_splits=num_splits, poison_workspace=True, one_page=True,
+                                      variant=variant)
+        check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"{variant} STAGED_O={staged} splits {num_splits}")
+        outs.append((out, lse))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_seesaw_decode_rejects_a_scale_with_a_bf16_query():
     _skip_unless_supported()
     p = make_problem([5], 128, 64, E4M3, torch.bfloat16, seed=1, device="cuda")

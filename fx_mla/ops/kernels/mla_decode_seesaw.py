@@ -40,10 +40,15 @@ from fx_mla.ops.kernels.mla_decode_gluon import (_load_tile, _output_rows, _quer
 
 @gluon.jit
 def _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, WG: gl.constexpr,
-                   L: gl.constexpr, BLOCK_H: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
+                   L: gl.constexpr, BLOCK_H: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+                   stage=None, bar_done=None, STAGED: gl.constexpr = False):
     """End of warpgroup WG of a two-warpgroup kernel (this one and kernels/mla_decode_tile64.py): o = acc * k_scale / l
     into its L / 2 columns (WG1 keeps l and hands it to WG0 through l_s / bar_fin), lse in natural log (WG1);
-    no tokens: o = 0, lse = -inf."""
+    no tokens: o = 0, lse = -inf.
+    STAGED: o goes through shared memory (`stage`: this warpgroup's own fp16 tile buffers [2, 32, L], 64 KiB, which
+    no MMA reads once both warpgroups arrived bar_done, count 2) and out to global memory in whole 512-byte rows a
+    warp: the MMA layout's own stores write 16 / 32 bytes of 8 rows a warp instruction (half-sector writes for a
+    16-bit output), which Nsight Compute showed as the L2 being the busiest unit of a launch without tokens."""
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
     HALF: gl.constexpr = L // 2
@@ -60,9 +65,28 @@ def _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse
         l_o = l_s.load(ROW_O)
     has_tokens = l_o > 0.0
     o = acc * (k_scale / gl.where(has_tokens, l_o, 1.0))[:, None]
-    rows = gl.arange(0, BLOCK_H, layout=ROW_O)
-    cols = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_LAYOUT))
-    gl.store(o_base + rows.to(gl.int64)[:, None] * stride_o_h + cols[None, :], o.to(o_base.dtype.element_ty))
+    if STAGED:
+        O_TY: gl.constexpr = o_base.dtype.element_ty
+        VEC: gl.constexpr = 16 // (O_TY.primitive_bitwidth // 8)  # 16 bytes a thread: 4 fp32 or 8 16-bit entries
+        # 16-byte chunks XOR-swizzled by row: the MMA layout's 8-row stores and the row loads are conflict-free
+        STAGE_LAYOUT: gl.constexpr = gl.SwizzledSharedLayout(vec=VEC, per_phase=1, max_phase=8, order=[1, 0])
+        ROWS_LAYOUT: gl.constexpr = gl.BlockedLayout([1, VEC], [1, 32], [4, 1], [1, 0])
+        mbarrier.arrive(bar_done)  # this warpgroup's MMAs are complete (waited before the epilogue)
+        mbarrier.wait(bar_done, 0)  # ... and the other's, which read our tiles as V
+        if O_TY.primitive_bitwidth == 32:
+            o_s = stage._reinterpret(O_TY, [BLOCK_H, HALF], STAGE_LAYOUT)
+        else:
+            o_s = stage.index(0)._reinterpret(O_TY, [BLOCK_H, HALF], STAGE_LAYOUT)
+        o_s.store(o.to(O_TY))
+        gl.thread_barrier()  # inside the partition: its 4 warps
+        o_rows = o_s.load(ROWS_LAYOUT)
+        rows = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROWS_LAYOUT))
+        cols = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, ROWS_LAYOUT))
+        gl.store(o_base + rows.to(gl.int64)[:, None] * stride_o_h + cols[None, :], o_rows)
+    else:
+        rows = gl.arange(0, BLOCK_H, layout=ROW_O)
+        cols = WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_LAYOUT))
+        gl.store(o_base + rows.to(gl.int64)[:, None] * stride_o_h + cols[None, :], o.to(o_base.dtype.element_ty))
 
 
 @gluon.jit
@@ -73,7 +97,8 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
                       BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, E5M2: gl.constexpr, ONE_PAGE: gl.constexpr,
                       LANES: gl.constexpr, full_own=None, empty_a=None, empty_b=None, PRODUCER: gl.constexpr = False,
                       bar_q=None, q_ptr=None, pid_b=None, head0=None, stride_q_b=None, stride_q_h=None,
-                      Q_SHIFT: gl.constexpr = 0, EARLY_Q: gl.constexpr = False):
+                      Q_SHIFT: gl.constexpr = 0, EARLY_Q: gl.constexpr = False, bar_done=None,
+                      STAGED_O: gl.constexpr = False):
     """The whole life of warpgroup WG (0: tile A of each pair, columns [0, L/2); 1: tile B, columns [L/2, L)).
     PRODUCER: a producer partition (_seesaw_producer) converts the tiles; this warpgroup waits for its tile of a
     pair on full_own[buffer] and, once its MMAs of a pair are complete, releases both tiles of the pair (it reads
@@ -209,7 +234,7 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
             mbarrier.arrive(empty_b.index(buf))
 
     _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, WG, L, BLOCK_H, S_LAYOUT,
-                   O_LAYOUT)
+                   O_LAYOUT, own_nope, bar_done, STAGED_O)
 
 @gluon.jit
 def _mla_decode_seesaw_kernel(
@@ -220,10 +245,12 @@ def _mla_decode_seesaw_kernel(
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, WORKER_REGS: gl.constexpr, LANES: gl.constexpr, num_warps: gl.constexpr,
-        PRODUCER: gl.constexpr = False, PRODUCER_REGS: gl.constexpr = 0, EARLY_Q: gl.constexpr = False):
+        PRODUCER: gl.constexpr = False, PRODUCER_REGS: gl.constexpr = 0, EARLY_Q: gl.constexpr = False,
+        STAGED_O: gl.constexpr = False):
     """PRODUCER: the producer variant below (a third partition converts the tiles, full / empty barriers).
     EARLY_Q: the two warpgroups load the query themselves, half each, overlapped with their first tile
-    (_seesaw_partition), instead of the default warps loading all of it before the partitions start."""
+    (_seesaw_partition), instead of the default warps loading all of it before the partitions start.
+    STAGED_O: the output goes through shared memory in whole rows (_pair_epilogue)."""
     gl.static_assert(num_warps == 4, "the default partition is one warpgroup; the workers: the second (+ producer)")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(BLOCK_N % 32 == 0, "tiles load as four row blocks of >= 8 rows")
@@ -267,6 +294,11 @@ def _mla_decode_seesaw_kernel(
         mbarrier.init(bar_q, count=2)  # one arrive a warpgroup, once its half of the query is stored
     else:
         bar_q = bar_fin  # not used (partition arguments must be values, not None)
+    if STAGED_O:
+        bar_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar_done, count=2)  # both warpgroups' MMAs complete: the tile buffers take the output
+    else:
+        bar_done = bar_fin  # not used
     if PRODUCER:
         full_a = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         full_b = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -299,12 +331,12 @@ def _mla_decode_seesaw_kernel(
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base, WG0, PAGE, L, R, BLOCK_H, BLOCK_N,
                                  E5M2, ONE_PAGE, LANES, full_a, empty_a, empty_b, PRODUCER, bar_q, q_ptr, pid_b,
-                                 head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q)),
+                                 head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q, bar_done, STAGED_O)),
             (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base, WG1, PAGE, L, R, BLOCK_H, BLOCK_N,
                                  E5M2, ONE_PAGE, LANES, full_b, empty_a, empty_b, PRODUCER, bar_q, q_ptr, pid_b,
-                                 head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q)),
+                                 head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q, bar_done, STAGED_O)),
             (_seesaw_producer, (ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, empty_b, kv_ptr, bt_row,
                                 start, end, num_blocks, blk_words, tok_words, PAGE, L, R, BLOCK_N, E5M2, ONE_PAGE,
                                 LANES)),
@@ -315,12 +347,12 @@ def _mla_decode_seesaw_kernel(
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base,
                                  WG0, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES, bar_fin, bar_fin, bar_fin, False,
-                                 bar_q, q_ptr, pid_b, head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q)),
+                                 bar_q, q_ptr, pid_b, head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q, bar_done, STAGED_O)),
             (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base,
                                  WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES, bar_fin, bar_fin, bar_fin, False,
-                                 bar_q, q_ptr, pid_b, head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q)),
+                                 bar_q, q_ptr, pid_b, head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q, bar_done, STAGED_O)),
         ], [4], [WORKER_REGS])
 
 
