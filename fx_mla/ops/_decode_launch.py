@@ -92,15 +92,21 @@ def split_workspace(q, splits: int, kv_lora_rank: int, out, lse, poison: bool):
             new((batch, splits, heads), *fill, dtype=torch.float32, device=q.device))
 
 
+COMBINE_MAX_VALUES = 4096  # fp32 partial values a combine program reads at most (combine_config; benchmarks vary it)
+
+
 def combine_config(batch: int, heads: int, splits: int, kv_lora_rank: int, num_sms: int = 132):
     """(BLOCK_L, BLOCK_S, SPLITS_POW2) of the combine kernel: latent chunks of at least 64 columns, cut until
-    batch x heads x chunks reaches about two programs an SM, and as many splits a step as keep a program's tile
-    within 8192 fp32 values (64 registers a thread at 4 warps): few dependent load steps even at one request with
-    64 splits (the first version ran one program a (request, head) and 8 splits a step: 128 programs of 9 steps
-    for one request of 128 heads)."""
+    batch x heads x chunks reaches about two programs an SM and a program reads at most 4096 fp32 partial values
+    (splits x chunk), and as many splits a step as keep a program's tile within 8192 fp32 values (64 registers a
+    thread at 4 warps): few dependent load steps even at one request with 64 splits (the first version ran one
+    program a (request, head) and 8 splits a step: 128 programs of 9 steps for one request of 128 heads).
+    The 4096-value cap, 1x H100 (RESULTS.md, session 8): 1 x 128 heads x 64 splits, chunks of 64 columns 11.0 us
+    against 13.4 us for 128 (what two programs an SM alone gave); 8 x 128 x 8 splits keeps 512 (9.5 us)."""
     pow2 = triton.next_power_of_2(splits)
     block_l = max(32, triton.next_power_of_2(kv_lora_rank))
-    while block_l > 64 and batch * heads * triton.cdiv(kv_lora_rank, block_l) < 2 * num_sms:
+    while block_l > 64 and (batch * heads * triton.cdiv(kv_lora_rank, block_l) < 2 * num_sms
+                            or splits * block_l > COMBINE_MAX_VALUES):
         block_l //= 2
     block_s = max(1, min(pow2, 8192 // block_l))
     return block_l, block_s, pow2
