@@ -12,11 +12,9 @@
 #   bash benchmarks/gpu_suite.sh s6b     # one GPU: seesaw VARIANT "auto" tests, decode table
 #   bash benchmarks/gpu_suite.sh prof6   # one GPU: ncu of the seesaw kernel and its producer form at B = 8 and 64
 #   bash benchmarks/gpu_suite.sh prof6s  # the same, B = 8 only, stall / pipe / memory sections
-#   bash benchmarks/gpu_suite.sh s8      # one GPU: tile64 and EARLY_Q first runs: GPU tests, then against "auto";
-#                                        # ncu (full) of empty / two-pair launches; combine configs at 64 / 8 splits
 #   bash benchmarks/gpu_suite.sh s9      # one GPU: decode table and cache gather table (for the card's record)
 #   bash benchmarks/gpu_suite.sh s10     # one GPU: STAGED_O (output through shared memory) tests and A/B
-# (session 7's spent s7 recipe, whose META_FIRST A/B named a setting since reverted, is in git history)
+# (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -25,11 +23,9 @@ trap 'tar czf "$R/all.tgz" -C "$OUT" .' EXIT
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpus.txt"
 case "${1:-tests}" in
-  tests)  # the tile64 kernel (never run when written, session 7) separately: a hang there must not cost the rest
-    timeout 440 python3 -m pytest -q -p no:cacheprovider -m "cuda or multigpu" tests/gpu -k "not tile64" 2>&1 \
-      | tee "$OUT/gpu_tests.log" | grep -v PASSED | tail -60
-    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k tile64 2>&1 \
-      | tee "$OUT/tile64_tests.log" | tail -4 ;;
+  tests)
+    timeout 500 python3 -m pytest -q -p no:cacheprovider -m "cuda or multigpu" tests/gpu 2>&1 \
+      | tee "$OUT/gpu_tests.log" | grep -v PASSED | tail -60 ;;
   bench)
     n=$(nvidia-smi -L | wc -l)
     python3 benchmarks/bench_q_allgather.py --world-size 2 2>&1 | tee "$OUT/q_allgather_ws2.log"
@@ -116,26 +112,6 @@ print(f'{pick(128)},{pick(16)}')")
       python3 benchmarks/dev_profile.py --which b8 --seesaw-variants seesaw,producer > "$OUT/ncu.log" 2>&1
     tail -4 "$OUT/ncu.log"
     ncu -i "$OUT/prof6s.ncu-rep" --page details > "$OUT/details6s.txt" 2>&1; wc -l "$OUT/details6s.txt" ;;
-  s8)  # session 7 wrote the 64-token-tile kernel (VARIANT "tile64") without a GPU, session 8 EARLY_Q (the query
-        # loaded inside the warpgroups): their tests first (a hang is possible in a kernel never run: the timeout ends
-        # it), then those that passed against "auto" on the four 128-head shapes; ncu (full) of empty / two-pair
-        # launches (where the ~9 us of fixed cost a launch go); combine configs at 64 / 8 splits
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k tile64 2>&1 \
-      | tee "$OUT/tile64_tests.log" | tail -3
-    timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k early_q 2>&1 \
-      | tee "$OUT/early_q_tests.log" | tail -3
-    ok() { grep -q " passed" "$1" && ! grep -q "failed\|error" "$1"; }
-    vals=VARIANT=auto
-    ok "$OUT/tile64_tests.log" && vals="$vals,VARIANT=tile64"
-    ok "$OUT/early_q_tests.log" && vals="$vals,VARIANT=auto+EARLY_Q=True"
-    timeout 170 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "$vals" \
-      --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/s8_ab.log" 2>&1
-    tail -8 "$OUT/s8_ab.log"
-    timeout 120 ncu --clock-control none --profile-from-start off --set full --import-source no -o "$OUT/prof8" \
-      python3 benchmarks/dev_profile.py --which b8e,b64e,b8p2 > "$OUT/ncu.log" 2>&1; tail -3 "$OUT/ncu.log"
-    ncu -i "$OUT/prof8.ncu-rep" --page details > "$OUT/details8.txt" 2>&1; wc -l "$OUT/details8.txt"
-    timeout 50 python3 benchmarks/dev_combine.py --shapes 1x128x64,8x128x8 --extra 64x64,64x32,128x32,256x16,512x8 \
-      > "$OUT/combine.log" 2>&1; tail -14 "$OUT/combine.log" ;;
   s9)  # session 8, after s8: the decode table (with its Inductor / eager baselines) and the cache gather table on
         # this card (issue 5 was measured on H100 only)
     timeout 250 python3 benchmarks/bench_decode.py --budget 220 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1

@@ -38,22 +38,17 @@ LANES = "q2x4"
 # (RESULTS.md): the producer form 8.6 % faster on 64 x 128 x 4096 (one split), 1.5-2.3 % slower on the three
 # 128-head shapes with 4-66 splits. A producer keeping two tiles in flight (176 / 136 registers) was 13-21 % slower
 # everywhere and was dropped.
-# "tile64" (opt-in, session 7: compiled offline for sm_90, NOT YET RUN on a GPU): the producer form with 64-token
-# tiles, one buffer a tile, P in the tile's rope rows (kernels/mla_decode_tile64.py): half the query reads from
-# shared memory a token, which Nsight Compute puts at 73 % of its throughput in the seesaw kernel. "auto" never picks
-# it until its GPU tests pass and it is measured.
-VARIANTS = ("auto", "seesaw", "producer", "tile64")
+# A 64-token-tile producer form ("tile64", session 7) passed its GPU tests but was 3-16 % slower on the four 128-head
+# shapes (1x H100, session 8, RESULTS.md): removed (git history has it).
+VARIANTS = ("auto", "seesaw", "producer")
 VARIANT = "auto"
 PRODUCER_WORKER_REGS, PRODUCER_REGS = 200, 104
 SMEM_NEEDED_PRODUCER = 230880  # bytes of the compiled producer variant: 8 barriers more
-TILE64_BLOCK_N = 64
-TILE64_WORKER_REGS, TILE64_PRODUCER_REGS = 200, 112  # offline sm_90 compile: ~136 bytes of scalar spills, the least
-SMEM_NEEDED_TILE64 = 222624  # Q + two 64-token tiles (one buffer each) + statistics and 7 barriers
 SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
 # EARLY_Q (opt-in, session 8, not yet measured): the seesaw kernel and its producer form load the query inside the
 # two warpgroups, half each, while their first tiles' loads are in flight, instead of in the default warps before the
 # partitions start (one memory round trip less ahead of the first MMA; 48 / 64 bytes more shared memory, the same
-# registers and no spills in the offline sm_90 compile). Not applied to "tile64".
+# registers and no spills in the offline sm_90 compile).
 EARLY_Q = False
 # STAGED_O (opt-in, session 8, not yet measured): the seesaw kernel and its producer form write the output through
 # shared memory in whole rows (kernels/mla_decode_seesaw._pair_epilogue). Nsight Compute of a launch with no tokens
@@ -70,7 +65,7 @@ def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_r
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
     # "auto" needs only what the seesaw kernel needs: it falls back to it where the producer form does not fit
-    smem = {"producer": SMEM_NEEDED_PRODUCER, "tile64": SMEM_NEEDED_TILE64}.get(variant, SMEM_NEEDED)
+    smem = SMEM_NEEDED_PRODUCER if variant == "producer" else SMEM_NEEDED
     return gluon_unsupported(q, kv_cache, kv_lora_rank, device, kernel="the seesaw Gluon kernel",
                              heads_reason=_heads_reason, row_align=4, smem_needed=smem)
 
@@ -109,28 +104,22 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     page = kv_cache.shape[1]
     max_blocks = block_table.shape[1]
     groups = heads // BLOCK_H
-    block_n = TILE64_BLOCK_N if variant == "tile64" else BLOCK_N
-    if num_splits is None:  # pairs of tiles (64 or 128 tokens) are the split granularity
-        num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * block_n, sm_count(device_index(q.device)), 1)
+    if num_splits is None:  # pairs of tiles (64 tokens) are the split granularity
+        num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * BLOCK_N, sm_count(device_index(q.device)),
+                                    1)
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
                                                 lse, num_splits, poison_workspace)
-    # ONE_PAGE: the kernels load 32-token blocks (seesaw tiles, tile64 half tiles), each in one page
-    common = dict(BLOCK_H=BLOCK_H, BLOCK_N=block_n, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
+    # ONE_PAGE: the kernels load 32-token tiles, each in one page
+    common = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
                   num_warps=NUM_WARPS, **consts)
-    if variant == "tile64":
-        from fx_mla.ops.kernels import mla_decode_tile64 as tmod  # gluon: Triton 3.6 only
-        kernel_fn = tmod._mla_decode_tile64_kernel
-        common.update(WORKER_REGS=TILE64_WORKER_REGS, PRODUCER_REGS=TILE64_PRODUCER_REGS)
+    if variant == "auto":  # the device is asked only where the answer matters (one split a request)
+        variant = pick_variant(num_splits, max_shared(q.device) if q.is_cuda and num_splits == 1 else None)
+    if variant == "producer":
+        common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
     else:
-        kernel_fn = kmod._mla_decode_seesaw_kernel
-        if variant == "auto":  # the device is asked only where the answer matters (one split a request)
-            variant = pick_variant(num_splits, max_shared(q.device) if q.is_cuda and num_splits == 1 else None)
-        if variant == "producer":
-            common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
-        else:
-            common.update(WORKER_REGS=WORKER_REGS)
-        common.update(EARLY_Q=bool(EARLY_Q), STAGED_O=bool(STAGED_O))
-    kernel = kernel_fn[(groups, num_splits, batch)](*args, **common)
+        common.update(WORKER_REGS=WORKER_REGS)
+    common.update(EARLY_Q=bool(EARLY_Q), STAGED_O=bool(STAGED_O))
+    kernel = kmod._mla_decode_seesaw_kernel[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
     return out, lse

@@ -1,7 +1,7 @@
 """GPU tests of the seesaw Gluon MLA decode kernel: against the float64 reference on ragged problems (lengths incl.
 0, odd tile counts, NaN in every slot the length mask must skip, block sizes 16/64), outputs and split workspace
-poisoned with NaN; every variant (VARIANTS: the seesaw kernel, its producer form, the 64-token-tile kernel "tile64",
-not yet run on a GPU when written). Skips where seesaw_unsupported_reason declines (not sm_90, not Triton 3.6)."""
+poisoned with NaN; every variant (VARIANTS: the seesaw kernel, its producer form); the opt-in EARLY_Q / STAGED_O forms
+bitwise against the default. Skips where seesaw_unsupported_reason declines (not sm_90, not Triton 3.6)."""
 import pytest
 import torch
 

@@ -242,7 +242,6 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
     assert consts["HAS_Q_SCALE"] == (qs is not None) and not consts["SINGLE_SPLIT"] and consts["PAGE"] == 64
     for module_file, kernel_name in (("mla_decode_gluon.py", "_mla_decode_gluon_kernel"),
                                      ("mla_decode_seesaw.py", "_mla_decode_seesaw_kernel"),
-                                     ("mla_decode_tile64.py", "_mla_decode_tile64_kernel"),
                                      ("mla_decode_gluon16.py", "_mla_decode_gluon16_kernel"),
                                      ("mla_decode_gluon16.py", "_mla_decode_gluon16_ws_kernel")):
         positional, constexprs = _kernel_params(module_file, kernel_name)
@@ -252,7 +251,7 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
         gluon_launch_args(q, kv, bt, lens, ks, qs, 0.1, out, lse, 0, poison=False)
 
 
-@pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_auto", "seesaw_tile64",
+@pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_auto",
                                       "gluon16_ring", "gluon16_ws8p2"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launcher, splits):
@@ -264,13 +263,11 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
     from fx_mla.ops.kernels import mla_decode_gluon as kg
     from fx_mla.ops.kernels import mla_decode_gluon16 as kg16
     from fx_mla.ops.kernels import mla_decode_seesaw as ks_
-    from fx_mla.ops.kernels import mla_decode_tile64 as kt64
     mod, kmod, name, heads, kw = {
         "gluon": (gmod, kg, "_mla_decode_gluon_kernel", 128, {}),
         "seesaw": (smod, ks_, "_mla_decode_seesaw_kernel", 128, {}),
         "seesaw_producer": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="producer")),
         "seesaw_auto": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="auto")),
-        "seesaw_tile64": (smod, kt64, "_mla_decode_tile64_kernel", 128, dict(variant="tile64")),
         "gluon16_ring": (g16mod, kg16, "_mla_decode_gluon16_kernel", 16, dict(variant="ring")),
         "gluon16_ws8p2": (g16mod, kg16, "_mla_decode_gluon16_ws_kernel", 16, dict(variant="ws8p2")),
     }[launcher]
@@ -296,11 +293,7 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
     assert launch(q, kv, bt, lens, ks, torch.tensor([0.5]), 0.1, 512, out, lse, num_splits=splits, **kw) == (out, lse)
     [(grid, args, constexprs)] = calls
     assert splits in grid and constexprs["HAS_Q_SCALE"] and constexprs["SINGLE_SPLIT"] == (splits == 1)
-    if launcher == "seesaw_tile64":  # 64-token tiles, its own register split
-        assert constexprs["BLOCK_N"] == smod.TILE64_BLOCK_N == 64 and "PRODUCER" not in constexprs
-        assert (constexprs["WORKER_REGS"], constexprs["PRODUCER_REGS"]) == (smod.TILE64_WORKER_REGS,
-                                                                            smod.TILE64_PRODUCER_REGS)
-    elif launcher.startswith("seesaw"):  # the producer form where asked for, and under "auto" for one split
+    if launcher.startswith("seesaw"):  # the producer form where asked for, and under "auto" for one split
         variant = kw.get("variant", smod.VARIANT)
         producer = variant == "producer" or (variant == "auto" and splits == 1)
         assert constexprs.get("PRODUCER", False) == producer

@@ -42,7 +42,7 @@ from fx_mla.ops.kernels.mla_decode_gluon import (_load_tile, _output_rows, _quer
 def _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, WG: gl.constexpr,
                    L: gl.constexpr, BLOCK_H: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
                    stage=None, bar_done=None, STAGED: gl.constexpr = False):
-    """End of warpgroup WG of a two-warpgroup kernel (this one and kernels/mla_decode_tile64.py): o = acc * k_scale / l
+    """End of warpgroup WG of the two-warpgroup kernel: o = acc * k_scale / l
     into its L / 2 columns (WG1 keeps l and hands it to WG0 through l_s / bar_fin), lse in natural log (WG1);
     no tokens: o = 0, lse = -inf.
     STAGED: o goes through shared memory (`stage`: this warpgroup's own fp16 tile buffers [2, 32, L], 64 KiB, which
