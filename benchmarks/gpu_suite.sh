@@ -120,13 +120,13 @@ print(f'{pick(128)},{pick(16)}')")
     grep -v "check" "$OUT/cache_gather.log" | tail -25 ;;
   s10)  # session 8, after s8's Nsight Compute of empty launches (the L2 busiest, 16.8 MB of partials written from
          # the MMA layout): STAGED_O (the output through shared memory in whole rows) tests, then against "auto",
-         # with bf16 partials and with EARLY_Q, on the four 128-head shapes; the combine's session-8 chunk rule
+         # and with bf16 partials, on the four 128-head shapes; the combine's session-8 chunk rule
          # (COMBINE_MAX_VALUES 4096) against the one before (no cap)
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k staged 2>&1 \
+    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py -k staged 2>&1 \
       | tee "$OUT/staged_tests.log" | tail -3
     grep -q " passed" "$OUT/staged_tests.log" && ! grep -q "failed\|error" "$OUT/staged_tests.log" && \
-      timeout 240 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
-        "VARIANT=auto,COMBINE_MAX_VALUES=1048576,STAGED_O=True,STAGED_O=True+PARTIAL_BF16=True,STAGED_O=True+EARLY_Q=True" \
+      timeout 200 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
+        "VARIANT=auto,COMBINE_MAX_VALUES=1048576,STAGED_O=True,STAGED_O=True+PARTIAL_BF16=True" \
         --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/s10_ab.log" 2>&1
     tail -6 "$OUT/s10_ab.log" ;;
 esac
