@@ -45,11 +45,6 @@ VARIANT = "auto"
 PRODUCER_WORKER_REGS, PRODUCER_REGS = 200, 104
 SMEM_NEEDED_PRODUCER = 230880  # bytes of the compiled producer variant: 8 barriers more
 SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
-# EARLY_Q (opt-in, session 8, not yet measured): the seesaw kernel and its producer form load the query inside the
-# two warpgroups, half each, while their first tiles' loads are in flight, instead of in the default warps before the
-# partitions start (one memory round trip less ahead of the first MMA; 48 / 64 bytes more shared memory, the same
-# registers and no spills in the offline sm_90 compile).
-EARLY_Q = False
 # STAGED_O (opt-in, session 8, not yet measured): the seesaw kernel and its producer form write the output through
 # shared memory in whole rows (kernels/mla_decode_seesaw._pair_epilogue). Nsight Compute of a launch with no tokens
 # (1x H100, session 8): 13.3 us against ~2.5 us for a trivial kernel, the L2 its busiest unit (48 %), 16.8 MB of
@@ -118,7 +113,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
     else:
         common.update(WORKER_REGS=WORKER_REGS)
-    common.update(EARLY_Q=bool(EARLY_Q), STAGED_O=bool(STAGED_O))
+    common.update(STAGED_O=bool(STAGED_O))
     kernel = kmod._mla_decode_seesaw_kernel[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)

@@ -1,6 +1,6 @@
 """GPU tests of the seesaw Gluon MLA decode kernel: against the float64 reference on ragged problems (lengths incl.
 0, odd tile counts, NaN in every slot the length mask must skip, block sizes 16/64), outputs and split workspace
-poisoned with NaN; every variant (VARIANTS: the seesaw kernel, its producer form); the opt-in EARLY_Q / STAGED_O forms
+poisoned with NaN; every variant (VARIANTS: the seesaw kernel, its producer form); the opt-in STAGED_O form
 bitwise against the default. Skips where seesaw_unsupported_reason declines (not sm_90, not Triton 3.6)."""
 import pytest
 import torch
@@ -52,28 +52,9 @@ def test_seesaw_decode_one_page_matches_float64(num_splits, variant):
 
 
 @pytest.mark.parametrize("variant", ["seesaw", "producer"])
-@pytest.mark.parametrize("num_splits,block_size", [(None, 64), (1, 16), (7, 64)])
-def test_seesaw_decode_early_q_matches_float64(num_splits, block_size, variant, monkeypatch):
-    """EARLY_Q: the warpgroups load the query halves themselves; bitwise the same as the default load order."""
-    _skip_unless_supported()
-    p = make_problem([0, 1, 33, 65, 700, 96], 128, block_size, E4M3, torch.bfloat16, seed=11, device="cuda")
-    outs = []
-    for early in (False, True):
-        monkeypatch.setattr(smod, "EARLY_Q", early)
-        out = torch.full((6, 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
-        lse = torch.full((6, 128), float("nan"), device="cuda")
-        smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
-                                      out, lse, num_splits=num_splits, poison_workspace=True, one_page=False,
-                                      variant=variant)
-        check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"{variant} EARLY_Q={early} splits {num_splits}")
-        outs.append((out, lse))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-
-
-@pytest.mark.parametrize("variant", ["seesaw", "producer"])
-@pytest.mark.parametrize("num_splits,out_dtype,partial_bf16", [(None, torch.bfloat16, False), (1, torch.bfloat16, False),
-                                                               (1, torch.float32, False), (7, torch.float16, False),
-                                                               (7, torch.bfloat16, True)])
+@pytest.mark.parametrize("num_splits,out_dtype,partial_bf16", [
+    (None, torch.bfloat16, False), (1, torch.bfloat16, False), (1, torch.float32, False), (7, torch.float16, False),
+    (7, torch.bfloat16, True)])
 def test_seesaw_decode_staged_output_matches_float64(num_splits, out_dtype, partial_bf16, variant, monkeypatch):
     """STAGED_O: the output through shared memory in whole rows; bitwise the same as the MMA-layout stores (fp32 and
     bf16 split partials, 16- and 32-bit outputs of a single split)."""

@@ -96,16 +96,11 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
                       WG: gl.constexpr, PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr,
                       BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, E5M2: gl.constexpr, ONE_PAGE: gl.constexpr,
                       LANES: gl.constexpr, full_own=None, empty_a=None, empty_b=None, PRODUCER: gl.constexpr = False,
-                      bar_q=None, q_ptr=None, pid_b=None, head0=None, stride_q_b=None, stride_q_h=None,
-                      Q_SHIFT: gl.constexpr = 0, EARLY_Q: gl.constexpr = False, bar_done=None,
-                      STAGED_O: gl.constexpr = False):
+                      bar_done=None, STAGED_O: gl.constexpr = False):
     """The whole life of warpgroup WG (0: tile A of each pair, columns [0, L/2); 1: tile B, columns [L/2, L)).
     PRODUCER: a producer partition (_seesaw_producer) converts the tiles; this warpgroup waits for its tile of a
     pair on full_own[buffer] and, once its MMAs of a pair are complete, releases both tiles of the pair (it reads
-    both: its own scores and V, the other's V) on empty_a / empty_b[buffer].
-    EARLY_Q: the query is not in shared memory yet; this warpgroup loads its half of the heads (rows WG * 32 ..)
-    while its first tile's loads are in flight, stores it, and arrives bar_q (count 2); both wait for bar_q before
-    the first scores (one memory round trip less before the first MMA than loading it ahead of the partitions)."""
+    both: its own scores and V, the other's V) on empty_a / empty_b[buffer]."""
     SUB: gl.constexpr = BLOCK_N // 4
     PAIR: gl.constexpr = 2 * BLOCK_N
     HALF: gl.constexpr = L // 2
@@ -130,33 +125,16 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
     n_pairs = gl.cdiv(end - start, PAIR)
 
     # ---- prologue: the tile of pair 0 converted into buffer 0, its scores issued; pair 1's tile to registers
-    QROWS: gl.constexpr = BLOCK_H // 2
     if PRODUCER:
-        if EARLY_Q:
-            q_half_nope, q_half_pe = _query_tiles(q_ptr, pid_b, head0 + WG * QROWS, stride_q_b, stride_q_h, L, R,
-                                                  QROWS, Q_SHIFT, 4)
-            q_nope.index(0).slice(WG * QROWS, QROWS, dim=0).store(q_half_nope)
-            q_pe.index(0).slice(WG * QROWS, QROWS, dim=0).store(q_half_pe)
-            fence_async_shared()
-            gl.thread_barrier()
         mbarrier.wait(full_own.index(0), 0)
     else:
         tile = _load_tile(kv_words, bt_row, start + off, end, num_blocks, blk_words, tok_words,
                           PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
-        if EARLY_Q:  # issued while the tile's loads are in flight
-            q_half_nope, q_half_pe = _query_tiles(q_ptr, pid_b, head0 + WG * QROWS, stride_q_b, stride_q_h, L, R,
-                                                  QROWS, Q_SHIFT, 4)
         _store_tile(tile, own_nope_words.index(0), own_pe_words.index(0), SUB, E5M2)
-        if EARLY_Q:
-            q_nope.index(0).slice(WG * QROWS, QROWS, dim=0).store(q_half_nope)
-            q_pe.index(0).slice(WG * QROWS, QROWS, dim=0).store(q_half_pe)
         tile = _load_tile(kv_words, bt_row, start + PAIR + off, end, num_blocks, blk_words, tok_words,
                           PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
         fence_async_shared()
         gl.thread_barrier()  # inside a partition: its own 4 warps
-    if EARLY_Q:  # both halves of the query stored (each warpgroup's stores fenced and joined above)
-        mbarrier.arrive(bar_q)
-        mbarrier.wait(bar_q, 0)
     s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, S_LAYOUT)
     s = warpgroup_mma(q_nope.index(0), own_nope.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
     s = warpgroup_mma(q_pe.index(0), own_pe.index(0).permute((1, 0)), s, is_async=True)
@@ -245,11 +223,8 @@ def _mla_decode_seesaw_kernel(
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, WORKER_REGS: gl.constexpr, LANES: gl.constexpr, num_warps: gl.constexpr,
-        PRODUCER: gl.constexpr = False, PRODUCER_REGS: gl.constexpr = 0, EARLY_Q: gl.constexpr = False,
-        STAGED_O: gl.constexpr = False):
+        PRODUCER: gl.constexpr = False, PRODUCER_REGS: gl.constexpr = 0, STAGED_O: gl.constexpr = False):
     """PRODUCER: the producer variant below (a third partition converts the tiles, full / empty barriers).
-    EARLY_Q: the two warpgroups load the query themselves, half each, overlapped with their first tile
-    (_seesaw_partition), instead of the default warps loading all of it before the partitions start.
     STAGED_O: the output goes through shared memory in whole rows (_pair_epilogue)."""
     gl.static_assert(num_warps == 4, "the default partition is one warpgroup; the workers: the second (+ producer)")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
@@ -265,13 +240,12 @@ def _mla_decode_seesaw_kernel(
     SMEM_ROW: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
     # ---- query (fp16; bf16 scaled by 2**-Q_SHIFT) into shared memory, once, by the default warps
+    q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT,
+                                    num_warps)
     q_nope = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, L], SMEM_LAT)
+    q_nope.index(0).store(q_nope_t)
     q_pe = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, R], SMEM_ROPE)
-    if not EARLY_Q:
-        q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H,
-                                        Q_SHIFT, num_warps)
-        q_nope.index(0).store(q_nope_t)
-        q_pe.index(0).store(q_pe_t)
+    q_pe.index(0).store(q_pe_t)
     # Tiles A (WG0) and B (WG1) of a pair, two buffers each; P_A, P_B; row statistics; three barriers.
     ka_nope = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, L], SMEM_LAT)
     ka_pe = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, R], SMEM_ROPE)
@@ -289,11 +263,6 @@ def _mla_decode_seesaw_kernel(
     mbarrier.init(bar_a, count=1)
     mbarrier.init(bar_b, count=1)
     mbarrier.init(bar_fin, count=1)
-    if EARLY_Q:
-        bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(bar_q, count=2)  # one arrive a warpgroup, once its half of the query is stored
-    else:
-        bar_q = bar_fin  # not used (partition arguments must be values, not None)
     if STAGED_O:
         bar_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(bar_done, count=2)  # both warpgroups' MMAs complete: the tile buffers take the output
@@ -330,13 +299,13 @@ def _mla_decode_seesaw_kernel(
             (_seesaw_partition, (q_nope, q_pe, ka_nope, ka_pe, kb_nope, p_a, p_b, m_a_s, l_a_s, m_b_s, l_s,
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base, WG0, PAGE, L, R, BLOCK_H, BLOCK_N,
-                                 E5M2, ONE_PAGE, LANES, full_a, empty_a, empty_b, PRODUCER, bar_q, q_ptr, pid_b,
-                                 head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q, bar_done, STAGED_O)),
+                                 E5M2, ONE_PAGE, LANES, full_a, empty_a, empty_b, PRODUCER, bar_done,
+                                 STAGED_O)),
             (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base, WG1, PAGE, L, R, BLOCK_H, BLOCK_N,
-                                 E5M2, ONE_PAGE, LANES, full_b, empty_a, empty_b, PRODUCER, bar_q, q_ptr, pid_b,
-                                 head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q, bar_done, STAGED_O)),
+                                 E5M2, ONE_PAGE, LANES, full_b, empty_a, empty_b, PRODUCER, bar_done,
+                                 STAGED_O)),
             (_seesaw_producer, (ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, empty_b, kv_ptr, bt_row,
                                 start, end, num_blocks, blk_words, tok_words, PAGE, L, R, BLOCK_N, E5M2, ONE_PAGE,
                                 LANES)),
@@ -346,13 +315,13 @@ def _mla_decode_seesaw_kernel(
             (_seesaw_partition, (q_nope, q_pe, ka_nope, ka_pe, kb_nope, p_a, p_b, m_a_s, l_a_s, m_b_s, l_s,
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base,
-                                 WG0, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES, bar_fin, bar_fin, bar_fin, False,
-                                 bar_q, q_ptr, pid_b, head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q, bar_done, STAGED_O)),
+                                 WG0, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES,
+                                 bar_fin, bar_fin, bar_fin, False, bar_done, STAGED_O)),
             (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base,
-                                 WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES, bar_fin, bar_fin, bar_fin, False,
-                                 bar_q, q_ptr, pid_b, head0, stride_q_b, stride_q_h, Q_SHIFT, EARLY_Q, bar_done, STAGED_O)),
+                                 WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES,
+                                 bar_fin, bar_fin, bar_fin, False, bar_done, STAGED_O)),
         ], [4], [WORKER_REGS])
 
 
