@@ -129,4 +129,7 @@ print(f'{pick(128)},{pick(16)}')")
         "VARIANT=auto,COMBINE_MAX_VALUES=1048576,STAGED_O=True,STAGED_O=True+PARTIAL_BF16=True" \
         --shapes 1x128x65536,8x128x16384,64x128x4096,16x128x32768 > "$OUT/s10_ab.log" 2>&1
     tail -6 "$OUT/s10_ab.log" ;;
+  s11)  # session 8, last minutes: the decode table with the session-8 defaults (STAGED_O "auto", combine chunks)
+    timeout 230 python3 benchmarks/bench_decode.py --budget 180 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+    tail -14 "$OUT/decode.log" ;;
 esac

@@ -43,13 +43,23 @@ LANES = "q2x4"
 VARIANTS = ("auto", "seesaw", "producer")
 VARIANT = "auto"
 PRODUCER_WORKER_REGS, PRODUCER_REGS = 200, 104
-SMEM_NEEDED_PRODUCER = 230880  # bytes of the compiled producer variant: 8 barriers more
-SMEM_NEEDED = 230732  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics
-# STAGED_O (opt-in, session 8, not yet measured): the seesaw kernel and its producer form write the output through
-# shared memory in whole rows (kernels/mla_decode_seesaw._pair_epilogue). Nsight Compute of a launch with no tokens
-# (1x H100, session 8): 13.3 us against ~2.5 us for a trivial kernel, the L2 its busiest unit (48 %), 16.8 MB of
-# split partials written from the MMA layout (32 bytes of 8 rows a warp store; a bf16 output: 16).
-STAGED_O = False
+SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
+SMEM_NEEDED = 230764  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics,
+# barriers (STAGED_O's included)
+# STAGED_O: the kernel writes the output through shared memory in whole rows (kernels/mla_decode_seesaw._pair_epilogue)
+# instead of from the MMA layout (32 bytes of 8 rows a warp store; 16 for a 16-bit output). Nsight Compute of a
+# launch with no tokens (1x H100, session 8): 13.3 us against ~2.5 us for a trivial kernel, the L2 its busiest unit.
+# Measured (1x H100, session 8, RESULTS.md): 2.2 % faster at 64 x 128 x 4096 (one split, bf16 output), but 7-11 %
+# slower on the three shapes with 4-64 splits (fp32 partials; with bf16 partials -3 % at B = 1, +4-6 % at B = 8 / 16).
+# "auto" (default): staged for launches of one split a request only (a shape-only choice); True / False: always / never.
+STAGED_O = "auto"
+
+
+def staged_output(num_splits: int) -> bool:
+    """Whether a launch of `num_splits` splits a request writes its output staged (STAGED_O; shape-only)."""
+    if isinstance(STAGED_O, str) and STAGED_O.lower() == "auto":
+        return num_splits == 1
+    return str(STAGED_O).lower() in ("true", "1", "on")
 
 
 def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
@@ -113,7 +123,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
     else:
         common.update(WORKER_REGS=WORKER_REGS)
-    common.update(STAGED_O=bool(STAGED_O))
+    common.update(STAGED_O=staged_output(num_splits))
     kernel = kmod._mla_decode_seesaw_kernel[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)

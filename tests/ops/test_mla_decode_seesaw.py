@@ -119,3 +119,13 @@ def test_seesaw_auto_variant_is_a_function_of_the_launch_shape():
     for splits in (2, 8, 66, 1024):
         assert smod.pick_variant(splits, None) == "seesaw"
         assert smod.pick_variant(splits, 1 << 20) == "seesaw"
+
+
+def test_seesaw_staged_output_choice(monkeypatch):
+    """STAGED_O: "auto" stages the output of one-split launches only (shape-only); True / False (or their spellings
+    from a benchmark's command line) force it."""
+    assert smod.STAGED_O == "auto"
+    assert smod.staged_output(1) and not any(smod.staged_output(s) for s in (2, 7, 64, 1024))
+    for value, want in ((True, True), ("True", True), ("on", True), (False, False), ("False", False), ("off", False)):
+        monkeypatch.setattr(smod, "STAGED_O", value)
+        assert smod.staged_output(1) == want and smod.staged_output(8) == want, value
