@@ -13,7 +13,9 @@
 #   bash benchmarks/gpu_suite.sh prof6   # one GPU: ncu of the seesaw kernel and its producer form at B = 8 and 64
 #   bash benchmarks/gpu_suite.sh prof6s  # the same, B = 8 only, stall / pipe / memory sections
 #   bash benchmarks/gpu_suite.sh s9      # one GPU: decode table and cache gather table (for the card's record)
-#   bash benchmarks/gpu_suite.sh s10     # one GPU: STAGED_O (output through shared memory) tests and A/B
+#   bash benchmarks/gpu_suite.sh s10     # one GPU: STAGED_O (output through shared memory) tests and A/B (spent)
+#   bash benchmarks/gpu_suite.sh s11     # one GPU: decode table at the session-8 defaults, STAGED_O on the producer
+#                                        # form, cache gather table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -129,7 +131,15 @@ print(f'{pick(128)},{pick(16)}')")
         "VARIANT=auto,COMBINE_MAX_VALUES=1048576,STAGED_O=True,STAGED_O=True+PARTIAL_BF16=True" \
         --shapes 1x128x65536,8x128x16384,64x128x4096,16x128x32768 > "$OUT/s10_ab.log" 2>&1
     tail -6 "$OUT/s10_ab.log" ;;
-  s11)  # session 8, last minutes: the decode table with the session-8 defaults (STAGED_O "auto", combine chunks)
+  s11)  # next session, one GPU (~9 minutes): the decode table with the session-8 defaults (STAGED_O "auto", combine
+         # chunks); whether the staged output's loss on split launches is the seesaw form's (its own loads and
+         # conversions in the warpgroups) by timing it on the producer form too; the cache gather table on this card
     timeout 230 python3 benchmarks/bench_decode.py --budget 180 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
-    tail -14 "$OUT/decode.log" ;;
+    tail -14 "$OUT/decode.log"
+    timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
+        "VARIANT=auto,VARIANT=producer,VARIANT=producer+STAGED_O=True,VARIANT=producer+STAGED_O=True+PARTIAL_BF16=True" \
+        --shapes 1x128x65536,8x128x16384 > "$OUT/s11_ab.log" 2>&1
+    tail -4 "$OUT/s11_ab.log"
+    timeout 180 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 100 > "$OUT/cache_gather.log" 2>&1
+    grep -v "check" "$OUT/cache_gather.log" | tail -25 ;;
 esac
