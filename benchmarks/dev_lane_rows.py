@@ -65,7 +65,8 @@ def main():
         if "=" not in value:
             return [(args.attr, value)]
         pairs = [kv.split("=", 1) for kv in value.split("+")]
-        return [(a, int(v) if v.isdigit() else v) for a, v in pairs]  # e.g. PRODUCER_DEPTH=2
+        literal = {"True": True, "False": False}  # e.g. STAGED_O=False must be False, not the string "False"
+        return [(a, int(v) if v.isdigit() else literal.get(v, v)) for a, v in pairs]  # e.g. PRODUCER_DEPTH=2
 
     attrs = sorted({a for v in SETTINGS for a, _ in _pairs(v)})
     for a in attrs:

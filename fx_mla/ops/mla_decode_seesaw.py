@@ -57,9 +57,7 @@ STAGED_O = "auto"
 
 def staged_output(num_splits: int) -> bool:
     """Whether a launch of `num_splits` splits a request writes its output staged (STAGED_O; shape-only)."""
-    if isinstance(STAGED_O, str) and STAGED_O.lower() == "auto":
-        return num_splits == 1
-    return str(STAGED_O).lower() in ("true", "1", "on")
+    return num_splits == 1 if STAGED_O == "auto" else bool(STAGED_O)
 
 
 def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,

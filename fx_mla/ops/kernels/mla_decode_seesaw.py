@@ -41,10 +41,9 @@ from fx_mla.ops.kernels.mla_decode_gluon import (_load_tile, _output_rows, _quer
 @gluon.jit
 def _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, WG: gl.constexpr,
                    L: gl.constexpr, BLOCK_H: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
-                   stage=None, bar_done=None, STAGED: gl.constexpr = False):
-    """End of warpgroup WG of the two-warpgroup kernel: o = acc * k_scale / l
-    into its L / 2 columns (WG1 keeps l and hands it to WG0 through l_s / bar_fin), lse in natural log (WG1);
-    no tokens: o = 0, lse = -inf.
+                   stage, bar_done, STAGED: gl.constexpr):
+    """End of warpgroup WG: o = acc * k_scale / l into its L / 2 columns (WG1 keeps l and hands it to WG0 through
+    l_s / bar_fin), lse in natural log (WG1); no tokens: o = 0, lse = -inf.
     STAGED: o goes through shared memory (`stage`: this warpgroup's own fp16 tile buffers [2, 32, L], 64 KiB, which
     no MMA reads once both warpgroups arrived bar_done, count 2) and out to global memory in whole 512-byte rows a
     warp: the MMA layout's own stores write 16 / 32 bytes of 8 rows a warp instruction (half-sector writes for a
@@ -95,8 +94,8 @@ def _seesaw_partition(q_nope, q_pe, own_nope, own_pe, other_nope, p_own, p_other
                       qk_scale, k_scale, o_base, stride_o_h, lse_base,
                       WG: gl.constexpr, PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr,
                       BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, E5M2: gl.constexpr, ONE_PAGE: gl.constexpr,
-                      LANES: gl.constexpr, full_own=None, empty_a=None, empty_b=None, PRODUCER: gl.constexpr = False,
-                      bar_done=None, STAGED_O: gl.constexpr = False):
+                      LANES: gl.constexpr, bar_done, STAGED_O: gl.constexpr, full_own=None, empty_a=None, empty_b=None,
+                      PRODUCER: gl.constexpr = False):
     """The whole life of warpgroup WG (0: tile A of each pair, columns [0, L/2); 1: tile B, columns [L/2, L)).
     PRODUCER: a producer partition (_seesaw_producer) converts the tiles; this warpgroup waits for its tile of a
     pair on full_own[buffer] and, once its MMAs of a pair are complete, releases both tiles of the pair (it reads
@@ -299,13 +298,11 @@ def _mla_decode_seesaw_kernel(
             (_seesaw_partition, (q_nope, q_pe, ka_nope, ka_pe, kb_nope, p_a, p_b, m_a_s, l_a_s, m_b_s, l_s,
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base, WG0, PAGE, L, R, BLOCK_H, BLOCK_N,
-                                 E5M2, ONE_PAGE, LANES, full_a, empty_a, empty_b, PRODUCER, bar_done,
-                                 STAGED_O)),
+                                 E5M2, ONE_PAGE, LANES, bar_done, STAGED_O, full_a, empty_a, empty_b, PRODUCER)),
             (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base, WG1, PAGE, L, R, BLOCK_H, BLOCK_N,
-                                 E5M2, ONE_PAGE, LANES, full_b, empty_a, empty_b, PRODUCER, bar_done,
-                                 STAGED_O)),
+                                 E5M2, ONE_PAGE, LANES, bar_done, STAGED_O, full_b, empty_a, empty_b, PRODUCER)),
             (_seesaw_producer, (ka_nope, ka_pe, kb_nope, kb_pe, full_a, full_b, empty_a, empty_b, kv_ptr, bt_row,
                                 start, end, num_blocks, blk_words, tok_words, PAGE, L, R, BLOCK_N, E5M2, ONE_PAGE,
                                 LANES)),
@@ -315,13 +312,11 @@ def _mla_decode_seesaw_kernel(
             (_seesaw_partition, (q_nope, q_pe, ka_nope, ka_pe, kb_nope, p_a, p_b, m_a_s, l_a_s, m_b_s, l_s,
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base,
-                                 WG0, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES,
-                                 bar_fin, bar_fin, bar_fin, False, bar_done, STAGED_O)),
+                                 WG0, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES, bar_done, STAGED_O)),
             (_seesaw_partition, (q_nope, q_pe, kb_nope, kb_pe, ka_nope, p_b, p_a, m_a_s, l_a_s, m_b_s, l_s,
                                  bar_a, bar_b, bar_fin, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                                  qk_scale, k_scale, o_base, o_stride, lse_base,
-                                 WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES,
-                                 bar_fin, bar_fin, bar_fin, False, bar_done, STAGED_O)),
+                                 WG1, PAGE, L, R, BLOCK_H, BLOCK_N, E5M2, ONE_PAGE, LANES, bar_done, STAGED_O)),
         ], [4], [WORKER_REGS])
 
 
