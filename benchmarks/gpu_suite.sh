@@ -135,14 +135,14 @@ print(f'{pick(128)},{pick(16)}')")
          # producer form too, with fp32 and bf16 partials); persistent gather grids of ~10 programs an SM (the next
          # tile's index chain issued under this tile's loads); the decode table at the session-8 defaults; the gather
          # table on this card
-    timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
+    timeout 180 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
         "VARIANT=auto,VARIANT=producer,VARIANT=producer+STAGED_O=True,VARIANT=producer+STAGED_O=True+PARTIAL_BF16=True" \
-        --shapes 1x128x65536,8x128x16384 > "$OUT/s11_ab.log" 2>&1
+        --shapes 1x128x65536,8x128x16384,16x128x32768 > "$OUT/s11_ab.log" 2>&1
     tail -4 "$OUT/s11_ab.log"
     timeout 100 python3 benchmarks/bench_cache_gather.py --sweep \
         --sweep-configs "8,4,0;8,4,10;4,4,10;8,4,8;8,4,12,,40" > "$OUT/gather_sweep.log" 2>&1
     tail -9 "$OUT/gather_sweep.log"
-    timeout 190 python3 benchmarks/bench_decode.py --budget 150 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+    timeout 170 python3 benchmarks/bench_decode.py --budget 130 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
     tail -14 "$OUT/decode.log"
     timeout 130 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 80 > "$OUT/cache_gather.log" 2>&1
     grep -v "check" "$OUT/cache_gather.log" | tail -25 ;;
