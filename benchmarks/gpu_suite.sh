@@ -138,7 +138,7 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 180 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
         "VARIANT=auto,VARIANT=producer,VARIANT=producer+STAGED_O=True,VARIANT=producer+STAGED_O=True+PARTIAL_BF16=True" \
         --shapes 1x128x65536,8x128x16384,16x128x32768 > "$OUT/s11_ab.log" 2>&1
-    tail -4 "$OUT/s11_ab.log"
+    tail -12 "$OUT/s11_ab.log"
     timeout 100 python3 benchmarks/bench_cache_gather.py --sweep \
         --sweep-configs "8,4,0;8,4,10;4,4,10;8,4,8;8,4,12,,40" > "$OUT/gather_sweep.log" 2>&1
     tail -9 "$OUT/gather_sweep.log"
