@@ -21,7 +21,8 @@ set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
 R=${OUT:-/tmp/out}; export OUT="$R/w"; mkdir -p "$OUT"
-trap 'tar czf "$R/all.tgz" -C "$OUT" .' EXIT
+pack() { tar czf "$R/all.tgz" -C "$OUT" .; }  # also after each step of a long recipe: a run cut short keeps them
+trap pack EXIT
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpus.txt"
 case "${1:-tests}" in
@@ -138,12 +139,12 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 180 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
         "VARIANT=auto,VARIANT=producer,VARIANT=producer+STAGED_O=True,VARIANT=producer+STAGED_O=True+PARTIAL_BF16=True" \
         --shapes 1x128x65536,8x128x16384,16x128x32768 > "$OUT/s11_ab.log" 2>&1
-    tail -12 "$OUT/s11_ab.log"
+    tail -12 "$OUT/s11_ab.log"; pack
     timeout 100 python3 benchmarks/bench_cache_gather.py --sweep \
         --sweep-configs "8,4,0;8,4,10;4,4,10;8,4,8;8,4,12,,40" > "$OUT/gather_sweep.log" 2>&1
-    tail -9 "$OUT/gather_sweep.log"
+    tail -9 "$OUT/gather_sweep.log"; pack
     timeout 170 python3 benchmarks/bench_decode.py --budget 130 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
-    tail -14 "$OUT/decode.log"
+    tail -14 "$OUT/decode.log"; pack
     timeout 130 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 80 > "$OUT/cache_gather.log" 2>&1
     grep -v "check" "$OUT/cache_gather.log" | tail -25 ;;
 esac
