@@ -96,7 +96,7 @@ print(f'{pick(128)},{pick(16)}')")
     grep -q " passed" "$OUT/producer_tests.log" && ! grep -q "failed\|error" "$OUT/producer_tests.log" && \
       v="$v,VARIANT=producer+LANES=q2x4"  # (session 6 also timed a producer two tiles ahead here: dropped)
     timeout 200 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "$v" \
-      --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 > "$OUT/settings.log" 2>&1; tail -6 "$OUT/settings.log"
+      --shapes 8x128x16384,1x128x65536,16x128x32768,64x128x4096 > "$OUT/settings.log" 2>&1; tail -6 "$OUT/settings.log"
     ;;  # (session 6 also swept gather configs here, with flag c: since removed)
   s6b)  # session 6, after s6: VARIANT "auto" (producer form at one split) tests, then the decode table
     timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_mla_decode_seesaw_gpu.py \
@@ -138,7 +138,7 @@ print(f'{pick(128)},{pick(16)}')")
          # table on this card
     timeout 180 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
         "VARIANT=auto,VARIANT=producer,VARIANT=producer+STAGED_O=True,VARIANT=producer+STAGED_O=True+PARTIAL_BF16=True" \
-        --shapes 1x128x65536,8x128x16384,16x128x32768 > "$OUT/s11_ab.log" 2>&1
+        --shapes 8x128x16384,1x128x65536,16x128x32768 > "$OUT/s11_ab.log" 2>&1
     tail -12 "$OUT/s11_ab.log"; pack
     timeout 100 python3 benchmarks/bench_cache_gather.py --sweep \
         --sweep-configs "8,4,0;8,4,10;4,4,10;8,4,8;8,4,12,,40" > "$OUT/gather_sweep.log" 2>&1
