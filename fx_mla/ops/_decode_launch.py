@@ -77,17 +77,18 @@ def check_num_splits(splits) -> None:
 PARTIAL_BF16 = False
 
 
-def split_workspace(q, splits: int, kv_lora_rank: int, out, lse, poison: bool):
+def split_workspace(q, splits: int, kv_lora_rank: int, out, lse, poison: bool, bf16: Optional[bool] = None):
     """(part_o [B, splits, H, L], part_lse [B, splits, H] fp32) for splits > 1, else (out, lse) (unused by the
-    kernels); part_o is fp32, or bf16 for a bf16 `out` under PARTIAL_BF16 (the kernels store in part_o's dtype, the
-    combine loads it to fp32); poison fills them with NaN (tests: every element the combine reads must have been
-    written)."""
+    kernels); part_o is fp32, or bf16 for a bf16 `out` where `bf16` says so (None: PARTIAL_BF16; the kernels store
+    in part_o's dtype, the combine loads it to fp32); poison fills them with NaN (tests: every element the combine
+    reads must have been written)."""
     if splits == 1:
         return out, lse
     batch, heads = q.shape[:2]
     new = torch.full if poison else torch.empty
     fill = (float("nan"),) if poison else ()
-    part_dtype = torch.bfloat16 if (PARTIAL_BF16 and out.dtype == torch.bfloat16) else torch.float32
+    want_bf16 = PARTIAL_BF16 if bf16 is None else bf16
+    part_dtype = torch.bfloat16 if (want_bf16 and out.dtype == torch.bfloat16) else torch.float32
     return (new((batch, splits, heads, kv_lora_rank), *fill, dtype=part_dtype, device=q.device),
             new((batch, splits, heads), *fill, dtype=torch.float32, device=q.device))
 
@@ -142,10 +143,10 @@ Q_SHIFT = 8
 
 
 def gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out, lse, num_splits: int,
-                      poison: bool):
+                      poison: bool, bf16_partials: Optional[bool] = None):
     """What every Gluon decode kernel takes: (positional arguments, shared constexprs, (part_o, part_lse)) for a
     launch of `num_splits` splits a request (checked); q / block_table rows and seq_lens made contiguous where the
-    kernels need it; the split workspace (split_workspace). The caller adds its kernel's own tile constexprs and
+    kernels need it; the split workspace (split_workspace; bf16_partials: its `bf16`). The caller adds its kernel's own tile constexprs and
     merges the workspace with combine_splits."""
     check_num_splits(num_splits)
     if q.stride(2) != 1:
@@ -153,7 +154,7 @@ def gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_s
     if block_table.stride(1) != 1:
         block_table = block_table.contiguous()
     seq_lens = seq_lens.contiguous()
-    part_o, part_lse = split_workspace(q, num_splits, GLUON_LATENT, out, lse, poison)
+    part_o, part_lse = split_workspace(q, num_splits, GLUON_LATENT, out, lse, poison, bf16_partials)
     args = (q, kv_cache, block_table, seq_lens, k_scale, k_scale if q_scale is None else q_scale, out, lse,
             part_o, part_lse, float(sm_scale), q.shape[1], num_splits, kv_cache.shape[0], block_table.shape[1],
             q.stride(0), q.stride(1), kv_cache.stride(0) // 4, kv_cache.stride(1) // 4, block_table.stride(0),

@@ -15,9 +15,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
 
-from fx_mla.ops._decode_launch import (check_launch_args, combine_splits, device_index, fill_empty, max_shared,
-                                       gluon_launch_args, gluon_unsupported, no_tokens, num_splits_for, sm_count)
+from fx_mla.ops._decode_launch import (check_launch_args, check_num_splits, combine_splits, device_index, fill_empty,
+                                       gluon_launch_args, gluon_unsupported, max_shared, no_tokens, num_splits_for,
+                                       sm_count)
 from fx_mla.ops.mla_decode_gluon import _heads_reason
 
 __all__ = ["launch_mla_decode_seesaw", "seesaw_unsupported_reason", "BLOCK_H", "BLOCK_N", "SMEM_NEEDED", "VARIANTS",
@@ -50,14 +52,27 @@ SMEM_NEEDED = 230764  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2
 # instead of from the MMA layout (32 bytes of 8 rows a warp store; 16 for a 16-bit output). Nsight Compute of a
 # launch with no tokens (1x H100, session 8): 13.3 us against ~2.5 us for a trivial kernel, the L2 its busiest unit.
 # Measured (1x H100, session 8, RESULTS.md): 2.2 % faster at 64 x 128 x 4096 (one split, bf16 output), but 7-11 %
-# slower on the three shapes with 4-64 splits (fp32 partials; with bf16 partials -3 % at B = 1, +4-6 % at B = 8 / 16).
-# "auto" (default): staged for launches of one split a request only (a shape-only choice); True / False: always / never.
+# slower on the three shapes with 4-64 splits and fp32 partials (the staged epilogue makes ptxas schedule the loop
+# worse). With bf16 partials (half the bytes, written in whole rows) it wins where the loop is short: 1 x 128 x 65536
+# (16 pairs a split) -3.3 % (session 8) and, in the producer form, -1.6 % (session 9); with 32 or more pairs a split
+# (8 x 128 x 16384, 16 x 128 x 32768) every staged form loses 4-7 %.
+# "auto" (default, output_plan): staged for one-split launches, and for split launches of a bf16 output with at most
+# STAGED_MAX_PAIRS pairs a split, whose partials are then bf16; True / False: always / never (partials as
+# _decode_launch.PARTIAL_BF16 says). A choice from shapes and dtypes only: every rank makes the same.
 STAGED_O = "auto"
+STAGED_MAX_PAIRS = 16
 
 
-def staged_output(num_splits: int) -> bool:
-    """Whether a launch of `num_splits` splits a request writes its output staged (STAGED_O; shape-only)."""
-    return num_splits == 1 if STAGED_O == "auto" else bool(STAGED_O)
+def output_plan(num_splits: int, pairs_per_split: int, out_dtype: torch.dtype):
+    """(staged, bf16 partials) of a launch of `num_splits` splits a request, each at most `pairs_per_split` pairs
+    (64 tokens) long at the block table's capacity, into an `out_dtype` output (STAGED_O). bf16 partials: True, or
+    None for _decode_launch.PARTIAL_BF16's choice."""
+    if STAGED_O != "auto":
+        return bool(STAGED_O), None
+    if num_splits == 1:
+        return True, None
+    lean = out_dtype == torch.bfloat16 and pairs_per_split <= STAGED_MAX_PAIRS
+    return lean, (True if lean else None)
 
 
 def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
@@ -110,8 +125,11 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     if num_splits is None:  # pairs of tiles (64 tokens) are the split granularity
         num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * BLOCK_N, sm_count(device_index(q.device)),
                                     1)
+    check_num_splits(num_splits)  # before it divides anything
+    pairs = triton.cdiv(triton.cdiv(max_blocks * page, 2 * BLOCK_N), num_splits)  # a split's most, from shapes
+    staged, bf16_partials = output_plan(num_splits, pairs, out.dtype)
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
-                                                lse, num_splits, poison_workspace)
+                                                lse, num_splits, poison_workspace, bf16_partials)
     # ONE_PAGE: the kernels load 32-token tiles, each in one page
     common = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
                   num_warps=NUM_WARPS, **consts)
@@ -121,7 +139,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
     else:
         common.update(WORKER_REGS=WORKER_REGS)
-    common.update(STAGED_O=staged_output(num_splits))
+    common.update(STAGED_O=staged)
     kernel = kmod._mla_decode_seesaw_kernel[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)

@@ -119,10 +119,71 @@ def test_seesaw_auto_variant_is_a_function_of_the_launch_shape():
         assert smod.pick_variant(splits, 1 << 20) == "seesaw"
 
 
-def test_seesaw_staged_output_choice(monkeypatch):
-    """STAGED_O: "auto" stages the output of one-split launches only (shape-only); True / False force it."""
-    assert smod.STAGED_O == "auto"
-    assert smod.staged_output(1) and not any(smod.staged_output(s) for s in (2, 7, 64, 1024))
+def test_seesaw_output_plan_from_launch_shape(monkeypatch):
+    """STAGED_O "auto": the staged output for one split, and for split launches of a bf16 output with at most
+    STAGED_MAX_PAIRS pairs a split, which then write bf16 partials (the rest: MMA-layout stores, partials as
+    PARTIAL_BF16 says); True / False force the staging and leave the partials to PARTIAL_BF16. Shapes and dtypes
+    only: every rank gets the same plan."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert smod.STAGED_O == "auto" and smod.STAGED_MAX_PAIRS == 16
+    for dtype in (bf16, fp16, fp32):
+        assert smod.output_plan(1, 1, dtype) == (True, None) and smod.output_plan(1, 4096, dtype) == (True, None)
+    for splits in (2, 7, 64, 1024):
+        assert smod.output_plan(splits, 1, bf16) == (True, True)
+        assert smod.output_plan(splits, 16, bf16) == (True, True)    # 1 x 128 x 65536: 64 splits of 16 pairs
+        assert smod.output_plan(splits, 17, bf16) == (False, None)
+        assert smod.output_plan(splits, 32, bf16) == (False, None)   # 8 x 128 x 16384: 8 splits of 32 pairs
+        for dtype in (fp16, fp32):  # no bf16 partials for them: the staged fp32 partials were slower everywhere
+            assert smod.output_plan(splits, 1, dtype) == (False, None)
     for value, want in ((True, True), (False, False)):
         monkeypatch.setattr(smod, "STAGED_O", value)
-        assert smod.staged_output(1) == want and smod.staged_output(8) == want, value
+        for splits, pairs, dtype in ((1, 1, bf16), (8, 4, bf16), (8, 32, fp32)):
+            assert smod.output_plan(splits, pairs, dtype) == (want, None), value
+
+
+@pytest.mark.parametrize("max_blocks,splits,out_dtype,staged,part_dtype", [
+    (3, 3, torch.bfloat16, True, torch.bfloat16),      # 1 pair a split: lean
+    (48, 3, torch.bfloat16, True, torch.bfloat16),     # 16 pairs a split: lean
+    (51, 3, torch.bfloat16, False, torch.float32),     # 17 pairs a split
+    (3, 3, torch.float32, False, torch.float32),       # fp32 output: fp32 partials, not staged
+    (3, 3, torch.float16, False, torch.float32),
+    (51, 1, torch.bfloat16, True, None),               # one split: staged, no workspace
+])
+def test_seesaw_launch_follows_the_output_plan(monkeypatch, max_blocks, splits, out_dtype, staged, part_dtype):
+    """The launcher's STAGED_O constexpr and split workspace dtype follow output_plan at the block table's capacity
+    (max_blocks x 64 tokens), whatever the lengths; the kernel replaced by a recorder, the support check bypassed."""
+    from fx_mla.ops.kernels import mla_decode_seesaw as kmod
+    calls, merged = [], []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **constexprs: calls.append((grid, args, constexprs))
+
+    monkeypatch.setattr(kmod, "_mla_decode_seesaw_kernel", Recorder())
+    monkeypatch.setattr(smod, "seesaw_unsupported_reason", lambda *a, **k: None)
+    monkeypatch.setattr(smod, "combine_splits", lambda *a: merged.append(a))
+    q = _q()
+    kv = torch.randn(8, 64, 576).to(E4M3)
+    bt = torch.randint(0, 8, (2, max_blocks), dtype=torch.int32)
+    lens = torch.tensor([5, 64 * max_blocks], dtype=torch.int32)  # lengths do not enter the plan
+    out, lse = torch.empty(2, 128, 512, dtype=out_dtype), torch.empty(2, 128)
+    smod.launch_mla_decode_seesaw(q, kv, bt, lens, torch.ones(1), None, 0.07, 512, out, lse, num_splits=splits)
+    [(grid, args, constexprs)] = calls
+    assert grid == (2, splits, 2) and constexprs["STAGED_O"] == staged
+    part_o = args[8]
+    if part_dtype is None:
+        assert part_o is out
+    else:
+        assert part_o.shape == (2, splits, 128, 512) and part_o.dtype == part_dtype
+    [(m_part_o, *_)] = merged
+    assert m_part_o is part_o
+
+
+def test_seesaw_launch_checks_num_splits_before_using_it(monkeypatch):
+    monkeypatch.setattr(smod, "seesaw_unsupported_reason", lambda *a, **k: None)
+    out = torch.empty(2, 128, 512, dtype=torch.bfloat16)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_splits must be a positive int"):
+            smod.launch_mla_decode_seesaw(_q(), _cache(), torch.zeros(2, 1, dtype=torch.int32),
+                                          torch.ones(2, dtype=torch.int32), torch.ones(1), None, 0.07, 512, out,
+                                          torch.empty(2, 128), num_splits=bad)
