@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fx_mla.mla.decode import paged_decode_attention  # noqa: E402
 from fx_mla.ops import mla_decode_fp8 as dmod  # noqa: E402
 from fx_mla.ops import _decode_launch as launch_mod  # noqa: E402
+from fx_mla.ops import mla_decode_seesaw as ss  # noqa: E402
 
 SHAPES = [(1, 128, 65536), (8, 128, 16384), (16, 128, 32768), (64, 128, 4096), (32, 16, 16384), (128, 16, 8192)]
 BLOCK, LAT, ROPE = 64, 512, 64
@@ -168,7 +169,9 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start):
                   sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
                   copy_tbps=copy_tbps, bf16_matmul_tflops=mm_tflops, block_size=BLOCK, cache_dtype="float8_e4m3fn",
                   query_dtype="bfloat16", decode_kernel_setting=dmod.DECODE_KERNEL,
-                  combine_pdl=launch_mod.COMBINE_PDL, bf16_partials=launch_mod.PARTIAL_BF16, timing="median of CUDA-graph replays (triton.testing.do_bench)",
+                  combine_pdl=launch_mod.COMBINE_PDL, bf16_partials=launch_mod.PARTIAL_BF16,
+                  seesaw_staged_o=ss.STAGED_O, seesaw_staged_max_pairs=ss.STAGED_MAX_PAIRS,  # short splits: bf16 too
+                  timing="median of CUDA-graph replays (triton.testing.do_bench)",
                   rows=rows, sweep=sweep_rows, summary=summary, seconds=time.time() - t_start)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
