@@ -14,8 +14,9 @@
 #   bash benchmarks/gpu_suite.sh prof6s  # the same, B = 8 only, stall / pipe / memory sections
 #   bash benchmarks/gpu_suite.sh s9      # one GPU: decode table and cache gather table (for the card's record)
 #   bash benchmarks/gpu_suite.sh s10     # one GPU: STAGED_O (output through shared memory) tests and A/B (spent)
-#   bash benchmarks/gpu_suite.sh s11     # one GPU: decode table at the session-8 defaults, STAGED_O on the producer
-#                                        # form, cache gather table
+#   bash benchmarks/gpu_suite.sh s11     # one GPU: STAGED_O on the producer form, persistent gather grids, decode and
+#                                        # cache gather tables (spent, session 9)
+#   bash benchmarks/gpu_suite.sh s12     # one GPU: GPU tests of session 9's output plan, its timing against the old one
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -147,4 +148,12 @@ print(f'{pick(128)},{pick(16)}')")
     tail -14 "$OUT/decode.log"; pack
     timeout 130 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 80 > "$OUT/cache_gather.log" 2>&1
     grep -v "check" "$OUT/cache_gather.log" | tail -25 ;;
+  s12)  # next session, one GPU (~8 min): GPU tests of the seesaw kernel and the op's dispatch (session 9's output
+         # plan: short splits of a bf16 output staged with bf16 partials); that plan against the previous one
+         # (STAGED_O=False: MMA-layout stores and fp32 partials at split launches) on shapes of 4-16 pairs a split
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
+        tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 | tee "$OUT/s12_tests.log" | grep -v PASSED | tail -15; pack
+    timeout 200 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "STAGED_O=auto,STAGED_O=False" \
+        --shapes 1x128x65536,2x128x32768,4x128x16384,1x128x16384 > "$OUT/s12_ab.log" 2>&1
+    tail -6 "$OUT/s12_ab.log"; pack ;;
 esac
