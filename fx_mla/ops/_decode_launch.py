@@ -146,8 +146,8 @@ def gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_s
                       poison: bool, bf16_partials: Optional[bool] = None):
     """What every Gluon decode kernel takes: (positional arguments, shared constexprs, (part_o, part_lse)) for a
     launch of `num_splits` splits a request (checked); q / block_table rows and seq_lens made contiguous where the
-    kernels need it; the split workspace (split_workspace; bf16_partials: its `bf16`). The caller adds its kernel's own tile constexprs and
-    merges the workspace with combine_splits."""
+    kernels need it; the split workspace (split_workspace; bf16_partials: its `bf16`). The caller adds its kernel's
+    own tile constexprs and merges the workspace with combine_splits."""
     check_num_splits(num_splits)
     if q.stride(2) != 1:
         q = q.contiguous()

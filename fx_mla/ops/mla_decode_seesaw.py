@@ -63,16 +63,19 @@ STAGED_O = "auto"
 STAGED_MAX_PAIRS = 16
 
 
-def output_plan(num_splits: int, pairs_per_split: int, out_dtype: torch.dtype):
-    """(staged, bf16 partials) of a launch of `num_splits` splits a request, each at most `pairs_per_split` pairs
-    (64 tokens) long at the block table's capacity, into an `out_dtype` output (STAGED_O). bf16 partials: True, or
-    None for _decode_launch.PARTIAL_BF16's choice."""
+def output_plan(num_splits: int, capacity: int, out_dtype: torch.dtype):
+    """(staged, bf16 partials) of a launch of `num_splits` splits a request (checked) over a block table of
+    `capacity` tokens (max_blocks x block_size), into an `out_dtype` output (STAGED_O). A split is at most
+    cdiv(cdiv(capacity, 64), num_splits) pairs long. bf16 partials: True, or None for _decode_launch.PARTIAL_BF16's
+    choice."""
+    check_num_splits(num_splits)
     if STAGED_O != "auto":
         return bool(STAGED_O), None
     if num_splits == 1:
         return True, None
-    lean = out_dtype == torch.bfloat16 and pairs_per_split <= STAGED_MAX_PAIRS
-    return lean, (True if lean else None)
+    pairs = triton.cdiv(triton.cdiv(capacity, 2 * BLOCK_N), num_splits)
+    lean = out_dtype == torch.bfloat16 and pairs <= STAGED_MAX_PAIRS
+    return lean, lean or None
 
 
 def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
@@ -125,9 +128,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     if num_splits is None:  # pairs of tiles (64 tokens) are the split granularity
         num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * BLOCK_N, sm_count(device_index(q.device)),
                                     1)
-    check_num_splits(num_splits)  # before it divides anything
-    pairs = triton.cdiv(triton.cdiv(max_blocks * page, 2 * BLOCK_N), num_splits)  # a split's most, from shapes
-    staged, bf16_partials = output_plan(num_splits, pairs, out.dtype)
+    staged, bf16_partials = output_plan(num_splits, max_blocks * page, out.dtype)
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
                                                 lse, num_splits, poison_workspace, bf16_partials)
     # ONE_PAGE: the kernels load 32-token tiles, each in one page

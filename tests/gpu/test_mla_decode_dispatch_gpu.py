@@ -73,8 +73,8 @@ def test_opt_in_split_options(kernel, monkeypatch, heads, flag):
     assert splits > 1, "the option only acts on split launches"
     lean = False  # the seesaw kernel's own bf16 partials for short splits (smod.output_plan), whatever the flag
     if dmod.cuda_kernel_choice(p.q, p.kv_cache, 512) == "seesaw":
-        pairs = triton.cdiv(triton.cdiv(p.block_table.shape[1] * p.kv_cache.shape[1], 64), splits)
-        lean = smod.output_plan(splits, pairs, torch.bfloat16)[1] is True
+        capacity = p.block_table.shape[1] * p.kv_cache.shape[1]
+        lean = smod.output_plan(splits, capacity, torch.bfloat16)[1] is True
     assert part_dtype == (torch.bfloat16 if flag == "PARTIAL_BF16" or lean else torch.float32)
     assert pdl == (flag == "COMBINE_PDL")
     side = torch.cuda.Stream()

@@ -121,24 +121,28 @@ def test_seesaw_auto_variant_is_a_function_of_the_launch_shape():
 
 def test_seesaw_output_plan_from_launch_shape(monkeypatch):
     """STAGED_O "auto": the staged output for one split, and for split launches of a bf16 output with at most
-    STAGED_MAX_PAIRS pairs a split, which then write bf16 partials (the rest: MMA-layout stores, partials as
-    PARTIAL_BF16 says); True / False force the staging and leave the partials to PARTIAL_BF16. Shapes and dtypes
-    only: every rank gets the same plan."""
+    STAGED_MAX_PAIRS pairs (64 tokens) a split at the block table's capacity, which then write bf16 partials (the
+    rest: MMA-layout stores, partials as PARTIAL_BF16 says); True / False force the staging and leave the partials to
+    PARTIAL_BF16. Shapes and dtypes only: every rank gets the same plan."""
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     assert smod.STAGED_O == "auto" and smod.STAGED_MAX_PAIRS == 16
     for dtype in (bf16, fp16, fp32):
-        assert smod.output_plan(1, 1, dtype) == (True, None) and smod.output_plan(1, 4096, dtype) == (True, None)
+        assert smod.output_plan(1, 64, dtype) == (True, None) and smod.output_plan(1, 1 << 20, dtype) == (True, None)
     for splits in (2, 7, 64, 1024):
         assert smod.output_plan(splits, 1, bf16) == (True, True)
-        assert smod.output_plan(splits, 16, bf16) == (True, True)    # 1 x 128 x 65536: 64 splits of 16 pairs
-        assert smod.output_plan(splits, 17, bf16) == (False, None)
-        assert smod.output_plan(splits, 32, bf16) == (False, None)   # 8 x 128 x 16384: 8 splits of 32 pairs
+        assert smod.output_plan(splits, 16 * 64 * splits, bf16) == (True, True)  # 16 pairs a split
+        assert smod.output_plan(splits, 16 * 64 * splits + 1, bf16) == (False, None)  # one split gets 17
+        assert smod.output_plan(splits, 32 * 64 * splits, bf16) == (False, None)
         for dtype in (fp16, fp32):  # no bf16 partials for them: the staged fp32 partials were slower everywhere
-            assert smod.output_plan(splits, 1, dtype) == (False, None)
+            assert smod.output_plan(splits, 64, dtype) == (False, None)
+    assert smod.output_plan(64, 65536, bf16) == (True, True)     # 1 x 128 x 65536: 64 splits of 16 pairs
+    assert smod.output_plan(8, 16384, bf16) == (False, None)     # 8 x 128 x 16384: 8 splits of 32 pairs
     for value, want in ((True, True), (False, False)):
         monkeypatch.setattr(smod, "STAGED_O", value)
-        for splits, pairs, dtype in ((1, 1, bf16), (8, 4, bf16), (8, 32, fp32)):
-            assert smod.output_plan(splits, pairs, dtype) == (want, None), value
+        for splits, capacity, dtype in ((1, 64, bf16), (8, 2048, bf16), (8, 16384, fp32)):
+            assert smod.output_plan(splits, capacity, dtype) == (want, None), value
+    with pytest.raises(ValueError, match="num_splits must be a positive int"):
+        smod.output_plan(0, 64, bf16)
 
 
 @pytest.mark.parametrize("max_blocks,splits,out_dtype,staged,part_dtype", [
