@@ -16,7 +16,8 @@
 #   bash benchmarks/gpu_suite.sh s10     # one GPU: STAGED_O (output through shared memory) tests and A/B (spent)
 #   bash benchmarks/gpu_suite.sh s11     # one GPU: STAGED_O on the producer form, persistent gather grids, decode and
 #                                        # cache gather tables (spent, session 9)
-#   bash benchmarks/gpu_suite.sh s12     # one GPU: GPU tests of session 9's output plan, its timing against the old one
+#   bash benchmarks/gpu_suite.sh s12     # one GPU: GPU tests of session 9's output plan, its timing against the old one,
+#                                        # decode and cache gather tables
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -155,5 +156,10 @@ print(f'{pick(128)},{pick(16)}')")
         tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 | tee "$OUT/s12_tests.log" | grep -v PASSED | tail -15; pack
     timeout 200 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "STAGED_O=auto,STAGED_O=False" \
         --shapes 1x128x65536,2x128x32768,4x128x16384,1x128x16384 > "$OUT/s12_ab.log" 2>&1
-    tail -6 "$OUT/s12_ab.log"; pack ;;
+    tail -6 "$OUT/s12_ab.log"; pack
+    # then both tables at the new defaults (on an H200: the first record of the current kernels on that card)
+    timeout 170 python3 benchmarks/bench_decode.py --budget 130 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+    tail -14 "$OUT/decode.log"; pack
+    timeout 130 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 80 > "$OUT/cache_gather.log" 2>&1
+    grep -v "check" "$OUT/cache_gather.log" | tail -25 ;;
 esac
