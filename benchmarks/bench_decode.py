@@ -142,7 +142,19 @@ def _min_all(rows, key):
     return min(r[key] for r in rows) if rows and all(key in r for r in rows) else None
 
 
-def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start):
+def ceiling_fields(row, copy_tbps, mm_tflops):
+    """The row's roofline floor and every percentage of it, from these ceilings (set again at the end of a run, when
+    the ceilings are measured a second time and the higher of each is kept)."""
+    kv_s, mm_s = row["kv_bytes"] / (copy_tbps * 1e12), row["flops"] / (mm_tflops * 1e12)
+    row.update(floor_us=max(kv_s, mm_s) * 1e6, bound="memory" if kv_s > mm_s else "compute")
+    if "fused_us" in row:
+        t = row["fused_us"]
+        row.update(pct_of_roofline=100 * row["floor_us"] / t, pct_of_copy_bw=100 * kv_s * 1e6 / t)
+    if "best_us" in row:
+        row["best_pct_of_roofline"] = 100 * row["floor_us"] / row["best_us"]
+
+
+def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start, ceilings=None):
     """JSON after every shape, so a run cut short still leaves its numbers."""
     for cls, (cfg, t) in tuned_configs(rows, sweep_rows).items():
         for r in rows:
@@ -167,10 +179,12 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start):
                    shapes_done=len(rows))
     result = dict(name="decode", date=datetime.date.today().isoformat(), device=props.name,
                   sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
-                  copy_tbps=copy_tbps, bf16_matmul_tflops=mm_tflops, block_size=BLOCK, cache_dtype="float8_e4m3fn",
+                  copy_tbps=copy_tbps, bf16_matmul_tflops=mm_tflops, ceiling_measurements=ceilings or [],
+                  block_size=BLOCK, cache_dtype="float8_e4m3fn",
                   query_dtype="bfloat16", decode_kernel_setting=dmod.DECODE_KERNEL,
                   combine_pdl=launch_mod.COMBINE_PDL, bf16_partials=launch_mod.PARTIAL_BF16,
                   seesaw_staged_o=ss.STAGED_O, seesaw_staged_max_pairs=ss.STAGED_MAX_PAIRS,  # short splits: bf16 too
+                  seesaw_staged_min_splits=ss.STAGED_MIN_SPLITS,
                   timing="median of CUDA-graph replays (triton.testing.do_bench)",
                   rows=rows, sweep=sweep_rows, summary=summary, seconds=time.time() - t_start)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -215,6 +229,7 @@ def main():
 
     props = torch.cuda.get_device_properties(0)
     copy_tbps, mm_tflops = measure_ceilings()
+    ceilings = [dict(when="start", copy_tbps=copy_tbps, bf16_matmul_tflops=mm_tflops)]
     print(f"{props.name}: copy {copy_tbps:.2f} TB/s (read+write), bf16 matmul {mm_tflops:.0f} TFLOP/s", flush=True)
     op = torch.ops.fx_mla.mla_decode_fp8
     compiled = torch.compile(paged_decode_attention, backend="inductor", dynamic=False)
@@ -223,12 +238,11 @@ def main():
         kv_bytes = batch * ctx * D  # fp8: one byte an entry
         io_bytes = kv_bytes + batch * heads * (D * 2 + LAT * 2 + 4)
         flops = 2 * batch * heads * ctx * (D + LAT)
-        floor_s = max(kv_bytes / (copy_tbps * 1e12), flops / (mm_tflops * 1e12))
         rotations = max(1, min(8, math.ceil(3 * props.L2_cache_size / kv_bytes)))
         cache, tables, lens, k_scale, q, q8, q_scale = make_inputs(batch, heads, ctx, rotations)
         row = dict(batch=batch, heads=heads, context=ctx, kv_bytes=kv_bytes, io_bytes=io_bytes, flops=flops,
-                   floor_us=floor_s * 1e6, bound="memory" if kv_bytes / copy_tbps > flops / mm_tflops
-                   else "compute", rotations=rotations)
+                   rotations=rotations)
+        ceiling_fields(row, copy_tbps, mm_tflops)
         ref_o, ref_lse = dmod.mla_decode_fp8_reference(q, cache, tables[0], lens, k_scale, None, SM_SCALE, LAT,
                                                        torch.bfloat16)
 
@@ -259,10 +273,10 @@ def main():
             t_us, err, lse_err = float("inf"), float("nan"), float("nan")
             row["fused_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"  fused op failed: {row['fused_error']}", flush=True)
-        row.update(fused_us=t_us, fused_kernel=dmod.cuda_kernel_choice(q, cache, LAT), fused_config=list(default), fused_regs_spills_smem=regs[0], fused_rel_err=err, fused_lse_err=lse_err,
-                   pct_of_roofline=100 * row["floor_us"] / t_us, pct_of_copy_bw=100 * kv_bytes / (t_us * 1e-6)
-                   / (copy_tbps * 1e12), fused_tbps=kv_bytes / (t_us * 1e-6) / 1e12,
-                   fused_tflops=flops / (t_us * 1e-6) / 1e12)
+        row.update(fused_us=t_us, fused_kernel=dmod.cuda_kernel_choice(q, cache, LAT), fused_config=list(default),
+                   fused_regs_spills_smem=regs[0], fused_rel_err=err, fused_lse_err=lse_err,
+                   fused_tbps=kv_bytes / (t_us * 1e-6) / 1e12, fused_tflops=flops / (t_us * 1e-6) / 1e12)
+        ceiling_fields(row, copy_tbps, mm_tflops)
         try:
             t8, err8, _ = fused(None, q8, q_scale)
             row.update(fp8q_us=t8, fp8q_rel_err=err8)
@@ -312,9 +326,22 @@ def main():
               f"inductor {row.get('inductor_us', float('nan')):.1f}  [{time.time() - t_start:.0f} s]", flush=True)
         del cache, tables
         torch.cuda.empty_cache()
-        write_results(args.out, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start)
+        write_results(args.out, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start, ceilings)
 
-    result = write_results(args.out, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start)
+    # The ceilings again at the end (the same card has measured 709 and 785 TFLOP/s minutes apart): each percentage
+    # is taken against the higher of the two measurements, the card's best in this run.
+    ceilings.append(dict(zip(("when", "copy_tbps", "bf16_matmul_tflops"), ("end",) + measure_ceilings())))
+    copy_tbps = max(c["copy_tbps"] for c in ceilings)
+    mm_tflops = max(c["bf16_matmul_tflops"] for c in ceilings)
+    print(f"ceilings at the end: copy {ceilings[-1]['copy_tbps']:.2f} TB/s, bf16 matmul "
+          f"{ceilings[-1]['bf16_matmul_tflops']:.0f} TFLOP/s; the run's highest is used", flush=True)
+    for r in rows:
+        ceiling_fields(r, copy_tbps, mm_tflops)
+    floors = {(r["batch"], r["heads"], r["context"]): r["floor_us"] for r in rows}
+    for sw in sweep_rows:
+        if "us" in sw:
+            sw["pct_of_roofline"] = 100 * floors[(sw["batch"], sw["heads"], sw["context"])] / sw["us"]
+    result = write_results(args.out, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start, ceilings)
     summary = result["summary"]
     print(f"\n{props.name}  torch {torch.__version__}  triton {triton.__version__}  copy {copy_tbps:.2f} TB/s  "
           f"bf16 mm {mm_tflops:.0f} TFLOP/s")

@@ -55,26 +55,30 @@ SMEM_NEEDED = 230764  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2
 # slower on the three shapes with 4-64 splits and fp32 partials (the staged epilogue makes ptxas schedule the loop
 # worse). With bf16 partials (half the bytes, written in whole rows) it wins where the loop is short: 1 x 128 x 65536
 # (16 pairs a split) -3.3 % (session 8) and, in the producer form, -1.6 % (session 9); with 32 or more pairs a split
-# (8 x 128 x 16384, 16 x 128 x 32768) every staged form loses 4-7 %.
-# "auto" (default, output_plan): staged for one-split launches, and for split launches of a bf16 output with at most
-# STAGED_MAX_PAIRS pairs a split, whose partials are then bf16; True / False: always / never (partials as
-# _decode_launch.PARTIAL_BF16 says). A choice from shapes and dtypes only: every rank makes the same.
+# (8 x 128 x 16384, 16 x 128 x 32768) every staged form loses 4-7 %. Session 10 (1x H100, both forced on, against
+# both off): it wins only with many splits: 64 splits of 4 / 8 / 16 pairs -8 / -6 / -2 to -3 %, 32 splits of 4 pairs
+# -5 %, 32 of 16 even; with fewer splits it is even (16 of 4, 22 of 12) or loses (16 of 16 +7 %, 8 of 16 +3 %), and
+# with 32 pairs it loses 1.5-2.5 % even at 32-64 splits.
+# "auto" (default, output_plan): staged for one-split launches, and for launches of a bf16 output with at least
+# STAGED_MIN_SPLITS splits of at most STAGED_MAX_PAIRS pairs, whose partials are then bf16; True / False: always /
+# never (partials as _decode_launch.PARTIAL_BF16 says). A choice from shapes and dtypes only: every rank makes the same.
 STAGED_O = "auto"
 STAGED_MAX_PAIRS = 16
+STAGED_MIN_SPLITS = 32
 
 
 def output_plan(num_splits: int, capacity: int, out_dtype: torch.dtype):
     """(staged, bf16 partials) of a launch of `num_splits` splits a request (checked) over a block table of
     `capacity` tokens (max_blocks x block_size), into an `out_dtype` output (STAGED_O). A split is at most
     cdiv(cdiv(capacity, 64), num_splits) pairs long. bf16 partials: True, or None for _decode_launch.PARTIAL_BF16's
-    choice."""
+    choice. Lean (staged, bf16 partials): a bf16 output, >= STAGED_MIN_SPLITS splits, <= STAGED_MAX_PAIRS pairs."""
     check_num_splits(num_splits)
     if STAGED_O != "auto":
         return bool(STAGED_O), None
     if num_splits == 1:
         return True, None
     pairs = triton.cdiv(triton.cdiv(capacity, 2 * BLOCK_N), num_splits)
-    lean = out_dtype == torch.bfloat16 and pairs <= STAGED_MAX_PAIRS
+    lean = out_dtype == torch.bfloat16 and num_splits >= STAGED_MIN_SPLITS and pairs <= STAGED_MAX_PAIRS
     return lean, lean or None
 
 

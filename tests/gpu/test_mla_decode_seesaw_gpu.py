@@ -101,11 +101,11 @@ def test_seesaw_decode_fp8_query_matches_float64(q_dtype, cache_dtype, block_siz
                 what=f"{variant} fp8 q {q_dtype} bs{block_size} splits {num_splits}")
 
 
-@pytest.mark.parametrize("max_blocks,lean", [(12, True), (300, False)])
-def test_seesaw_auto_output_plan_is_the_forced_one(max_blocks, lean, monkeypatch):
-    """STAGED_O "auto" at 7 splits: a 12-block table (2 pairs a split, bf16 output) takes the lean plan (staged, bf16
-    partials), a 300-block one (43 pairs) the plain one; bitwise the launch with those settings forced, and within
-    the float64 reference's bounds."""
+@pytest.mark.parametrize("splits,max_blocks,lean", [(32, 12, True), (32, 288, True), (32, 600, False), (7, 12, False)])
+def test_seesaw_auto_output_plan_is_the_forced_one(splits, max_blocks, lean, monkeypatch):
+    """STAGED_O "auto": at 32 splits a 12- or 288-block table (1 / 9 pairs a split, bf16 output) takes the lean plan
+    (staged, bf16 partials), a 600-block one (19 pairs) the plain one, and so does 7 splits (too few); bitwise the
+    launch with those settings forced, and within the float64 reference's bounds."""
     _skip_unless_supported()
     from fx_mla.ops import _decode_launch as launch_mod
     p = make_problem([0, 1, 33, 65, 700, 96], 128, 64, E4M3, torch.bfloat16, seed=21, device="cuda")
@@ -113,7 +113,7 @@ def test_seesaw_auto_output_plan_is_the_forced_one(max_blocks, lean, monkeypatch
     width = min(max_blocks, p.block_table.shape[1])
     bt[:, :width] = p.block_table[:, :width]
     p.block_table = bt
-    assert smod.output_plan(7, max_blocks * 64, torch.bfloat16) == ((True, True) if lean else (False, None))
+    assert smod.output_plan(splits, max_blocks * 64, torch.bfloat16) == ((True, True) if lean else (False, None))
     outs = []
     for staged, bf16 in (("auto", False), (lean, lean)):
         monkeypatch.setattr(smod, "STAGED_O", staged)
@@ -121,7 +121,8 @@ def test_seesaw_auto_output_plan_is_the_forced_one(max_blocks, lean, monkeypatch
         out = torch.full((6, 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
         lse = torch.full((6, 128), float("nan"), device="cuda")
         smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
-                                      out, lse, num_splits=7, poison_workspace=True, variant="seesaw")
-        check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"STAGED_O={staged} blocks {max_blocks}")
+                                      out, lse, num_splits=splits, poison_workspace=True, variant="seesaw")
+        check_close(out, lse, *reference_f64(p), out_tol=1e-2,
+                    what=f"STAGED_O={staged} splits {splits} blocks {max_blocks}")
         outs.append((out, lse))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

@@ -120,38 +120,47 @@ def test_seesaw_auto_variant_is_a_function_of_the_launch_shape():
 
 
 def test_seesaw_output_plan_from_launch_shape(monkeypatch):
-    """STAGED_O "auto": the staged output for one split, and for split launches of a bf16 output with at most
-    STAGED_MAX_PAIRS pairs (64 tokens) a split at the block table's capacity, which then write bf16 partials (the
-    rest: MMA-layout stores, partials as PARTIAL_BF16 says); True / False force the staging and leave the partials to
-    PARTIAL_BF16. Shapes and dtypes only: every rank gets the same plan."""
+    """STAGED_O "auto": the staged output for one split, and for launches of a bf16 output with at least
+    STAGED_MIN_SPLITS splits of at most STAGED_MAX_PAIRS pairs (64 tokens) at the block table's capacity, which then
+    write bf16 partials (the rest: MMA-layout stores, partials as PARTIAL_BF16 says); True / False force the staging
+    and leave the partials to PARTIAL_BF16. Shapes and dtypes only: every rank gets the same plan."""
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    assert smod.STAGED_O == "auto" and smod.STAGED_MAX_PAIRS == 16
+    assert smod.STAGED_O == "auto" and smod.STAGED_MAX_PAIRS == 16 and smod.STAGED_MIN_SPLITS == 32
     for dtype in (bf16, fp16, fp32):
         assert smod.output_plan(1, 64, dtype) == (True, None) and smod.output_plan(1, 1 << 20, dtype) == (True, None)
-    for splits in (2, 7, 64, 1024):
+    for splits in (32, 33, 64, 1024):
         assert smod.output_plan(splits, 1, bf16) == (True, True)
         assert smod.output_plan(splits, 16 * 64 * splits, bf16) == (True, True)  # 16 pairs a split
         assert smod.output_plan(splits, 16 * 64 * splits + 1, bf16) == (False, None)  # one split gets 17
         assert smod.output_plan(splits, 32 * 64 * splits, bf16) == (False, None)
         for dtype in (fp16, fp32):  # no bf16 partials for them: the staged fp32 partials were slower everywhere
             assert smod.output_plan(splits, 64, dtype) == (False, None)
+    for splits in (2, 7, 16, 31):  # too few splits: even or slower, whatever the pairs
+        assert smod.output_plan(splits, 1, bf16) == (False, None)
+        assert smod.output_plan(splits, 4 * 64 * splits, bf16) == (False, None)
+    # measured shapes (1x H100, session 10): the splits num_splits_for gives at 132 SMs and two head groups
     assert smod.output_plan(64, 65536, bf16) == (True, True)     # 1 x 128 x 65536: 64 splits of 16 pairs
-    assert smod.output_plan(8, 16384, bf16) == (False, None)     # 8 x 128 x 16384: 8 splits of 32 pairs
+    assert smod.output_plan(64, 16384, bf16) == (True, True)     # 1 x 128 x 16384: 64 of 4
+    assert smod.output_plan(32, 8192, bf16) == (True, True)      # 2 x 128 x 8192: 32 of 4
+    assert smod.output_plan(64, 131072, bf16) == (False, None)   # 1 x 128 x 131072: 64 of 32
+    assert smod.output_plan(16, 16384, bf16) == (False, None)    # 4 x 128 x 16384: 16 of 16
+    assert smod.output_plan(8, 16384, bf16) == (False, None)     # 8 x 128 x 16384: 8 of 32
     for value, want in ((True, True), (False, False)):
         monkeypatch.setattr(smod, "STAGED_O", value)
-        for splits, capacity, dtype in ((1, 64, bf16), (8, 2048, bf16), (8, 16384, fp32)):
+        for splits, capacity, dtype in ((1, 64, bf16), (8, 2048, bf16), (64, 2048, bf16), (8, 16384, fp32)):
             assert smod.output_plan(splits, capacity, dtype) == (want, None), value
     with pytest.raises(ValueError, match="num_splits must be a positive int"):
         smod.output_plan(0, 64, bf16)
 
 
 @pytest.mark.parametrize("max_blocks,splits,out_dtype,staged,part_dtype", [
-    (3, 3, torch.bfloat16, True, torch.bfloat16),      # 1 pair a split: lean
-    (48, 3, torch.bfloat16, True, torch.bfloat16),     # 16 pairs a split: lean
-    (51, 3, torch.bfloat16, False, torch.float32),     # 17 pairs a split
-    (3, 3, torch.float32, False, torch.float32),       # fp32 output: fp32 partials, not staged
-    (3, 3, torch.float16, False, torch.float32),
-    (51, 1, torch.bfloat16, True, None),               # one split: staged, no workspace
+    (3, 32, torch.bfloat16, True, torch.bfloat16),      # 1 pair a split: lean
+    (512, 32, torch.bfloat16, True, torch.bfloat16),    # 16 pairs a split: lean
+    (513, 32, torch.bfloat16, False, torch.float32),    # 17 pairs a split
+    (3, 31, torch.bfloat16, False, torch.float32),      # too few splits
+    (3, 32, torch.float32, False, torch.float32),       # fp32 output: fp32 partials, not staged
+    (3, 32, torch.float16, False, torch.float32),
+    (51, 1, torch.bfloat16, True, None),                # one split: staged, no workspace
 ])
 def test_seesaw_launch_follows_the_output_plan(monkeypatch, max_blocks, splits, out_dtype, staged, part_dtype):
     """The launcher's STAGED_O constexpr and split workspace dtype follow output_plan at the block table's capacity
