@@ -17,7 +17,8 @@
 #   bash benchmarks/gpu_suite.sh s11     # one GPU: STAGED_O on the producer form, persistent gather grids, decode and
 #                                        # cache gather tables (spent, session 9)
 #   bash benchmarks/gpu_suite.sh s12     # one GPU: GPU tests of session 9's output plan, its timing against the old one,
-#                                        # decode and cache gather tables
+#                                        # decode and cache gather tables (spent, session 10)
+#   bash benchmarks/gpu_suite.sh s13     # one GPU: tests and A/B of the output plan's STAGED_MIN_SPLITS, decode table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -162,4 +163,14 @@ print(f'{pick(128)},{pick(16)}')")
     tail -14 "$OUT/decode.log"; pack
     timeout 130 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 80 > "$OUT/cache_gather.log" 2>&1
     grep -v "check" "$OUT/cache_gather.log" | tail -25 ;;
+  s13)  # session 10, after s12's A/B: GPU tests of the output plan with STAGED_MIN_SPLITS, the A/B of "auto" against
+         # STAGED_O=False where the rule changed, the decode table with its ceilings measured at the start and the end
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
+        tests/gpu/test_mla_decode_dispatch_gpu.py -k "output_plan or opt_in_split or staged" 2>&1 \
+        | tee "$OUT/s13_tests.log" | grep -v PASSED | tail -4; pack
+    timeout 100 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "STAGED_O=auto,STAGED_O=False" \
+        --shapes 4x128x16384,2x128x8192,8x128x8192 > "$OUT/s13_ab.log" 2>&1
+    tail -4 "$OUT/s13_ab.log"; pack
+    timeout 170 python3 benchmarks/bench_decode.py --budget 120 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+    tail -11 "$OUT/decode.log" ;;
 esac
