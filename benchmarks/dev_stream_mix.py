@@ -7,6 +7,12 @@ K calls in one CUDA graph rotating over R buffer sets >= 4x L2), streams with bo
   cast      a contiguous [n, 576] e4m3 tensor .to(bf16) (torch's elementwise kernel; 1 : 2, no index work)
   cast_tr   the same cast as a Triton kernel, 16 output bytes a thread, 4096 elements a program (1 : 2)
   op        torch.ops.fx_mla.gather_dequant_cache, token form, e4m3 576 -> bf16 with a scale (1 : 2 + indices)
+and, to tell what the op's gap to cast_tr is made of (session 10; index chain: token -> request -> block table ->
+page, three dependent loads, or the decode form's one; pages scattered or in cache order):
+  op_ord    the op on the same requests with their pages in cache order (block table = consecutive blocks, no
+            seq_starts): the same index chain, the rows of a request one contiguous stretch of the cache
+  paged     the decode form (gather_dequant_cache_paged), 64 requests of n / 64 tokens, scattered pages: one load
+  paged_ord the decode form with the block table in cache order (0, 1, 2, ...): one load, contiguous rows
 Every figure is GB/s of bytes read + written, and % of the fastest copy of the run (1 GiB copies included).
 
     PYTHONPATH=. python3 benchmarks/dev_stream_mix.py     # JSON to $OUT/dev_stream_mix.json, else results/
@@ -24,7 +30,8 @@ import triton.language as tl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import bench_cache_gather as bg  # noqa: E402
-from tests.ops.gather_dequant_cache_cases import bench_token_problem, device_random_cache  # noqa: E402
+from tests.ops.gather_dequant_cache_cases import (bench_token_problem, device_random_cache, plain_paged,  # noqa: E402
+                                                  plain_token)
 
 SIZES = (65536, 262144, 1048576)
 
@@ -69,17 +76,42 @@ def main():
         op = torch.ops.fx_mla.gather_dequant_cache
         row["op"] = nbytes / bg._device_us([(lambda i=i: op(caches[i % r], bt, cu, tts, ss, scale, torch.bfloat16,
                                                             "plain")) for i in range(k)]) / 1e3
+        # the same requests with their pages in cache order: request b's pages are consecutive blocks
+        pages = torch.div(cu.diff().long() + 63, 64, rounding_mode="floor")  # no seq_starts: at most as many pages
+        first = torch.zeros_like(pages)
+        first[1:] = torch.cumsum(pages, 0)[:-1]
+        bt_ord = (first[:, None] + torch.arange(bt.shape[1], device=dev)[None, :]).clamp(max=num_blocks - 1)
+        bt_ord = bt_ord.to(torch.int32)
+        zero = torch.zeros_like(ss)
+        row["op_ord_equal_plain"] = bg._same(op(caches[0], bt_ord, cu, tts, zero, scale, torch.bfloat16, "plain"),
+                                             plain_token(caches[0], bt_ord, cu, tts, zero, scale, torch.bfloat16))
+        row["op_ord"] = nbytes / bg._device_us([(lambda i=i: op(caches[i % r], bt_ord, cu, tts, zero, scale,
+                                                                torch.bfloat16, "plain")) for i in range(k)]) / 1e3
         del caches
+        torch.cuda.empty_cache()
+        batch, mb = 64, max(1, n // (64 * 64))
+        pcaches = [device_random_cache(batch * mb + 16, "plain", dev, gen) for _ in range(r)]
+        paged = torch.ops.fx_mla.gather_dequant_cache_paged
+        for name, table in (("paged", torch.randperm(batch * mb + 16, generator=cgen)[:batch * mb]),
+                            ("paged_ord", torch.arange(batch * mb))):
+            table = table.view(batch, mb).to(torch.int32).to(dev)
+            row[f"{name}_equal_plain"] = bg._same(paged(pcaches[0], table, scale, torch.bfloat16, "plain"),
+                                                  plain_paged(pcaches[0], table, scale, torch.bfloat16))
+            row[name] = nbytes / bg._device_us([(lambda i=i, t=table: paged(pcaches[i % r], t, scale, torch.bfloat16,
+                                                                             "plain")) for i in range(k)]) / 1e3
+        del pcaches
         torch.cuda.empty_cache()
         rows.append(row)
         print(row, flush=True)
     bg._big_copy(dev, "end")
     ceil = bg._ceiling()[0]
     print(f"\nceiling (fastest copy of the run): {ceil:.0f} GB/s")
-    print("| tokens | MB | copy 1:1 GB/s (%) | cast 1:2 torch GB/s (%) | cast 1:2 Triton GB/s (%) | op GB/s (%) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    cols = ("copy", "cast", "cast_tr", "op", "op_ord", "paged", "paged_ord")
+    print("| tokens | MB | copy 1:1 GB/s (%) | cast 1:2 torch | cast 1:2 Triton | op | op, pages in order | "
+          "decode form | decode form, pages in order |")
+    print("|---:|---:|" + "---:|" * len(cols))
     for r_ in rows:
-        cells = " | ".join(f"{r_[c]:.0f} ({100 * r_[c] / ceil:.1f})" for c in ("copy", "cast", "cast_tr", "op"))
+        cells = " | ".join(f"{r_[c]:.0f} ({100 * r_[c] / ceil:.1f})" for c in cols)
         print(f"| {r_['tokens']} | {r_['bytes'] / 1e6:.1f} | {cells} |")
     payload = {"ceiling_GB_s": ceil, "copies": bg.COPIES, "rows": rows,
                "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}

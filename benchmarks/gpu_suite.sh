@@ -18,7 +18,8 @@
 #                                        # cache gather tables (spent, session 9)
 #   bash benchmarks/gpu_suite.sh s12     # one GPU: GPU tests of session 9's output plan, its timing against the old one,
 #                                        # decode and cache gather tables (spent, session 10)
-#   bash benchmarks/gpu_suite.sh s13     # one GPU: tests and A/B of the output plan's STAGED_MIN_SPLITS, decode table
+#   bash benchmarks/gpu_suite.sh s13     # one GPU: tests and A/B of the output plan's STAGED_MIN_SPLITS, decode table,
+#                                        # the gather's gap to a 1:2 cast taken apart (dev_stream_mix.py)
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -172,5 +173,8 @@ print(f'{pick(128)},{pick(16)}')")
         --shapes 4x128x16384,2x128x8192,8x128x8192 > "$OUT/s13_ab.log" 2>&1
     tail -4 "$OUT/s13_ab.log"; pack
     timeout 170 python3 benchmarks/bench_decode.py --budget 120 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
-    tail -11 "$OUT/decode.log" ;;
+    tail -11 "$OUT/decode.log"; pack
+    # issue 5: what the gather's gap to a plain 1:2 cast is made of (index chain length, scattered pages)
+    timeout 150 python3 benchmarks/dev_stream_mix.py > "$OUT/stream_mix.log" 2>&1
+    tail -6 "$OUT/stream_mix.log" ;;
 esac
