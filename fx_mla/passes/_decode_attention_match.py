@@ -22,6 +22,8 @@ aten, prims, fx_mla = torch.ops.aten, torch.ops.prims, torch.ops.fx_mla
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
          aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.clone.default,
          aten.alias.default, aten.permute.default, aten.transpose.int)
+RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+PAGED = fx_mla.gather_dequant_cache_paged.default
 NOTS = (aten.bitwise_not.default, aten.logical_not.default)
 LAST = (-1, 2)  # the token dim of [B, H, T]
 
@@ -47,7 +49,8 @@ def _back(node: Any, casts: bool = True) -> tuple[Any, list[torch.fx.Node]]:
     """(base, chain): walk back through views (and casts) from ``node``; chain runs base → node."""
     chain = []
     while is_op(node, *VIEWS) or (casts and is_op(node, CONVERT)):
-        if is_op(node.args[0], aten.index.Tensor):
+        if is_op(node.args[0], aten.index.Tensor) or (is_op(node, *RESHAPES) and is_op(
+                node.args[0], aten.index_select.default, PAGED)):
             break  # a paged gather's reshape: the gathered [B, T, D] itself
         chain.append(node)
         node = node.args[0]
@@ -110,12 +113,38 @@ def _one_element_f32(node: Any) -> bool:
     return t is not None and t.dtype == torch.float32 and all(static_int(s) == 1 for s in t.shape)
 
 
+def _block_table(index: Any, batch: Any, tokens: Any, block_size: Any) -> Optional[torch.fx.Node]:
+    """The 2-D block table [B, M] (M * block_size == tokens) whose rows, flattened, are ``index``: the table itself,
+    or the table flattened to [B * M] (index_select's index), possibly unsqueezed to [1, B * M] (the cache_gather
+    pass's paged op over an index_select), or None."""
+    seen = 0
+    while seen < 3:
+        shape = node_shape(index)
+        if shape is not None and len(shape) == 2 and same_size(shape[0], batch) and \
+                same_size(shape[1] * block_size, tokens):
+            return index
+        if not is_op(index, *RESHAPES, aten.unsqueeze.default):
+            return None
+        index, seen = index.args[0], seen + 1
+    return None
+
+
 def _paged_kv(node: Any) -> Optional[KV]:
-    """The gathered, dequantized paged cache ``[B, T, D]`` that ``node`` is, or None."""
-    if is_op(node, fx_mla.gather_dequant_cache_paged.default):
-        if arg(node, 4, "layout", "plain") != "plain":
-            raise Decline(f"{{}} has layout {arg(node, 4, 'layout')!r}: mla_decode_fp8 reads plain caches only", node)
-        return KV(node, node.args[0], node.args[1], arg(node, 2, "scale"))
+    """The gathered, dequantized paged cache ``[B, T, D]`` that ``node`` is, or None: the cache_gather pass's paged
+    op (or a reshape of it to [B, T, D]), or ``cache[block_table]`` / ``index_select(cache, 0, block_table.view(-1))``
+    reshaped to [B, T, D], converted, optionally times a one-element fp32 scale."""
+    inner = node.args[0] if is_op(node, *RESHAPES) else node
+    if is_op(inner, PAGED):
+        if arg(inner, 4, "layout", "plain") != "plain":
+            raise Decline(f"{{}} has layout {arg(inner, 4, 'layout')!r}: mla_decode_fp8 reads plain caches only",
+                          inner)
+        if inner is node:
+            return KV(node, node.args[0], node.args[1], arg(node, 2, "scale"))
+        cs, xs = node_shape(inner.args[0]), node_shape(node)
+        if cs is None or xs is None or len(cs) != 3 or len(xs) != 3 or not same_size(xs[2], cs[2]):
+            return None
+        table = _block_table(inner.args[1], xs[0], xs[1], cs[1])
+        return None if table is None else KV(node, inner.args[0], table, arg(inner, 2, "scale"))
     x, scale = node, None
     if is_op(x, aten.mul.Tensor) and len(x.args) == 2:
         x, scale = x.args if _one_element_f32(x.args[1]) else x.args[::-1]
@@ -123,18 +152,20 @@ def _paged_kv(node: Any) -> Optional[KV]:
             return None
     if is_op(x, CONVERT):
         x = x.args[0]
-    if not is_op(x, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+    if not is_op(x, *RESHAPES):
         return None
     index = x.args[0]
-    if not is_op(index, aten.index.Tensor) or len(index.args[1]) != 1 or index.args[1][0] is None:
+    if is_op(index, aten.index.Tensor) and len(index.args[1]) == 1 and index.args[1][0] is not None:
+        cache, flat = index.args[0], index.args[1][0]
+    elif is_op(index, aten.index_select.default) and len(index.args) == 3 and index.args[1] in (0, -3):
+        cache, flat = index.args[0], index.args[2]
+    else:
         return None
-    cache, table = index.args[0], index.args[1][0]
-    cs, ts, gs, xs = node_shape(cache), node_shape(table), node_shape(index), node_shape(x)
-    if None in (cs, ts, gs, xs) or len(cs) != 3 or len(ts) != 2 or len(xs) != 3:
+    cs, gs, xs = node_shape(cache), node_shape(index), node_shape(x)
+    if None in (cs, gs, xs) or len(cs) != 3 or len(xs) != 3 or not same_size(xs[2], cs[2]):
         return None
-    if not (same_size(xs[0], ts[0]) and same_size(xs[1], ts[1] * cs[1]) and same_size(xs[2], cs[2])):
-        return None
-    return KV(node, cache, table, scale)
+    table = _block_table(flat, xs[0], xs[1], cs[1])
+    return None if table is None else KV(node, cache, table, scale)
 
 
 def _size(x: Any) -> Any:

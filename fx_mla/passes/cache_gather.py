@@ -27,7 +27,8 @@ Matches only when: a dtype conversion follows the gather (the anchor; a bare sam
 copy); every node before the chain's end has no other user except ``sym_size`` (rewired to an equal size); the
 scale is a one-element fp32 tensor (or of the conversion's dtype) on the cache's device, else the chain ends
 before the multiply (the cast alone is still fused).
-Declines (reported): cache dtype or output dtype the op does not cover, a cache whose last dim is not contiguous,
+Declines (reported): cache dtype or output dtype the op does not cover (int8 / uint8 caches of other row widths
+cast to a float included), a cache whose last dim is not contiguous,
 fp8 on CUDA below compute capability 8.9, index dtypes other than int32/int64, index patterns not recognised
 (more than 2-D block indices, other token index arithmetic, indexing another dim), metadata shapes the op
 rejects, a bf16/fp16 multiply by an fp32 scale for Inductor with emulate_precision_casts on CUDA (above), fp8 rows
@@ -74,6 +75,14 @@ def run(graph: torch.fx.Graph, ctx: Any) -> None:
                 root, tail = tail
             else:
                 tail = _tail(gather)
+        elif dtype in (torch.int8, torch.uint8):  # a byte cache cast to a float: a dequantize the op cannot do
+            tail = _tail(gather)
+            if isinstance(tail, Tail) and tail.out_dtype.is_floating_point:
+                width = _sz(node_shape(src)[-1])
+                ctx.declined(PASS, gather, f"cache dtype {_short(dtype)}" + (
+                    f" with {width}-byte rows" if dtype == torch.uint8 else "") + " is not covered by the op (fp8 "
+                    f"e4m3/e5m2, bf16, fp16, fp32, or uint8 rows of {_gdc.DS_MLA_ROW_BYTES} bytes: fp8_ds_mla)")
+            continue
         if tail is None or isinstance(tail, str):
             if tail is not None and dtype in FP8_DTYPES + (torch.uint8,):
                 ctx.declined(PASS, gather, tail)

@@ -2,7 +2,8 @@
 
 Rewrites (B requests, H heads, T = max_blocks * block_size gathered tokens, D = L + R)::
 
-    kv  = cache[block_table].view(B, T, D).to(dt) * k_scale      # or fx_mla.gather_dequant_cache_paged(...)
+    kv  = cache[block_table].view(B, T, D).to(dt) * k_scale      # or index_select(cache, 0, block_table.flatten()),
+                                                                 # or fx_mla.gather_dequant_cache_paged(...)
     s   = (q @ kv^T).float() * sm_scale                          # bmm / matmul / einsum, any cast and scale order
     s   = where(arange(T) >= seq_lens[:, None], -inf, s)         # masked_fill / where, either polarity
     lse = logsumexp(s);  p = exp(s - finite(lse))                # or p = softmax(s) (lse then optional)
@@ -18,15 +19,18 @@ query is passed (exact: it is the tensor the plain graph multiplies).
 Numerics: not bitwise the plain graph (the op keeps scores and probabilities in fp32 in one pass), within 1e-2
 relative error for bf16 outputs; an empty sequence gives lse = -inf and o = 0 (plain softmax gives NaN there).
 
-Matches only when: the keys and values are one gathered paged cache (``index(cache, [block_table])`` reshaped to
-``[B, T, D]``, optionally cast and scaled by a one-element fp32 ``k_scale``, or ``gather_dequant_cache_paged`` with
-the plain layout); the values are its first L entries; scores are scaled by Python numbers only; the mask is a
+Matches only when: the keys and values are one gathered paged cache (``index(cache, [block_table])`` or
+``index_select(cache, 0, block_table.flatten())`` reshaped to ``[B, T, D]``, optionally cast and scaled by a
+one-element fp32 ``k_scale``, or ``gather_dequant_cache_paged`` with the plain layout, also over the flattened table
+as the cache_gather pass writes it for index_select, reshaped to ``[B, T, D]``); the values are its first L entries; scores are scaled by Python numbers only; the mask is a
 per-request length mask. The head dim and L are specialized (guarded) to ints, as the kernel needs.
 
 Declines (reported) when: the mask is not ``positions < seq_lens[:, None]`` (causal, a boolean mask input, no mask);
 the softmax / logsumexp is not recognized; an intermediate (scores, probabilities, ...) has another user; dtypes or
 shapes the kernel does not cover (``kernel_unsupported_reason``: head dim, L, rope width, dtypes, capability);
-block_table not int32; a scaled non-FP8 cache.
+block_table not int32 (e.g. the int64 slots of a flattened-slot gather ``cache.view(-1, D)[slots]`` after the
+cache_gather pass: the kernels read pages, not single-token slots); a scaled non-FP8 cache. Not matched at all (no
+report): a flattened-slot gather the cache_gather pass did not rewrite first.
 """
 from __future__ import annotations
 

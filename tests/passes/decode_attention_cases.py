@@ -56,6 +56,19 @@ def where_matmul_attention(q, cache, block_table, seq_lens, k_scale):
     return torch.matmul(p.to(q.dtype), kv[:, :, :L]), lse
 
 
+def index_select_attention(q, cache, block_table, seq_lens, k_scale):
+    """User code: the pages gathered by index_select over the flattened block table; logsumexp form."""
+    kv = torch.index_select(cache, 0, block_table.flatten()).view(block_table.shape[0], -1, cache.shape[-1])
+    if cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        kv = kv.to(q.dtype) * k_scale
+    s = torch.matmul(q, kv.transpose(1, 2)).float() * 192 ** -0.5
+    pad = torch.arange(kv.shape[1], device=q.device)[None, None, :] >= seq_lens[:, None, None]
+    s = s.masked_fill(pad, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.matmul(p.to(q.dtype), kv[..., :L]), lse
+
+
 def fused_gather_attention(q, cache, block_table, seq_lens, k_scale):
     """After the cache_gather pass: the gather is fx_mla::gather_dequant_cache_paged; softmax form."""
     kv = torch.ops.fx_mla.gather_dequant_cache_paged(cache, block_table, k_scale, q.dtype)

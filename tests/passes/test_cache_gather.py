@@ -248,6 +248,14 @@ def _token_unclamped(cache, table, cu, tts, starts, scale):
     return cache[table.long()[b, off // cache.shape[1]], off % cache.shape[1]].to(torch.bfloat16) * scale
 
 
+def _byte_or_float64_cache(cache, table, scale):  # the cache an input of dtype i8 / u8 / f64 (CACHE_AS below)
+    return cache[table].view(table.shape[0], -1, cache.shape[-1]).to(torch.bfloat16) * scale
+
+
+CACHE_AS = {"int8 cache": lambda c: c.view(torch.int8), "float64 cache": lambda c: c.double(),
+            "uint8 rows, not 656 bytes": lambda c: c.view(torch.uint8)}
+
+
 DECLINES = {
     "fp8 without dequant": (_fp8_view, "fp8 rows gathered without a dequantize"),
     "fp8 needed elsewhere": (_fp8_two_users, "have several users"),
@@ -257,6 +265,10 @@ DECLINES = {
     "3-D block index": (_table_3d, "has 3 dims; the op takes 1 or 2"),
     "token index unclamped": (_token_unclamped, "is not clamp_min(token_to_seq, 0)"),
     "metadata sizes unknown": (token_gather, "not provably block_table's rows + 1"),
+    "int8 cache": (_byte_or_float64_cache, "cache dtype i8 is not covered by the op"),
+    "uint8 rows, not 656 bytes": (_byte_or_float64_cache, "-byte rows is not covered by the op (fp8 e4m3/e5m2, bf16, "
+                                                          "fp16, fp32, or uint8 rows of 656"),
+    "float64 cache": (_byte_or_float64_cache, "cache dtype f64 is not covered by the op"),
 }
 
 
@@ -271,7 +283,7 @@ def test_cache_gather_declines_with_reason(case):
         cache, table, scale = paged_inputs(17, 48, torch.float8_e4m3fn)
         if case == "non-contiguous cache":
             cache = cache.transpose(1, 2).contiguous()
-        args = (cache, table, scale)
+        args = (CACHE_AS.get(case, lambda c: c)(cache), table, scale)
     want, _ = compile_run(fn, args, [])
     got, rep = compile_run(fn, args, PASSES)
     for g, w in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, want))):

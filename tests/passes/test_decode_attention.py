@@ -22,7 +22,8 @@ from fx_mla.report import CompileReport, GraphNamer, count_ops, format_graph
 from tests.mla.problems import make_problem, rank_inputs
 from tests.passes.decode_attention_cases import (L, attention_problem, capability_attentions, compile_run,
                                                  declined_attentions, fp8_query_attention, fused_gather_attention,
-                                                 model_attention, model_reference, reference_attention, rel_err,
+                                                 index_select_attention, model_attention, model_reference,
+                                                 reference_attention, rel_err,
                                                  softmax_einsum_attention, where_matmul_attention)
 
 OP = "fx_mla.mla_decode_fp8.default"
@@ -162,7 +163,9 @@ def test_decode_attention_batch_one(fn):
 @pytest.mark.parametrize("fn,kv_dtype,form", [(softmax_einsum_attention, "fp8", "softmax"),
                                               (where_matmul_attention, "auto", "logsumexp"),
                                               (where_matmul_attention, "fp8", "logsumexp"),
-                                              (fused_gather_attention, "fp8", "softmax")])
+                                              (fused_gather_attention, "fp8", "softmax"),
+                                              (index_select_attention, "fp8", "logsumexp"),
+                                              (index_select_attention, "auto", "logsumexp")])
 def test_decode_attention_user_variants(fn, kv_dtype, form):
     args, stored = attention_problem(16, 16, kv_dtype, seed=3)
     out, report = compile_run(fn, args)
@@ -176,6 +179,19 @@ def test_decode_attention_user_variants(fn, kv_dtype, form):
         assert rel_err(out, ref_o) <= 1e-2 and rel_err(out[live], plain[live]) <= 1e-2
         assert out[~live].abs().max() == 0 and not out.isnan().any()
     assert count_ops(report.graph_after).get(OP) == 1
+
+
+@pytest.mark.parametrize("fn", [where_matmul_attention, index_select_attention])
+def test_decode_attention_after_the_cache_gather_pass(fn):
+    """The attention is matched whether or not cache_gather replaced its gather first (index_select's flattened
+    block table comes back to the 2-D table through the op's unsqueezed index)."""
+    args, stored = attention_problem(16, 16, "fp8", seed=5)
+    out, report = compile_run(fn, args, passes=("cache_gather", "decode_attention"))
+    assert len(report.pass_report("cache_gather").matches) == 1
+    assert only_match(report).detail.startswith("logsumexp attention")
+    assert count_ops(report.graph_after).get(OP) == 1
+    assert "fx_mla.gather_dequant_cache_paged.default" not in count_ops(report.graph_after)  # dead after it
+    check_outputs(out[0], out[1], args, stored, fn(*args))
 
 
 def test_decode_attention_fp8_query_on_cpu_passes_the_dequantized_query():
