@@ -29,7 +29,7 @@ Declines (reported) when: the mask is not ``positions < seq_lens[:, None]`` (cau
 the softmax / logsumexp is not recognized; an intermediate (scores, probabilities, ...) has another user; dtypes or
 shapes the kernel does not cover (``kernel_unsupported_reason``: head dim, L, rope width, dtypes, capability);
 block_table not int32 (e.g. the int64 slots of a flattened-slot gather ``cache.view(-1, D)[slots]`` after the
-cache_gather pass: the kernels read pages, not single-token slots); a scaled non-FP8 cache. Not matched at all (no
+cache_gather pass, reported as per-token slots); a scaled non-FP8 cache. Not matched at all (no
 report): a flattened-slot gather the cache_gather pass did not rewrite first.
 """
 from __future__ import annotations
@@ -174,7 +174,12 @@ def _match(bmm: torch.fx.Node, ctx) -> Optional[Plan]:
 
     cache_dtype = node_dtype(kv.cache)
     if node_dtype(kv.block_table) != torch.int32:
-        raise Decline(f"block_table is {short_dtype(node_dtype(kv.block_table))}; mla_decode_fp8 takes i32")
+        what = short_dtype(node_dtype(kv.block_table))
+        cs = node_shape(kv.cache)
+        if cs is not None and len(cs) == 3 and static_int(cs[1]) == 1:  # cache_gather's op over cache.view(-1, D)
+            raise Decline(f"the gather reads per-token {what} slots (cache rows as pages of one token); "
+                          "mla_decode_fp8 takes an i32 block table")
+        raise Decline(f"block_table is {what}; mla_decode_fp8 takes i32")
     if kv.k_scale is not None and cache_dtype not in FP8_DTYPES:
         raise Decline(f"a {short_dtype(cache_dtype)} cache times a scale: mla_decode_fp8 scales FP8 caches only")
     if kv.k_scale is not None and not _one_element_f32(kv.k_scale):

@@ -69,6 +69,20 @@ def index_select_attention(q, cache, block_table, seq_lens, k_scale):
     return torch.matmul(p.to(q.dtype), kv[..., :L]), lse
 
 
+def flat_slots_attention(q, cache, block_table, seq_lens, k_scale):
+    """User code: the cache flattened to rows, gathered by int64 slots computed from the block table; logsumexp."""
+    bs = cache.shape[1]
+    pos = torch.arange(block_table.shape[1] * bs, device=q.device)
+    slots = block_table.long()[:, pos // bs] * bs + pos % bs
+    kv = cache.view(-1, cache.shape[-1])[slots].to(q.dtype) * k_scale
+    s = torch.matmul(q, kv.transpose(1, 2)).float() * 192 ** -0.5
+    pad = pos[None, None, :] >= seq_lens[:, None, None]
+    s = s.masked_fill(pad, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.matmul(p.to(q.dtype), kv[..., :L]), lse
+
+
 def fused_gather_attention(q, cache, block_table, seq_lens, k_scale):
     """After the cache_gather pass: the gather is fx_mla::gather_dequant_cache_paged; softmax form."""
     kv = torch.ops.fx_mla.gather_dequant_cache_paged(cache, block_table, k_scale, q.dtype)

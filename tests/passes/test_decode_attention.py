@@ -21,8 +21,8 @@ from fx_mla.passes.manager import PassContext
 from fx_mla.report import CompileReport, GraphNamer, count_ops, format_graph
 from tests.mla.problems import make_problem, rank_inputs
 from tests.passes.decode_attention_cases import (L, attention_problem, capability_attentions, compile_run,
-                                                 declined_attentions, fp8_query_attention, fused_gather_attention,
-                                                 index_select_attention, model_attention, model_reference,
+                                                 declined_attentions, flat_slots_attention, fp8_query_attention,
+                                                 fused_gather_attention, index_select_attention, model_attention, model_reference,
                                                  reference_attention, rel_err,
                                                  softmax_einsum_attention, where_matmul_attention)
 
@@ -192,6 +192,21 @@ def test_decode_attention_after_the_cache_gather_pass(fn):
     assert count_ops(report.graph_after).get(OP) == 1
     assert "fx_mla.gather_dequant_cache_paged.default" not in count_ops(report.graph_after)  # dead after it
     check_outputs(out[0], out[1], args, stored, fn(*args))
+
+
+def test_decode_attention_declines_per_token_slots_after_cache_gather():
+    """cache.view(-1, D)[slots] with int64 slots: cache_gather fuses the gather (a block size of 1), decode_attention
+    declines it with that reason and leaves the attention as written."""
+    args, _ = attention_problem(16, 16, "fp8", seed=6)
+    out, report = compile_run(flat_slots_attention, args, passes=("cache_gather", "decode_attention"))
+    assert len(report.pass_report("cache_gather").matches) == 1
+    pr = report.pass_report("decode_attention")
+    assert not pr.matches and [d.reason for d in pr.declines] == [
+        "the gather reads per-token i64 slots (cache rows as pages of one token); mla_decode_fp8 takes an i32 block "
+        "table"]
+    assert OP not in count_ops(report.graph_after)
+    plain = flat_slots_attention(*args)
+    assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1])
 
 
 def test_decode_attention_fp8_query_on_cpu_passes_the_dequantized_query():
