@@ -117,15 +117,14 @@ def _block_table(index: Any, batch: Any, tokens: Any, block_size: Any) -> Option
     """The 2-D block table [B, M] (M * block_size == tokens) whose rows, flattened, are ``index``: the table itself,
     or the table flattened to [B * M] (index_select's index), possibly unsqueezed to [1, B * M] (the cache_gather
     pass's paged op over an index_select), or None."""
-    seen = 0
-    while seen < 3:
+    for _ in range(3):
         shape = node_shape(index)
         if shape is not None and len(shape) == 2 and same_size(shape[0], batch) and \
                 same_size(shape[1] * block_size, tokens):
             return index
         if not is_op(index, *RESHAPES, aten.unsqueeze.default):
             return None
-        index, seen = index.args[0], seen + 1
+        index = index.args[0]
     return None
 
 
@@ -133,38 +132,33 @@ def _paged_kv(node: Any) -> Optional[KV]:
     """The gathered, dequantized paged cache ``[B, T, D]`` that ``node`` is, or None: the cache_gather pass's paged
     op (or a reshape of it to [B, T, D]), or ``cache[block_table]`` / ``index_select(cache, 0, block_table.view(-1))``
     reshaped to [B, T, D], converted, optionally times a one-element fp32 scale."""
-    inner = node.args[0] if is_op(node, *RESHAPES) else node
-    if is_op(inner, PAGED):
-        if arg(inner, 4, "layout", "plain") != "plain":
-            raise Decline(f"{{}} has layout {arg(inner, 4, 'layout')!r}: mla_decode_fp8 reads plain caches only",
-                          inner)
-        if inner is node:
-            return KV(node, node.args[0], node.args[1], arg(node, 2, "scale"))
-        cs, xs = node_shape(inner.args[0]), node_shape(node)
-        if cs is None or xs is None or len(cs) != 3 or len(xs) != 3 or not same_size(xs[2], cs[2]):
-            return None
-        table = _block_table(inner.args[1], xs[0], xs[1], cs[1])
-        return None if table is None else KV(node, inner.args[0], table, arg(inner, 2, "scale"))
     x, scale = node, None
-    if is_op(x, aten.mul.Tensor) and len(x.args) == 2:
-        x, scale = x.args if _one_element_f32(x.args[1]) else x.args[::-1]
-        if not _one_element_f32(scale):
-            return None
-    if is_op(x, CONVERT):
-        x = x.args[0]
-    if not is_op(x, *RESHAPES):
-        return None
-    index = x.args[0]
-    if is_op(index, aten.index.Tensor) and len(index.args[1]) == 1 and index.args[1][0] is not None:
-        cache, flat = index.args[0], index.args[1][0]
-    elif is_op(index, aten.index_select.default) and len(index.args) == 3 and index.args[1] in (0, -3):
-        cache, flat = index.args[0], index.args[2]
+    gather = node.args[0] if is_op(node, *RESHAPES) else node
+    if is_op(gather, PAGED):
+        if arg(gather, 4, "layout", "plain") != "plain":
+            raise Decline(f"{{}} has layout {arg(gather, 4, 'layout')!r}: mla_decode_fp8 reads plain caches only",
+                          gather)
+        cache, index, scale = gather.args[0], gather.args[1], arg(gather, 2, "scale")
     else:
+        if is_op(x, aten.mul.Tensor) and len(x.args) == 2:
+            x, scale = x.args if _one_element_f32(x.args[1]) else x.args[::-1]
+            if not _one_element_f32(scale):
+                return None
+        if is_op(x, CONVERT):
+            x = x.args[0]
+        if not is_op(x, *RESHAPES):
+            return None
+        gather = x.args[0]
+        if is_op(gather, aten.index.Tensor) and len(gather.args[1]) == 1 and gather.args[1][0] is not None:
+            cache, index = gather.args[0], gather.args[1][0]
+        elif is_op(gather, aten.index_select.default) and len(gather.args) == 3 and gather.args[1] in (0, -3):
+            cache, index = gather.args[0], gather.args[2]
+        else:
+            return None
+    cs, xs = node_shape(cache), node_shape(x)
+    if cs is None or xs is None or len(cs) != 3 or len(xs) != 3 or not same_size(xs[2], cs[2]):
         return None
-    cs, gs, xs = node_shape(cache), node_shape(index), node_shape(x)
-    if None in (cs, gs, xs) or len(cs) != 3 or len(xs) != 3 or not same_size(xs[2], cs[2]):
-        return None
-    table = _block_table(flat, xs[0], xs[1], cs[1])
+    table = _block_table(index, xs[0], xs[1], cs[1])
     return None if table is None else KV(node, cache, table, scale)
 
 

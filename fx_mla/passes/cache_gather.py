@@ -75,14 +75,10 @@ def run(graph: torch.fx.Graph, ctx: Any) -> None:
                 root, tail = tail
             else:
                 tail = _tail(gather)
-        elif dtype in (torch.int8, torch.uint8):  # a byte cache cast to a float: a dequantize the op cannot do
+        elif dtype in (torch.int8, torch.uint8):  # a byte cache cast to a float: _guard declines its dtype
             tail = _tail(gather)
-            if isinstance(tail, Tail) and tail.out_dtype.is_floating_point:
-                width = _sz(node_shape(src)[-1])
-                ctx.declined(PASS, gather, f"cache dtype {_short(dtype)}" + (
-                    f" with {width}-byte rows" if dtype == torch.uint8 else "") + " is not covered by the op (fp8 "
-                    f"e4m3/e5m2, bf16, fp16, fp32, or uint8 rows of {_gdc.DS_MLA_ROW_BYTES} bytes: fp8_ds_mla)")
-            continue
+            if not (isinstance(tail, Tail) and tail.out_dtype.is_floating_point):
+                continue
         if tail is None or isinstance(tail, str):
             if tail is not None and dtype in FP8_DTYPES + (torch.uint8,):
                 ctx.declined(PASS, gather, tail)
@@ -111,7 +107,8 @@ def run(graph: torch.fx.Graph, ctx: Any) -> None:
 def _guard(ctx: Any, source: Source, tail: Tail) -> Optional[str]:
     cache, dtype, ds = source.cache, _dtype(source.cache), tail.layout == "fp8_ds_mla"
     if dtype not in _gdc.CACHE_DTYPES and not ds:
-        return f"cache dtype {_short(dtype)} is not covered by the op (fp8 e4m3/e5m2, bf16, fp16, fp32)"
+        return (f"cache dtype {_short(dtype)} is not covered by the op (fp8 e4m3/e5m2, bf16, fp16, fp32, or uint8 rows "
+                f"of {_gdc.DS_MLA_ROW_BYTES} bytes: fp8_ds_mla)")
     if tail.out_dtype not in _gdc.OUT_DTYPES:
         return f"output dtype {_short(tail.out_dtype)} is not covered by the op (bf16, fp16, fp32)"
     val = tensor_val(cache)

@@ -22,8 +22,8 @@ relative error for bf16 outputs; an empty sequence gives lse = -inf and o = 0 (p
 Matches only when: the keys and values are one gathered paged cache (``index(cache, [block_table])`` or
 ``index_select(cache, 0, block_table.flatten())`` reshaped to ``[B, T, D]``, optionally cast and scaled by a
 one-element fp32 ``k_scale``, or ``gather_dequant_cache_paged`` with the plain layout, also over the flattened table
-as the cache_gather pass writes it for index_select, reshaped to ``[B, T, D]``); the values are its first L entries; scores are scaled by Python numbers only; the mask is a
-per-request length mask. The head dim and L are specialized (guarded) to ints, as the kernel needs.
+as the cache_gather pass writes it for index_select, reshaped to ``[B, T, D]``); the values are its first L
+entries; scores are scaled by Python numbers only; the mask is a per-request length mask. The head dim and L are specialized (guarded) to ints, as the kernel needs.
 
 Declines (reported) when: the mask is not ``positions < seq_lens[:, None]`` (causal, a boolean mask input, no mask);
 the softmax / logsumexp is not recognized; an intermediate (scores, probabilities, ...) has another user; dtypes or
@@ -175,8 +175,7 @@ def _match(bmm: torch.fx.Node, ctx) -> Optional[Plan]:
     cache_dtype = node_dtype(kv.cache)
     if node_dtype(kv.block_table) != torch.int32:
         what = short_dtype(node_dtype(kv.block_table))
-        cs = node_shape(kv.cache)
-        if cs is not None and len(cs) == 3 and static_int(cs[1]) == 1:  # cache_gather's op over cache.view(-1, D)
+        if static_int(node_shape(kv.cache)[1]) == 1:  # cache_gather's op over cache.view(-1, D)
             raise Decline(f"the gather reads per-token {what} slots (cache rows as pages of one token); "
                           "mla_decode_fp8 takes an i32 block table")
         raise Decline(f"block_table is {what}; mla_decode_fp8 takes i32")

@@ -266,8 +266,8 @@ DECLINES = {
     "token index unclamped": (_token_unclamped, "is not clamp_min(token_to_seq, 0)"),
     "metadata sizes unknown": (token_gather, "not provably block_table's rows + 1"),
     "int8 cache": (_byte_or_float64_cache, "cache dtype i8 is not covered by the op"),
-    "uint8 rows, not 656 bytes": (_byte_or_float64_cache, "-byte rows is not covered by the op (fp8 e4m3/e5m2, bf16, "
-                                                          "fp16, fp32, or uint8 rows of 656"),
+    "uint8 rows, not 656 bytes": (_byte_or_float64_cache, "cache dtype u8 is not covered by the op (fp8 e4m3/e5m2, "
+                                                          "bf16, fp16, fp32, or uint8 rows of 656 bytes"),
     "float64 cache": (_byte_or_float64_cache, "cache dtype f64 is not covered by the op"),
 }
 

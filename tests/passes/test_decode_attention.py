@@ -22,8 +22,8 @@ from fx_mla.report import CompileReport, GraphNamer, count_ops, format_graph
 from tests.mla.problems import make_problem, rank_inputs
 from tests.passes.decode_attention_cases import (L, attention_problem, capability_attentions, compile_run,
                                                  declined_attentions, flat_slots_attention, fp8_query_attention,
-                                                 fused_gather_attention, index_select_attention, model_attention, model_reference,
-                                                 reference_attention, rel_err,
+                                                 fused_gather_attention, index_select_attention, model_attention,
+                                                 model_reference, reference_attention, rel_err,
                                                  softmax_einsum_attention, where_matmul_attention)
 
 OP = "fx_mla.mla_decode_fp8.default"
