@@ -83,8 +83,10 @@ def main():
         bt_ord = (first[:, None] + torch.arange(bt.shape[1], device=dev)[None, :]).clamp(max=num_blocks - 1)
         bt_ord = bt_ord.to(torch.int32)
         zero = torch.zeros_like(ss)
+        # the plain reference takes the scale as a Python float: eager CUDA rounds a 0-dim fp32 CUDA tensor to bf16
+        # before a bf16 multiply, the op (like its CPU reference) multiplies by the fp32 scale
         row["op_ord_equal_plain"] = bg._same(op(caches[0], bt_ord, cu, tts, zero, scale, torch.bfloat16, "plain"),
-                                             plain_token(caches[0], bt_ord, cu, tts, zero, scale, torch.bfloat16))
+                                             plain_token(caches[0], bt_ord, cu, tts, zero, float(scale), torch.bfloat16))
         row["op_ord"] = nbytes / bg._device_us([(lambda i=i: op(caches[i % r], bt_ord, cu, tts, zero, scale,
                                                                 torch.bfloat16, "plain")) for i in range(k)]) / 1e3
         del caches
@@ -96,7 +98,7 @@ def main():
                             ("paged_ord", torch.arange(batch * mb))):
             table = table.view(batch, mb).to(torch.int32).to(dev)
             row[f"{name}_equal_plain"] = bg._same(paged(pcaches[0], table, scale, torch.bfloat16, "plain"),
-                                                  plain_paged(pcaches[0], table, scale, torch.bfloat16))
+                                                  plain_paged(pcaches[0], table, float(scale), torch.bfloat16))
             row[name] = nbytes / bg._device_us([(lambda i=i, t=table: paged(pcaches[i % r], t, scale, torch.bfloat16,
                                                                              "plain")) for i in range(k)]) / 1e3
         del pcaches

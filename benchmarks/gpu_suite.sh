@@ -20,6 +20,8 @@
 #                                        # decode and cache gather tables (spent, session 10)
 #   bash benchmarks/gpu_suite.sh s13     # one GPU: tests and A/B of the output plan's STAGED_MIN_SPLITS, decode table,
 #                                        # the gather's gap to a 1:2 cast taken apart (dev_stream_mix.py)
+#   bash benchmarks/gpu_suite.sh s14     # one GPU: flat-vector gather kernels against the op (dev_flat_gather.py)
+#   bash benchmarks/gpu_suite.sh s15     # one GPU: gather tiles with fewer bytes resident an SM (sweep + flat)
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -177,4 +179,16 @@ print(f'{pick(128)},{pick(16)}')")
     # issue 5: what the gather's gap to a plain 1:2 cast is made of (index chain length, scattered pages)
     timeout 150 python3 benchmarks/dev_stream_mix.py > "$OUT/stream_mix.log" 2>&1
     tail -6 "$OUT/stream_mix.log" ;;
+  s14)  # session 11: the flat-vector gather kernels against the op (issue 5's 64K gap), both layouts and forms
+    timeout 300 python3 benchmarks/dev_flat_gather.py > "$OUT/flat_gather.log" 2>&1
+    tail -14 "$OUT/flat_gather.log" ;;
+  s15)  # session 11, after s14: is the 64K gap the tail of long-lived programs (bytes resident an SM)? Smaller tiles
+        # and more warps a tile (fewer bytes an SM), for the op's kernel and the flat one
+    timeout 200 python3 benchmarks/bench_cache_gather.py --sweep \
+        --sweep-configs "8,4,0;4,4,0;8,8,0;2,2,0;4,8,0;2,4,0;16,8,0;4,2,0" > "$OUT/sweep_s15.log" 2>&1
+    cp benchmarks/results/cache_gather_sweep.json "$OUT/cache_gather_sweep_s15.json"; tail -12 "$OUT/sweep_s15.log"; pack
+    timeout 200 python3 benchmarks/dev_flat_gather.py --sizes 65536 \
+        --variants "16,256,4;16,128,4;16,256,8;8,256,4;8,512,8;16,64,2;16,128,2" \
+        --ds-variants "16,512,8;16,256,8;16,128,4" > "$OUT/flat_gather_s15.log" 2>&1
+    tail -6 "$OUT/flat_gather_s15.log" ;;
 esac
