@@ -54,7 +54,10 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # grid, 0 = one tile a program[, flags[, maxnreg]]). maxnreg: a register cap a thread (0: the compiler's own; at
 # 48 registers, 10 programs of 4 warps fit an SM, at 32 all 16). flags, a string of letters (kernels' docstring):
 # "v" = loads as wide as the output stores (no shared-memory layout change between load and store), "s" = streaming
-# output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere).
+# output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere), "m" = the index
+# loads (token_to_seq, cu_seq_lens, seq_starts, block_table) marked evict_last, so they stay in L2 between calls
+# (a model's layers gather with the same metadata) while the cache and output streams pass through, "w" = output
+# stores marked evict_first (not with "s").
 # Small tiles keep registers low (~32-48 a thread), so many programs share an SM and many independent index chains
 # (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache) are in flight. From bench_cache_gather.py
 # --sweep on an H100 80GB HBM3 (16 configs, bit-identical): (8, 4, 0) best or within 0.1 % of best, both layouts,
@@ -62,7 +65,9 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # caps of 40 / 32 (more programs an SM) were no faster, 32 much slower (spills) (session 5, RESULTS.md); reading
 # cu_seq_lens / seq_starts whole and selecting in registers (one dependent load less) was 11-28 points slower at 64K
 # tokens and was removed (session 6).
-CONFIG = {"plain": (8, 4, 0), "fp8_ds_mla": (8, 4, 0)}
+# Session 11 (RESULTS.md): "m" +0.7-0.8 point of copy at 64K tokens (both layouts), the same at 1M; "w" -0.7 at 64K;
+# smaller tiles or more warps a tile (fewer bytes resident an SM) and a flat-vector tiling were no faster.
+CONFIG = {"plain": (8, 4, 0, "m"), "fp8_ds_mla": (8, 4, 0, "m")}
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
 
@@ -287,8 +292,8 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     block_t, warps, per_sm, *rest = config or CONFIG[layout]
     flags = rest[0] if rest else ""
     maxnreg = rest[1] if len(rest) > 1 else 0
-    if set(flags) - set("vsp"):
-        raise ValueError(f"config flags must be letters of 'vsp', got {flags!r}")
+    if set(flags) - set("vspmw") or ("s" in flags and "w" in flags):
+        raise ValueError(f"config flags must be letters of 'vspmw' (not both 's' and 'w'), got {flags!r}")
     if not isinstance(maxnreg, int) or maxnreg < 0:
         raise ValueError(f"config maxnreg must be an int >= 0 (0: the compiler's choice), got {maxnreg!r}")
     n_tiles = -(-n_tokens // block_t)
@@ -305,7 +310,8 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     common = dict(BLOCK_SIZE=cache.shape[1], BLOCK_T=block_t, PAGED=paged,
                   HAS_SEQ_STARTS=seq_starts is not None, PERSISTENT=grid < n_tiles,
                   ROUND_BY_BITS=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps,
-                  VEC=16 // out.element_size() if "v" in flags else 0, STREAM="s" in flags, PDL=False)
+                  VEC=16 // out.element_size() if "v" in flags else 0, STREAM=1 if "s" in flags else 2 if "w" in flags else 0,
+                  PDL=False, META_LAST="m" in flags)
     if "p" in flags and cache.is_cuda and _capability(cache.device)[0] >= 9:
         common.update(PDL=True, launch_pdl=True)
     if maxnreg and cache.is_cuda:  # register cap (more programs an SM); the interpreter has no registers
