@@ -200,8 +200,8 @@ print(f'{pick(128)},{pick(16)}')")
         --sweep-configs "8,4,0;8,4,0,m;8,4,0,w;8,4,0,mw;8,4,0,ms;4,4,0,mw;16,8,0,mw;8,4,0,mwp" > "$OUT/sweep_s16.log" 2>&1
     cp benchmarks/results/cache_gather_sweep.json "$OUT/cache_gather_sweep_s16.json"; tail -10 "$OUT/sweep_s16.log" ;;
   s17)  # session 11, CONFIG (8, 4, 0, "m"): its tests, the gather table, a sweep of "m" with other tiles
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_dequant_cache_gpu.py \
-        tests/gpu/test_cache_gather_pass_gpu.py 2>&1 | tee "$OUT/s17_tests.log" | tail -2; pack
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_dequant_cache_gpu.py 2>&1 \
+        | tee "$OUT/s17_tests.log" | tail -2; pack
     timeout 150 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 80 > "$OUT/cache_gather.log" 2>&1
     cp benchmarks/results/cache_gather.json "$OUT/cache_gather.json"; grep -i "summary\|pct_of_copy_at" "$OUT/cache_gather.log" | tail -3; pack
     timeout 200 python3 benchmarks/bench_cache_gather.py --sweep \
