@@ -24,6 +24,7 @@
 #   bash benchmarks/gpu_suite.sh s15     # one GPU: gather tiles with fewer bytes resident an SM (sweep + flat)
 #   bash benchmarks/gpu_suite.sh s16     # one GPU: gather flags m (index loads evict_last) and w (stores evict_first)
 #   bash benchmarks/gpu_suite.sh s17     # one GPU: CONFIG with "m": gather GPU tests, gather table, sweep
+#   bash benchmarks/gpu_suite.sh s18     # one GPU: CONFIG with "p": the op's GPU tests, the gather table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -207,4 +208,9 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 200 python3 benchmarks/bench_cache_gather.py --sweep \
         --sweep-configs "8,4,0,m;8,4,0;4,2,0,m;16,8,0,m;2,2,0,m;8,4,0,mp;16,4,0,m" > "$OUT/sweep_s17.log" 2>&1
     cp benchmarks/results/cache_gather_sweep.json "$OUT/cache_gather_sweep_s17.json"; grep -A9 "^config " "$OUT/sweep_s17.log" ;;
+  s18)  # session 11, CONFIG (8, 4, 0, "p"): the op's GPU tests (CUDA-graph capture with PDL), the gather table
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_dequant_cache_gpu.py 2>&1 \
+        | tee "$OUT/s18_tests.log" | tail -2; pack
+    timeout 150 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 80 > "$OUT/cache_gather.log" 2>&1
+    cp benchmarks/results/cache_gather.json "$OUT/cache_gather.json"; tail -32 "$OUT/cache_gather.log" ;;
 esac

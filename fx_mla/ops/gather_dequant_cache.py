@@ -65,9 +65,11 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # caps of 40 / 32 (more programs an SM) were no faster, 32 much slower (spills) (session 5, RESULTS.md); reading
 # cu_seq_lens / seq_starts whole and selecting in registers (one dependent load less) was 11-28 points slower at 64K
 # tokens and was removed (session 6).
-# Session 11 (RESULTS.md): "m" +0.7-0.8 point of copy at 64K tokens (both layouts), the same at 1M; "w" -0.7 at 64K;
-# smaller tiles or more warps a tile (fewer bytes resident an SM) and a flat-vector tiling were no faster.
-CONFIG = {"plain": (8, 4, 0, "m"), "fp8_ds_mla": (8, 4, 0, "m")}
+# Session 11 (RESULTS.md, 1x H100, two sweeps in one run): "p" +1.1 point of copy at 64K tokens (both layouts), the
+# same at 1M; "m" the same as without (88.5 / 88.6 %); "w" -0.7 at 64K; smaller tiles or more warps a tile (fewer
+# bytes resident an SM) and a flat-vector tiling were no faster. PDL only overlaps the launch with the previous
+# kernel's tail: every program waits for that kernel (griddepcontrol.wait) before it reads anything.
+CONFIG = {"plain": (8, 4, 0, "p"), "fp8_ds_mla": (8, 4, 0, "p")}
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
 
