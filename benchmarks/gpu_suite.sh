@@ -25,6 +25,7 @@
 #   bash benchmarks/gpu_suite.sh s16     # one GPU: gather flags m (index loads evict_last) and w (stores evict_first)
 #   bash benchmarks/gpu_suite.sh s17     # one GPU: CONFIG with "m": gather GPU tests, gather table, sweep
 #   bash benchmarks/gpu_suite.sh s18     # one GPU: CONFIG with "p": the op's GPU tests, the gather table
+#   bash benchmarks/gpu_suite.sh s19     # one GPU: PDL with other gather tiles (sweep)
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -213,4 +214,8 @@ print(f'{pick(128)},{pick(16)}')")
         | tee "$OUT/s18_tests.log" | tail -2; pack
     timeout 150 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 80 > "$OUT/cache_gather.log" 2>&1
     cp benchmarks/results/cache_gather.json "$OUT/cache_gather.json"; tail -32 "$OUT/cache_gather.log" ;;
+  s19)  # session 11, after s18: PDL with other tiles (the committed (8, 4, 0, "p") first and last: position effect)
+    timeout 150 python3 benchmarks/bench_cache_gather.py --sweep \
+        --sweep-configs "8,4,0,p;4,2,0,p;16,8,0,p;2,2,0,p;8,4,0,sp;4,4,0,p;16,4,0,p;8,4,0,p" > "$OUT/sweep_s19.log" 2>&1
+    cp benchmarks/results/cache_gather_sweep.json "$OUT/cache_gather_sweep_s19.json"; grep -A10 "^config " "$OUT/sweep_s19.log" ;;
 esac
