@@ -31,7 +31,7 @@ import triton.language as tl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from fx_mla.ops import gather_dequant_cache as gmod  # noqa: E402  (registers the ops)
-from fx_mla.ops.kernels.gather_dequant_cache import _floor_divmod, _round_fp32_to  # noqa: E402
+from fx_mla.ops.kernels.gather_dequant_cache import _round_fp32_to, _rows_of  # noqa: E402
 
 VARIANTS = [(16, 256, 4), (16, 512, 4), (16, 512, 8), (16, 1024, 8), (8, 512, 4), (8, 1024, 8), (32, 256, 4),
             (32, 512, 8)]
@@ -49,26 +49,9 @@ def _flat_kernel(cache_ptr, out_ptr, scale_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr,
     live = v < n_vec
     t = (v // DV).to(tl.int64)
     col = (v - (v // DV) * DV) * VW
-    if PAGED:
-        b = t // row_len
-        off = t - b * row_len
-        ok = live
-    else:
-        s = tl.load(tts_ptr + t, mask=live, other=0).to(tl.int64)
-        valid = s >= 0
-        b = tl.maximum(s, 0)
-        ok = live & (b < n_req)
-        start = tl.load(cu_ptr + b, mask=ok, other=0).to(tl.int64)
-        if HAS_SEQ_STARTS:
-            start -= tl.load(ss_ptr + b, mask=ok, other=0).to(tl.int64)
-        off = tl.where(valid, t - start, 0)
-    j, r = _floor_divmod(off, BLOCK_SIZE)
-    j = tl.where(j < 0, j + max_blocks, j)
-    ok = ok & (j >= 0) & (j < max_blocks)
-    blk = tl.load(bt_ptr + b * bt_s0 + j * bt_s1, mask=ok, other=0).to(tl.int64)
-    blk = tl.where(blk < 0, blk + n_blocks, blk)
-    ok = ok & (blk >= 0) & (blk < n_blocks)
-    src = blk * c_s0 + r * c_s1 + col
+    row, ok = _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0,
+                       c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, False)
+    src = row + col
     e = tl.arange(0, VW)
     x = tl.load(cache_ptr + src[:, None] + e[None, :], mask=ok[:, None], other=0.0, eviction_policy="evict_first")
     y = x.to(tl.float32)
@@ -92,26 +75,8 @@ def _flat_ds_mla_kernel(cache_ptr, out_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr,
     live = v < n_vec
     t = (v // DV).to(tl.int64)
     cv = v - (v // DV) * DV
-    if PAGED:
-        b = t // row_len
-        off = t - b * row_len
-        ok = live
-    else:
-        s = tl.load(tts_ptr + t, mask=live, other=0).to(tl.int64)
-        valid = s >= 0
-        b = tl.maximum(s, 0)
-        ok = live & (b < n_req)
-        start = tl.load(cu_ptr + b, mask=ok, other=0).to(tl.int64)
-        if HAS_SEQ_STARTS:
-            start -= tl.load(ss_ptr + b, mask=ok, other=0).to(tl.int64)
-        off = tl.where(valid, t - start, 0)
-    j, r = _floor_divmod(off, BLOCK_SIZE)
-    j = tl.where(j < 0, j + max_blocks, j)
-    ok = ok & (j >= 0) & (j < max_blocks)
-    blk = tl.load(bt_ptr + b * bt_s0 + j * bt_s1, mask=ok, other=0).to(tl.int64)
-    blk = tl.where(blk < 0, blk + n_blocks, blk)
-    ok = ok & (blk >= 0) & (blk < n_blocks)
-    row = blk * c_s0 + r * c_s1
+    row, ok = _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0,
+                       c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, False)
     is_lat = cv < 32
     lat_ok = ok & is_lat
     rope_ok = ok & (cv >= 32)

@@ -65,14 +65,11 @@ def _load_meta(ptrs, mask, META_LAST: tl.constexpr):
 
 
 @triton.jit
-def _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks,
-                n_blocks, c_s0, c_s1, row_len,
-                BLOCK_T: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
-                HAS_SEQ_STARTS: tl.constexpr, META_LAST: tl.constexpr):
-    """Output token ids t [BLOCK_T] (int64), the element offset of each one's cache row, and a mask
-    `ok` of tokens that read the cache (others write zeros) and `live` of tokens that exist."""
-    t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # n_tokens < 2**31: the product fits
-    live = t < n_tokens
+def _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0, c_s1,
+             row_len, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr,
+             META_LAST: tl.constexpr):
+    """Output token ids t (int64, any shape; live: those that exist) -> the element offset of each one's cache
+    row and a mask `ok` of tokens that read the cache (others write zeros)."""
     if PAGED:
         # decode form: token t of the [B, row_len = max_blocks * block_size] output, request b = t // row_len
         b = t // row_len
@@ -96,6 +93,20 @@ def _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n
     # no tl.where(ok, row, 0) here: a select hides the 16-byte alignment of the row from Triton's
     # analysis and the cache loads fall back to single bytes. Rows of ~ok tokens are never loaded (masked).
     row = blk * c_s0 + r * c_s1
+    return row, ok
+
+
+@triton.jit
+def _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks,
+                n_blocks, c_s0, c_s1, row_len,
+                BLOCK_T: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
+                HAS_SEQ_STARTS: tl.constexpr, META_LAST: tl.constexpr):
+    """Output token ids t [BLOCK_T] (int64) of a tile, the element offset of each one's cache row, and a mask
+    `ok` of tokens that read the cache (others write zeros) and `live` of tokens that exist."""
+    t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # n_tokens < 2**31: the product fits
+    live = t < n_tokens
+    row, ok = _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0,
+                       c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, META_LAST)
     return t, row, ok, live
 
 
