@@ -26,6 +26,7 @@
 #   bash benchmarks/gpu_suite.sh s17     # one GPU: CONFIG with "m": gather GPU tests, gather table, sweep
 #   bash benchmarks/gpu_suite.sh s18     # one GPU: CONFIG with "p": the op's GPU tests, the gather table
 #   bash benchmarks/gpu_suite.sh s19     # one GPU: PDL with other gather tiles (sweep)
+#   bash benchmarks/gpu_suite.sh s21     # one GPU: decode_attention pass GPU tests incl. the flat-slot forms
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -218,4 +219,7 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 150 python3 benchmarks/bench_cache_gather.py --sweep \
         --sweep-configs "8,4,0,p;4,2,0,p;16,8,0,p;2,2,0,p;8,4,0,sp;4,4,0,p;16,4,0,p;8,4,0,p" > "$OUT/sweep_s19.log" 2>&1
     cp benchmarks/results/cache_gather_sweep.json "$OUT/cache_gather_sweep_s19.json"; grep -A10 "^config " "$OUT/sweep_s19.log" ;;
+  s21)  # next session: GPU tests of session 11's flat-slot decode_attention matching (not yet run on a GPU)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_decode_attention_pass_gpu.py 2>&1 \
+        | tee "$OUT/s21_tests.log" | grep -v PASSED | tail -6 ;;
 esac

@@ -15,6 +15,7 @@ import torch.fx
 
 import fx_mla.ops.gather_dequant_cache  # noqa: F401  (registers the op we match)
 
+from ._cache_gather_match import _is_size, _strip_upcast
 from .match import CONVERT, arg, is_op, node_dtype, node_shape, same_size, static_int, tensor_val
 
 aten, prims, fx_mla = torch.ops.aten, torch.ops.prims, torch.ops.fx_mla
@@ -128,10 +129,67 @@ def _block_table(index: Any, batch: Any, tokens: Any, block_size: Any) -> Option
     return None
 
 
+def _paged_source(cache: Any) -> Optional[torch.fx.Node]:
+    """The paged cache ``[NB, BS, D]`` (BS not 1) that ``cache`` is a row view of: ``[NB * BS, D]`` as user code
+    writes ``cache.view(-1, D)``, or ``[NB * BS, 1, D]`` as the cache_gather pass passes it to its op; else None."""
+    cs = node_shape(cache)
+    if cs is None or not (len(cs) == 2 or (len(cs) == 3 and static_int(cs[1]) == 1)):
+        return None
+    src = cache
+    for _ in range(3):
+        if not is_op(src, *RESHAPES, aten.unsqueeze.default):
+            return None
+        src = src.args[0]
+        ss = node_shape(src)
+        if ss is not None and len(ss) == 3 and static_int(ss[1]) != 1:
+            return src if same_size(ss[0] * ss[1], cs[0]) and same_size(ss[2], cs[-1]) else None
+    return None
+
+
+def _slot_table(slots: Any, block_size: Any, batch: Any, tokens: Any) -> Optional[torch.fx.Node]:
+    """The block table ``[B, M]`` (``M * block_size == tokens``) when ``slots`` ``[B, T]`` is
+    ``block_table[:, p // block_size] * block_size + p % block_size`` over ``p = arange(T)`` (the table possibly
+    cast to int64 first), else None. Row ``slots[b, p]`` of the flattened cache is then ``cache[block_table][b]``'s
+    row p, out-of-range and negative block ids included (a negative id wraps the same way: (NB + id) * BS + p % BS)."""
+    for _ in range(3):  # index_select's flattened slots (cache_gather's op: unsqueezed to [1, B * T]): to [B, T]
+        if not is_op(slots, *RESHAPES, aten.unsqueeze.default):
+            break
+        slots = slots.args[0]
+    shape = node_shape(slots)
+    if not (is_op(slots, aten.add.Tensor) and len(slots.args) == 2 and shape is not None and len(shape) == 2
+            and same_size(shape[0], batch) and same_size(shape[1], tokens)):
+        return None
+    for prod, rem in (slots.args, slots.args[::-1]):
+        if not (is_op(prod, aten.mul.Tensor) and len(prod.args) == 2 and
+                is_op(rem, aten.remainder.Scalar, aten.remainder.Tensor) and _is_size(rem.args[1], block_size)):
+            continue
+        pos = rem.args[0]
+        if not (is_op(pos, prims.iota.default) and arg(pos, 1, "start", 0) == 0 and arg(pos, 2, "step", 1) == 1
+                and same_size(_size(pos.args[0]), tokens)):
+            continue
+        for pages, k in (prod.args, prod.args[::-1]):
+            if not (_is_size(k, block_size) and is_op(pages, aten.index.Tensor) and len(pages.args[1]) == 2
+                    and pages.args[1][0] is None):
+                continue
+            col = pages.args[1][1]
+            if not (is_op(col, aten.div.Tensor_mode) and col.args[0] is pos and _is_size(col.args[1], block_size)
+                    and col.kwargs.get("rounding_mode") == "floor"):
+                continue
+            table = _strip_upcast(pages.args[0])
+            ts = node_shape(table)
+            if ts is not None and len(ts) == 2 and same_size(ts[0], batch) and same_size(ts[1] * block_size, tokens):
+                return table
+    return None
+
+
 def _paged_kv(node: Any) -> Optional[KV]:
     """The gathered, dequantized paged cache ``[B, T, D]`` that ``node`` is, or None: the cache_gather pass's paged
     op (or a reshape of it to [B, T, D]), or ``cache[block_table]`` / ``index_select(cache, 0, block_table.view(-1))``
-    reshaped to [B, T, D], converted, optionally times a one-element fp32 scale."""
+    reshaped to [B, T, D], converted, optionally times a one-element fp32 scale. The rows of the flattened cache
+    gathered by slots ``block_table[:, p // block_size] * block_size + p % block_size`` (``cache.view(-1, D)[slots]``,
+    by index or index_select, or cache_gather's op over them) are ``cache[block_table]``: the 3-D cache and the table
+    are returned for them. Other per-token slots over the flattened cache: declined (or, through cache_gather's op,
+    returned with the slots as a table of one-token pages, which the caller declines)."""
     x, scale = node, None
     gather = node.args[0] if is_op(node, *RESHAPES) else node
     if is_op(gather, PAGED):
@@ -139,6 +197,7 @@ def _paged_kv(node: Any) -> Optional[KV]:
             raise Decline(f"{{}} has layout {arg(gather, 4, 'layout')!r}: mla_decode_fp8 reads plain caches only",
                           gather)
         cache, index, scale = gather.args[0], gather.args[1], arg(gather, 2, "scale")
+        x = node
     else:
         if is_op(x, aten.mul.Tensor) and len(x.args) == 2:
             x, scale = x.args if _one_element_f32(x.args[1]) else x.args[::-1]
@@ -146,17 +205,27 @@ def _paged_kv(node: Any) -> Optional[KV]:
                 return None
         if is_op(x, CONVERT):
             x = x.args[0]
-        if not is_op(x, *RESHAPES):
-            return None
-        gather = x.args[0]
+        gather = x.args[0] if is_op(x, *RESHAPES) else x
         if is_op(gather, aten.index.Tensor) and len(gather.args[1]) == 1 and gather.args[1][0] is not None:
             cache, index = gather.args[0], gather.args[1][0]
-        elif is_op(gather, aten.index_select.default) and len(gather.args) == 3 and gather.args[1] in (0, -3):
+        elif is_op(gather, aten.index_select.default) and len(gather.args) == 3 and \
+                gather.args[1] in (0, -len(node_shape(gather.args[0]) or ())):
             cache, index = gather.args[0], gather.args[2]
         else:
             return None
     cs, xs = node_shape(cache), node_shape(x)
-    if cs is None or xs is None or len(cs) != 3 or len(xs) != 3 or not same_size(xs[2], cs[2]):
+    if cs is None or xs is None or len(xs) != 3 or not same_size(xs[2], cs[-1]):
+        return None
+    source = _paged_source(cache)
+    if source is not None:  # rows of the flattened paged cache, by slot
+        table = _slot_table(index, node_shape(source)[1], xs[0], xs[1])
+        if table is not None:
+            return KV(node, source, table, scale)
+        if len(cs) == 2:
+            raise Decline("the keys are rows of the flattened cache {} gathered by per-token slots that are not "
+                          "block_table[:, p // block_size] * block_size + p % block_size over p = arange(T); "
+                          "mla_decode_fp8 reads the paged cache through a block table", cache)
+    if len(cs) != 3 or (x is gather and not is_op(gather, PAGED)):
         return None
     table = _block_table(index, xs[0], xs[1], cs[1])
     return None if table is None else KV(node, cache, table, scale)

@@ -22,15 +22,18 @@ relative error for bf16 outputs; an empty sequence gives lse = -inf and o = 0 (p
 Matches only when: the keys and values are one gathered paged cache (``index(cache, [block_table])`` or
 ``index_select(cache, 0, block_table.flatten())`` reshaped to ``[B, T, D]``, optionally cast and scaled by a
 one-element fp32 ``k_scale``, or ``gather_dequant_cache_paged`` with the plain layout, also over the flattened table
-as the cache_gather pass writes it for index_select, reshaped to ``[B, T, D]``); the values are its first L
+as the cache_gather pass writes it for index_select, reshaped to ``[B, T, D]``; or the rows of the flattened cache
+``cache.view(-1, D)`` gathered by index or index_select with slots ``block_table[:, p // bs] * bs + p % bs`` over
+``p = arange(T)``, ``bs`` the cache's block size, directly or through cache_gather's op: that is
+``cache[block_table]``, and the op reads the 3-D cache through the table); the values are its first L
 entries; scores are scaled by Python numbers only; the mask is a per-request length mask. The head dim and L are specialized (guarded) to ints, as the kernel needs.
 
 Declines (reported) when: the mask is not ``positions < seq_lens[:, None]`` (causal, a boolean mask input, no mask);
 the softmax / logsumexp is not recognized; an intermediate (scores, probabilities, ...) has another user; dtypes or
 shapes the kernel does not cover (``kernel_unsupported_reason``: head dim, L, rope width, dtypes, capability);
-block_table not int32 (e.g. the int64 slots of a flattened-slot gather ``cache.view(-1, D)[slots]`` after the
-cache_gather pass, reported as per-token slots); a scaled non-FP8 cache. Not matched at all (no
-report): a flattened-slot gather the cache_gather pass did not rewrite first.
+block_table not int32; a flattened-slot gather whose slots are not that formula over a block table (slots passed
+in, another block size), reported as per-token slots, with or without the cache_gather pass first; a scaled
+non-FP8 cache.
 """
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ from fx_mla.launch import run_ranks
 from fx_mla.mla import MLAConfig
 from fx_mla.mla.decode import quantize_dequantize_query
 from tests.mla.problems import make_problem, rank_inputs
-from tests.passes.decode_attention_cases import (attention_problem, compile_run, fp8_query_attention, model_attention,
-                                                 model_reference, reference_attention, rel_err,
+from tests.passes.decode_attention_cases import (attention_problem, compile_run, flat_slots_attention,
+                                                 flat_slots_index_select_attention, fp8_query_attention,
+                                                 model_attention, model_reference, reference_attention, rel_err,
                                                  softmax_einsum_attention)
 
 pytestmark = pytest.mark.cuda
@@ -73,6 +74,22 @@ def test_decode_attention_pass_cuda_softmax_einsum_variant():
     o, report = compile_run(softmax_einsum_attention, args, **INDUCTOR)
     assert _only_match(report).startswith("softmax attention")
     assert rel_err(o, reference_attention(args[0], stored)[0]) <= 1e-2 and o[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("passes", [("decode_attention",), ("cache_gather", "decode_attention")], ids=len)
+@pytest.mark.parametrize("fn", [flat_slots_attention, flat_slots_index_select_attention])
+def test_decode_attention_pass_cuda_flat_slots(fn, passes):
+    """Rows of the flattened cache by slots from the block table (session 11; the op gets the 3-D cache and the
+    int32 table, the call the index form makes)."""
+    if not _fp8_capable():
+        pytest.skip("FP8 caches need compute capability >= 8.9")
+    torch._dynamo.reset()
+    args, stored = attention_problem(128, 64, "fp8", SEQ_LENS, seed=3, device="cuda")
+    (o, lse), report = compile_run(fn, args, passes=passes, **INDUCTOR)
+    assert _only_match(report).startswith("logsumexp attention")
+    ref_o, ref_lse = reference_attention(args[0], stored)
+    assert rel_err(o, ref_o) <= 1e-2 and rel_err(lse, ref_lse) <= 1e-3
+    assert o[2].abs().max() == 0 and (lse[2] == float("-inf")).all()
 
 
 @pytest.mark.parametrize("heads", [16, 128])

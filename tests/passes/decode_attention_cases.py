@@ -69,18 +69,47 @@ def index_select_attention(q, cache, block_table, seq_lens, k_scale):
     return torch.matmul(p.to(q.dtype), kv[..., :L]), lse
 
 
+def _slots_lse_attention(q, kv, seq_lens):
+    pos = torch.arange(kv.shape[1], device=q.device)
+    s = torch.matmul(q, kv.transpose(1, 2)).float() * 192 ** -0.5
+    s = s.masked_fill(pos[None, None, :] >= seq_lens[:, None, None], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.matmul(p.to(q.dtype), kv[..., :L]), lse
+
+
 def flat_slots_attention(q, cache, block_table, seq_lens, k_scale):
     """User code: the cache flattened to rows, gathered by int64 slots computed from the block table; logsumexp."""
     bs = cache.shape[1]
     pos = torch.arange(block_table.shape[1] * bs, device=q.device)
     slots = block_table.long()[:, pos // bs] * bs + pos % bs
     kv = cache.view(-1, cache.shape[-1])[slots].to(q.dtype) * k_scale
-    s = torch.matmul(q, kv.transpose(1, 2)).float() * 192 ** -0.5
-    pad = pos[None, None, :] >= seq_lens[:, None, None]
-    s = s.masked_fill(pad, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    return torch.matmul(p.to(q.dtype), kv[..., :L]), lse
+    return _slots_lse_attention(q, kv, seq_lens)
+
+
+def flat_slots_index_select_attention(q, cache, block_table, seq_lens, k_scale):
+    """User code: the same slots (block table kept int32, scale first), the rows by index_select."""
+    bs = cache.shape[1]
+    pos = torch.arange(block_table.shape[1] * bs, device=q.device)
+    slots = pos % bs + bs * block_table[:, pos // bs]
+    rows = torch.index_select(cache.reshape(-1, cache.shape[-1]), 0, slots.flatten())
+    kv = k_scale * rows.view(block_table.shape[0], -1, cache.shape[-1]).to(q.dtype)
+    return _slots_lse_attention(q, kv, seq_lens)
+
+
+def given_slots_attention(q, cache, slots, seq_lens, k_scale):
+    """User code: flattened-cache rows gathered by slots passed in (not derived from a block table in the graph)."""
+    kv = cache.view(-1, cache.shape[-1])[slots].to(q.dtype) * k_scale
+    return _slots_lse_attention(q, kv, seq_lens)
+
+
+def half_page_slots_attention(q, cache, block_table, seq_lens, k_scale):
+    """User code with a slot formula of half the cache's block size: not cache[block_table], must not be rewritten."""
+    bs = cache.shape[1] // 2
+    pos = torch.arange(block_table.shape[1] * bs, device=q.device)
+    slots = block_table.long()[:, pos // bs] * bs + pos % bs
+    kv = cache.view(-1, cache.shape[-1])[slots].to(q.dtype) * k_scale
+    return _slots_lse_attention(q, kv, seq_lens)
 
 
 def fused_gather_attention(q, cache, block_table, seq_lens, k_scale):

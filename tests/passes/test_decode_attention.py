@@ -21,7 +21,9 @@ from fx_mla.passes.manager import PassContext
 from fx_mla.report import CompileReport, GraphNamer, count_ops, format_graph
 from tests.mla.problems import make_problem, rank_inputs
 from tests.passes.decode_attention_cases import (L, attention_problem, capability_attentions, compile_run,
-                                                 declined_attentions, flat_slots_attention, fp8_query_attention,
+                                                 declined_attentions, flat_slots_attention,
+                                                 flat_slots_index_select_attention, fp8_query_attention,
+                                                 given_slots_attention, half_page_slots_attention,
                                                  fused_gather_attention, index_select_attention, model_attention,
                                                  model_reference, reference_attention, rel_err,
                                                  softmax_einsum_attention, where_matmul_attention)
@@ -149,7 +151,8 @@ def test_decode_attention_model_attention_matches_float64(heads, block_size, kv_
     check_outputs(o, lse, args, stored, model_attention(*args))
 
 
-@pytest.mark.parametrize("fn", [model_attention, softmax_einsum_attention])
+@pytest.mark.parametrize("fn", [model_attention, softmax_einsum_attention, flat_slots_attention,
+                                flat_slots_index_select_attention])
 def test_decode_attention_batch_one(fn):
     """Batch 1 is specialised by dynamo (size-1 axes carry no label): the rewrite must still fire and match."""
     args, stored = attention_problem(16, 16, "fp8", seq_lens=[37], seed=11)
@@ -194,19 +197,45 @@ def test_decode_attention_after_the_cache_gather_pass(fn):
     check_outputs(out[0], out[1], args, stored, fn(*args))
 
 
-def test_decode_attention_declines_per_token_slots_after_cache_gather():
-    """cache.view(-1, D)[slots] with int64 slots: cache_gather fuses the gather (a block size of 1), decode_attention
-    declines it with that reason and leaves the attention as written."""
-    args, _ = attention_problem(16, 16, "fp8", seed=6)
-    out, report = compile_run(flat_slots_attention, args, passes=("cache_gather", "decode_attention"))
-    assert len(report.pass_report("cache_gather").matches) == 1
-    pr = report.pass_report("decode_attention")
-    assert not pr.matches and [d.reason for d in pr.declines] == [
-        "the gather reads per-token i64 slots (cache rows as pages of one token); mla_decode_fp8 takes an i32 block "
-        "table"]
-    assert OP not in count_ops(report.graph_after)
-    plain = flat_slots_attention(*args)
-    assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1])
+@pytest.mark.parametrize("passes", [("decode_attention",), ("cache_gather", "decode_attention")], ids=len)
+@pytest.mark.parametrize("fn", [flat_slots_attention, flat_slots_index_select_attention])
+def test_decode_attention_flat_slots_from_the_block_table(fn, passes):
+    """cache.view(-1, D)[slots] with slots = block_table[:, p // bs] * bs + p % bs is cache[block_table]: the op
+    reads the 3-D cache through the (int32) block table itself, with or without cache_gather's op in between."""
+    args, stored = attention_problem(16, 16, "fp8", seed=6)
+    out, report = compile_run(fn, args, passes=passes)
+    assert only_match(report).detail.startswith("logsumexp attention over the paged f8e4m3fn cache")
+    assert "fx_mla.mla_decode_fp8.default(%q, %cache, %block_table, %seq_lens, %k_scale," in report.graph_after
+    assert count_ops(report.graph_after) == {OP: 1, "getitem": 2}  # the slots and the gather are gone
+    check_outputs(out[0], out[1], args, stored, fn(*args))
+
+
+@pytest.mark.parametrize("passes", [("decode_attention",), ("cache_gather", "decode_attention")], ids=len)
+def test_decode_attention_declines_slots_not_from_a_block_table(passes):
+    """Slots passed in (any rows of the flattened cache), and slots of half the cache's block size: declined with
+    the reason, the attention left as written (bitwise the plain function)."""
+    args, _ = attention_problem(16, 16, "fp8", seed=8)
+    q, cache, table, lens, k_scale = args
+    bs = cache.shape[1]
+    pos = torch.arange(table.shape[1] * bs)
+    slots = (table.long()[:, pos // bs] * bs + pos % bs).flip(-1).contiguous()
+    for fn, fn_args in ((given_slots_attention, (q, cache, slots, lens, k_scale)),
+                        (half_page_slots_attention, (q, cache, table, lens, k_scale))):
+        torch._dynamo.reset()
+        out, report = compile_run(fn, fn_args, passes=passes)
+        pr = report.pass_report("decode_attention")
+        if passes[0] == "cache_gather":
+            assert len(report.pass_report("cache_gather").matches) == 1
+            want = ["the gather reads per-token i64 slots (cache rows as pages of one token); mla_decode_fp8 takes an "
+                    "i32 block table"]
+        else:
+            want = ["the keys are rows of the flattened cache %reshape gathered by per-token slots that are not "
+                    "block_table[:, p // block_size] * block_size + p % block_size over p = arange(T); "
+                    "mla_decode_fp8 reads the paged cache through a block table"]
+        assert not pr.matches and [d.reason for d in pr.declines] == want, fn.__name__
+        assert OP not in count_ops(report.graph_after)
+        plain = fn(*fn_args)
+        assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1]), fn.__name__
 
 
 def test_decode_attention_fp8_query_on_cpu_passes_the_dequantized_query():
