@@ -156,7 +156,8 @@ def _slot_table(slots: Any, block_size: Any, batch: Any, tokens: Any) -> Optiona
             break
         slots = slots.args[0]
     shape = node_shape(slots)
-    if not (is_op(slots, aten.add.Tensor) and len(slots.args) == 2 and shape is not None and len(shape) == 2
+    if not (is_op(slots, aten.add.Tensor) and len(slots.args) == 2 and slots.kwargs.get("alpha", 1) == 1
+            and shape is not None and len(shape) == 2
             and same_size(shape[0], batch) and same_size(shape[1], tokens)):
         return None
     for prod, rem in (slots.args, slots.args[::-1]):
