@@ -50,12 +50,17 @@ def _back(node: Any, casts: bool = True) -> tuple[Any, list[torch.fx.Node]]:
     """(base, chain): walk back through views (and casts) from ``node``; chain runs base → node."""
     chain = []
     while is_op(node, *VIEWS) or (casts and is_op(node, CONVERT)):
-        if is_op(node.args[0], aten.index.Tensor) or (is_op(node, *RESHAPES) and is_op(
-                node.args[0], aten.index_select.default, PAGED)):
-            break  # a paged gather's reshape: the gathered [B, T, D] itself
+        if is_op(node, *RESHAPES, CONVERT) and _gathered(node.args[0]):
+            break  # a gather's reshape (or cast): the gathered [B, T, D] itself
         chain.append(node)
         node = node.args[0]
     return node, chain[::-1]
+
+
+def _gathered(node: Any) -> bool:
+    """``node`` is a cache gather (index, index_select, cache_gather's op), or a cast of one."""
+    gathers = (aten.index.Tensor, aten.index_select.default, PAGED)
+    return is_op(node, *gathers) or (is_op(node, CONVERT) and is_op(node.args[0], *gathers))
 
 
 def _ones(shape) -> list[bool]:
@@ -207,6 +212,8 @@ def _paged_kv(node: Any) -> Optional[KV]:
         if is_op(x, CONVERT):
             x = x.args[0]
         gather = x.args[0] if is_op(x, *RESHAPES) else x
+        if gather is not x and is_op(gather, CONVERT):  # cast before the reshape
+            gather = gather.args[0]
         if is_op(gather, aten.index.Tensor) and len(gather.args[1]) == 1 and gather.args[1][0] is not None:
             cache, index = gather.args[0], gather.args[1][0]
         elif is_op(gather, aten.index_select.default) and len(gather.args) == 3 and \

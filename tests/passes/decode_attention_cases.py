@@ -97,6 +97,24 @@ def flat_slots_index_select_attention(q, cache, block_table, seq_lens, k_scale):
     return _slots_lse_attention(q, kv, seq_lens)
 
 
+def flat_slots_uncast_attention(q, cache, block_table, seq_lens, k_scale):
+    """User code over a cache of q's dtype: the rows by slots used as they are (no cast, no reshape, no scale)."""
+    bs = cache.shape[1]
+    pos = torch.arange(block_table.shape[1] * bs, device=q.device)
+    kv = cache.view(-1, cache.shape[-1])[block_table.long()[:, pos // bs] * bs + pos % bs]
+    return _slots_lse_attention(q, kv, seq_lens)
+
+
+def flat_slots_cast_first_attention(q, cache, block_table, seq_lens, k_scale):
+    """User code: flattened slots, the rows cast before the view back to [B, T, D], then scaled."""
+    bs = cache.shape[1]
+    pos = torch.arange(block_table.shape[1] * bs, device=q.device)
+    slots = block_table.long()[:, pos // bs] * bs + pos % bs
+    rows = cache.view(-1, cache.shape[-1])[slots.view(-1)].to(q.dtype)
+    kv = rows.view(block_table.shape[0], -1, cache.shape[-1]) * k_scale
+    return _slots_lse_attention(q, kv, seq_lens)
+
+
 def given_slots_attention(q, cache, slots, seq_lens, k_scale):
     """User code: flattened-cache rows gathered by slots passed in (not derived from a block table in the graph)."""
     kv = cache.view(-1, cache.shape[-1])[slots].to(q.dtype) * k_scale

@@ -22,6 +22,7 @@ from fx_mla.report import CompileReport, GraphNamer, count_ops, format_graph
 from tests.mla.problems import make_problem, rank_inputs
 from tests.passes.decode_attention_cases import (L, attention_problem, capability_attentions, compile_run,
                                                  declined_attentions, flat_slots_attention,
+                                                 flat_slots_cast_first_attention, flat_slots_uncast_attention,
                                                  flat_slots_index_select_attention, fp8_query_attention,
                                                  given_slots_attention, half_page_slots_attention,
                                                  fused_gather_attention, index_select_attention, model_attention,
@@ -198,15 +199,19 @@ def test_decode_attention_after_the_cache_gather_pass(fn):
 
 
 @pytest.mark.parametrize("passes", [("decode_attention",), ("cache_gather", "decode_attention")], ids=len)
-@pytest.mark.parametrize("fn", [flat_slots_attention, flat_slots_index_select_attention])
-def test_decode_attention_flat_slots_from_the_block_table(fn, passes):
+@pytest.mark.parametrize("fn,kv_dtype", [(flat_slots_attention, "fp8"), (flat_slots_index_select_attention, "fp8"),
+                                         (flat_slots_cast_first_attention, "fp8"),
+                                         (flat_slots_uncast_attention, "auto")], ids=str)
+def test_decode_attention_flat_slots_from_the_block_table(fn, kv_dtype, passes):
     """cache.view(-1, D)[slots] with slots = block_table[:, p // bs] * bs + p % bs is cache[block_table]: the op
     reads the 3-D cache through the (int32) block table itself, with or without cache_gather's op in between."""
-    args, stored = attention_problem(16, 16, "fp8", seed=6)
+    args, stored = attention_problem(16, 16, kv_dtype, seed=6)
     out, report = compile_run(fn, args, passes=passes)
-    assert only_match(report).detail.startswith("logsumexp attention over the paged f8e4m3fn cache")
-    assert "fx_mla.mla_decode_fp8.default(%q, %cache, %block_table, %seq_lens, %k_scale," in report.graph_after
-    assert count_ops(report.graph_after) == {OP: 1, "getitem": 2}  # the slots and the gather are gone
+    assert only_match(report).detail.startswith("logsumexp attention over the paged " +
+                                                ("f8e4m3fn" if kv_dtype == "fp8" else "bf16"))
+    assert "fx_mla.mla_decode_fp8.default(%q, %cache, %block_table, %seq_lens, %" in report.graph_after
+    unscaled = {"aten.full.default": 1} if kv_dtype == "auto" else {}  # the op's k_scale of an unscaled cache
+    assert count_ops(report.graph_after) == {OP: 1, "getitem": 2, **unscaled}  # the slots and the gather are gone
     check_outputs(out[0], out[1], args, stored, fn(*args))
 
 
