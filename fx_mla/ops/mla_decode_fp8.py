@@ -182,7 +182,8 @@ def mla_decode_fp8_reference(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     query's scale applied first; cache slots past each length are zeroed so garbage there (even NaN) is
     ignored, as the kernel's masked loads ignore it."""
     qf = q.float() * q_scale if q.dtype in FP8_DTYPES else q.float()
-    kv = gather_pages(kv_cache, block_table, torch.float32, k_scale)
+    # a strided table (eager accepts one) gathers pages in its own layout: made contiguous for gather_pages' view
+    kv = gather_pages(kv_cache, block_table.contiguous(), torch.float32, k_scale)
     valid = torch.arange(kv.shape[1], device=q.device)[None, :] < seq_lens[:, None]
     kv = kv.masked_fill(~valid[..., None], 0.0)
     scores = torch.matmul(qf, kv.transpose(1, 2)) * sm_scale

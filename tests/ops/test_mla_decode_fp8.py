@@ -65,6 +65,17 @@ def test_cpu_reference_is_bitwise_the_op():
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
+def test_cpu_op_strided_block_table_is_the_contiguous_one():
+    """A block table with other strides (eager's cache[block_table] takes one) gives the same bits."""
+    p = make_problem([40, 3, 17], 16, 16, E4M3, seed=6)
+    args = list(p.args())
+    out, lse = OP(*args)
+    args[2] = args[2].t().contiguous().t()
+    assert not args[2].is_contiguous()
+    out_s, lse_s = OP(*args)
+    assert torch.equal(out_s, out) and torch.equal(lse_s, lse)
+
+
 def test_cpu_op_dcp_partials_merge_to_the_whole():
     """Tokens split over 2 ranks (interleave 1): the partial (out, lse) of each rank, merged with the
     DCP formula, equal attention over the whole sequence."""
