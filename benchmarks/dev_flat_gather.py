@@ -50,7 +50,7 @@ def _flat_kernel(cache_ptr, out_ptr, scale_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr,
     t = (v // DV).to(tl.int64)
     col = (v - (v // DV) * DV) * VW
     row, ok = _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0,
-                       c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, False)
+                       c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
     src = row + col
     e = tl.arange(0, VW)
     x = tl.load(cache_ptr + src[:, None] + e[None, :], mask=ok[:, None], other=0.0, eviction_policy="evict_first")
@@ -76,7 +76,7 @@ def _flat_ds_mla_kernel(cache_ptr, out_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr,
     t = (v // DV).to(tl.int64)
     cv = v - (v // DV) * DV
     row, ok = _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0,
-                       c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, False)
+                       c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
     is_lat = cv < 32
     lat_ok = ok & is_lat
     rope_ok = ok & (cv >= 32)
@@ -167,6 +167,22 @@ def _check_cpu():
     print("flat kernel bitwise equal to the reference (token and paged forms, D 576 / 320 / 64)")
 
 
+def _time_forms(row, bg, prefix, base, nbytes, caches, variants, run_op, run_flat):
+    """row[base]: GB/s of the op; row[prefix + 'flat_VW_NV_W']: each flat variant's, with its bitwise check against
+    the op's output ('..._equal'). One call a graph entry, rotating over `caches` (bench_cache_gather's method);
+    the caches are freed at the end."""
+    r, k = len(caches), bg._rotation(nbytes, caches[0].device)[1]
+    want = run_op(caches[0])
+    row[base] = nbytes / bg._device_us([(lambda i=i: run_op(caches[i % r])) for i in range(k)]) / 1e3
+    for var in variants:
+        name = prefix + "flat_%d_%d_%d" % var
+        row[name + "_equal"] = bool(torch.equal(run_flat(caches[0], var).view(torch.int16), want.view(torch.int16)))
+        row[name] = nbytes / bg._device_us([(lambda i=i, v=var: run_flat(caches[i % r], v)) for i in range(k)]) / 1e3
+    del want
+    caches.clear()
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
@@ -194,48 +210,24 @@ def main():
     for n in (int(x) for x in args.sizes.split(",")):
         nbytes = n * (576 + 1152)
         row = {"tokens": n, "bytes": nbytes, "copy": bg._copy_gbs(nbytes, dev)}
-        r, k = bg._rotation(nbytes, dev)
+        r, _ = bg._rotation(nbytes, dev)
         num_blocks, bt, cu, tts, ss = bench_token_problem(n, dev, cgen)
         caches = [device_random_cache(num_blocks, "plain", dev, gen) for _ in range(r)]
-        want = op(caches[0], bt, cu, tts, ss, scale, torch.bfloat16, "plain")
-        row["op"] = nbytes / bg._device_us([(lambda i=i: op(caches[i % r], bt, cu, tts, ss, scale, torch.bfloat16,
-                                                            "plain")) for i in range(k)]) / 1e3
-        for var in VARIANTS:
-            name = "flat_%d_%d_%d" % var
-            got = flat_gather(caches[0], bt, cu, tts, ss, scale, torch.bfloat16, var)
-            row[name + "_equal"] = bool(torch.equal(got.view(torch.int16), want.view(torch.int16)))
-            row[name] = nbytes / bg._device_us([(lambda i=i, v=var: flat_gather(
-                caches[i % r], bt, cu, tts, ss, scale, torch.bfloat16, v)) for i in range(k)]) / 1e3
-        del caches, want
-        torch.cuda.empty_cache()
+        _time_forms(row, bg, "", "op", nbytes, caches, VARIANTS,
+                    lambda c: op(c, bt, cu, tts, ss, scale, torch.bfloat16, "plain"),
+                    lambda c, v: flat_gather(c, bt, cu, tts, ss, scale, torch.bfloat16, v))
         batch, mb = 64, max(1, n // (64 * 64))
-        pcaches = [device_random_cache(batch * mb + 16, "plain", dev, gen) for _ in range(r)]
+        caches = [device_random_cache(batch * mb + 16, "plain", dev, gen) for _ in range(r)]
         table = torch.randperm(batch * mb + 16, generator=cgen)[:batch * mb].view(batch, mb).to(torch.int32).to(dev)
-        want = paged_op(pcaches[0], table, scale, torch.bfloat16, "plain")
-        row["paged_op"] = nbytes / bg._device_us([(lambda i=i: paged_op(pcaches[i % r], table, scale, torch.bfloat16,
-                                                                        "plain")) for i in range(k)]) / 1e3
-        for var in VARIANTS:
-            name = "paged_flat_%d_%d_%d" % var
-            got = flat_gather(pcaches[0], table, None, None, None, scale, torch.bfloat16, var, paged=True)
-            row[name + "_equal"] = bool(torch.equal(got.view(torch.int16), want.view(torch.int16)))
-            row[name] = nbytes / bg._device_us([(lambda i=i, v=var: flat_gather(
-                pcaches[i % r], table, None, None, None, scale, torch.bfloat16, v, paged=True)) for i in range(k)]) / 1e3
-        del pcaches, want
-        torch.cuda.empty_cache()
+        _time_forms(row, bg, "paged_", "paged_op", nbytes, caches, VARIANTS,
+                    lambda c: paged_op(c, table, scale, torch.bfloat16, "plain"),
+                    lambda c, v: flat_gather(c, table, None, None, None, scale, torch.bfloat16, v, paged=True))
         dbytes = n * (656 + 1152)
-        r, k = bg._rotation(dbytes, dev)
+        r, _ = bg._rotation(dbytes, dev)
         caches = [device_random_cache(num_blocks, "fp8_ds_mla", dev, gen) for _ in range(r)]
-        want = op(caches[0], bt, cu, tts, ss, None, torch.bfloat16, "fp8_ds_mla")
-        row["ds_op"] = dbytes / bg._device_us([(lambda i=i: op(caches[i % r], bt, cu, tts, ss, None, torch.bfloat16,
-                                                               "fp8_ds_mla")) for i in range(k)]) / 1e3
-        for var in DS_VARIANTS:
-            name = "ds_flat_%d_%d_%d" % var
-            got = flat_gather_ds_mla(caches[0], bt, cu, tts, ss, torch.bfloat16, var)
-            row[name + "_equal"] = bool(torch.equal(got.view(torch.int16), want.view(torch.int16)))
-            row[name] = dbytes / bg._device_us([(lambda i=i, v=var: flat_gather_ds_mla(
-                caches[i % r], bt, cu, tts, ss, torch.bfloat16, v)) for i in range(k)]) / 1e3
-        del caches, want
-        torch.cuda.empty_cache()
+        _time_forms(row, bg, "ds_", "ds_op", dbytes, caches, DS_VARIANTS,
+                    lambda c: op(c, bt, cu, tts, ss, None, torch.bfloat16, "fp8_ds_mla"),
+                    lambda c, v: flat_gather_ds_mla(c, bt, cu, tts, ss, torch.bfloat16, v))
         rows.append(row)
         print(row, flush=True)
     bg._big_copy(dev, "end")

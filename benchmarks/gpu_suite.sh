@@ -22,12 +22,11 @@
 #                                        # the gather's gap to a 1:2 cast taken apart (dev_stream_mix.py)
 #   bash benchmarks/gpu_suite.sh s14     # one GPU: flat-vector gather kernels against the op (dev_flat_gather.py)
 #   bash benchmarks/gpu_suite.sh s15     # one GPU: gather tiles with fewer bytes resident an SM (sweep + flat)
-#   bash benchmarks/gpu_suite.sh s16     # one GPU: gather flags m (index loads evict_last) and w (stores evict_first)
-#   bash benchmarks/gpu_suite.sh s17     # one GPU: CONFIG with "m": gather GPU tests, gather table, sweep
 #   bash benchmarks/gpu_suite.sh s18     # one GPU: CONFIG with "p": the op's GPU tests, the gather table
 #   bash benchmarks/gpu_suite.sh s19     # one GPU: PDL with other gather tiles (sweep)
 #   bash benchmarks/gpu_suite.sh s21     # one GPU: decode_attention pass GPU tests incl. the flat-slot forms
-# (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed)
+# (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
+# 11's s16 / s17 with the gather flags m / w since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -196,20 +195,6 @@ print(f'{pick(128)},{pick(16)}')")
         --variants "16,256,4;16,128,4;16,256,8;8,256,4;8,512,8;16,64,2;16,128,2" \
         --ds-variants "16,512,8;16,256,8;16,128,4" > "$OUT/flat_gather_s15.log" 2>&1
     tail -6 "$OUT/flat_gather_s15.log" ;;
-  s16)  # session 11, after s15: index loads kept in L2 (evict_last, flag m), output stores evict_first (flag w)
-    timeout 100 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_dequant_cache_gpu.py \
-        -k "launch_configs" 2>&1 | tee "$OUT/s16_tests.log" | tail -2
-    timeout 240 python3 benchmarks/bench_cache_gather.py --sweep \
-        --sweep-configs "8,4,0;8,4,0,m;8,4,0,w;8,4,0,mw;8,4,0,ms;4,4,0,mw;16,8,0,mw;8,4,0,mwp" > "$OUT/sweep_s16.log" 2>&1
-    cp benchmarks/results/cache_gather_sweep.json "$OUT/cache_gather_sweep_s16.json"; tail -10 "$OUT/sweep_s16.log" ;;
-  s17)  # session 11, CONFIG (8, 4, 0, "m"): its tests, the gather table, a sweep of "m" with other tiles
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_dequant_cache_gpu.py 2>&1 \
-        | tee "$OUT/s17_tests.log" | tail -2; pack
-    timeout 150 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 80 > "$OUT/cache_gather.log" 2>&1
-    cp benchmarks/results/cache_gather.json "$OUT/cache_gather.json"; grep -i "summary\|pct_of_copy_at" "$OUT/cache_gather.log" | tail -3; pack
-    timeout 200 python3 benchmarks/bench_cache_gather.py --sweep \
-        --sweep-configs "8,4,0,m;8,4,0;4,2,0,m;16,8,0,m;2,2,0,m;8,4,0,mp;16,4,0,m" > "$OUT/sweep_s17.log" 2>&1
-    cp benchmarks/results/cache_gather_sweep.json "$OUT/cache_gather_sweep_s17.json"; grep -A9 "^config " "$OUT/sweep_s17.log" ;;
   s18)  # session 11, CONFIG (8, 4, 0, "p"): the op's GPU tests (CUDA-graph capture with PDL), the gather table
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_dequant_cache_gpu.py 2>&1 \
         | tee "$OUT/s18_tests.log" | tail -2; pack

@@ -54,10 +54,7 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # grid, 0 = one tile a program[, flags[, maxnreg]]). maxnreg: a register cap a thread (0: the compiler's own; at
 # 48 registers, 10 programs of 4 warps fit an SM, at 32 all 16). flags, a string of letters (kernels' docstring):
 # "v" = loads as wide as the output stores (no shared-memory layout change between load and store), "s" = streaming
-# output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere), "m" = the index
-# loads (token_to_seq, cu_seq_lens, seq_starts, block_table) marked evict_last, so they stay in L2 between calls
-# (a model's layers gather with the same metadata) while the cache and output streams pass through, "w" = output
-# stores marked evict_first (not with "s").
+# output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere).
 # Small tiles keep registers low (~32-48 a thread), so many programs share an SM and many independent index chains
 # (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache) are in flight. From bench_cache_gather.py
 # --sweep on an H100 80GB HBM3 (16 configs, bit-identical): (8, 4, 0) best or within 0.1 % of best, both layouts,
@@ -66,8 +63,9 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # cu_seq_lens / seq_starts whole and selecting in registers (one dependent load less) was 11-28 points slower at 64K
 # tokens and was removed (session 6).
 # Session 11 (RESULTS.md, 1x H100, two sweeps in one run): "p" +1.1 point of copy at 64K tokens (both layouts), the
-# same at 1M; "m" the same as without (88.5 / 88.6 %); "w" -0.7 at 64K; smaller tiles or more warps a tile (fewer
-# bytes resident an SM) and a flat-vector tiling were no faster. PDL only overlaps the launch with the previous
+# same at 1M; index loads marked evict_last did nothing, output stores marked evict_first cost 0.7 at 64K (both
+# flags removed after that run); smaller tiles or more warps a tile (fewer bytes resident an SM) and a flat-vector
+# tiling were no faster. PDL only overlaps the launch with the previous
 # kernel's tail: every program waits for that kernel (griddepcontrol.wait) before it reads anything.
 CONFIG = {"plain": (8, 4, 0, "p"), "fp8_ds_mla": (8, 4, 0, "p")}
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
@@ -294,8 +292,8 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     block_t, warps, per_sm, *rest = config or CONFIG[layout]
     flags = rest[0] if rest else ""
     maxnreg = rest[1] if len(rest) > 1 else 0
-    if set(flags) - set("vspmw") or ("s" in flags and "w" in flags):
-        raise ValueError(f"config flags must be letters of 'vspmw' (not both 's' and 'w'), got {flags!r}")
+    if set(flags) - set("vsp"):
+        raise ValueError(f"config flags must be letters of 'vsp', got {flags!r}")
     if not isinstance(maxnreg, int) or maxnreg < 0:
         raise ValueError(f"config maxnreg must be an int >= 0 (0: the compiler's choice), got {maxnreg!r}")
     n_tiles = -(-n_tokens // block_t)
@@ -312,8 +310,7 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     common = dict(BLOCK_SIZE=cache.shape[1], BLOCK_T=block_t, PAGED=paged,
                   HAS_SEQ_STARTS=seq_starts is not None, PERSISTENT=grid < n_tiles,
                   ROUND_BY_BITS=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps,
-                  VEC=16 // out.element_size() if "v" in flags else 0, STREAM=1 if "s" in flags else 2 if "w" in flags else 0,
-                  PDL=False, META_LAST="m" in flags)
+                  VEC=16 // out.element_size() if "v" in flags else 0, STREAM="s" in flags, PDL=False)
     if "p" in flags and cache.is_cuda and _capability(cache.device)[0] >= 9:
         common.update(PDL=True, launch_pdl=True)
     if maxnreg and cache.is_cuda:  # register cap (more programs an SM); the interpreter has no registers

@@ -203,7 +203,6 @@ def _paged_kv(node: Any) -> Optional[KV]:
             raise Decline(f"{{}} has layout {arg(gather, 4, 'layout')!r}: mla_decode_fp8 reads plain caches only",
                           gather)
         cache, index, scale = gather.args[0], gather.args[1], arg(gather, 2, "scale")
-        x = node
     else:
         if is_op(x, aten.mul.Tensor) and len(x.args) == 2:
             x, scale = x.args if _one_element_f32(x.args[1]) else x.args[::-1]

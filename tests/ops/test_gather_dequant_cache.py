@@ -275,12 +275,9 @@ def test_opcheck(case):
 def test_launch_config_flags_are_checked():
     cache, p, scale = _token_inputs(11, 576, torch.float8_e4m3fn)
     out = torch.empty(p.token_to_seq.numel(), 576, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"config flags must be letters of 'vspmw' \(not both 's' and 'w'\), got 'vx'"):
+    with pytest.raises(ValueError, match="config flags must be letters of 'vsp', got 'vx'"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "vx"))
-    with pytest.raises(ValueError, match="not both 's' and 'w'"):
-        gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
-                                         out, "plain", (8, 4, 0, "sw"))
     with pytest.raises(ValueError, match="config maxnreg must be an int >= 0"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "", -1))
@@ -290,7 +287,7 @@ def test_launch_config_covers_every_layout():
     assert set(gmod.CONFIG) == set(gmod.LAYOUTS)
     for layout, (block_t, warps, per_sm, *flags) in gmod.CONFIG.items():
         assert block_t >= 1 and block_t & (block_t - 1) == 0, (layout, block_t)
-        assert warps in (1, 2, 4, 8, 16) and per_sm >= 0 and len(flags) <= 1 and set("".join(flags)) <= set("vspmw")
+        assert warps in (1, 2, 4, 8, 16) and per_sm >= 0 and len(flags) <= 1 and set("".join(flags)) <= set("vsp")
 
 
 # ---------------------------------------------------------------- Triton kernels under the interpreter
@@ -345,7 +342,6 @@ def _interpreter_checks():
             cache, p, scale = _token_inputs(1, 576, cache_dtype, **small)
             check(cache, p, scale, out_dtype, config=(8, 4, 0), what=f"576 {cache_dtype}->{out_dtype}")
             check(cache, p, scale, out_dtype, config=(8, 4, 0, "vs"), what=f"576 {cache_dtype}->{out_dtype} vs")
-            check(cache, p, scale, out_dtype, config=(8, 4, 0, "mw"), what=f"576 {cache_dtype}->{out_dtype} mw")
     for d, cache_dtype in [(320, torch.float8_e4m3fn), (288, torch.float8_e5m2), (40, torch.float16),
                            (100, torch.float32), (1100, torch.float8_e4m3fn)]:  # 3 parts; 2 column slices
         cache, p, scale = _token_inputs(2, d, cache_dtype, **small)
@@ -358,7 +354,6 @@ def _interpreter_checks():
         cache, p, _ = _token_inputs(4, 656, None, "fp8_ds_mla", **small)
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 4, 0), what=f"ds_mla {out_dtype}")
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 2, 0, "vs"), what=f"ds_mla {out_dtype} vs")
-        check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 4, 0, "mw"), what=f"ds_mla {out_dtype} mw")
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", what="ds_mla CONFIG")  # config None: CONFIG's
     c5, p5, s5 = _token_inputs(5, 576, torch.float8_e4m3fn, **small)
     check(c5, p5, s5, torch.bfloat16, what="576 CONFIG")

@@ -16,10 +16,7 @@ Launch flags (constexpr, chosen in the launcher's CONFIG):
   will store (VEC = 16 bytes / output element size). Without it an fp8 load takes 16 bytes a thread and a
   bf16 store 16 bytes = 8 elements a thread: the loaded tile changes layout through shared memory (a barrier
   and a round trip) between the two. 0: no hint.
-- STREAM: 1 = output stores carry cache_modifier ".cs" (streaming: written once, not read back by this kernel);
-  2 = output stores marked evict_first in L2; 0 = plain stores.
-- META_LAST: the index loads (token_to_seq, cu_seq_lens, seq_starts, block_table) marked evict_last in L2: the
-  metadata stays resident between calls while the cache (evict_first) and the output stream through.
+- STREAM: output stores carry cache_modifier ".cs" (streaming: written once, not read back by this kernel).
 - PDL: programmatic dependent launch (sm_90+). Every program waits (griddepcontrol.wait) for the previous
   kernel in the stream to finish and flush before it reads anything, so the result does not depend on what
   ran before; it then lets the next kernel's programs be scheduled early (launch_dependents). Only the
@@ -58,16 +55,8 @@ def _floor_divmod(a, B: tl.constexpr):
 
 
 @triton.jit
-def _load_meta(ptrs, mask, META_LAST: tl.constexpr):
-    if META_LAST:
-        return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_last")
-    return tl.load(ptrs, mask=mask, other=0)
-
-
-@triton.jit
 def _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0, c_s1,
-             row_len, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr,
-             META_LAST: tl.constexpr):
+             row_len, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr):
     """Output token ids t (int64, any shape; live: those that exist) -> the element offset of each one's cache
     row and a mask `ok` of tokens that read the cache (others write zeros)."""
     if PAGED:
@@ -76,18 +65,18 @@ def _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_
         off = t - b * row_len
         ok = live
     else:
-        s = _load_meta(tts_ptr + t, live, META_LAST).to(tl.int64)
+        s = tl.load(tts_ptr + t, mask=live, other=0).to(tl.int64)
         valid = s >= 0                 # negative request id: DCP padding token
         b = tl.maximum(s, 0)
         ok = live & (b < n_req)
-        start = _load_meta(cu_ptr + b, ok, META_LAST).to(tl.int64)
+        start = tl.load(cu_ptr + b, mask=ok, other=0).to(tl.int64)
         if HAS_SEQ_STARTS:
-            start -= _load_meta(ss_ptr + b, ok, META_LAST).to(tl.int64)
+            start -= tl.load(ss_ptr + b, mask=ok, other=0).to(tl.int64)
         off = tl.where(valid, t - start, 0)
     j, r = _floor_divmod(off, BLOCK_SIZE)
     j = tl.where(j < 0, j + max_blocks, j)
     ok = ok & (j >= 0) & (j < max_blocks)
-    blk = _load_meta(bt_ptr + b * bt_s0 + j * bt_s1, ok, META_LAST).to(tl.int64)
+    blk = tl.load(bt_ptr + b * bt_s0 + j * bt_s1, mask=ok, other=0).to(tl.int64)
     blk = tl.where(blk < 0, blk + n_blocks, blk)
     ok = ok & (blk >= 0) & (blk < n_blocks)
     # no tl.where(ok, row, 0) here: a select hides the 16-byte alignment of the row from Triton's
@@ -100,13 +89,13 @@ def _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_
 def _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks,
                 n_blocks, c_s0, c_s1, row_len,
                 BLOCK_T: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
-                HAS_SEQ_STARTS: tl.constexpr, META_LAST: tl.constexpr):
+                HAS_SEQ_STARTS: tl.constexpr):
     """Output token ids t [BLOCK_T] (int64) of a tile, the element offset of each one's cache row, and a mask
     `ok` of tokens that read the cache (others write zeros) and `live` of tokens that exist."""
     t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # n_tokens < 2**31: the product fits
     live = t < n_tokens
     row, ok = _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0,
-                       c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, META_LAST)
+                       c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
     return t, row, ok, live
 
 
@@ -127,11 +116,8 @@ def _pdl_enter(PDL: tl.constexpr):
 
 @triton.jit
 def _store(ptrs, y, mask, STREAM: tl.constexpr):
-    # STREAM: 1 = streaming stores (.cs), 2 = stores marked evict_first in L2
-    if STREAM == 1:
+    if STREAM:
         tl.store(ptrs, y, mask=mask, cache_modifier=".cs")
-    elif STREAM == 2:
-        tl.store(ptrs, y, mask=mask, eviction_policy="evict_first")
     else:
         tl.store(ptrs, y, mask=mask)
 
@@ -170,7 +156,7 @@ def _gather_dequant_cache_kernel(
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
         PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr, VEC: tl.constexpr, STREAM: tl.constexpr,
-        PDL: tl.constexpr, META_LAST: tl.constexpr):
+        PDL: tl.constexpr):
     """Plain layout: out[t, :D] = round(fp32(cache[row(t), :D]) * scale) (no scale: a cast); out rows are
     OUT_STRIDE apart (the launcher gathers entries wider than 1024 in column slices).
 
@@ -192,7 +178,7 @@ def _gather_dequant_cache_kernel(
     tile = tl.program_id(0)
     t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
                                    n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
-                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, META_LAST)
+                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
     for _ in range(tl.program_id(0), n_tiles, step):
         x1 = _load_part(cache_ptr, row, ok, 0, P1, P1, VEC)
         if P2 > 0:
@@ -203,7 +189,7 @@ def _gather_dequant_cache_kernel(
             tile += step
             t_n, row_n, ok_n, live_n = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
                                                    n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
-                                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, META_LAST)
+                                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
         out_row = t * OUT_STRIDE
         _store_part(out_ptr, out_row, live, x1, s, 0, P1, P1, HAS_SCALE, ROUND_BY_BITS, VEC, STREAM)
         if P2 > 0:
@@ -221,7 +207,7 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr,
         PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr, VEC: tl.constexpr, STREAM: tl.constexpr,
-        PDL: tl.constexpr, META_LAST: tl.constexpr):
+        PDL: tl.constexpr):
     """fp8_ds_mla layout, a 656-byte row: 512 e4m3 | 4 fp32 group scales | 64 bf16 rope.
     out[t, i] = round(fp32(e4m3[i]) * scale[i // 128]) for i < 512, out[t, 512 + k] = round(rope[k]).
     The latent is one [BLOCK_T, 4, 128] tile (group x element), loaded with the scales and the rope
@@ -241,7 +227,7 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
     tile = tl.program_id(0)
     t, row, ok, live = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
                                    n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
-                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, META_LAST)
+                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
     for _ in range(tl.program_id(0), n_tiles, step):
         # typed pointers to each token's row parts (row offsets are multiples of 16 bytes)
         lat_base = (cache_ptr + row).to(tl.pointer_type(tl.float8e4nv))
@@ -256,7 +242,7 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
             tile += step
             t_n, row_n, ok_n, live_n = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
                                                    n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
-                                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, META_LAST)
+                                                   BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
         out_row = t * D_OUT
         y = x.to(tl.float32) * sc[:, :, None]
         _store(out_ptr + out_row[:, None, None] + lat_off, _round_fp32_to(y, OUT_DTYPE, ROUND_BY_BITS),
