@@ -24,7 +24,8 @@
 #   bash benchmarks/gpu_suite.sh s15     # one GPU: gather tiles with fewer bytes resident an SM (sweep + flat)
 #   bash benchmarks/gpu_suite.sh s18     # one GPU: CONFIG with "p": the op's GPU tests, the gather table
 #   bash benchmarks/gpu_suite.sh s19     # one GPU: PDL with other gather tiles (sweep)
-#   bash benchmarks/gpu_suite.sh s21     # one GPU: decode_attention pass GPU tests incl. the flat-slot forms
+#   bash benchmarks/gpu_suite.sh s21     # one GPU: decode_attention pass GPU tests incl. the flat-slot forms (spent)
+#   bash benchmarks/gpu_suite.sh s22     # one GPU: the scorer decode kernel: its GPU tests, A/B against "auto"
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed)
 set -uo pipefail
@@ -207,4 +208,9 @@ print(f'{pick(128)},{pick(16)}')")
   s21)  # next session: GPU tests of session 11's flat-slot decode_attention matching (not yet run on a GPU)
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_decode_attention_pass_gpu.py 2>&1 \
         | tee "$OUT/s21_tests.log" | grep -v PASSED | tail -6 ;;
+  s22)  # session 12: the scorer kernel (kernels/mla_decode_scorer.py): GPU tests, then timed against "auto"
+    timeout 240 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k scorer \
+        2>&1 | tee "$OUT/s22_tests.log" | grep -v PASSED | tail -8
+    timeout 300 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules seesaw --values auto,scorer \
+        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s22_ab.log" | tail -24 ;;
 esac

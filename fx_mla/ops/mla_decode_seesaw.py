@@ -42,9 +42,15 @@ LANES = "q2x4"
 # everywhere and was dropped.
 # A 64-token-tile producer form ("tile64", session 7) passed its GPU tests but was 3-16 % slower on the four 128-head
 # shapes (1x H100, session 8, RESULTS.md): removed (git history has it).
-VARIANTS = ("auto", "seesaw", "producer")
+# "scorer" (session 12, opt-in until measured): kernels/mla_decode_scorer.py, 64-token tiles, one warpgroup computes
+# all the scores and the softmax (and output columns 256..511), a helper warpgroup the other half of P V, a producer
+# the conversions; its registers: helper SCORER_HELPER_REGS, producer SCORER_PRODUCER_REGS, the scorer the rest
+# (no spills, Triton 3.6 sm_90: benchmarks/dev_offline_sm90.py). Always unstaged, partials as PARTIAL_BF16 says.
+VARIANTS = ("auto", "seesaw", "producer", "scorer")
 VARIANT = "auto"
 PRODUCER_WORKER_REGS, PRODUCER_REGS = 200, 104
+SCORER_HELPER_REGS, SCORER_PRODUCER_REGS = 160, 104
+SMEM_NEEDED_SCORER = 230176  # bytes of the compiled scorer kernel (Triton 3.6, sm_90)
 SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
 SMEM_NEEDED = 230764  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics,
 # barriers (STAGED_O's included)
@@ -90,7 +96,7 @@ def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_r
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
     # "auto" needs only what the seesaw kernel needs: it falls back to it where the producer form does not fit
-    smem = SMEM_NEEDED_PRODUCER if variant == "producer" else SMEM_NEEDED
+    smem = {"producer": SMEM_NEEDED_PRODUCER, "scorer": SMEM_NEEDED_SCORER}.get(variant, SMEM_NEEDED)
     return gluon_unsupported(q, kv_cache, kv_lora_rank, device, kernel="the seesaw Gluon kernel",
                              heads_reason=_heads_reason, row_align=4, smem_needed=smem)
 
@@ -133,6 +139,8 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * BLOCK_N, sm_count(device_index(q.device)),
                                     1)
     staged, bf16_partials = output_plan(num_splits, max_blocks * page, out.dtype)
+    if variant == "scorer":  # no staged epilogue in that kernel
+        staged, bf16_partials = False, None
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
                                                 lse, num_splits, poison_workspace, bf16_partials)
     # ONE_PAGE: the kernels load 32-token tiles, each in one page
@@ -140,6 +148,14 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
                   num_warps=NUM_WARPS, **consts)
     if variant == "auto":  # the device is asked only where the answer matters (one split a request)
         variant = pick_variant(num_splits, max_shared(q.device) if q.is_cuda and num_splits == 1 else None)
+    if variant == "scorer":
+        from fx_mla.ops.kernels import mla_decode_scorer as smod
+        common.pop("BLOCK_N")
+        kernel = smod._mla_decode_scorer_kernel[(groups, num_splits, batch)](
+            *args, TILE=2 * BLOCK_N, HELPER_REGS=SCORER_HELPER_REGS, PRODUCER_REGS=SCORER_PRODUCER_REGS, **common)
+        launch_mla_decode_seesaw.last_kernel = kernel
+        combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
+        return out, lse
     if variant == "producer":
         common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
     else:

@@ -1,0 +1,219 @@
+"""Gluon (Hopper, sm_90) "scorer" kernel of the 64-heads-per-CTA MLA decode over a paged FP8 cache (issue 6).
+
+Import only where Triton 3.6 Gluon is available (the seesaw launcher imports it lazily for VARIANT "scorer").
+Numerics, split workspace, bounds clamping and the epilogue are the seesaw kernel's (kernels/mla_decode_seesaw.py):
+a bf16 query scaled by 2**-Q_SHIFT into fp16, the FP8 cache converted to fp16 exactly, k_scale and 2**Q_SHIFT in
+the base-2 score scale, k_scale into the output, fp32 accumulators, natural-log lse.
+
+Why a third 64-head schedule: Nsight Compute put the seesaw kernel's shared memory at ~73 % of its throughput with
+the tensor pipe at ~39 % (RESULTS.md, session 7). Its scores are 64 x 32 x 16 wgmmas with both operands in shared
+memory: 3 KB moved for 16 tensor cycles, above the 128 bytes a cycle shared memory serves, and the whole 72 KB query
+is read again for every 32 tokens. The 64-token-tile seesaw of session 7 ("tile64") halved that but had room for one
+buffer a tile only, so its producer could not run ahead. Here ONE warpgroup computes all the scores:
+
+* Tiles of 64 tokens, two buffers (Q 72 KiB + 2 x 72 KiB of fp16 tiles + P 8 KiB ~ 225 KiB). Scores are 64 x 64 x 16
+  wgmmas (4 KB for 32 tensor cycles: within shared memory's rate) and the query is read once per 64 tokens.
+* The scorer (default partition, 4 warps) owns output columns 256..511 and the row statistics: for tile j it masks
+  and scales S_j, takes m_j, P_j = exp2(S_j - m_j), alpha_j = exp2(m_{j-1} - m_j), l; publishes P_j and alpha_j in
+  shared memory (p_full); rescales its accumulator and issues S_{j+1} = Q K_{j+1}^T, then P_j V_j[:, 256:]; waits
+  for S_{j+1} only, so that its next softmax runs while its P V (and the helper's) are on the tensor cores
+  (FlashAttention-3's intra-warpgroup overlap; wgmma groups complete in issue order).
+* The helper (4 warps) owns columns 0..255: per tile it waits p_full, rescales by alpha_j, runs P_j V_j[:, :256],
+  then releases P (p_empty) and the tile (empty).
+* The producer (4 warps) loads each tile in two 32-token halves (one half ahead in registers: the seesaw producer's
+  budget), converts FP8 -> fp16 into the tile's buffer (empty: both the scorer and the helper released it) and
+  signals full. It converts one tile past the last (zero rows, no memory traffic): the scorer issues the next
+  tile's scores before leaving its loop, without a branch.
+* The tile's tokens past the split's end load as 0 and score -inf; the first tile of a split always has a valid
+  token, and so does every tile the loop reaches, so every m_j is finite.
+Shared memory a block: Q 73,728 + tiles 147,456 + P 8,192 + statistics and barriers (~229.5 KB of the 232,448 an
+H100 block may use).
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from fx_mla.ops.kernels.mla_decode_gluon import (_load_tile, _output_rows, _query_tiles, _score_scale, _split_range,
+                                                 _store_tile, lat_layout)
+from fx_mla.ops.kernels.mla_decode_seesaw import _pair_epilogue
+
+
+@gluon.jit
+def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
+                      start, end, qk_scale, k_scale, o_base, stride_o_h, lse_base,
+                      L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr):
+    """Scores, softmax statistics and output columns [L/2, L) (the epilogue's warpgroup 1: it holds l, writes lse)."""
+    HALF: gl.constexpr = L // 2
+    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, TILE, 16])
+    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HALF, 16])
+    ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+    ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+    n_tiles = gl.cdiv(end - start, TILE)
+
+    mbarrier.wait(full.index(0), 0)
+    s = gl.zeros([BLOCK_H, TILE], gl.float32, S_LAYOUT)
+    s = warpgroup_mma(q_nope.index(0), k_nope.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
+    s = warpgroup_mma(q_pe.index(0), k_pe.index(0).permute((1, 0)), s, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s, ))
+
+    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW_S)
+    l_i = gl.zeros([BLOCK_H], gl.float32, ROW_S)
+    acc = gl.zeros([BLOCK_H, HALF], gl.float32, O_LAYOUT)
+    offs_n = gl.arange(0, TILE, layout=gl.SliceLayout(0, S_LAYOUT))
+    for j in range(0, n_tiles):
+        buf = j % 2
+        nbuf = 1 - buf
+        # the scores of tile j+1 go onto the tensor cores first, under this tile's softmax
+        mbarrier.wait(full.index(nbuf), ((j + 1) // 2) & 1)
+        # An opaque zero keeps the query's MMA descriptors from being hoisted out of the loop into registers.
+        zero = gl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [j], dtype=gl.int32, is_pure=False, pack=1)
+        s_next = warpgroup_mma(q_nope.index(zero), k_nope.index(nbuf).permute((1, 0)), s, use_acc=False,
+                               is_async=True)
+        s_next = warpgroup_mma(q_pe.index(zero), k_pe.index(nbuf).permute((1, 0)), s_next, is_async=True)
+        s = gl.where((start + j * TILE + offs_n < end)[None, :], s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        p = gl.exp2(s - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        mbarrier.wait(p_empty, (j & 1) ^ 1)        # the helper's P_{j-1} V_{j-1} complete (a fresh barrier passes)
+        p_s.store(p.to(gl.float16))
+        alpha_s.store(alpha)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(p_full)
+        acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+        acc = warpgroup_mma(p_s, k_nope.index(buf).slice(HALF, HALF, dim=1), acc, is_async=True)
+        acc, s = warpgroup_mma_wait(0, deps=(acc, s_next))
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(buf))          # our reads of tile j (K, V, P) are complete
+        m_i = m_new
+    _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, 1, L, BLOCK_H, S_LAYOUT,
+                   O_LAYOUT, k_nope, bar_fin, False)
+
+
+@gluon.jit
+def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, start, end, k_scale, o_base,
+                      stride_o_h, lse_base, L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr):
+    """Output columns [0, L/2): P_j V_j with the scorer's P_j and alpha_j (the epilogue's warpgroup 0)."""
+    HALF: gl.constexpr = L // 2
+    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, TILE, 16])
+    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HALF, 16])
+    ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+    ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+    n_tiles = gl.cdiv(end - start, TILE)
+    acc = gl.zeros([BLOCK_H, HALF], gl.float32, O_LAYOUT)
+    for j in range(0, n_tiles):
+        mbarrier.wait(p_full, j & 1)
+        alpha = alpha_s.load(ROW_O)
+        acc = acc * alpha[:, None]
+        acc = warpgroup_mma(p_s, k_nope.index(j % 2).slice(0, HALF, dim=1), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        gl.thread_barrier()
+        mbarrier.arrive(p_empty)
+        mbarrier.arrive(empty.index(j % 2))
+    unused = gl.zeros([BLOCK_H], gl.float32, ROW_S)
+    _pair_epilogue(acc, unused, unused, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, 0, L, BLOCK_H, S_LAYOUT,
+                   O_LAYOUT, k_nope, bar_fin, False)
+
+
+@gluon.jit
+def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                   PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, TILE: gl.constexpr, E5M2: gl.constexpr,
+                   ONE_PAGE: gl.constexpr, LANES: gl.constexpr):
+    """Tile t (tokens start + 64 t ..) into buffer t % 2 in two 32-token halves, one half ahead in registers."""
+    HALF_T: gl.constexpr = TILE // 2
+    SUB: gl.constexpr = HALF_T // 4
+    LAT_LAYOUT: gl.constexpr = lat_layout(LANES, 4, SUB)                            # [SUB, L / 4] words
+    ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])   # [HALF_T, R / 4] words
+    SMEM_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    nope_words = k_nope._reinterpret(gl.int32, [2, TILE, L // 2], SMEM_WORDS)
+    pe_words = k_pe._reinterpret(gl.int32, [2, TILE, R // 2], SMEM_WORDS)
+    kv_words = kv_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+    n_halves = 2 * (gl.cdiv(end - start, TILE) + 1)  # one tile past the last: see the module docstring
+    half = _load_tile(kv_words, bt_row, start, end, num_blocks, blk_words, tok_words,
+                      PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+    for i in range(n_halves):
+        t = i // 2
+        b = t % 2
+        nxt = _load_tile(kv_words, bt_row, start + (i + 1) * HALF_T, end, num_blocks, blk_words, tok_words,
+                         PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+        if i % 2 == 0:
+            mbarrier.wait(empty.index(b), ((t // 2) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
+            _store_tile(half, nope_words.index(b).slice(0, HALF_T), pe_words.index(b).slice(0, HALF_T), SUB, E5M2)
+        else:
+            _store_tile(half, nope_words.index(b).slice(HALF_T, HALF_T), pe_words.index(b).slice(HALF_T, HALF_T),
+                        SUB, E5M2)
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(full.index(b))
+        half = nxt
+
+
+@gluon.jit
+def _mla_decode_scorer_kernel(
+        q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
+        out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+        sm_scale, num_heads, num_splits, num_blocks, max_blocks,
+        stride_q_b, stride_q_h, blk_words, tok_words, stride_bt_b, stride_o_b, stride_o_h,
+        PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr,
+        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+        ONE_PAGE: gl.constexpr, HELPER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, LANES: gl.constexpr,
+        num_warps: gl.constexpr):
+    gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
+    gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
+    gl.static_assert(TILE == 64, "64-token tiles, loaded as two 32-token halves")
+    gl.static_assert((not ONE_PAGE) or PAGE % (TILE // 2) == 0, "ONE_PAGE: a half tile lies in one page")
+    pid_g = gl.program_id(0)  # head group varies fastest: the groups of one tile run side by side and share L2
+    pid_s = gl.program_id(1)
+    pid_b = gl.program_id(2).to(gl.int64)
+
+    SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    SMEM_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, TILE], gl.float16)
+    SMEM_ROW: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+
+    q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT,
+                                    num_warps)
+    q_nope = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, L], SMEM_LAT)
+    q_nope.index(0).store(q_nope_t)
+    q_pe = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, R], SMEM_LAT)
+    q_pe.index(0).store(q_pe_t)
+    k_nope = gl.allocate_shared_memory(gl.float16, [2, TILE, L], SMEM_LAT)
+    k_pe = gl.allocate_shared_memory(gl.float16, [2, TILE, R], SMEM_LAT)
+    p_s = gl.allocate_shared_memory(gl.float16, [BLOCK_H, TILE], SMEM_P)
+    alpha_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
+    l_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], SMEM_ROW)
+    full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    p_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    p_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bar_fin = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # the scorer and the helper both read a tile
+    mbarrier.init(p_full, count=1)
+    mbarrier.init(p_empty, count=1)
+    mbarrier.init(bar_fin, count=1)
+    fence_async_shared()
+
+    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
+    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, TILE)
+    # a split past the request's end has end < start: empty, not negative (a negative tile count would leave the
+    # scorer's first full-barrier wait without a producer arrive: a hang)
+    end = gl.maximum(end, start)
+    bt_row = block_table_ptr + pid_b * stride_bt_b
+    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s,
+                                              pid_g * BLOCK_H, num_heads, num_splits, stride_o_b, stride_o_h, L,
+                                              SINGLE_SPLIT)
+    gl.warp_specialize([
+        (_scorer_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
+                             start, end, qk_scale, k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE)),
+        (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, start, end, k_scale,
+                             o_base, o_stride, lse_base, L, BLOCK_H, TILE)),
+        (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                          PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES)),
+    ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
