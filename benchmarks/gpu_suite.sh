@@ -25,7 +25,8 @@
 #   bash benchmarks/gpu_suite.sh s18     # one GPU: CONFIG with "p": the op's GPU tests, the gather table
 #   bash benchmarks/gpu_suite.sh s19     # one GPU: PDL with other gather tiles (sweep)
 #   bash benchmarks/gpu_suite.sh s21     # one GPU: decode_attention pass GPU tests incl. the flat-slot forms (spent)
-#   bash benchmarks/gpu_suite.sh s22     # one GPU: the scorer decode kernel: its GPU tests, A/B against "auto"
+#   bash benchmarks/gpu_suite.sh s22     # one GPU: the scorer decode kernel: its GPU tests, A/B against "auto" (spent)
+#   bash benchmarks/gpu_suite.sh s23     # one GPU: the scorer's L2 prefetch: tests, A/B
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed)
 set -uo pipefail
@@ -213,4 +214,10 @@ print(f'{pick(128)},{pick(16)}')")
         2>&1 | tee "$OUT/s22_tests.log" | grep -v PASSED | tail -8
     timeout 300 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules seesaw --values auto,scorer \
         --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s22_ab.log" | tail -24 ;;
+  s23)  # session 12: the scorer's L2 prefetch: GPU tests, then timed against "auto" and the plain scorer
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k prefetch \
+        2>&1 | tee "$OUT/s23_tests.log" | grep -v PASSED | tail -8
+    timeout 340 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
+        "VARIANT=auto,VARIANT=scorer+SCORER_PREFETCH=0,VARIANT=scorer+SCORER_PREFETCH=1,VARIANT=scorer+SCORER_PREFETCH=2,VARIANT=scorer+SCORER_PREFETCH=4" \
+        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s23_ab.log" | tail -24 ;;
 esac

@@ -124,8 +124,10 @@ def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin
 @gluon.jit
 def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                    PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, TILE: gl.constexpr, E5M2: gl.constexpr,
-                   ONE_PAGE: gl.constexpr, LANES: gl.constexpr):
-    """Tile t (tokens start + 64 t ..) into buffer t % 2 in two 32-token halves, one half ahead in registers."""
+                   ONE_PAGE: gl.constexpr, LANES: gl.constexpr, PREFETCH: gl.constexpr, PF_CONTIG: gl.constexpr):
+    """Tile t (tokens start + 64 t ..) into buffer t % 2 in two 32-token halves, one half ahead in registers.
+    PREFETCH > 0: the cache rows of the half PREFETCH tiles ahead are prefetched into L2 (_prefetch_half), their
+    page ids loaded one iteration before (no wait on them in the loop)."""
     HALF_T: gl.constexpr = TILE // 2
     SUB: gl.constexpr = HALF_T // 4
     LAT_LAYOUT: gl.constexpr = lat_layout(LANES, 4, SUB)                            # [SUB, L / 4] words
@@ -137,9 +139,22 @@ def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bl
     n_halves = 2 * (gl.cdiv(end - start, TILE) + 1)  # one tile past the last: see the module docstring
     half = _load_tile(kv_words, bt_row, start, end, num_blocks, blk_words, tok_words,
                       PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+    if PREFETCH > 0:
+        gl.static_assert(L + R == 576 and HALF_T == 32, "prefetch sizes: 32 rows of 576 FP8 bytes")
+        PF_LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        pf_e = gl.arange(0, 4 * HALF_T, layout=PF_LAYOUT)  # a quarter of a row each: 32 rows x 4 chunks
+        for k in gl.static_range(1, 2 * PREFETCH):
+            n_k = start + k * HALF_T
+            _prefetch_half(kv_ptr, _half_pages(bt_row, n_k, end, num_blocks, pf_e, PAGE, PF_CONTIG), n_k, end,
+                           blk_words, tok_words, pf_e, PAGE, PF_CONTIG)
+        pf_page = _half_pages(bt_row, start + 2 * PREFETCH * HALF_T, end, num_blocks, pf_e, PAGE, PF_CONTIG)
     for i in range(n_halves):
         t = i // 2
         b = t % 2
+        if PREFETCH > 0:
+            n_pf = start + (i + 2 * PREFETCH) * HALF_T
+            _prefetch_half(kv_ptr, pf_page, n_pf, end, blk_words, tok_words, pf_e, PAGE, PF_CONTIG)
+            pf_page = _half_pages(bt_row, n_pf + HALF_T, end, num_blocks, pf_e, PAGE, PF_CONTIG)
         nxt = _load_tile(kv_words, bt_row, start + (i + 1) * HALF_T, end, num_blocks, blk_words, tok_words,
                          PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
         if i % 2 == 0:
@@ -155,6 +170,36 @@ def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bl
 
 
 @gluon.jit
+def _half_pages(bt_row, n0, end, num_blocks, pf_e, PAGE: gl.constexpr, CONTIG: gl.constexpr):
+    """Page ids of the prefetch lanes' rows (clamped into the cache; 0 past `end`): row n0 + pf_e // 4, or with
+    CONTIG the half's one page (every lane the same)."""
+    pos = n0 + pf_e * 0 if CONTIG else n0 + pf_e // 4
+    page = gl.load(bt_row + pos // PAGE, mask=pos < end, other=0)
+    return gl.minimum(gl.maximum(page, 0), num_blocks - 1)
+
+
+@gluon.jit
+def _prefetch_half(kv_ptr, page, n0, end, blk_words, tok_words, pf_e, PAGE: gl.constexpr, CONTIG: gl.constexpr):
+    """cp.async.bulk.prefetch.L2 of the 32 cache rows of tokens n0.. before `end`: with CONTIG (the 32 rows lie in
+    one page, 576 bytes apart) one 18,432-byte prefetch by lane 0, else each of 128 lanes a quarter row (144 bytes;
+    the instruction takes one address a warp at a time, so this form costs a 32-step loop a warp). The launcher
+    enables prefetches only for a 16-byte aligned cache (the instruction's requirement)."""
+    if CONTIG:
+        off = page.to(gl.int64) * (blk_words * 4) + (n0 % PAGE) * (tok_words * 4)
+        ok = (pf_e == 0) & (n0 < end)
+        gl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], 18432; "
+            "mov.b32 $0, 0; }", "=r,l,r", [kv_ptr + off, ok.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
+    else:
+        pos = n0 + pf_e // 4
+        off = (page.to(gl.int64) * (blk_words * 4) + (pos % PAGE).to(gl.int64) * (tok_words * 4)
+               + (pf_e % 4) * 144)
+        gl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], 144; mov.b32 $0, 0; }",
+            "=r,l,r", [kv_ptr + off, (pos < end).to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _mla_decode_scorer_kernel(
         q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
@@ -163,7 +208,7 @@ def _mla_decode_scorer_kernel(
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, HELPER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, LANES: gl.constexpr,
-        num_warps: gl.constexpr):
+        num_warps: gl.constexpr, PREFETCH: gl.constexpr = 0, PF_CONTIG: gl.constexpr = False):
     gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(TILE == 64, "64-token tiles, loaded as two 32-token halves")
@@ -215,5 +260,5 @@ def _mla_decode_scorer_kernel(
         (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, start, end, k_scale,
                              o_base, o_stride, lse_base, L, BLOCK_H, TILE)),
         (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                          PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES)),
+                          PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG)),
     ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
