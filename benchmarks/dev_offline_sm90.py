@@ -37,7 +37,7 @@ COMMON = dict(PAGE=64, L=512, R=64, BLOCK_H=64, Q_SHIFT=8, HAS_Q_SCALE=False, E5
               ONE_PAGE=True, LANES="q2x4", num_warps=4)
 KERNELS = {
     "scorer": ("fx_mla.ops.kernels.mla_decode_scorer", "_mla_decode_scorer_kernel",
-               dict(TILE=64, HELPER_REGS=168, PRODUCER_REGS=96)),
+               dict(TILE=64, HELPER_REGS=160, PRODUCER_REGS=112)),
     "seesaw": ("fx_mla.ops.kernels.mla_decode_seesaw", "_mla_decode_seesaw_kernel",
                dict(BLOCK_N=32, WORKER_REGS=256)),
 }
@@ -71,6 +71,10 @@ def main():
     for name in fn.arg_names:
         if name not in sig:
             sig[name] = "constexpr"
+    import inspect
+    for name, par in inspect.signature(fn.fn).parameters.items():  # the kernel's own constexpr defaults
+        if par.default is not inspect.Parameter.empty:
+            consts.setdefault(name, par.default)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     src = GluonASTSource(fn, sig, constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))

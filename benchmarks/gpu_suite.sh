@@ -26,7 +26,8 @@
 #   bash benchmarks/gpu_suite.sh s19     # one GPU: PDL with other gather tiles (sweep)
 #   bash benchmarks/gpu_suite.sh s21     # one GPU: decode_attention pass GPU tests incl. the flat-slot forms (spent)
 #   bash benchmarks/gpu_suite.sh s22     # one GPU: the scorer decode kernel: its GPU tests, A/B against "auto" (spent)
-#   bash benchmarks/gpu_suite.sh s23     # one GPU: the scorer's L2 prefetch: tests, A/B
+#   bash benchmarks/gpu_suite.sh s23     # one GPU: the scorer's L2 prefetch: tests, A/B (spent)
+#   bash benchmarks/gpu_suite.sh s24     # one GPU: the scorer with parts switched off (timing knobs)
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed)
 set -uo pipefail
@@ -220,4 +221,8 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 340 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
         "VARIANT=auto,VARIANT=scorer+SCORER_PREFETCH=0,VARIANT=scorer+SCORER_PREFETCH=1,VARIANT=scorer+SCORER_PREFETCH=2,VARIANT=scorer+SCORER_PREFETCH=4" \
         --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s23_ab.log" | tail -24 ;;
+  s24)  # session 12: where the scorer's time goes (SCORER_DEV timing knobs: wrong results by design, "ok False")
+    timeout 300 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
+        "VARIANT=scorer+SCORER_DEV=0,VARIANT=scorer+SCORER_DEV=1,VARIANT=scorer+SCORER_DEV=2,VARIANT=scorer+SCORER_DEV=4,VARIANT=scorer+SCORER_DEV=6" \
+        --shapes 8x128x16384,16x128x32768,1x128x65536 2>&1 | tee "$OUT/s24_ab.log" | tail -24 ;;
 esac

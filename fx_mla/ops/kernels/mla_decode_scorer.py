@@ -42,7 +42,7 @@ from fx_mla.ops.kernels.mla_decode_seesaw import _pair_epilogue
 @gluon.jit
 def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
                       start, end, qk_scale, k_scale, o_base, stride_o_h, lse_base,
-                      L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr):
+                      L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr, DEV: gl.constexpr):
     """Scores, softmax statistics and output columns [L/2, L) (the epilogue's warpgroup 1: it holds l, writes lse)."""
     HALF: gl.constexpr = L // 2
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -73,11 +73,16 @@ def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty
         s_next = warpgroup_mma(q_nope.index(zero), k_nope.index(nbuf).permute((1, 0)), s, use_acc=False,
                                is_async=True)
         s_next = warpgroup_mma(q_pe.index(zero), k_pe.index(nbuf).permute((1, 0)), s_next, is_async=True)
-        s = gl.where((start + j * TILE + offs_n < end)[None, :], s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        p = gl.exp2(s - m_new[:, None])
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
+        if (DEV // 4) % 2 == 1:  # dev timing only: no softmax (wrong results)
+            m_new = m_i
+            p = s
+            alpha = l_i + 1.0
+        else:
+            s = gl.where((start + j * TILE + offs_n < end)[None, :], s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            p = gl.exp2(s - m_new[:, None])
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, 1)
         mbarrier.wait(p_empty, (j & 1) ^ 1)        # the helper's P_{j-1} V_{j-1} complete (a fresh barrier passes)
         p_s.store(p.to(gl.float16))
         alpha_s.store(alpha)
@@ -124,7 +129,8 @@ def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin
 @gluon.jit
 def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                    PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, TILE: gl.constexpr, E5M2: gl.constexpr,
-                   ONE_PAGE: gl.constexpr, LANES: gl.constexpr, PREFETCH: gl.constexpr, PF_CONTIG: gl.constexpr):
+                   ONE_PAGE: gl.constexpr, LANES: gl.constexpr, PREFETCH: gl.constexpr, PF_CONTIG: gl.constexpr,
+                   DEV: gl.constexpr):
     """Tile t (tokens start + 64 t ..) into buffer t % 2 in two 32-token halves, one half ahead in registers.
     PREFETCH > 0: the cache rows of the half PREFETCH tiles ahead are prefetched into L2 (_prefetch_half), their
     page ids loaded one iteration before (no wait on them in the loop)."""
@@ -155,14 +161,17 @@ def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bl
             n_pf = start + (i + 2 * PREFETCH) * HALF_T
             _prefetch_half(kv_ptr, pf_page, n_pf, end, blk_words, tok_words, pf_e, PAGE, PF_CONTIG)
             pf_page = _half_pages(bt_row, n_pf + HALF_T, end, num_blocks, pf_e, PAGE, PF_CONTIG)
-        nxt = _load_tile(kv_words, bt_row, start + (i + 1) * HALF_T, end, num_blocks, blk_words, tok_words,
-                         PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+        nxt = _load_tile(kv_words, bt_row, start + (i + 1) * HALF_T, start if DEV % 2 == 1 else end, num_blocks,
+                         blk_words, tok_words, PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
         if i % 2 == 0:
             mbarrier.wait(empty.index(b), ((t // 2) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
-            _store_tile(half, nope_words.index(b).slice(0, HALF_T), pe_words.index(b).slice(0, HALF_T), SUB, E5M2)
+            if (DEV // 2) % 2 == 0:
+                _store_tile(half, nope_words.index(b).slice(0, HALF_T), pe_words.index(b).slice(0, HALF_T), SUB,
+                            E5M2)
         else:
-            _store_tile(half, nope_words.index(b).slice(HALF_T, HALF_T), pe_words.index(b).slice(HALF_T, HALF_T),
-                        SUB, E5M2)
+            if (DEV // 2) % 2 == 0:
+                _store_tile(half, nope_words.index(b).slice(HALF_T, HALF_T),
+                            pe_words.index(b).slice(HALF_T, HALF_T), SUB, E5M2)
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(full.index(b))
@@ -208,7 +217,10 @@ def _mla_decode_scorer_kernel(
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, HELPER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, LANES: gl.constexpr,
-        num_warps: gl.constexpr, PREFETCH: gl.constexpr = 0, PF_CONTIG: gl.constexpr = False):
+        num_warps: gl.constexpr, PREFETCH: gl.constexpr = 0, PF_CONTIG: gl.constexpr = False,
+        DEV: gl.constexpr = 0):
+    """DEV (timing experiments only, wrong results): bit 0 the producer loads nothing, bit 1 it stores nothing, bit 2
+    the scorer skips its softmax."""
     gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(TILE == 64, "64-token tiles, loaded as two 32-token halves")
@@ -256,9 +268,9 @@ def _mla_decode_scorer_kernel(
                                               SINGLE_SPLIT)
     gl.warp_specialize([
         (_scorer_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
-                             start, end, qk_scale, k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE)),
+                             start, end, qk_scale, k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, DEV)),
         (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, start, end, k_scale,
                              o_base, o_stride, lse_base, L, BLOCK_H, TILE)),
         (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                          PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG)),
+                          PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG, DEV)),
     ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
