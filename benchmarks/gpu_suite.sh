@@ -27,7 +27,8 @@
 #   bash benchmarks/gpu_suite.sh s21     # one GPU: decode_attention pass GPU tests incl. the flat-slot forms (spent)
 #   bash benchmarks/gpu_suite.sh s22     # one GPU: the scorer decode kernel: its GPU tests, A/B against "auto" (spent)
 #   bash benchmarks/gpu_suite.sh s23     # one GPU: the scorer's L2 prefetch: tests, A/B (spent)
-#   bash benchmarks/gpu_suite.sh s24     # one GPU: the scorer with parts switched off (timing knobs)
+#   bash benchmarks/gpu_suite.sh s24     # one GPU: the scorer with parts switched off (timing knobs) (spent)
+#   bash benchmarks/gpu_suite.sh s25     # one GPU: Nsight Compute of the scorer kernel, B = 8
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed)
 set -uo pipefail
@@ -225,4 +226,11 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 300 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
         "VARIANT=scorer+SCORER_DEV=0,VARIANT=scorer+SCORER_DEV=1,VARIANT=scorer+SCORER_DEV=2,VARIANT=scorer+SCORER_DEV=4,VARIANT=scorer+SCORER_DEV=6" \
         --shapes 8x128x16384,16x128x32768,1x128x65536 2>&1 | tee "$OUT/s24_ab.log" | tail -24 ;;
+  s25)  # session 12: Nsight Compute of the scorer kernel at B = 8 (full set; details and per-instruction stall samples)
+    timeout 240 ncu --clock-control none --profile-from-start off --set full --import-source no -o "$OUT/prof_sc" \
+      python3 benchmarks/dev_profile.py --which b8 --seesaw-variants scorer > "$OUT/ncu.log" 2>&1
+    tail -3 "$OUT/ncu.log"
+    ncu -i "$OUT/prof_sc.ncu-rep" --page details > "$OUT/details_sc.txt" 2>&1; wc -l "$OUT/details_sc.txt"
+    ncu -i "$OUT/prof_sc.ncu-rep" --page source --csv --print-source sass > "$OUT/source_sc.csv" 2>&1
+    wc -l "$OUT/source_sc.csv"; rm -f "$OUT/prof_sc.ncu-rep" ;;
 esac
