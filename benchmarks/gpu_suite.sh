@@ -28,7 +28,8 @@
 #   bash benchmarks/gpu_suite.sh s22     # one GPU: the scorer decode kernel: its GPU tests, A/B against "auto" (spent)
 #   bash benchmarks/gpu_suite.sh s23     # one GPU: the scorer's L2 prefetch: tests, A/B (spent)
 #   bash benchmarks/gpu_suite.sh s24     # one GPU: the scorer with parts switched off (timing knobs) (spent)
-#   bash benchmarks/gpu_suite.sh s25     # one GPU: Nsight Compute of the scorer kernel, B = 8
+#   bash benchmarks/gpu_suite.sh s25     # one GPU: Nsight Compute of the scorer kernel, B = 8 (spent)
+#   bash benchmarks/gpu_suite.sh s26     # one GPU: the scorer's late schedule: tests, A/B
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed)
 set -uo pipefail
@@ -233,4 +234,10 @@ print(f'{pick(128)},{pick(16)}')")
     ncu -i "$OUT/prof_sc.ncu-rep" --page details > "$OUT/details_sc.txt" 2>&1; wc -l "$OUT/details_sc.txt"
     ncu -i "$OUT/prof_sc.ncu-rep" --page source --csv --print-source sass > "$OUT/source_sc.csv" 2>&1
     wc -l "$OUT/source_sc.csv"; rm -f "$OUT/prof_sc.ncu-rep" ;;
+  s26)  # session 12: the scorer's late schedule: GPU tests (options bitwise the plain scorer), A/B against "auto"
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k "options" \
+        2>&1 | tee "$OUT/s26_tests.log" | grep -v PASSED | tail -8
+    timeout 300 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
+        "VARIANT=auto,VARIANT=scorer+SCORER_LATE_S=False,VARIANT=scorer+SCORER_LATE_S=True,VARIANT=scorer+SCORER_LATE_S=True+SCORER_PREFETCH=2" \
+        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s26_ab.log" | tail -24 ;;
 esac

@@ -53,6 +53,7 @@ SCORER_HELPER_REGS, SCORER_PRODUCER_REGS = 160, 112
 # The scorer's producer prefetches the cache rows SCORER_PREFETCH tiles ahead into L2 (cp.async.bulk.prefetch; 0: off;
 # only for a 16-byte aligned cache). Off until measured.
 SCORER_PREFETCH = 0
+SCORER_LATE_S = False  # the scorer's "late" schedule (next scores after P V: time to convert a tile); off until measured
 SCORER_DEV = 0  # timing experiments only (kernels/mla_decode_scorer.py DEV: wrong results when not 0)
 SMEM_NEEDED_SCORER = 230176  # bytes of the compiled scorer kernel (Triton 3.6, sm_90)
 SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
@@ -159,7 +160,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         prefetch = int(SCORER_PREFETCH) if aligned else 0
         kernel = smod._mla_decode_scorer_kernel[(groups, num_splits, batch)](
             *args, TILE=2 * BLOCK_N, HELPER_REGS=SCORER_HELPER_REGS, PRODUCER_REGS=SCORER_PRODUCER_REGS,
-            DEV=int(SCORER_DEV), PREFETCH=prefetch, PF_CONTIG=bool(common["ONE_PAGE"] and kv_cache.stride(1) == 576), **common)
+            DEV=int(SCORER_DEV), LATE_S=bool(SCORER_LATE_S), PREFETCH=prefetch, PF_CONTIG=bool(common["ONE_PAGE"] and kv_cache.stride(1) == 576), **common)
         launch_mla_decode_seesaw.last_kernel = kernel
         combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
         return out, lse

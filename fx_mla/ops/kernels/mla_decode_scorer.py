@@ -100,6 +100,64 @@ def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty
 
 
 @gluon.jit
+def _scorer_late_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
+                           start, end, qk_scale, k_scale, o_base, stride_o_h, lse_base,
+                           L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr, DEV: gl.constexpr):
+    """_scorer_partition with the next tile's scores issued after this tile's P V ("late"): a tile is in use from
+    its scores to its P V only, so the producer converts tile j+1 while the scorer computes S_j and its softmax (with
+    the scores issued first, tile j+1 is needed the moment tile j-1 is released: no time to convert it). The
+    softmax no longer runs under the next scores; P_j V_j and S_{j+1} run back to back."""
+    HALF: gl.constexpr = L // 2
+    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, TILE, 16])
+    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HALF, 16])
+    ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+    ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+    n_tiles = gl.cdiv(end - start, TILE)
+
+    mbarrier.wait(full.index(0), 0)
+    s = gl.zeros([BLOCK_H, TILE], gl.float32, S_LAYOUT)
+    s = warpgroup_mma(q_nope.index(0), k_nope.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
+    s = warpgroup_mma(q_pe.index(0), k_pe.index(0).permute((1, 0)), s, is_async=True)
+
+    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW_S)
+    l_i = gl.zeros([BLOCK_H], gl.float32, ROW_S)
+    acc = gl.zeros([BLOCK_H, HALF], gl.float32, O_LAYOUT)
+    offs_n = gl.arange(0, TILE, layout=gl.SliceLayout(0, S_LAYOUT))
+    for j in range(0, n_tiles):
+        buf = j % 2
+        nbuf = 1 - buf
+        s_t = warpgroup_mma_wait(0, deps=(s, ))   # S_j (and P_{j-1} V_{j-1}, issued before it) complete
+        s_t = gl.where((start + j * TILE + offs_n < end)[None, :], s_t * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s_t, 1))
+        p = gl.exp2(s_t - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        mbarrier.wait(p_empty, (j & 1) ^ 1)        # the helper's P_{j-1} V_{j-1} complete (a fresh barrier passes)
+        p_s.store(p.to(gl.float16))
+        alpha_s.store(alpha)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(p_full)
+        acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+        acc = warpgroup_mma(p_s, k_nope.index(buf).slice(HALF, HALF, dim=1), acc, is_async=True)
+        mbarrier.wait(full.index(nbuf), ((j + 1) // 2) & 1)
+        # An opaque zero keeps the query's MMA descriptors from being hoisted out of the loop into registers.
+        zero = gl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [j], dtype=gl.int32, is_pure=False, pack=1)
+        s = warpgroup_mma(q_nope.index(zero), k_nope.index(nbuf).permute((1, 0)), s_t, use_acc=False,
+                          is_async=True)
+        s = warpgroup_mma(q_pe.index(zero), k_pe.index(nbuf).permute((1, 0)), s, is_async=True)
+        acc = warpgroup_mma_wait(2, deps=(acc, ))  # P_j V_j complete (the two score groups may stay in flight)
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(buf))          # our reads of tile j (K, V, P) are complete
+        m_i = m_new
+    s_t = warpgroup_mma_wait(0, deps=(s, ))       # the scores of the (empty) tile past the last
+    _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, 1, L, BLOCK_H, S_LAYOUT,
+                   O_LAYOUT, k_nope, bar_fin, False)
+
+
+@gluon.jit
 def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, start, end, k_scale, o_base,
                       stride_o_h, lse_base, L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr):
     """Output columns [0, L/2): P_j V_j with the scorer's P_j and alpha_j (the epilogue's warpgroup 0)."""
@@ -218,7 +276,7 @@ def _mla_decode_scorer_kernel(
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, HELPER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, LANES: gl.constexpr,
         num_warps: gl.constexpr, PREFETCH: gl.constexpr = 0, PF_CONTIG: gl.constexpr = False,
-        DEV: gl.constexpr = 0):
+        DEV: gl.constexpr = 0, LATE_S: gl.constexpr = False):
     """DEV (timing experiments only, wrong results): bit 0 the producer loads nothing, bit 1 it stores nothing, bit 2
     the scorer skips its softmax."""
     gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
@@ -266,11 +324,21 @@ def _mla_decode_scorer_kernel(
     o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s,
                                               pid_g * BLOCK_H, num_heads, num_splits, stride_o_b, stride_o_h, L,
                                               SINGLE_SPLIT)
-    gl.warp_specialize([
-        (_scorer_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
-                             start, end, qk_scale, k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, DEV)),
-        (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, start, end, k_scale,
-                             o_base, o_stride, lse_base, L, BLOCK_H, TILE)),
-        (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                          PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG, DEV)),
-    ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
+    if LATE_S:
+        gl.warp_specialize([
+            (_scorer_late_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
+                                 start, end, qk_scale, k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, DEV)),
+            (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, start, end, k_scale,
+                                 o_base, o_stride, lse_base, L, BLOCK_H, TILE)),
+            (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                              PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG, DEV)),
+        ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_scorer_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
+                                 start, end, qk_scale, k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, DEV)),
+            (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, start, end, k_scale,
+                                 o_base, o_stride, lse_base, L, BLOCK_H, TILE)),
+            (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                              PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG, DEV)),
+        ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
