@@ -29,7 +29,8 @@
 #   bash benchmarks/gpu_suite.sh s23     # one GPU: the scorer's L2 prefetch: tests, A/B (spent)
 #   bash benchmarks/gpu_suite.sh s24     # one GPU: the scorer with parts switched off (timing knobs) (spent)
 #   bash benchmarks/gpu_suite.sh s25     # one GPU: Nsight Compute of the scorer kernel, B = 8 (spent)
-#   bash benchmarks/gpu_suite.sh s26     # one GPU: the scorer's late schedule: tests, A/B
+#   bash benchmarks/gpu_suite.sh s26     # one GPU: the scorer's late schedule: tests, A/B (spent)
+#   bash benchmarks/gpu_suite.sh s27     # one GPU: "auto" = the scorer: tests, decode table, prefetch distances
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed)
 set -uo pipefail
@@ -240,4 +241,15 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 300 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
         "VARIANT=auto,VARIANT=scorer+SCORER_LATE_S=False,VARIANT=scorer+SCORER_LATE_S=True,VARIANT=scorer+SCORER_LATE_S=True+SCORER_PREFETCH=2" \
         --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s26_ab.log" | tail -24 ;;
+  s27)  # session 12: "auto" = the scorer (late, prefetch 2): its GPU tests and the op's, the decode table, a prefetch sweep
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
+        -k "(auto or scorer) and not options" 2>&1 | tee "$OUT/s27_tests.log" | grep -v PASSED | tail -6
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py \
+        tests/gpu/test_mla_decode_fp8_gpu.py tests/gpu/test_decode_attention_pass_gpu.py 2>&1 \
+        | tee "$OUT/s27_tests_op.log" | grep -v PASSED | tail -6
+    timeout 170 python3 benchmarks/bench_decode.py --budget 130 --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+    tail -12 "$OUT/decode.log"
+    timeout 90 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
+        "SCORER_PREFETCH=1,SCORER_PREFETCH=2,SCORER_PREFETCH=3,SCORER_PREFETCH=4" \
+        --shapes 1x128x65536,8x128x16384 2>&1 | tee "$OUT/s27_pf.log" | tail -4 ;;
 esac

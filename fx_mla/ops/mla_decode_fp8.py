@@ -35,7 +35,7 @@ from fx_mla.mla.decode import gather_pages
 from fx_mla.mla.validate import check_block_ids
 from fx_mla.ops._decode_launch import (Q_SHIFT, _expect, check_capacity, check_num_splits, combine_splits,
                                        device_index, fill_empty, max_shared, no_tokens, num_splits_for,
-                                       shared_memory_reason, sm_count, split_workspace)
+                                       sm_count, split_workspace)
 from fx_mla.ops._fp8 import FP8_DTYPES, fp8_supported
 from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_kernel
 from fx_mla.ops.kernels.mla_decode_fp8_tc import _mla_decode_narrow_kernel, _mla_decode_wide_kernel
@@ -337,9 +337,10 @@ def _mla_decode_fp8_cuda(q, kv_cache, block_table, seq_lens, k_scale, q_scale, s
 
 # Which CUDA kernel the op runs: "auto" (a Gluon sm_90 kernel where its support check allows it, else the Triton
 # kernels), "triton", or "gluon" (an error where no Gluon kernel supports the inputs). The Gluon kernels, first
-# supported wins: fx_mla/ops/mla_decode_seesaw.py (64-head groups, two warp-specialised warpgroups on alternating
-# tiles), mla_decode_gluon.py (64-head groups) and mla_decode_gluon16.py (16 heads); on 1x H100 they ran
-# 1.3-1.5x (seesaw) and 1.46-1.48x faster than the Triton kernels (benchmarks/RESULTS.md). Set by
+# supported wins: fx_mla/ops/mla_decode_seesaw.py (64-head groups: its VARIANT, by default the scorer kernel of
+# kernels/mla_decode_scorer.py; the seesaw kernel and its producer form on request), mla_decode_gluon.py (64-head
+# groups) and mla_decode_gluon16.py (16 heads); on 1x H100 the seesaw kernel ran 1.3-1.5x and gluon16 1.46-1.48x
+# faster than the Triton kernels, the scorer 10-17 % faster than the seesaw kernel (benchmarks/RESULTS.md). Set by
 # FX_MLA_DECODE_KERNEL at import; benchmarks and tests assign the module attribute.
 DECODE_KERNEL = os.environ.get("FX_MLA_DECODE_KERNEL", "auto")
 
@@ -356,10 +357,9 @@ def cuda_kernel_choice(q, kv_cache, kv_lora_rank, device=None) -> str:
     from fx_mla.ops.mla_decode_gluon import gluon_unsupported_reason
     from fx_mla.ops.mla_decode_gluon16 import gluon16_unsupported_reason
     reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank, device)
-    if reason is None:  # the seesaw kernel covers the same inputs where its (larger) shared memory fits
-        seesaw_smem = shared_memory_reason(torch.device(device) if device is not None else q.device,
-                                           mla_decode_seesaw.SMEM_NEEDED, "the seesaw kernel")
-        return "gluon" if seesaw_smem else "seesaw"
+    if reason is None:  # the seesaw launcher's kernels cover the same inputs where their (larger) shared memory fits
+        seesaw_reason = mla_decode_seesaw.seesaw_unsupported_reason(q, kv_cache, kv_lora_rank, device)
+        return "gluon" if seesaw_reason else "seesaw"
     reason16 = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank, device)
     if reason16 is None:
         return "gluon16"

@@ -18,7 +18,7 @@ import torch
 import triton
 
 from fx_mla.ops._decode_launch import (check_launch_args, check_num_splits, combine_splits, device_index, fill_empty,
-                                       gluon_launch_args, gluon_unsupported, max_shared, no_tokens, num_splits_for,
+                                       gluon_launch_args, gluon_unsupported, no_tokens, num_splits_for,
                                        sm_count)
 from fx_mla.ops.mla_decode_gluon import _heads_reason
 
@@ -42,18 +42,26 @@ LANES = "q2x4"
 # everywhere and was dropped.
 # A 64-token-tile producer form ("tile64", session 7) passed its GPU tests but was 3-16 % slower on the four 128-head
 # shapes (1x H100, session 8, RESULTS.md): removed (git history has it).
-# "scorer" (session 12, opt-in until measured): kernels/mla_decode_scorer.py, 64-token tiles, one warpgroup computes
-# all the scores and the softmax (and output columns 256..511), a helper warpgroup the other half of P V, a producer
-# the conversions; its registers: helper SCORER_HELPER_REGS, producer SCORER_PRODUCER_REGS, the scorer the rest
-# (no spills, Triton 3.6 sm_90: benchmarks/dev_offline_sm90.py). Always unstaged, partials as PARTIAL_BF16 says.
+# "scorer" (session 12): kernels/mla_decode_scorer.py, 64-token tiles, one warpgroup computes all the scores and the
+# softmax (and output columns 256..511), a helper warpgroup the other half of P V, a producer the conversions; its
+# registers: helper SCORER_HELPER_REGS, producer SCORER_PRODUCER_REGS, the scorer the rest (no spills, Triton 3.6
+# sm_90: benchmarks/dev_offline_sm90.py). Always unstaged, partials as PARTIAL_BF16 says. 1x H100 (RESULTS.md,
+# session 12): with its late schedule and an L2 prefetch 2 tiles ahead 10-17 % faster than the seesaw kernel / its
+# producer form on the four 128-head shapes (1 x 64K 56.5 vs 62.5 us, 8 x 16K 87.4 vs 105.1, 16 x 32K 302.9 vs
+# 354.9, 64 x 4K 157.1 vs 188.1). "auto" (default) launches it; "seesaw" / "producer" stay selectable.
 VARIANTS = ("auto", "seesaw", "producer", "scorer")
 VARIANT = "auto"
 PRODUCER_WORKER_REGS, PRODUCER_REGS = 200, 104
 SCORER_HELPER_REGS, SCORER_PRODUCER_REGS = 160, 112
 # The scorer's producer prefetches the cache rows SCORER_PREFETCH tiles ahead into L2 (cp.async.bulk.prefetch; 0: off;
-# only for a 16-byte aligned cache). Off until measured.
-SCORER_PREFETCH = 0
-SCORER_LATE_S = False  # the scorer's "late" schedule (next scores after P V: time to convert a tile); off until measured
+# only for a 16-byte aligned cache). 1x H100, session 12: with the late schedule 2 tiles ahead -7 to -10 % on the four
+# 128-head shapes (without it, in the first schedule, no gain: the producer then waited for buffers, not for memory).
+SCORER_PREFETCH = 2
+# The scorer's "late" schedule (the next tile's scores issued after this tile's P V, not before its softmax): a tile
+# buffer is then free for the producer while the scorer computes a tile's scores and softmax. Nsight Compute of the
+# first order (1x H100, session 12: benchmarks/results/ncu_details_s25_scorer_b8_h100.txt) had the scorer waiting on
+# full and the producer on empty barriers; late: -5 to -8 % on the four 128-head shapes.
+SCORER_LATE_S = True
 SCORER_DEV = 0  # timing experiments only (kernels/mla_decode_scorer.py DEV: wrong results when not 0)
 SMEM_NEEDED_SCORER = 230176  # bytes of the compiled scorer kernel (Triton 3.6, sm_90)
 SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
@@ -101,16 +109,9 @@ def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_r
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
     # "auto" needs only what the seesaw kernel needs: it falls back to it where the producer form does not fit
-    smem = {"producer": SMEM_NEEDED_PRODUCER, "scorer": SMEM_NEEDED_SCORER}.get(variant, SMEM_NEEDED)
+    smem = {"producer": SMEM_NEEDED_PRODUCER, "seesaw": SMEM_NEEDED}.get(variant, SMEM_NEEDED_SCORER)
     return gluon_unsupported(q, kv_cache, kv_lora_rank, device, kernel="the seesaw Gluon kernel",
                              heads_reason=_heads_reason, row_align=4, smem_needed=smem)
-
-
-def pick_variant(num_splits: int, smem: Optional[int]) -> str:
-    """The form "auto" launches: "producer" for one split a request where its shared memory fits (smem: bytes a block
-    may opt into, None: unknown, assumed to fit), else "seesaw". From the launch shape alone, never from data."""
-    fits = smem is None or smem >= SMEM_NEEDED_PRODUCER
-    return "producer" if num_splits == 1 and fits else "seesaw"
 
 
 def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out,
@@ -123,7 +124,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     (applies where block_size % 32 == 0; same numerics).
     checked: the caller (torch.ops.fx_mla.mla_decode_fp8) validated the inputs and picked this kernel with its
     support check, so neither runs again here (the op's hot path).
-    variant: one of VARIANTS (None: VARIANT); "auto" resolves through pick_variant.
+    variant: one of VARIANTS (None: VARIANT); "auto" is the scorer kernel.
     """
     variant = VARIANT if variant is None else variant
     if not checked:
@@ -143,6 +144,8 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     if num_splits is None:  # pairs of tiles (64 tokens) are the split granularity
         num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * BLOCK_N, sm_count(device_index(q.device)),
                                     1)
+    if variant == "auto":
+        variant = "scorer"
     staged, bf16_partials = output_plan(num_splits, max_blocks * page, out.dtype)
     if variant == "scorer":  # no staged epilogue in that kernel
         staged, bf16_partials = False, None
@@ -151,8 +154,6 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     # ONE_PAGE: the kernels load 32-token tiles, each in one page
     common = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
                   num_warps=NUM_WARPS, **consts)
-    if variant == "auto":  # the device is asked only where the answer matters (one split a request)
-        variant = pick_variant(num_splits, max_shared(q.device) if q.is_cuda and num_splits == 1 else None)
     if variant == "scorer":
         from fx_mla.ops.kernels import mla_decode_scorer as smod
         common.pop("BLOCK_N")

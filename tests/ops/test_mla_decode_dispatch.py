@@ -108,9 +108,11 @@ def test_cuda_kernel_choice_on_hopper(fake_hopper, heads, q_dtype, cache_dtype, 
     assert dmod.cuda_kernel_choice(q, kv, 448, CUDA0) == "triton"
 
 
-def test_cuda_kernel_choice_shared_memory_and_capability(fake_hopper):
+def test_cuda_kernel_choice_shared_memory_and_capability(fake_hopper, monkeypatch):
     q, kv, *_ = _inputs(2, 128)
-    fake_hopper["smem"] = 230500  # enough for the Gluon kernel (225 KiB), not for the seesaw one (230,732 B)
+    fake_hopper["smem"] = 230500  # enough for the Gluon kernel (230,400 B) and the scorer (230,176 B) ...
+    assert dmod.cuda_kernel_choice(q, kv, 512, CUDA0) == "seesaw"  # the seesaw launcher's "auto": the scorer
+    monkeypatch.setattr(smod, "VARIANT", "seesaw")  # ... not for the seesaw kernel (230,732 B)
     assert dmod.cuda_kernel_choice(q, kv, 512, CUDA0) == "gluon"
     fake_hopper["cap"] = (10, 0)
     assert dmod.cuda_kernel_choice(q, kv, 512, CUDA0) == "triton"
@@ -251,7 +253,7 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
         gluon_launch_args(q, kv, bt, lens, ks, qs, 0.1, out, lse, 0, poison=False)
 
 
-@pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_auto",
+@pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_auto", "seesaw_scorer",
                                       "gluon16_ring", "gluon16_ws8p2"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launcher, splits):
@@ -262,12 +264,14 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
 
     from fx_mla.ops.kernels import mla_decode_gluon as kg
     from fx_mla.ops.kernels import mla_decode_gluon16 as kg16
+    from fx_mla.ops.kernels import mla_decode_scorer as ksc
     from fx_mla.ops.kernels import mla_decode_seesaw as ks_
     mod, kmod, name, heads, kw = {
         "gluon": (gmod, kg, "_mla_decode_gluon_kernel", 128, {}),
-        "seesaw": (smod, ks_, "_mla_decode_seesaw_kernel", 128, {}),
+        "seesaw": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="seesaw")),
         "seesaw_producer": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="producer")),
-        "seesaw_auto": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="auto")),
+        "seesaw_auto": (smod, ksc, "_mla_decode_scorer_kernel", 128, dict(variant="auto")),
+        "seesaw_scorer": (smod, ksc, "_mla_decode_scorer_kernel", 128, {}),
         "gluon16_ring": (g16mod, kg16, "_mla_decode_gluon16_kernel", 16, dict(variant="ring")),
         "gluon16_ws8p2": (g16mod, kg16, "_mla_decode_gluon16_ws_kernel", 16, dict(variant="ws8p2")),
     }[launcher]
@@ -293,13 +297,16 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
     assert launch(q, kv, bt, lens, ks, torch.tensor([0.5]), 0.1, 512, out, lse, num_splits=splits, **kw) == (out, lse)
     [(grid, args, constexprs)] = calls
     assert splits in grid and constexprs["HAS_Q_SCALE"] and constexprs["SINGLE_SPLIT"] == (splits == 1)
-    if launcher.startswith("seesaw"):  # the producer form where asked for, and under "auto" for one split
-        variant = kw.get("variant", smod.VARIANT)
-        producer = variant == "producer" or (variant == "auto" and splits == 1)
-        assert constexprs.get("PRODUCER", False) == producer
+    if launcher in ("seesaw", "seesaw_producer"):  # the seesaw kernel, or its producer form where asked for
+        assert constexprs.get("PRODUCER", False) == (launcher == "seesaw_producer")
         # STAGED_O "auto": staged for one split; 3 splits are fewer than the lean plan's STAGED_MIN_SPLITS: MMA-layout
         # stores and fp32 partials (smod.output_plan; tests/ops/test_mla_decode_seesaw.py covers the rest)
         assert constexprs["STAGED_O"] == (splits == 1)
+        assert splits == 1 or args[8].dtype == torch.float32
+    if launcher in ("seesaw_auto", "seesaw_scorer"):  # the default: the scorer kernel, its late schedule, prefetch
+        assert constexprs["TILE"] == 64 and constexprs["LATE_S"] is True and constexprs["DEV"] == 0
+        assert constexprs["PREFETCH"] == smod.SCORER_PREFETCH  # a 16-byte aligned cache
+        assert constexprs["PF_CONTIG"] == constexprs["ONE_PAGE"]  # its rows 576 bytes apart
         assert splits == 1 or args[8].dtype == torch.float32
     [(part_o, part_lse, m_out, m_lse, m_splits, rank)] = merged
     assert part_o is args[8] and part_lse is args[9] and m_out is out and (m_splits, rank) == (splits, 512)

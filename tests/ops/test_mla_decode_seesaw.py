@@ -80,10 +80,11 @@ def test_seesaw_declines_uncovered_shapes_and_dtypes(fake_hopper, q, cache, rank
 
 
 def test_seesaw_declines_where_its_shared_memory_does_not_fit(fake_hopper):
-    # enough for the round-1 Gluon kernel (225 KiB), not for the seesaw kernel
+    # enough for the round-1 Gluon kernel (225 KiB) and the scorer kernel ("auto"), not for the seesaw kernel
     fake_hopper["smem"] = gmod.SMEM_NEEDED
     assert gmod.gluon_unsupported_reason(_q(), _cache(), 512, CUDA0) is None
-    reason = smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0)
+    assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0) is None
+    reason = smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="seesaw")
     assert reason is not None and "shared memory" in reason and str(smod.SMEM_NEEDED) in reason
 
 
@@ -105,18 +106,21 @@ def test_seesaw_variants_on_fake_hopper(fake_hopper):
     assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="seesaw") is None
     reason = smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="producer")
     assert reason is not None and "shared memory" in reason
-    assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="auto") is None  # falls back
+    assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="auto") is None  # the scorer fits
 
 
-def test_seesaw_auto_variant_is_a_function_of_the_launch_shape():
-    """"auto": the producer form for one split a request where its shared memory fits, the seesaw kernel otherwise."""
+def test_seesaw_auto_variant_is_the_scorer_kernel(fake_hopper):
+    """"auto" (the default) is the scorer kernel, whose shared memory is the least of the three: where "auto" is
+    supported, every variant's check reads shared memory only."""
     assert smod.VARIANT == "auto"
-    assert smod.pick_variant(1, None) == "producer"
-    assert smod.pick_variant(1, smod.SMEM_NEEDED_PRODUCER) == "producer"
-    assert smod.pick_variant(1, smod.SMEM_NEEDED_PRODUCER - 1) == "seesaw"
-    for splits in (2, 8, 66, 1024):
-        assert smod.pick_variant(splits, None) == "seesaw"
-        assert smod.pick_variant(splits, 1 << 20) == "seesaw"
+    assert smod.SMEM_NEEDED_SCORER < min(smod.SMEM_NEEDED, smod.SMEM_NEEDED_PRODUCER)
+    fake_hopper["smem"] = smod.SMEM_NEEDED_SCORER
+    assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="auto") is None
+    assert smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="scorer") is None
+    for variant in ("seesaw", "producer"):
+        assert "shared memory" in smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant=variant)
+    fake_hopper["smem"] = smod.SMEM_NEEDED_SCORER - 1
+    assert "shared memory" in smod.seesaw_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="auto")
 
 
 def test_seesaw_output_plan_from_launch_shape(monkeypatch):
@@ -180,7 +184,8 @@ def test_seesaw_launch_follows_the_output_plan(monkeypatch, max_blocks, splits, 
     bt = torch.randint(0, 8, (2, max_blocks), dtype=torch.int32)
     lens = torch.tensor([5, 64 * max_blocks], dtype=torch.int32)  # lengths do not enter the plan
     out, lse = torch.empty(2, 128, 512, dtype=out_dtype), torch.empty(2, 128)
-    smod.launch_mla_decode_seesaw(q, kv, bt, lens, torch.ones(1), None, 0.07, 512, out, lse, num_splits=splits)
+    smod.launch_mla_decode_seesaw(q, kv, bt, lens, torch.ones(1), None, 0.07, 512, out, lse, num_splits=splits,
+                                  variant="seesaw")
     [(grid, args, constexprs)] = calls
     assert grid == (2, splits, 2) and constexprs["STAGED_O"] == staged
     part_o = args[8]
