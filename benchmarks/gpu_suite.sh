@@ -30,7 +30,8 @@
 #   bash benchmarks/gpu_suite.sh s24     # one GPU: the scorer with parts switched off (timing knobs) (spent)
 #   bash benchmarks/gpu_suite.sh s25     # one GPU: Nsight Compute of the scorer kernel, B = 8 (spent)
 #   bash benchmarks/gpu_suite.sh s26     # one GPU: the scorer's late schedule: tests, A/B (spent)
-#   bash benchmarks/gpu_suite.sh s27     # one GPU: "auto" = the scorer: tests, decode table, prefetch distances
+#   bash benchmarks/gpu_suite.sh s27     # one GPU: "auto" = the scorer: tests, decode table, prefetch distances (spent)
+#   bash benchmarks/gpu_suite.sh s28     # one GPU: the scorer's split launches: bf16 partials, prefetch 1, PDL combine
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed)
 set -uo pipefail
@@ -252,4 +253,8 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 90 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
         "SCORER_PREFETCH=1,SCORER_PREFETCH=2,SCORER_PREFETCH=3,SCORER_PREFETCH=4" \
         --shapes 1x128x65536,8x128x16384 2>&1 | tee "$OUT/s27_pf.log" | tail -4 ;;
+  s28)  # session 12: the scorer's split launches at B = 1 / 8: bf16 partials, prefetch 1, the combine as a PDL launch
+    timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
+        "PARTIAL_BF16=False,PARTIAL_BF16=True,SCORER_PREFETCH=1,SCORER_PREFETCH=1+PARTIAL_BF16=True,COMBINE_PDL=True" \
+        --shapes 1x128x65536,8x128x16384,1x128x32768 2>&1 | tee "$OUT/s28_ab.log" | tail -5 ;;
 esac
