@@ -253,7 +253,10 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 90 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
         "SCORER_PREFETCH=1,SCORER_PREFETCH=2,SCORER_PREFETCH=3,SCORER_PREFETCH=4" \
         --shapes 1x128x65536,8x128x16384 2>&1 | tee "$OUT/s27_pf.log" | tail -4 ;;
-  s28)  # session 12: the scorer's split launches at B = 1 / 8: bf16 partials, prefetch 1, the combine as a PDL launch
+  s28)  # session 12: the op's GPU tests with "auto" = the scorer (s27 cut them at 120 s), then the scorer's split
+        # launches at B = 1 / 8: bf16 partials, prefetch 1, the combine as a PDL launch
+    timeout 270 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py \
+        tests/gpu/test_mla_decode_fp8_gpu.py 2>&1 | tee "$OUT/s28_tests_op.log" | grep -v PASSED | tail -6
     timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
         "PARTIAL_BF16=False,PARTIAL_BF16=True,SCORER_PREFETCH=1,SCORER_PREFETCH=1+PARTIAL_BF16=True,COMBINE_PDL=True" \
         --shapes 1x128x65536,8x128x16384,1x128x32768 2>&1 | tee "$OUT/s28_ab.log" | tail -5 ;;
