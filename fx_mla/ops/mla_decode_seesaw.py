@@ -45,7 +45,7 @@ LANES = "q2x4"
 # "scorer" (session 12): kernels/mla_decode_scorer.py, 64-token tiles, one warpgroup computes all the scores and the
 # softmax (and output columns 256..511), a helper warpgroup the other half of P V, a producer the conversions; its
 # registers: helper SCORER_HELPER_REGS, producer SCORER_PRODUCER_REGS, the scorer the rest (no spills, Triton 3.6
-# sm_90: benchmarks/dev_offline_sm90.py). Always unstaged, partials as PARTIAL_BF16 says. 1x H100 (RESULTS.md,
+# sm_90: benchmarks/dev_offline_sm90.py). Its output plan: SCORER_STAGED below. 1x H100 (RESULTS.md,
 # session 12): with its late schedule and an L2 prefetch 2 tiles ahead 10-17 % faster than the seesaw kernel / its
 # producer form on the four 128-head shapes (1 x 64K 56.5 vs 62.5 us, 8 x 16K 87.4 vs 105.1, 16 x 32K 302.9 vs
 # 354.9, 64 x 4K 157.1 vs 188.1). "auto" (default) launches it; "seesaw" / "producer" stay selectable.
@@ -57,13 +57,13 @@ SCORER_HELPER_REGS, SCORER_PRODUCER_REGS = 160, 112
 # only for a 16-byte aligned cache). 1x H100, session 12: with the late schedule 2 tiles ahead -7 to -10 % on the four
 # 128-head shapes (without it, in the first schedule, no gain: the producer then waited for buffers, not for memory).
 SCORER_PREFETCH = 2
-# The scorer's "late" schedule (the next tile's scores issued after this tile's P V, not before its softmax): a tile
-# buffer is then free for the producer while the scorer computes a tile's scores and softmax. Nsight Compute of the
-# first order (1x H100, session 12: benchmarks/results/ncu_details_s25_scorer_b8_h100.txt) had the scorer waiting on
-# full and the producer on empty barriers; late: -5 to -8 % on the four 128-head shapes.
-SCORER_LATE_S = True
-SCORER_DEV = 0  # timing experiments only (kernels/mla_decode_scorer.py DEV: wrong results when not 0)
-SMEM_NEEDED_SCORER = 230176  # bytes of the compiled scorer kernel (Triton 3.6, sm_90)
+# The scorer's options for its fixed cost (kernels/mla_decode_scorer.py): SCORER_EARLY_Q, the query loaded inside the
+# warp-specialized region (under the producer's first tile); SCORER_STAGED, its output through shared memory in whole
+# rows: False, True, or "plan" (the seesaw kernel's output_plan: staged for one split, and with bf16 partials for many
+# short splits of a bf16 output). Off until measured.
+SCORER_EARLY_Q = False
+SCORER_STAGED = False
+SMEM_NEEDED_SCORER = 230208  # bytes of the compiled scorer kernel (Triton 3.6, sm_90; 230,176 without STAGED's barrier)
 SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
 SMEM_NEEDED = 230764  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics,
 # barriers (STAGED_O's included)
@@ -147,8 +147,8 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     if variant == "auto":
         variant = "scorer"
     staged, bf16_partials = output_plan(num_splits, max_blocks * page, out.dtype)
-    if variant == "scorer":  # no staged epilogue in that kernel
-        staged, bf16_partials = False, None
+    if variant == "scorer" and SCORER_STAGED != "plan":
+        staged, bf16_partials = bool(SCORER_STAGED), None
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
                                                 lse, num_splits, poison_workspace, bf16_partials)
     # ONE_PAGE: the kernels load 32-token tiles, each in one page
@@ -159,9 +159,10 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         common.pop("BLOCK_N")
         aligned = all(v % 16 == 0 for v in (kv_cache.stride(0), kv_cache.stride(1), kv_cache.data_ptr()))
         prefetch = int(SCORER_PREFETCH) if aligned else 0
+        contig = bool(common["ONE_PAGE"] and kv_cache.stride(1) == 576)  # a half tile: 32 rows 576 bytes apart
         kernel = smod._mla_decode_scorer_kernel[(groups, num_splits, batch)](
             *args, TILE=2 * BLOCK_N, HELPER_REGS=SCORER_HELPER_REGS, PRODUCER_REGS=SCORER_PRODUCER_REGS,
-            DEV=int(SCORER_DEV), LATE_S=bool(SCORER_LATE_S), PREFETCH=prefetch, PF_CONTIG=bool(common["ONE_PAGE"] and kv_cache.stride(1) == 576), **common)
+            EARLY_Q=bool(SCORER_EARLY_Q), STAGED=staged, PREFETCH=prefetch, PF_CONTIG=contig, **common)
         launch_mla_decode_seesaw.last_kernel = kernel
         combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
         return out, lse

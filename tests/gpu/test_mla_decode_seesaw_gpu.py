@@ -128,25 +128,45 @@ def test_seesaw_auto_output_plan_is_the_forced_one(splits, max_blocks, lean, mon
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-@pytest.mark.parametrize("prefetch,late", [(1, False), (2, False), (4, False), (0, True), (2, True)])
+@pytest.mark.parametrize("prefetch,early_q,staged", [(0, False, False), (1, False, False), (2, False, False),
+                                                     (4, False, False), (2, True, False), (2, False, True),
+                                                     (2, True, True)])
 @pytest.mark.parametrize("block_size,one_page", [(16, False), (64, False), (64, True)])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
-def test_scorer_options_are_bitwise_the_plain_scorer(prefetch, late, block_size, one_page, num_splits, monkeypatch):
+def test_scorer_options_are_bitwise_the_plain_scorer(prefetch, early_q, staged, block_size, one_page, num_splits,
+                                                     monkeypatch):
     """The scorer kernel's L2 prefetch (per-row quarters; one whole-half prefetch where a 32-token half lies in one
-    page) and its late schedule (next scores after P V) change no result: bitwise the plain scorer, and both
-    against float64."""
+    page), its query loaded inside the partitions and its staged output change no result: bitwise the scorer
+    without them (fp32 partials either way), and both against float64."""
     _skip_unless_supported()
     lengths = [0, 1, 33, 65, 700, 96, 1500]
     p = make_problem(lengths, 128, block_size, E4M3, torch.bfloat16, seed=prefetch + block_size, device="cuda")
     outs = []
-    for pf, lt in ((0, False), (prefetch, late)):
+    for pf, eq, st in ((0, False, False), (prefetch, early_q, staged)):
         monkeypatch.setattr(smod, "SCORER_PREFETCH", pf)
-        monkeypatch.setattr(smod, "SCORER_LATE_S", lt)
+        monkeypatch.setattr(smod, "SCORER_EARLY_Q", eq)
+        monkeypatch.setattr(smod, "SCORER_STAGED", st)
         out = torch.full((len(lengths), 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
         lse = torch.full((len(lengths), 128), float("nan"), device="cuda")
         smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
                                       out, lse, num_splits=num_splits, poison_workspace=True, one_page=one_page,
                                       variant="scorer")
-        check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"scorer prefetch {pf} late {lt} bs{block_size}")
+        check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"scorer prefetch {pf} early_q {eq} staged {st}")
         outs.append((out, lse))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("num_splits,out_dtype", [(None, torch.bfloat16), (1, torch.float32), (1, torch.float16),
+                                                  (40, torch.bfloat16), (7, torch.float16)])
+def test_scorer_output_plan_matches_float64(num_splits, out_dtype, monkeypatch):
+    """SCORER_STAGED "plan": the seesaw kernel's output plan on the scorer (staged one-split launches, bf16 partials
+    for many short splits of a bf16 output: 40 splits of at most 16 tiles here) against float64."""
+    _skip_unless_supported()
+    monkeypatch.setattr(smod, "SCORER_STAGED", "plan")
+    lengths = [0, 1, 33, 700, 2000, 96]
+    p = make_problem(lengths, 128, 64, E4M3, torch.bfloat16, seed=11, device="cuda")
+    out = torch.full((len(lengths), 128, 512), float("nan"), dtype=out_dtype, device="cuda")
+    lse = torch.full((len(lengths), 128), float("nan"), device="cuda")
+    smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
+                                  out, lse, num_splits=num_splits, poison_workspace=True, variant="scorer")
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"scorer plan splits {num_splits} {out_dtype}")

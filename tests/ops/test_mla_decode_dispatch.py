@@ -303,8 +303,9 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         # stores and fp32 partials (smod.output_plan; tests/ops/test_mla_decode_seesaw.py covers the rest)
         assert constexprs["STAGED_O"] == (splits == 1)
         assert splits == 1 or args[8].dtype == torch.float32
-    if launcher in ("seesaw_auto", "seesaw_scorer"):  # the default: the scorer kernel, its late schedule, prefetch
-        assert constexprs["TILE"] == 64 and constexprs["LATE_S"] is True and constexprs["DEV"] == 0
+    if launcher in ("seesaw_auto", "seesaw_scorer"):  # the default: the scorer kernel, L2 prefetch
+        assert constexprs["TILE"] == 64 and constexprs["EARLY_Q"] == smod.SCORER_EARLY_Q
+        assert constexprs["STAGED"] is False  # SCORER_STAGED's default
         assert constexprs["PREFETCH"] == smod.SCORER_PREFETCH  # a 16-byte aligned cache
         assert constexprs["PF_CONTIG"] == constexprs["ONE_PAGE"]  # its rows 576 bytes apart
         assert splits == 1 or args[8].dtype == torch.float32

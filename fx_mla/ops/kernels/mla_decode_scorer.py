@@ -13,21 +13,30 @@ buffer a tile only, so its producer could not run ahead. Here ONE warpgroup comp
 
 * Tiles of 64 tokens, two buffers (Q 72 KiB + 2 x 72 KiB of fp16 tiles + P 8 KiB ~ 225 KiB). Scores are 64 x 64 x 16
   wgmmas (4 KB for 32 tensor cycles: within shared memory's rate) and the query is read once per 64 tokens.
-* The scorer (default partition, 4 warps) owns output columns 256..511 and the row statistics: for tile j it masks
-  and scales S_j, takes m_j, P_j = exp2(S_j - m_j), alpha_j = exp2(m_{j-1} - m_j), l; publishes P_j and alpha_j in
-  shared memory (p_full); rescales its accumulator and issues S_{j+1} = Q K_{j+1}^T, then P_j V_j[:, 256:]; waits
-  for S_{j+1} only, so that its next softmax runs while its P V (and the helper's) are on the tensor cores
-  (FlashAttention-3's intra-warpgroup overlap; wgmma groups complete in issue order).
+* The scorer (default partition, 4 warps) owns output columns 256..511 and the row statistics: for tile j it waits
+  for S_j, masks and scales it, takes m_j, P_j = exp2(S_j - m_j), alpha_j = exp2(m_{j-1} - m_j), l; publishes P_j
+  and alpha_j in shared memory (p_full); rescales its accumulator and issues P_j V_j[:, 256:], then the next tile's
+  scores S_{j+1} = Q K_{j+1}^T, and waits for its P V only before releasing tile j (empty): P_j V_j and S_{j+1} run
+  back to back on the tensor cores (with the helper's P V).
 * The helper (4 warps) owns columns 0..255: per tile it waits p_full, rescales by alpha_j, runs P_j V_j[:, :256],
   then releases P (p_empty) and the tile (empty).
 * The producer (4 warps) loads each tile in two 32-token halves (one half ahead in registers: the seesaw producer's
   budget), converts FP8 -> fp16 into the tile's buffer (empty: both the scorer and the helper released it) and
-  signals full. It converts one tile past the last (zero rows, no memory traffic): the scorer issues the next
-  tile's scores before leaving its loop, without a branch.
+  signals full; with PREFETCH it first asks L2 for the rows of the half PREFETCH tiles ahead. It converts one tile
+  past the last (zero rows, no memory traffic): the scorer issues the next tile's scores before leaving its loop,
+  without a branch.
+* Why the next scores come after this tile's P V (not before its softmax, FlashAttention-3's order): a tile's buffer
+  is then busy from its scores to its P V only, and the producer converts tile j+1 while the scorer waits for S_j and
+  runs its softmax. In the other order (the first version, session 12) tile j+1 was needed the moment tile j-1 was
+  released: Nsight Compute showed the scorer waiting on full and the producer on empty barriers, and it was 5-8 %
+  slower (1x H100, RESULTS.md).
 * The tile's tokens past the split's end load as 0 and score -inf; the first tile of a split always has a valid
   token, and so does every tile the loop reaches, so every m_j is finite.
-Shared memory a block: Q 73,728 + tiles 147,456 + P 8,192 + statistics and barriers (~229.5 KB of the 232,448 an
-H100 block may use).
+* EARLY_Q: the scorer loads the query itself, inside the warp-specialized region, so that the producer's first tile
+  is loaded and converted at the same time (otherwise all warps wait for the query first). STAGED: the output goes
+  through the (then free) tile buffers and out in whole rows (_pair_epilogue's staged form).
+Shared memory a block: Q 73,728 + tiles 147,456 + P 8,192 + statistics and barriers (230,176 bytes compiled, of the
+232,448 an H100 block may use).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -40,9 +49,11 @@ from fx_mla.ops.kernels.mla_decode_seesaw import _pair_epilogue
 
 
 @gluon.jit
-def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
+def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin, bar_done,
                       start, end, qk_scale, k_scale, o_base, stride_o_h, lse_base,
-                      L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr, DEV: gl.constexpr):
+                      q_ptr, pid_b, head0, stride_q_b, stride_q_h,
+                      L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr,
+                      Q_SHIFT: gl.constexpr, EARLY_Q: gl.constexpr, STAGED: gl.constexpr):
     """Scores, softmax statistics and output columns [L/2, L) (the epilogue's warpgroup 1: it holds l, writes lse)."""
     HALF: gl.constexpr = L // 2
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -52,69 +63,12 @@ def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
     n_tiles = gl.cdiv(end - start, TILE)
-
-    mbarrier.wait(full.index(0), 0)
-    s = gl.zeros([BLOCK_H, TILE], gl.float32, S_LAYOUT)
-    s = warpgroup_mma(q_nope.index(0), k_nope.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
-    s = warpgroup_mma(q_pe.index(0), k_pe.index(0).permute((1, 0)), s, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s, ))
-
-    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW_S)
-    l_i = gl.zeros([BLOCK_H], gl.float32, ROW_S)
-    acc = gl.zeros([BLOCK_H, HALF], gl.float32, O_LAYOUT)
-    offs_n = gl.arange(0, TILE, layout=gl.SliceLayout(0, S_LAYOUT))
-    for j in range(0, n_tiles):
-        buf = j % 2
-        nbuf = 1 - buf
-        # the scores of tile j+1 go onto the tensor cores first, under this tile's softmax
-        mbarrier.wait(full.index(nbuf), ((j + 1) // 2) & 1)
-        # An opaque zero keeps the query's MMA descriptors from being hoisted out of the loop into registers.
-        zero = gl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [j], dtype=gl.int32, is_pure=False, pack=1)
-        s_next = warpgroup_mma(q_nope.index(zero), k_nope.index(nbuf).permute((1, 0)), s, use_acc=False,
-                               is_async=True)
-        s_next = warpgroup_mma(q_pe.index(zero), k_pe.index(nbuf).permute((1, 0)), s_next, is_async=True)
-        if (DEV // 4) % 2 == 1:  # dev timing only: no softmax (wrong results)
-            m_new = m_i
-            p = s
-            alpha = l_i + 1.0
-        else:
-            s = gl.where((start + j * TILE + offs_n < end)[None, :], s * qk_scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            p = gl.exp2(s - m_new[:, None])
-            alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha + gl.sum(p, 1)
-        mbarrier.wait(p_empty, (j & 1) ^ 1)        # the helper's P_{j-1} V_{j-1} complete (a fresh barrier passes)
-        p_s.store(p.to(gl.float16))
-        alpha_s.store(alpha)
+    if EARLY_Q:  # the query, while the producer loads and converts the first tile
+        q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, head0, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT, 4)
+        q_nope.index(0).store(q_nope_t)
+        q_pe.index(0).store(q_pe_t)
         fence_async_shared()
         gl.thread_barrier()
-        mbarrier.arrive(p_full)
-        acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
-        acc = warpgroup_mma(p_s, k_nope.index(buf).slice(HALF, HALF, dim=1), acc, is_async=True)
-        acc, s = warpgroup_mma_wait(0, deps=(acc, s_next))
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(buf))          # our reads of tile j (K, V, P) are complete
-        m_i = m_new
-    _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, 1, L, BLOCK_H, S_LAYOUT,
-                   O_LAYOUT, k_nope, bar_fin, False)
-
-
-@gluon.jit
-def _scorer_late_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
-                           start, end, qk_scale, k_scale, o_base, stride_o_h, lse_base,
-                           L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr, DEV: gl.constexpr):
-    """_scorer_partition with the next tile's scores issued after this tile's P V ("late"): a tile is in use from
-    its scores to its P V only, so the producer converts tile j+1 while the scorer computes S_j and its softmax (with
-    the scores issued first, tile j+1 is needed the moment tile j-1 is released: no time to convert it). The
-    softmax no longer runs under the next scores; P_j V_j and S_{j+1} run back to back."""
-    HALF: gl.constexpr = L // 2
-    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, TILE, 16])
-    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HALF, 16])
-    ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
-    ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-    n_tiles = gl.cdiv(end - start, TILE)
 
     mbarrier.wait(full.index(0), 0)
     s = gl.zeros([BLOCK_H, TILE], gl.float32, S_LAYOUT)
@@ -128,7 +82,7 @@ def _scorer_late_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, 
     for j in range(0, n_tiles):
         buf = j % 2
         nbuf = 1 - buf
-        s_t = warpgroup_mma_wait(0, deps=(s, ))   # S_j (and P_{j-1} V_{j-1}, issued before it) complete
+        s_t = warpgroup_mma_wait(0, deps=(s, ))   # S_j complete
         s_t = gl.where((start + j * TILE + offs_n < end)[None, :], s_t * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s_t, 1))
         p = gl.exp2(s_t - m_new[:, None])
@@ -153,13 +107,16 @@ def _scorer_late_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, 
         mbarrier.arrive(empty.index(buf))          # our reads of tile j (K, V, P) are complete
         m_i = m_new
     s_t = warpgroup_mma_wait(0, deps=(s, ))       # the scores of the (empty) tile past the last
+    SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    stage = k_nope.index(1)._reinterpret(gl.float16, [2, TILE // 2, L], SMEM_LAT)  # STAGED: tile buffer 1
     _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, 1, L, BLOCK_H, S_LAYOUT,
-                   O_LAYOUT, k_nope, bar_fin, False)
+                   O_LAYOUT, stage, bar_done, STAGED)
 
 
 @gluon.jit
-def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, start, end, k_scale, o_base,
-                      stride_o_h, lse_base, L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr):
+def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, bar_done, start, end, k_scale,
+                      o_base, stride_o_h, lse_base, L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr,
+                      STAGED: gl.constexpr):
     """Output columns [0, L/2): P_j V_j with the scorer's P_j and alpha_j (the epilogue's warpgroup 0)."""
     HALF: gl.constexpr = L // 2
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -180,15 +137,16 @@ def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin
         mbarrier.arrive(p_empty)
         mbarrier.arrive(empty.index(j % 2))
     unused = gl.zeros([BLOCK_H], gl.float32, ROW_S)
+    SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    stage = k_nope.index(0)._reinterpret(gl.float16, [2, TILE // 2, L], SMEM_LAT)  # STAGED: tile buffer 0
     _pair_epilogue(acc, unused, unused, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, 0, L, BLOCK_H, S_LAYOUT,
-                   O_LAYOUT, k_nope, bar_fin, False)
+                   O_LAYOUT, stage, bar_done, STAGED)
 
 
 @gluon.jit
 def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                    PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, TILE: gl.constexpr, E5M2: gl.constexpr,
-                   ONE_PAGE: gl.constexpr, LANES: gl.constexpr, PREFETCH: gl.constexpr, PF_CONTIG: gl.constexpr,
-                   DEV: gl.constexpr):
+                   ONE_PAGE: gl.constexpr, LANES: gl.constexpr, PREFETCH: gl.constexpr, PF_CONTIG: gl.constexpr):
     """Tile t (tokens start + 64 t ..) into buffer t % 2 in two 32-token halves, one half ahead in registers.
     PREFETCH > 0: the cache rows of the half PREFETCH tiles ahead are prefetched into L2 (_prefetch_half), their
     page ids loaded one iteration before (no wait on them in the loop)."""
@@ -219,17 +177,14 @@ def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bl
             n_pf = start + (i + 2 * PREFETCH) * HALF_T
             _prefetch_half(kv_ptr, pf_page, n_pf, end, blk_words, tok_words, pf_e, PAGE, PF_CONTIG)
             pf_page = _half_pages(bt_row, n_pf + HALF_T, end, num_blocks, pf_e, PAGE, PF_CONTIG)
-        nxt = _load_tile(kv_words, bt_row, start + (i + 1) * HALF_T, start if DEV % 2 == 1 else end, num_blocks,
-                         blk_words, tok_words, PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
+        nxt = _load_tile(kv_words, bt_row, start + (i + 1) * HALF_T, end, num_blocks, blk_words, tok_words,
+                         PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
         if i % 2 == 0:
             mbarrier.wait(empty.index(b), ((t // 2) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
-            if (DEV // 2) % 2 == 0:
-                _store_tile(half, nope_words.index(b).slice(0, HALF_T), pe_words.index(b).slice(0, HALF_T), SUB,
-                            E5M2)
+            _store_tile(half, nope_words.index(b).slice(0, HALF_T), pe_words.index(b).slice(0, HALF_T), SUB, E5M2)
         else:
-            if (DEV // 2) % 2 == 0:
-                _store_tile(half, nope_words.index(b).slice(HALF_T, HALF_T),
-                            pe_words.index(b).slice(HALF_T, HALF_T), SUB, E5M2)
+            _store_tile(half, nope_words.index(b).slice(HALF_T, HALF_T), pe_words.index(b).slice(HALF_T, HALF_T),
+                        SUB, E5M2)
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(full.index(b))
@@ -276,9 +231,9 @@ def _mla_decode_scorer_kernel(
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, HELPER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, LANES: gl.constexpr,
         num_warps: gl.constexpr, PREFETCH: gl.constexpr = 0, PF_CONTIG: gl.constexpr = False,
-        DEV: gl.constexpr = 0, LATE_S: gl.constexpr = False):
-    """DEV (timing experiments only, wrong results): bit 0 the producer loads nothing, bit 1 it stores nothing, bit 2
-    the scorer skips its softmax."""
+        EARLY_Q: gl.constexpr = False, STAGED: gl.constexpr = False):
+    """PREFETCH: L2 prefetch distance in tiles (0: off; the launcher: a 16-byte aligned cache only); PF_CONTIG: a
+    32-token half is 32 rows 576 bytes apart in one page (one prefetch); EARLY_Q / STAGED: the module docstring."""
     gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(TILE == 64, "64-token tiles, loaded as two 32-token halves")
@@ -291,12 +246,13 @@ def _mla_decode_scorer_kernel(
     SMEM_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, TILE], gl.float16)
     SMEM_ROW: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
-    q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT,
-                                    num_warps)
     q_nope = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, L], SMEM_LAT)
-    q_nope.index(0).store(q_nope_t)
     q_pe = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, R], SMEM_LAT)
-    q_pe.index(0).store(q_pe_t)
+    if not EARLY_Q:  # the query first, by all four default warps, before the partitions start
+        q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H,
+                                        Q_SHIFT, num_warps)
+        q_nope.index(0).store(q_nope_t)
+        q_pe.index(0).store(q_pe_t)
     k_nope = gl.allocate_shared_memory(gl.float16, [2, TILE, L], SMEM_LAT)
     k_pe = gl.allocate_shared_memory(gl.float16, [2, TILE, R], SMEM_LAT)
     p_s = gl.allocate_shared_memory(gl.float16, [BLOCK_H, TILE], SMEM_P)
@@ -307,12 +263,14 @@ def _mla_decode_scorer_kernel(
     p_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     p_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bar_fin = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bar_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(full.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # the scorer and the helper both read a tile
     mbarrier.init(p_full, count=1)
     mbarrier.init(p_empty, count=1)
     mbarrier.init(bar_fin, count=1)
+    mbarrier.init(bar_done, count=2)  # STAGED: both warpgroups' MMAs complete, the tile buffers take the output
     fence_async_shared()
 
     k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
@@ -324,21 +282,13 @@ def _mla_decode_scorer_kernel(
     o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s,
                                               pid_g * BLOCK_H, num_heads, num_splits, stride_o_b, stride_o_h, L,
                                               SINGLE_SPLIT)
-    if LATE_S:
-        gl.warp_specialize([
-            (_scorer_late_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
-                                 start, end, qk_scale, k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, DEV)),
-            (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, start, end, k_scale,
-                                 o_base, o_stride, lse_base, L, BLOCK_H, TILE)),
-            (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                              PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG, DEV)),
-        ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize([
-            (_scorer_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
-                                 start, end, qk_scale, k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, DEV)),
-            (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, start, end, k_scale,
-                                 o_base, o_stride, lse_base, L, BLOCK_H, TILE)),
-            (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                              PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG, DEV)),
-        ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
+    gl.warp_specialize([
+        (_scorer_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
+                             bar_done, start, end, qk_scale, k_scale, o_base, o_stride, lse_base,
+                             q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h,
+                             L, R, BLOCK_H, TILE, Q_SHIFT, EARLY_Q, STAGED)),
+        (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, bar_done, start, end,
+                             k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, STAGED)),
+        (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
+                          PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG)),
+    ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
