@@ -33,7 +33,7 @@
 #   bash benchmarks/gpu_suite.sh s27     # one GPU: "auto" = the scorer: tests, decode table, prefetch distances (spent)
 #   bash benchmarks/gpu_suite.sh s28     # one GPU: the scorer's split launches: bf16 partials, prefetch 1, PDL combine
 #                                        # (spent)
-#   bash benchmarks/gpu_suite.sh s29     # one GPU: the scorer's fixed-cost options: tests, A/B
+#   bash benchmarks/gpu_suite.sh s29     # one GPU: the scorer's opt-in options (early query, staged, 8-warp producer)
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed)
 set -uo pipefail
@@ -262,10 +262,11 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
         "PARTIAL_BF16=False,PARTIAL_BF16=True,SCORER_PREFETCH=1,SCORER_PREFETCH=1+PARTIAL_BF16=True,COMBINE_PDL=True" \
         --shapes 1x128x65536,8x128x16384,1x128x32768 2>&1 | tee "$OUT/s28_ab.log" | tail -5 ;;
-  s29)  # session 12: the scorer's fixed-cost options (query inside the partitions, staged output / output plan)
+  s29)  # session 12: the scorer's options written after the last run (query inside the partitions, staged output /
+        # output plan, an 8-warp producer): their GPU tests (bitwise the plain scorer), then timed
     timeout 110 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
         -k "options or output_plan_matches" 2>&1 | tee "$OUT/s29_tests.log" | grep -v PASSED | tail -6
     timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
-        "SCORER_STAGED=False,SCORER_EARLY_Q=True,SCORER_STAGED=plan,SCORER_EARLY_Q=True+SCORER_STAGED=plan" \
-        --shapes 1x128x65536,8x128x16384,64x128x4096,1x128x16384 2>&1 | tee "$OUT/s29_ab.log" | tail -5 ;;
+        "SCORER_STAGED=False,SCORER_EARLY_Q=True,SCORER_STAGED=plan,SCORER_PRODUCER_WARPS=8,SCORER_PRODUCER_WARPS=8+SCORER_EARLY_Q=True+SCORER_STAGED=plan" \
+        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s29_ab.log" | tail -5 ;;
 esac

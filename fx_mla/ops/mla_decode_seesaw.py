@@ -63,7 +63,12 @@ SCORER_PREFETCH = 2
 # short splits of a bf16 output). Off until measured.
 SCORER_EARLY_Q = False
 SCORER_STAGED = False
-SMEM_NEEDED_SCORER = 230208  # bytes of the compiled scorer kernel (Triton 3.6, sm_90; 230,176 without STAGED's barrier)
+# SCORER_PRODUCER_WARPS = 8: the scorer's producer as two warpgroups (each thread half the conversions; registers
+# helper / producer SCORER_8W_REGS, the output MMAs as two n = 128 halves: 16 warps leave ptxas 128 registers a
+# thread as the kernel's bound). Compiled offline without spills (benchmarks/dev_offline_sm90.py); not yet run on a GPU.
+SCORER_PRODUCER_WARPS = 4
+SCORER_8W_REGS = (160, 56)
+SMEM_NEEDED_SCORER = 230216  # bytes of the compiled scorer kernel, its largest form (Triton 3.6, sm_90; the default 230,176)
 SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
 SMEM_NEEDED = 230764  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics,
 # barriers (STAGED_O's included)
@@ -160,9 +165,12 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         aligned = all(v % 16 == 0 for v in (kv_cache.stride(0), kv_cache.stride(1), kv_cache.data_ptr()))
         prefetch = int(SCORER_PREFETCH) if aligned else 0
         contig = bool(common["ONE_PAGE"] and kv_cache.stride(1) == 576)  # a half tile: 32 rows 576 bytes apart
+        warps8 = int(SCORER_PRODUCER_WARPS) == 8
+        helper_regs, producer_regs = SCORER_8W_REGS if warps8 else (SCORER_HELPER_REGS, SCORER_PRODUCER_REGS)
         kernel = smod._mla_decode_scorer_kernel[(groups, num_splits, batch)](
-            *args, TILE=2 * BLOCK_N, HELPER_REGS=SCORER_HELPER_REGS, PRODUCER_REGS=SCORER_PRODUCER_REGS,
-            EARLY_Q=bool(SCORER_EARLY_Q), STAGED=staged, PREFETCH=prefetch, PF_CONTIG=contig, **common)
+            *args, TILE=2 * BLOCK_N, HELPER_REGS=helper_regs, PRODUCER_REGS=producer_regs,
+            EARLY_Q=bool(SCORER_EARLY_Q), STAGED=staged, PREFETCH=prefetch, PF_CONTIG=contig,
+            PRODUCER_WARPS=8 if warps8 else 4, **common)
         launch_mla_decode_seesaw.last_kernel = kernel
         combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
         return out, lse
