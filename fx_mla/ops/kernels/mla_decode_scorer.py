@@ -53,6 +53,13 @@ from fx_mla.ops.kernels.mla_decode_seesaw import _pair_epilogue
 
 
 @gluon.constexpr_function
+def mma_layout(n):
+    """A one-warpgroup wgmma accumulator layout, n columns an instruction."""
+    n = getattr(n, "value", n)
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.constexpr_function
 def lat8_layout(lanes):
     """lat_layout's "q2x4" for a producer of 8 warps ([8 rows, 128 words], one 16-byte load a thread): the same lane
     bases (each quarter warp: 2 rows x 4 lanes of one swizzle column, conflict-free fp16 stores), the 4 warps of a
@@ -71,10 +78,8 @@ def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty
                       Q_SHIFT: gl.constexpr, EARLY_Q: gl.constexpr, STAGED: gl.constexpr, O_N: gl.constexpr):
     """Scores, softmax statistics and output columns [L/2, L) (the epilogue's warpgroup 1: it holds l, writes lse)."""
     HALF: gl.constexpr = L // 2
-    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, TILE, 16])
-    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, O_N, 16])
+    S_LAYOUT: gl.constexpr = mma_layout(TILE)  # scores [64, TILE]
+    O_LAYOUT: gl.constexpr = mma_layout(O_N)   # this warpgroup's half of O [64, L / 2], O_N columns an MMA
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
     n_tiles = gl.cdiv(end - start, TILE)
@@ -134,10 +139,8 @@ def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin
                       STAGED: gl.constexpr, O_N: gl.constexpr):
     """Output columns [0, L/2): P_j V_j with the scorer's P_j and alpha_j (the epilogue's warpgroup 0)."""
     HALF: gl.constexpr = L // 2
-    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, TILE, 16])
-    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, O_N, 16])
+    S_LAYOUT: gl.constexpr = mma_layout(TILE)  # scores [64, TILE]
+    O_LAYOUT: gl.constexpr = mma_layout(O_N)   # this warpgroup's half of O [64, L / 2], O_N columns an MMA
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
     n_tiles = gl.cdiv(end - start, TILE)
