@@ -198,6 +198,11 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start, 
     return result
 
 
+def _kernel_name(choice: str) -> str:
+    """The op's kernel choice, the seesaw launcher's with the kernel its VARIANT runs (e.g. "seesaw:scorer")."""
+    return f"{choice}:{ss.resolved_variant()}" if choice == "seesaw" else choice
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="time every candidate config of SWEEP too")
@@ -274,7 +279,8 @@ def main():
             t_us, err, lse_err = float("inf"), float("nan"), float("nan")
             row["fused_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"  fused op failed: {row['fused_error']}", flush=True)
-        row.update(fused_us=t_us, fused_kernel=dmod.cuda_kernel_choice(q, cache, LAT), fused_config=list(default),
+        row.update(fused_us=t_us, fused_kernel=_kernel_name(dmod.cuda_kernel_choice(q, cache, LAT)),
+                   fused_config=list(default),
                    fused_regs_spills_smem=regs[0], fused_rel_err=err, fused_lse_err=lse_err,
                    fused_tbps=kv_bytes / (t_us * 1e-6) / 1e12, fused_tflops=flops / (t_us * 1e-6) / 1e12)
         ceiling_fields(row, copy_tbps, mm_tflops)

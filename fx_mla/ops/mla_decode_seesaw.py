@@ -119,6 +119,12 @@ def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_r
                              heads_reason=_heads_reason, row_align=4, smem_needed=smem)
 
 
+def resolved_variant(variant: Optional[str] = None) -> str:
+    """The kernel a launch with `variant` (None: VARIANT) runs: "auto" is the scorer kernel."""
+    variant = VARIANT if variant is None else variant
+    return "scorer" if variant == "auto" else variant
+
+
 def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out,
                              lse, num_splits: Optional[int] = None, poison_workspace: bool = False,
                              one_page: bool = True, checked: bool = False, variant: Optional[str] = None):
@@ -149,8 +155,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     if num_splits is None:  # pairs of tiles (64 tokens) are the split granularity
         num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * BLOCK_N, sm_count(device_index(q.device)),
                                     1)
-    if variant == "auto":
-        variant = "scorer"
+    variant = resolved_variant(variant)
     staged, bf16_partials = output_plan(num_splits, max_blocks * page, out.dtype)
     if variant == "scorer" and SCORER_STAGED != "plan":
         staged, bf16_partials = bool(SCORER_STAGED), None
