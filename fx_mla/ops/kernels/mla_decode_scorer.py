@@ -186,8 +186,10 @@ def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bl
                       PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
     if PREFETCH > 0:
         gl.static_assert(L + R == 576 and HALF_T == 32, "prefetch sizes: 32 rows of 576 FP8 bytes")
-        PF_LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [PRODUCER_WARPS], [0])  # 8 warps: twice over
-        pf_e = gl.arange(0, 4 * HALF_T, layout=PF_LAYOUT)  # a quarter of a row each: 32 rows x 4 chunks
+        PF_LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [PRODUCER_WARPS], [0])
+        # a quarter of a row each: 32 rows x 4 chunks (lanes 0..127; an 8-warp producer's lanes 128..255 idle, not
+        # replicas of the first 128, which would prefetch everything twice)
+        pf_e = gl.arange(0, 32 * PRODUCER_WARPS, layout=PF_LAYOUT)
         for k in gl.static_range(1, 2 * PREFETCH):
             n_k = start + k * HALF_T
             _prefetch_half(kv_ptr, _half_pages(bt_row, n_k, end, num_blocks, pf_e, PAGE, PF_CONTIG), n_k, end,
@@ -239,9 +241,12 @@ def _prefetch_half(kv_ptr, page, n0, end, blk_words, tok_words, pf_e, PAGE: gl.c
         pos = n0 + pf_e // 4
         off = (page.to(gl.int64) * (blk_words * 4) + (pos % PAGE).to(gl.int64) * (tok_words * 4)
                + (pf_e % 4) * 144)
+        ok = pos < end
+        if pf_e.shape[0] > 128:  # an 8-warp producer: lanes 128.. idle
+            ok = ok & (pf_e < 128)
         gl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], 144; mov.b32 $0, 0; }",
-            "=r,l,r", [kv_ptr + off, (pos < end).to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
+            "=r,l,r", [kv_ptr + off, ok.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
