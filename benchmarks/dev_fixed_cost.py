@@ -7,9 +7,11 @@ This measures it: the split count is held fixed and seq_lens is set so that ever
 t(p) = fixed + p * per_pair is fitted for p >= 2 (least squares), t(0) is the empty launch (query load, no loop,
 out = 0 / lse = -inf written). For each (B, splits): the kernel alone (the launcher's combine replaced by a no-op)
 and the op (kernel + combine), both kernel forms ("seesaw", "producer"). A trivial Triton kernel on the same grid
-gives the launch floor. Each form's output is checked against the fp32 reference at one p first.
+gives the launch floor. Each form's output is checked against the fp32 reference at one p first. Session 12:
+--variants adds the scorer kernel (its 64-token tile is a pair here), the default since then.
 
-  PYTHONPATH=. python3 benchmarks/dev_fixed_cost.py     # JSON to $OUT/dev_fixed_cost.json, else results/
+  PYTHONPATH=. python3 benchmarks/dev_fixed_cost.py [--variants scorer,seesaw] [--no-split-ab]
+  # JSON to $OUT/dev_fixed_cost.json, else results/
 """
 from __future__ import annotations
 
@@ -52,6 +54,12 @@ def fit(ps, ts):
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="scorer,seesaw,producer",
+                    help="seesaw launcher variants to split (the scorer's 64-token tile is the seesaw's pair)")
+    ap.add_argument("--no-split-ab", action="store_true", help="skip the 66 / 64 split A/B of session 7")
+    args = ap.parse_args()
     rows = []
     real_combine = smod.combine_splits
     for batch, splits in CASES:
@@ -63,7 +71,7 @@ def main():
         scratch = torch.empty(grid[0] * grid[1] * grid[2], device="cuda")
         floor = bd.time_us(lambda t: _touch[grid](scratch), tables)[0]
         print(f"B={batch} splits={splits}: trivial kernel on the grid {floor:.2f} us", flush=True)
-        for variant in ("seesaw", "producer"):
+        for variant in args.variants.split(","):
             for combine in (False, True):
                 if combine and splits == 1:
                     continue
@@ -99,6 +107,8 @@ def main():
         del cache, tables
         torch.cuda.empty_cache()
     split_ab = []
+    if args.no_split_ab:
+        return _write(rows, split_ab)
     cache, tables, lens, k_scale, q, _, _ = bd.make_inputs(1, 128, 65536, 3)
     out = torch.empty(1, 128, bd.LAT, dtype=torch.bfloat16, device="cuda")
     lse = torch.empty(1, 128, device="cuda")
@@ -113,6 +123,10 @@ def main():
             err = float((out.float() - ref_o).norm() / ref_o.norm())
             split_ab.append(dict(splits=splits, us=bd.time_us(call, tables)[0], rel_err=err))
             print(f"1x128x65536 op at {splits} splits: {split_ab[-1]['us']:.1f} us (err {err:.1e})", flush=True)
+    _write(rows, split_ab)
+
+
+def _write(rows, split_ab):
     res = dict(name="dev_fixed_cost", device=torch.cuda.get_device_name(), torch=torch.__version__,
                triton=triton.__version__, rows=rows, split_ab=split_ab)
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
