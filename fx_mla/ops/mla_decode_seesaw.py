@@ -1,4 +1,6 @@
-"""Launcher of the Hopper "seesaw" Gluon kernel of the MLA decode (fx_mla/ops/kernels/mla_decode_seesaw.py).
+"""Launcher of the Hopper Gluon kernels of the 64-head-group MLA decode: the scorer kernel (the default, VARIANT
+"auto"; fx_mla/ops/kernels/mla_decode_scorer.py) and the "seesaw" kernel and its producer form
+(fx_mla/ops/kernels/mla_decode_seesaw.py).
 
 Same contract as launch_mla_decode_gluon (fx_mla/ops/mla_decode_gluon.py) without its `variant`: bf16/fp16 query
 (or FP8 with its q_scale) [B, H, 576] with H a multiple of 64, FP8 e4m3/e5m2 paged cache [num_blocks, block_size,
@@ -6,9 +8,10 @@ Same contract as launch_mla_decode_gluon (fx_mla/ops/mla_decode_gluon.py) withou
 splits go through the same split workspace (_decode_launch.gluon_launch_args) and the same Triton combine kernel.
 No host sync; bad block ids / lengths are clamped in the kernel.
 
-The kernel differs in its schedule only (two warp-specialized warpgroups on alternating 32-token tiles that
-exchange row statistics, so one warpgroup's softmax overlaps the other's MMAs); it needs 230,732 bytes of shared
-memory a block (Triton 3.6, sm_90). Gluon is imported lazily: this module imports on any Triton.
+The kernels differ in their schedules only. The seesaw kernel: two warp-specialized warpgroups on alternating
+32-token tiles that exchange row statistics, so one warpgroup's softmax overlaps the other's MMAs (230,732 bytes of
+shared memory a block, Triton 3.6, sm_90). The scorer kernel: 64-token tiles, one warpgroup scoring, one helping with
+P V, one converting (230,176 bytes). Gluon is imported lazily: this module imports on any Triton.
 """
 from __future__ import annotations
 
@@ -35,8 +38,8 @@ WORKER_REGS = 256    # setmaxnreg of the worker: 8 warps x 256 fill the register
 LANES = "q2x4"
 # "seesaw": each warpgroup loads and converts its own tiles; "producer": a third, 4-warp partition loads and converts
 # all tiles (kernels/mla_decode_seesaw.py, PRODUCER=True), the warpgroups at PRODUCER_WORKER_REGS registers, the
-# producer at PRODUCER_REGS (no spills, Triton 3.6 sm_90). "auto" (default): the producer form for launches of one
-# split a request, the seesaw kernel otherwise (a shape-only choice: every rank picks the same). 1x H100, session 6
+# producer at PRODUCER_REGS (no spills, Triton 3.6 sm_90). Sessions 6-11 "auto" took the producer form for launches
+# of one split a request, the seesaw kernel otherwise (now "auto" is the scorer kernel). 1x H100, session 6
 # (RESULTS.md): the producer form 8.6 % faster on 64 x 128 x 4096 (one split), 1.5-2.3 % slower on the three
 # 128-head shapes with 4-66 splits. A producer keeping two tiles in flight (176 / 136 registers) was 13-21 % slower
 # everywhere and was dropped.
@@ -108,12 +111,12 @@ def output_plan(num_splits: int, capacity: int, out_dtype: torch.dtype):
 
 def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
                               device: Optional[torch.device] = None, variant: Optional[str] = None) -> Optional[str]:
-    """None when the seesaw kernel covers these inputs on `device` (default: q's device), else why not.
-    Same coverage as the Gluon kernel (capability (9, 0), Triton 3.6, shapes, dtypes), a little more shared memory."""
+    """None when `variant`'s kernel (None: VARIANT) covers these inputs on `device` (default: q's device), else why
+    not. Same coverage as the Gluon kernel (capability (9, 0), Triton 3.6, shapes, dtypes); each kernel's own shared
+    memory (the scorer's, the least of the three, for "auto")."""
     variant = VARIANT if variant is None else variant
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
-    # "auto" needs only what the seesaw kernel needs: it falls back to it where the producer form does not fit
     smem = {"producer": SMEM_NEEDED_PRODUCER, "seesaw": SMEM_NEEDED}.get(variant, SMEM_NEEDED_SCORER)
     return gluon_unsupported(q, kv_cache, kv_lora_rank, device, kernel="the seesaw Gluon kernel",
                              heads_reason=_heads_reason, row_align=4, smem_needed=smem)
