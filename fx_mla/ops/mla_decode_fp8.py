@@ -358,6 +358,9 @@ def cuda_kernel_choice(q, kv_cache, kv_lora_rank, device=None) -> str:
     from fx_mla.ops.mla_decode_gluon16 import gluon16_unsupported_reason
     reason = gluon_unsupported_reason(q, kv_cache, kv_lora_rank, device)
     if reason is None:  # the seesaw launcher's kernels cover the same inputs where their (larger) shared memory fits
+        if mla_decode_seesaw.VARIANT not in mla_decode_seesaw.VARIANTS:  # a misconfiguration, not a decline
+            raise ValueError(f"mla_decode_seesaw.VARIANT must be one of {mla_decode_seesaw.VARIANTS}, got "
+                             f"{mla_decode_seesaw.VARIANT!r}")
         seesaw_reason = mla_decode_seesaw.seesaw_unsupported_reason(q, kv_cache, kv_lora_rank, device)
         return "gluon" if seesaw_reason else "seesaw"
     reason16 = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank, device)

@@ -118,6 +118,14 @@ def test_cuda_kernel_choice_shared_memory_and_capability(fake_hopper, monkeypatc
     assert dmod.cuda_kernel_choice(q, kv, 512, CUDA0) == "triton"
 
 
+def test_cuda_kernel_choice_rejects_an_unknown_seesaw_variant(fake_hopper, monkeypatch):
+    """A misspelt mla_decode_seesaw.VARIANT raises, naming it, rather than quietly running another kernel."""
+    q, kv, *_ = _inputs(2, 128)
+    monkeypatch.setattr(smod, "VARIANT", "scorrer")
+    with pytest.raises(ValueError, match="scorrer"):
+        dmod.cuda_kernel_choice(q, kv, 512, CUDA0)
+
+
 def test_cuda_kernel_choice_unaligned_cache_goes_to_triton(fake_hopper):
     q, _, *_ = _inputs(2, 16)
     kv = torch.randn(4, 64, 580).to(E4M3)[..., 2:578]  # rows 2 bytes off the 4- and 16-byte boundaries
