@@ -267,7 +267,7 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 110 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
         -k "options or output_plan_matches" 2>&1 | tee "$OUT/s29_tests.log" | grep -v PASSED | tail -6
     timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
-        "SCORER_STAGED=False,SCORER_EARLY_Q=True,SCORER_STAGED=plan,SCORER_PRODUCER_WARPS=8,SCORER_PRODUCER_WARPS=8+SCORER_EARLY_Q=True+SCORER_STAGED=plan" \
+        "SCORER_STAGED=False,SCORER_PREFETCH=1,SCORER_EARLY_Q=True,SCORER_STAGED=plan,SCORER_PRODUCER_WARPS=8,SCORER_PRODUCER_WARPS=8+SCORER_EARLY_Q=True+SCORER_STAGED=plan" \
         --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s29_ab.log" | tail -5
     timeout 120 python3 benchmarks/dev_fixed_cost.py --variants scorer --no-split-ab 2>&1 | tee "$OUT/s29_fixed.log" \
         | tail -6 ;;
