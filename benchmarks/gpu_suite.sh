@@ -25,17 +25,14 @@
 #   bash benchmarks/gpu_suite.sh s18     # one GPU: CONFIG with "p": the op's GPU tests, the gather table
 #   bash benchmarks/gpu_suite.sh s19     # one GPU: PDL with other gather tiles (sweep)
 #   bash benchmarks/gpu_suite.sh s21     # one GPU: decode_attention pass GPU tests incl. the flat-slot forms (spent)
-#   bash benchmarks/gpu_suite.sh s22     # one GPU: the scorer decode kernel: its GPU tests, A/B against "auto" (spent)
-#   bash benchmarks/gpu_suite.sh s23     # one GPU: the scorer's L2 prefetch: tests, A/B (spent)
-#   bash benchmarks/gpu_suite.sh s24     # one GPU: the scorer with parts switched off (timing knobs) (spent)
 #   bash benchmarks/gpu_suite.sh s25     # one GPU: Nsight Compute of the scorer kernel, B = 8 (spent)
-#   bash benchmarks/gpu_suite.sh s26     # one GPU: the scorer's late schedule: tests, A/B (spent)
 #   bash benchmarks/gpu_suite.sh s27     # one GPU: "auto" = the scorer: tests, decode table, prefetch distances (spent)
 #   bash benchmarks/gpu_suite.sh s28     # one GPU: the scorer's split launches: bf16 partials, prefetch 1, PDL combine
 #                                        # (spent)
 #   bash benchmarks/gpu_suite.sh s29     # one GPU: the scorer's opt-in options (early query, staged, 8-warp producer)
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
-# 11's s16 / s17 with the gather flags m / w since removed)
+# 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
+# timing knobs and first schedule, since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -216,21 +213,6 @@ print(f'{pick(128)},{pick(16)}')")
   s21)  # next session: GPU tests of session 11's flat-slot decode_attention matching (not yet run on a GPU)
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_decode_attention_pass_gpu.py 2>&1 \
         | tee "$OUT/s21_tests.log" | grep -v PASSED | tail -6 ;;
-  s22)  # session 12: the scorer kernel (kernels/mla_decode_scorer.py): GPU tests, then timed against "auto"
-    timeout 240 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k scorer \
-        2>&1 | tee "$OUT/s22_tests.log" | grep -v PASSED | tail -8
-    timeout 300 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules seesaw --values auto,scorer \
-        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s22_ab.log" | tail -24 ;;
-  s23)  # session 12: the scorer's L2 prefetch: GPU tests, then timed against "auto" and the plain scorer
-    timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k prefetch \
-        2>&1 | tee "$OUT/s23_tests.log" | grep -v PASSED | tail -8
-    timeout 340 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
-        "VARIANT=auto,VARIANT=scorer+SCORER_PREFETCH=0,VARIANT=scorer+SCORER_PREFETCH=1,VARIANT=scorer+SCORER_PREFETCH=2,VARIANT=scorer+SCORER_PREFETCH=4" \
-        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s23_ab.log" | tail -24 ;;
-  s24)  # session 12: where the scorer's time goes (SCORER_DEV timing knobs: wrong results by design, "ok False")
-    timeout 300 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
-        "VARIANT=scorer+SCORER_DEV=0,VARIANT=scorer+SCORER_DEV=1,VARIANT=scorer+SCORER_DEV=2,VARIANT=scorer+SCORER_DEV=4,VARIANT=scorer+SCORER_DEV=6" \
-        --shapes 8x128x16384,16x128x32768,1x128x65536 2>&1 | tee "$OUT/s24_ab.log" | tail -24 ;;
   s25)  # session 12: Nsight Compute of the scorer kernel at B = 8 (full set; details and per-instruction stall samples)
     timeout 240 ncu --clock-control none --profile-from-start off --set full --import-source no -o "$OUT/prof_sc" \
       python3 benchmarks/dev_profile.py --which b8 --seesaw-variants scorer > "$OUT/ncu.log" 2>&1
@@ -238,12 +220,6 @@ print(f'{pick(128)},{pick(16)}')")
     ncu -i "$OUT/prof_sc.ncu-rep" --page details > "$OUT/details_sc.txt" 2>&1; wc -l "$OUT/details_sc.txt"
     ncu -i "$OUT/prof_sc.ncu-rep" --page source --csv --print-source sass > "$OUT/source_sc.csv" 2>&1
     wc -l "$OUT/source_sc.csv"; rm -f "$OUT/prof_sc.ncu-rep" ;;
-  s26)  # session 12: the scorer's late schedule: GPU tests (options bitwise the plain scorer), A/B against "auto"
-    timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k "options" \
-        2>&1 | tee "$OUT/s26_tests.log" | grep -v PASSED | tail -8
-    timeout 300 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
-        "VARIANT=auto,VARIANT=scorer+SCORER_LATE_S=False,VARIANT=scorer+SCORER_LATE_S=True,VARIANT=scorer+SCORER_LATE_S=True+SCORER_PREFETCH=2" \
-        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s26_ab.log" | tail -24 ;;
   s27)  # session 12: "auto" = the scorer (late, prefetch 2): its GPU tests and the op's, the decode table, a prefetch sweep
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
         -k "(auto or scorer) and not options" 2>&1 | tee "$OUT/s27_tests.log" | grep -v PASSED | tail -6

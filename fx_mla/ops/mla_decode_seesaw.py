@@ -149,7 +149,6 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
                           "the seesaw kernel")
     if no_tokens(q, kv_cache, block_table):  # B = 0, no cache block or no table column: out = 0, lse = -inf
         return fill_empty(out, lse)
-    from fx_mla.ops.kernels import mla_decode_seesaw as kmod  # gluon: Triton 3.6 only
 
     batch, heads, _ = q.shape
     page = kv_cache.shape[1]
@@ -159,35 +158,33 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         num_splits = num_splits_for(batch, groups, max_blocks * page, 2 * BLOCK_N, sm_count(device_index(q.device)),
                                     1)
     variant = resolved_variant(variant)
-    staged, bf16_partials = output_plan(num_splits, max_blocks * page, out.dtype)
     if variant == "scorer" and SCORER_STAGED != "plan":
         staged, bf16_partials = bool(SCORER_STAGED), None
+    else:
+        staged, bf16_partials = output_plan(num_splits, max_blocks * page, out.dtype)
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
                                                 lse, num_splits, poison_workspace, bf16_partials)
-    # ONE_PAGE: the kernels load 32-token tiles, each in one page
-    common = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
+    # ONE_PAGE: the kernels load 32-token tiles (the scorer 32-token halves of its tiles), each in one page
+    common = dict(BLOCK_H=BLOCK_H, ONE_PAGE=bool(one_page) and page % BLOCK_N == 0, LANES=str(LANES),
                   num_warps=NUM_WARPS, **consts)
-    if variant == "scorer":
-        from fx_mla.ops.kernels import mla_decode_scorer as smod
-        common.pop("BLOCK_N")
+    if variant == "scorer":  # gluon: Triton 3.6 only
+        from fx_mla.ops.kernels.mla_decode_scorer import _mla_decode_scorer_kernel as kernel_fn
         aligned = all(v % 16 == 0 for v in (kv_cache.stride(0), kv_cache.stride(1), kv_cache.data_ptr()))
-        prefetch = int(SCORER_PREFETCH) if aligned else 0
-        contig = bool(common["ONE_PAGE"] and kv_cache.stride(1) == 576)  # a half tile: 32 rows 576 bytes apart
         warps8 = int(SCORER_PRODUCER_WARPS) == 8
         helper_regs, producer_regs = SCORER_8W_REGS if warps8 else (SCORER_HELPER_REGS, SCORER_PRODUCER_REGS)
-        kernel = smod._mla_decode_scorer_kernel[(groups, num_splits, batch)](
-            *args, TILE=2 * BLOCK_N, HELPER_REGS=helper_regs, PRODUCER_REGS=producer_regs,
-            EARLY_Q=bool(SCORER_EARLY_Q), STAGED=staged, PREFETCH=prefetch, PF_CONTIG=contig,
-            PRODUCER_WARPS=8 if warps8 else 4, **common)
-        launch_mla_decode_seesaw.last_kernel = kernel
-        combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
-        return out, lse
-    if variant == "producer":
-        common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
+        common.update(TILE=2 * BLOCK_N, HELPER_REGS=helper_regs, PRODUCER_REGS=producer_regs,
+                      EARLY_Q=bool(SCORER_EARLY_Q), STAGED=staged, PREFETCH=int(SCORER_PREFETCH) if aligned else 0,
+                      # a half tile: 32 rows one row apart in one page (one prefetch)
+                      PF_CONTIG=common["ONE_PAGE"] and kv_cache.stride(1) == kv_cache.shape[2],
+                      PRODUCER_WARPS=8 if warps8 else 4)
     else:
-        common.update(WORKER_REGS=WORKER_REGS)
-    common.update(STAGED_O=staged)
-    kernel = kmod._mla_decode_seesaw_kernel[(groups, num_splits, batch)](*args, **common)
+        from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel as kernel_fn
+        common.update(BLOCK_N=BLOCK_N, STAGED_O=staged)
+        if variant == "producer":
+            common.update(WORKER_REGS=PRODUCER_WORKER_REGS, PRODUCER=True, PRODUCER_REGS=PRODUCER_REGS)
+        else:
+            common.update(WORKER_REGS=WORKER_REGS)
+    kernel = kernel_fn[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
     return out, lse
