@@ -30,6 +30,7 @@
 #   bash benchmarks/gpu_suite.sh s28     # one GPU: the scorer's split launches: bf16 partials, prefetch 1, PDL combine
 #                                        # (spent)
 #   bash benchmarks/gpu_suite.sh s29     # one GPU: the scorer's opt-in options (early query, staged, 8-warp producer)
+#   bash benchmarks/gpu_suite.sh s30     # one GPU: the scorer with the output plan (default now): tests, A/B, table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
 # timing knobs and first schedule, since removed)
@@ -247,4 +248,14 @@ print(f'{pick(128)},{pick(16)}')")
         --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s29_ab.log" | tail -5
     timeout 120 python3 benchmarks/dev_fixed_cost.py --variants scorer --no-split-ab 2>&1 | tee "$OUT/s29_fixed.log" \
         | tail -6 ;;
+  s30)  # session 13: SCORER_STAGED "plan" the default (s29: -4.7 % at 1 x 64K, -3 % at 64 x 4K): the seesaw GPU file,
+        # an A/B against the old default and with the early query on top, then the decode table
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py 2>&1 \
+        | tee "$OUT/s30_tests.log" | grep -v PASSED | tail -6; pack
+    timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
+        "SCORER_STAGED=plan,SCORER_STAGED=False,SCORER_EARLY_Q=True" \
+        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096,2x128x8192 2>&1 | tee "$OUT/s30_ab.log" | tail -6
+    pack
+    timeout 200 python3 benchmarks/bench_decode.py --budget 130 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
+        | tail -12 ;;
 esac

@@ -63,14 +63,12 @@ SCORER_PREFETCH = 2
 # The scorer's options for its fixed cost (kernels/mla_decode_scorer.py): SCORER_EARLY_Q, the query loaded inside the
 # warp-specialized region (under the producer's first tile); SCORER_STAGED, its output through shared memory in whole
 # rows: False, True, or "plan" (the seesaw kernel's output_plan: staged for one split, and with bf16 partials for many
-# short splits of a bf16 output). Off until measured.
+# short splits of a bf16 output). 1x H100, session 13 (RESULTS.md): "plan" -4.7 % on 1 x 128 x 65536 (64 splits of
+# 16 tiles: staged, bf16 partials) and -3 % on 64 x 128 x 4096 (one split: staged); on 8 x 16K and 16 x 32K (8 / 4
+# splits) it launches the same kernel as False. EARLY_Q: -2 % on 8 x 16K, even elsewhere.
+# A two-warpgroup producer (session 12) was 7-10 % slower on all four shapes (session 13): removed.
 SCORER_EARLY_Q = False
-SCORER_STAGED = False
-# SCORER_PRODUCER_WARPS = 8: the scorer's producer as two warpgroups (each thread half the conversions; registers
-# helper / producer SCORER_8W_REGS, the output MMAs as two n = 128 halves: 16 warps leave ptxas 128 registers a
-# thread as the kernel's bound). Compiled offline without spills (benchmarks/dev_offline_sm90.py); not yet run on a GPU.
-SCORER_PRODUCER_WARPS = 4
-SCORER_8W_REGS = (160, 56)
+SCORER_STAGED = "plan"
 SMEM_NEEDED_SCORER = 230216  # bytes of the compiled scorer kernel, its largest form (Triton 3.6, sm_90; the default 230,176)
 SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
 SMEM_NEEDED = 230764  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics,
@@ -170,13 +168,10 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     if variant == "scorer":  # gluon: Triton 3.6 only
         from fx_mla.ops.kernels.mla_decode_scorer import _mla_decode_scorer_kernel as kernel_fn
         aligned = all(v % 16 == 0 for v in (kv_cache.stride(0), kv_cache.stride(1), kv_cache.data_ptr()))
-        warps8 = int(SCORER_PRODUCER_WARPS) == 8
-        helper_regs, producer_regs = SCORER_8W_REGS if warps8 else (SCORER_HELPER_REGS, SCORER_PRODUCER_REGS)
-        common.update(TILE=2 * BLOCK_N, HELPER_REGS=helper_regs, PRODUCER_REGS=producer_regs,
+        common.update(TILE=2 * BLOCK_N, HELPER_REGS=SCORER_HELPER_REGS, PRODUCER_REGS=SCORER_PRODUCER_REGS,
                       EARLY_Q=bool(SCORER_EARLY_Q), STAGED=staged, PREFETCH=int(SCORER_PREFETCH) if aligned else 0,
                       # a half tile: 32 rows one row apart in one page (one prefetch)
-                      PF_CONTIG=common["ONE_PAGE"] and kv_cache.stride(1) == kv_cache.shape[2],
-                      PRODUCER_WARPS=8 if warps8 else 4)
+                      PF_CONTIG=common["ONE_PAGE"] and kv_cache.stride(1) == kv_cache.shape[2])
     else:
         from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel as kernel_fn
         common.update(BLOCK_N=BLOCK_N, STAGED_O=staged)

@@ -128,22 +128,21 @@ def test_seesaw_auto_output_plan_is_the_forced_one(splits, max_blocks, lean, mon
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-@pytest.mark.parametrize("prefetch,early_q,staged,warps", [
-    (0, False, False, 4), (1, False, False, 4), (2, False, False, 4), (4, False, False, 4), (2, True, False, 4),
-    (2, False, True, 4), (2, True, True, 4), (0, False, False, 8), (2, False, False, 8), (2, True, True, 8)])
+@pytest.mark.parametrize("prefetch,early_q,staged", [
+    (0, False, False), (1, False, False), (2, False, False), (4, False, False), (2, True, False), (2, False, True),
+    (2, True, True)])
 @pytest.mark.parametrize("block_size,one_page", [(16, False), (64, False), (64, True)])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
-def test_scorer_options_are_bitwise_the_plain_scorer(prefetch, early_q, staged, warps, block_size, one_page,
+def test_scorer_options_are_bitwise_the_plain_scorer(prefetch, early_q, staged, block_size, one_page,
                                                      num_splits, monkeypatch):
     """The scorer kernel's L2 prefetch (per-row quarters; one whole-half prefetch where a 32-token half lies in one
-    page), its query loaded inside the partitions, its staged output and its 8-warp producer change no result:
+    page), its query loaded inside the partitions and its staged output change no result:
     bitwise the scorer without them (fp32 partials either way), and both against float64."""
     _skip_unless_supported()
     lengths = [0, 1, 33, 65, 700, 96, 1500]
     p = make_problem(lengths, 128, block_size, E4M3, torch.bfloat16, seed=prefetch + block_size, device="cuda")
     outs = []
-    for pf, eq, st, wp in ((0, False, False, 4), (prefetch, early_q, staged, warps)):
-        monkeypatch.setattr(smod, "SCORER_PRODUCER_WARPS", wp)
+    for pf, eq, st in ((0, False, False), (prefetch, early_q, staged)):
         monkeypatch.setattr(smod, "SCORER_PREFETCH", pf)
         monkeypatch.setattr(smod, "SCORER_EARLY_Q", eq)
         monkeypatch.setattr(smod, "SCORER_STAGED", st)
@@ -152,7 +151,7 @@ def test_scorer_options_are_bitwise_the_plain_scorer(prefetch, early_q, staged, 
         smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
                                       out, lse, num_splits=num_splits, poison_workspace=True, one_page=one_page,
                                       variant="scorer")
-        check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"scorer prefetch {pf} early_q {eq} staged {st} warps {wp}")
+        check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"scorer prefetch {pf} early_q {eq} staged {st}")
         outs.append((out, lse))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 

@@ -90,20 +90,3 @@ def test_lat_layout_load_row_segments(lanes, warps, rows):
 def test_lat_layout_q2x4_needs_whole_row_pairs():
     with pytest.raises(Exception, match="multiple of 2 x warps"):
         lat_layout("q2x4", 8, 8)
-
-
-def test_lat8_layout_of_the_scorer_producer():
-    """The scorer kernel's 8-warp producer layout (kernels/mla_decode_scorer.lat8_layout, [8, 128] words, one 16-byte
-    load a thread): every word once, conflict-free conversion stores, 256-byte row segments, as q2x4."""
-    from fx_mla.ops.kernels.mla_decode_scorer import lat8_layout
-    pos = _lane_positions(lat8_layout("q2x4"), 8, 8)
-    assert len(pos) == 8  # one register group a warp
-    words = [(r, c + k) for lanes_ in pos.values() for r, c in lanes_ for k in range(4)]
-    assert sorted(words) == [(r, c) for r in range(8) for c in range(WORDS)]
-    assert _quarter_warp_conflicts(pos) == 1
-    for lanes_ in pos.values():
-        for row in {r for r, _ in lanes_}:
-            cols = sorted(c for r, c in lanes_ if r == row)
-            assert cols == list(range(cols[0], cols[0] + 4 * len(cols), 4)) and 16 * len(cols) == 256
-    with pytest.raises(Exception, match="q2x4"):
-        lat8_layout("8x4")

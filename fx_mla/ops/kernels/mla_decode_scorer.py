@@ -34,11 +34,11 @@ buffer a tile only, so its producer could not run ahead. Here ONE warpgroup comp
   token, and so does every tile the loop reaches, so every m_j is finite.
 * EARLY_Q: the scorer loads the query itself, inside the warp-specialized region, so that the producer's first tile
   is loaded and converted at the same time (otherwise all warps wait for the query first). STAGED: the output goes
-  through the (then free) tile buffers and out in whole rows (_pair_epilogue's staged form). PRODUCER_WARPS = 8: the
-  producer as two warpgroups, each thread converting half as much (8-warp q2x4 loads: lat8_layout); with 16 warps
-  ptxas bounds the kernel at 128 registers a thread, below what an m64n256k16 wgmma takes, so the output MMAs are
-  issued as two n = 128 halves (O_N). EARLY_Q, STAGED and the 8-warp producer were written after session 12's last
-  GPU run: compiled offline (no spills but two scalar ones in some 8-warp forms), not yet run on a GPU (all off).
+  through the (then free) tile buffers and out in whole rows (_pair_epilogue's staged form); the launcher's "plan"
+  stages one-split launches and many short splits of a bf16 output (then with bf16 partials). Both run on a GPU in
+  session 13 (bitwise the plain scorer). A producer of two warpgroups (session 12, git history) was 7-10 % slower on
+  the four 128-head shapes (1x H100, session 13): 16 warps bound ptxas at 128 registers a thread, which split the
+  output MMAs into n = 128 halves; removed.
 Shared memory a block: Q 73,728 + tiles 147,456 + P 8,192 + statistics and barriers (230,176 bytes compiled, up to
 230,216 with the options, of the 232,448 an H100 block may use).
 """
@@ -59,27 +59,16 @@ def mma_layout(n):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
 
-@gluon.constexpr_function
-def lat8_layout(lanes):
-    """lat_layout's "q2x4" for a producer of 8 warps ([8 rows, 128 words], one 16-byte load a thread): the same lane
-    bases (each quarter warp: 2 rows x 4 lanes of one swizzle column, conflict-free fp16 stores), the 4 warps of a
-    warpgroup down the 8 rows and the two warpgroups on the two 64-word halves of a row."""
-    lanes = getattr(lanes, "value", lanes)
-    assert lanes == "q2x4", "the 8-warp producer has the q2x4 layout only"
-    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2]], lane_bases=[[0, 4], [0, 8], [1, 0], [0, 16], [0, 32]],
-                                      warp_bases=[[2, 0], [4, 0], [0, 64]], block_bases=[], shape=[8, 128])
-
-
 @gluon.jit
 def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin, bar_done,
                       start, end, qk_scale, k_scale, o_base, stride_o_h, lse_base,
                       q_ptr, pid_b, head0, stride_q_b, stride_q_h,
                       L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr,
-                      Q_SHIFT: gl.constexpr, EARLY_Q: gl.constexpr, STAGED: gl.constexpr, O_N: gl.constexpr):
+                      Q_SHIFT: gl.constexpr, EARLY_Q: gl.constexpr, STAGED: gl.constexpr):
     """Scores, softmax statistics and output columns [L/2, L) (the epilogue's warpgroup 1: it holds l, writes lse)."""
     HALF: gl.constexpr = L // 2
     S_LAYOUT: gl.constexpr = mma_layout(TILE)  # scores [64, TILE]
-    O_LAYOUT: gl.constexpr = mma_layout(O_N)   # this warpgroup's half of O [64, L / 2], O_N columns an MMA
+    O_LAYOUT: gl.constexpr = mma_layout(L // 2)  # this warpgroup's half of O [64, L / 2]
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
     n_tiles = gl.cdiv(end - start, TILE)
@@ -136,11 +125,11 @@ def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty
 @gluon.jit
 def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, bar_done, start, end, k_scale,
                       o_base, stride_o_h, lse_base, L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr,
-                      STAGED: gl.constexpr, O_N: gl.constexpr):
+                      STAGED: gl.constexpr):
     """Output columns [0, L/2): P_j V_j with the scorer's P_j and alpha_j (the epilogue's warpgroup 0)."""
     HALF: gl.constexpr = L // 2
     S_LAYOUT: gl.constexpr = mma_layout(TILE)  # scores [64, TILE]
-    O_LAYOUT: gl.constexpr = mma_layout(O_N)   # this warpgroup's half of O [64, L / 2], O_N columns an MMA
+    O_LAYOUT: gl.constexpr = mma_layout(L // 2)  # this warpgroup's half of O [64, L / 2]
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
     n_tiles = gl.cdiv(end - start, TILE)
@@ -164,19 +153,14 @@ def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin
 @gluon.jit
 def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                    PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, TILE: gl.constexpr, E5M2: gl.constexpr,
-                   ONE_PAGE: gl.constexpr, LANES: gl.constexpr, PREFETCH: gl.constexpr, PF_CONTIG: gl.constexpr,
-                   PRODUCER_WARPS: gl.constexpr):
+                   ONE_PAGE: gl.constexpr, LANES: gl.constexpr, PREFETCH: gl.constexpr, PF_CONTIG: gl.constexpr):
     """Tile t (tokens start + 64 t ..) into buffer t % 2 in two 32-token halves, one half ahead in registers.
     PREFETCH > 0: the cache rows of the half PREFETCH tiles ahead are prefetched into L2 (_prefetch_half), their
     page ids loaded one iteration before (no wait on them in the loop)."""
     HALF_T: gl.constexpr = TILE // 2
     SUB: gl.constexpr = HALF_T // 4
-    if PRODUCER_WARPS == 8:
-        LAT_LAYOUT: gl.constexpr = lat8_layout(LANES)                               # [SUB, L / 4] words
-        ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [8, 1], [1, 0])   # [HALF_T, R / 4] words
-    else:
-        LAT_LAYOUT: gl.constexpr = lat_layout(LANES, 4, SUB)                        # [SUB, L / 4] words
-        ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])   # [HALF_T, R / 4] words
+    LAT_LAYOUT: gl.constexpr = lat_layout(LANES, 4, SUB)                        # [SUB, L / 4] words
+    ROPE_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])   # [HALF_T, R / 4] words
     SMEM_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
     nope_words = k_nope._reinterpret(gl.int32, [2, TILE, L // 2], SMEM_WORDS)
     pe_words = k_pe._reinterpret(gl.int32, [2, TILE, R // 2], SMEM_WORDS)
@@ -186,10 +170,8 @@ def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bl
                       PAGE, L, R, SUB, LAT_LAYOUT, ROPE_LAYOUT, ONE_PAGE)
     if PREFETCH > 0:
         gl.static_assert(L + R == 576 and HALF_T == 32, "prefetch sizes: 32 rows of 576 FP8 bytes")
-        PF_LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [PRODUCER_WARPS], [0])
-        # a quarter of a row each: 32 rows x 4 chunks (lanes 0..127; an 8-warp producer's lanes 128..255 idle, not
-        # replicas of the first 128, which would prefetch everything twice)
-        pf_e = gl.arange(0, 32 * PRODUCER_WARPS, layout=PF_LAYOUT)
+        PF_LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        pf_e = gl.arange(0, 128, layout=PF_LAYOUT)  # a quarter of a row each: 32 rows x 4 chunks
         for k in gl.static_range(1, 2 * PREFETCH):
             n_k = start + k * HALF_T
             _prefetch_half(kv_ptr, _half_pages(bt_row, n_k, end, num_blocks, pf_e, PAGE, PF_CONTIG), n_k, end,
@@ -242,8 +224,6 @@ def _prefetch_half(kv_ptr, page, n0, end, blk_words, tok_words, pf_e, PAGE: gl.c
         off = (page.to(gl.int64) * (blk_words * 4) + (pos % PAGE).to(gl.int64) * (tok_words * 4)
                + (pf_e % 4) * 144)
         ok = pos < end
-        if pf_e.shape[0] > 128:  # an 8-warp producer: lanes 128.. idle
-            ok = ok & (pf_e < 128)
         gl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], 144; mov.b32 $0, 0; }",
             "=r,l,r", [kv_ptr + off, ok.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
@@ -259,7 +239,7 @@ def _mla_decode_scorer_kernel(
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, HELPER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, LANES: gl.constexpr,
         num_warps: gl.constexpr, PREFETCH: gl.constexpr = 0, PF_CONTIG: gl.constexpr = False,
-        EARLY_Q: gl.constexpr = False, STAGED: gl.constexpr = False, PRODUCER_WARPS: gl.constexpr = 4):
+        EARLY_Q: gl.constexpr = False, STAGED: gl.constexpr = False):
     """PREFETCH: L2 prefetch distance in tiles (0: off; the launcher: a 16-byte aligned cache only); PF_CONTIG: a
     32-token half is 32 rows 576 bytes apart in one page (one prefetch); EARLY_Q / STAGED: the module docstring."""
     gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
@@ -310,16 +290,13 @@ def _mla_decode_scorer_kernel(
     o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s,
                                               pid_g * BLOCK_H, num_heads, num_splits, stride_o_b, stride_o_h, L,
                                               SINGLE_SPLIT)
-    # 16 warps (an 8-warp producer) leave ptxas 128 registers a thread as the kernel's bound, below what one
-    # m64n256k16 wgmma takes (154): the output MMAs are then issued as two n = 128 halves
-    O_N: gl.constexpr = 128 if PRODUCER_WARPS == 8 else L // 2
     gl.warp_specialize([
         (_scorer_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
                              bar_done, start, end, qk_scale, k_scale, o_base, o_stride, lse_base,
                              q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h,
-                             L, R, BLOCK_H, TILE, Q_SHIFT, EARLY_Q, STAGED, O_N)),
+                             L, R, BLOCK_H, TILE, Q_SHIFT, EARLY_Q, STAGED)),
         (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, bar_done, start, end,
-                             k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, STAGED, O_N)),
+                             k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, STAGED)),
         (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                          PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG, PRODUCER_WARPS)),
-    ], [4, PRODUCER_WARPS], [HELPER_REGS, PRODUCER_REGS])
+                          PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG)),
+    ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
