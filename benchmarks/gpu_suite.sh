@@ -31,6 +31,8 @@
 #                                        # (spent)
 #   bash benchmarks/gpu_suite.sh s29     # one GPU: the scorer's opt-in options (early query, staged, 8-warp producer)
 #   bash benchmarks/gpu_suite.sh s30     # one GPU: the scorer with the output plan (default now): tests, A/B, table
+#   bash benchmarks/gpu_suite.sh s31     # one GPU: plan + early query (the defaults now): decode table, GPU tests
+#   bash benchmarks/gpu_suite.sh s32     # one GPU: the op dispatch GPU tests with those defaults
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
 # timing knobs and first schedule, since removed)
@@ -258,4 +260,13 @@ print(f'{pick(128)},{pick(16)}')")
     pack
     timeout 200 python3 benchmarks/bench_decode.py --budget 130 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
         | tail -12 ;;
+  s31)  # session 13: SCORER_EARLY_Q on as well (s30: -1.6 to -5.5 % on three shapes, even on two): table, then tests
+    timeout 200 python3 benchmarks/bench_decode.py --budget 130 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
+        | tail -10; pack
+    timeout 330 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
+        tests/gpu/test_decode_attention_pass_gpu.py tests/gpu/test_model_gpu.py -k "not options" 2>&1 \
+        | tee "$OUT/s31_tests.log" | grep -v PASSED | tail -8 ;;
+  s32)
+    timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
+        | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;
 esac

@@ -65,9 +65,10 @@ SCORER_PREFETCH = 2
 # rows: False, True, or "plan" (the seesaw kernel's output_plan: staged for one split, and with bf16 partials for many
 # short splits of a bf16 output). 1x H100, session 13 (RESULTS.md): "plan" -4.7 % on 1 x 128 x 65536 (64 splits of
 # 16 tiles: staged, bf16 partials) and -3 % on 64 x 128 x 4096 (one split: staged); on 8 x 16K and 16 x 32K (8 / 4
-# splits) it launches the same kernel as False. EARLY_Q: -2 % on 8 x 16K, even elsewhere.
+# splits) it launches the same kernel as False. EARLY_Q on top of "plan" (session 13, s30): -2.1 % at 1 x 64K,
+# -1.6 % at 8 x 16K, -5.5 % at 2 x 128 x 8192 (32 splits of 4 tiles), even on 16 x 32K and 64 x 4K. Both on.
 # A two-warpgroup producer (session 12) was 7-10 % slower on all four shapes (session 13): removed.
-SCORER_EARLY_Q = False
+SCORER_EARLY_Q = True
 SCORER_STAGED = "plan"
 SMEM_NEEDED_SCORER = 230216  # bytes of the compiled scorer kernel, its largest form (Triton 3.6, sm_90; the default 230,176)
 SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
