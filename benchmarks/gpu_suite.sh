@@ -261,11 +261,13 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 200 python3 benchmarks/bench_decode.py --budget 130 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
         | tail -12 ;;
   s31)  # session 13: SCORER_EARLY_Q on as well (s30: -1.6 to -5.5 % on three shapes, even on two): table, then tests
-    timeout 200 python3 benchmarks/bench_decode.py --budget 130 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
+    timeout 150 python3 benchmarks/bench_decode.py --budget 120 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
         | tail -10; pack
-    timeout 330 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
+    timeout 270 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
         tests/gpu/test_decode_attention_pass_gpu.py tests/gpu/test_model_gpu.py -k "not options" 2>&1 \
-        | tee "$OUT/s31_tests.log" | grep -v PASSED | tail -8 ;;
+        | tee "$OUT/s31_tests.log" | grep -v PASSED | tail -8; pack
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py -k "128" \
+        2>&1 | tee "$OUT/s31_dispatch.log" | grep -v PASSED | tail -8 ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;
