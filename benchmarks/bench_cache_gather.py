@@ -386,11 +386,16 @@ def main():
     ap.add_argument("--paged-sizes", default="65536", help="paged form, tokens (64 requests)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-configs", default="", help="with --sweep: only these, e.g. '8,4,0;8,4,0,p;8,4,0,sp'")
+    ap.add_argument("--config", default="", help="the op's launch config for both layouts, e.g. '8,4,0,pe' "
+                    "(default: gather_dequant_cache.CONFIG)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--rep", type=float, default=100, help="do_bench rep in ms")
     ap.add_argument("--budget-s", type=float, default=None, help="after this many seconds, no more baselines")
     args = ap.parse_args()
     REP_MS = args.rep
+    if args.config:
+        cfg = tuple(int(x) if x.isdigit() else x for x in args.config.split(","))
+        gmod.CONFIG = {layout: cfg for layout in gmod.CONFIG}
     dev = torch.device(DEVICE)
     gen = torch.Generator(device=dev).manual_seed(0)
     cgen = torch.Generator().manual_seed(0)

@@ -54,7 +54,8 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # grid, 0 = one tile a program[, flags[, maxnreg]]). maxnreg: a register cap a thread (0: the compiler's own; at
 # 48 registers, 10 programs of 4 warps fit an SM, at 32 all 16). flags, a string of letters (kernels' docstring):
 # "v" = loads as wide as the output stores (no shared-memory layout change between load and store), "s" = streaming
-# output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere).
+# output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere), "e" = with "p",
+# each program prefetches its rows into L2 before the PDL wait, by indices read then (kernels' docstring: EARLY).
 # Small tiles keep registers low (~32-48 a thread), so many programs share an SM and many independent index chains
 # (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache) are in flight. From bench_cache_gather.py
 # --sweep on an H100 80GB HBM3 (16 configs, bit-identical): (8, 4, 0) best or within 0.1 % of best, both layouts,
@@ -292,8 +293,8 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     block_t, warps, per_sm, *rest = config or CONFIG[layout]
     flags = rest[0] if rest else ""
     maxnreg = rest[1] if len(rest) > 1 else 0
-    if set(flags) - set("vsp"):
-        raise ValueError(f"config flags must be letters of 'vsp', got {flags!r}")
+    if set(flags) - set("vspe"):
+        raise ValueError(f"config flags must be letters of 'vspe', got {flags!r}")
     if not isinstance(maxnreg, int) or maxnreg < 0:
         raise ValueError(f"config maxnreg must be an int >= 0 (0: the compiler's choice), got {maxnreg!r}")
     n_tiles = -(-n_tokens // block_t)
@@ -312,7 +313,7 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
                   ROUND_BY_BITS=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps,
                   VEC=16 // out.element_size() if "v" in flags else 0, STREAM="s" in flags, PDL=False)
     if "p" in flags and cache.is_cuda and _capability(cache.device)[0] >= 9:
-        common.update(PDL=True, launch_pdl=True)
+        common.update(PDL=True, launch_pdl=True, EARLY="e" in flags)
     if maxnreg and cache.is_cuda:  # register cap (more programs an SM); the interpreter has no registers
         common.update(maxnreg=maxnreg)
     if layout == "fp8_ds_mla":

@@ -82,7 +82,8 @@ def test_paged_form_64k_bitwise(layout):
 
 
 @pytest.mark.parametrize("config", [(8, 2, 0), (64, 8, 0), (16, 4, 6), (32, 8, 1), (8, 4, 0, "v"), (4, 2, 0, "vs"),
-                                    (16, 8, 0, "vsp"), (8, 4, 4, "vs"), (8, 4, 0, "p")], ids=str)
+                                    (16, 8, 0, "vsp"), (8, 4, 4, "vs"), (8, 4, 0, "p"), (8, 4, 0, "pe"),
+                                    (16, 4, 6, "pe")], ids=str)
 @pytest.mark.parametrize("layout", ["plain", "fp8_ds_mla"])
 def test_launch_configs_bitwise(config, layout):
     cache, p, scale = _problem(5, 20000, 576 if layout == "plain" else 656, torch.float8_e4m3fn, layout)
@@ -210,10 +211,12 @@ def test_cuda_graph_capture_reads_inputs_on_device(layout):
     assert_bitwise(pag.cpu(), ref_pag, "graph replay, paged form")
 
 
-def test_pdl_launches_in_cuda_graph_see_the_previous_kernels_writes():
+@pytest.mark.parametrize("cfg", [(8, 4, 0, "vsp"), (8, 4, 0, "vspe"), (8, 4, 0, "pe")], ids=str)
+def test_pdl_launches_in_cuda_graph_see_the_previous_kernels_writes(cfg):
     """Config flag "p" (programmatic dependent launch): launch B reads, as its cache, the output launch A wrote
     right before it in the same captured graph, after a NaN fill; B must see all of A's writes (its programs
-    wait for A to finish before reading). Replayed after the inputs change."""
+    wait for A to finish before reading). Replayed after the inputs change. With "e" B's programs prefetch
+    those rows into L2 while A may still be writing them: the values B reads after the wait are still A's."""
     n, bs, d = 20000, 16, 576
     cache, p, scale = _problem(13, n, d, torch.float8_e4m3fn, bs=bs)
     dv = p.to(DEV)
@@ -222,7 +225,6 @@ def test_pdl_launches_in_cuda_graph_see_the_previous_kernels_writes():
     mid = torch.empty((m, d), dtype=torch.bfloat16, device=DEV)
     ident = torch.arange(m // bs, dtype=torch.int32, device=DEV).view(1, -1)
     out = torch.empty((1, m, d), dtype=torch.float32, device=DEV)
-    cfg = (8, 4, 0, "vsp")
 
     def step():
         mid.fill_(float("nan"))

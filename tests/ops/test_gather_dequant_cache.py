@@ -275,7 +275,7 @@ def test_opcheck(case):
 def test_launch_config_flags_are_checked():
     cache, p, scale = _token_inputs(11, 576, torch.float8_e4m3fn)
     out = torch.empty(p.token_to_seq.numel(), 576, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="config flags must be letters of 'vsp', got 'vx'"):
+    with pytest.raises(ValueError, match="config flags must be letters of 'vspe', got 'vx'"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "vx"))
     with pytest.raises(ValueError, match="config maxnreg must be an int >= 0"):
@@ -287,7 +287,7 @@ def test_launch_config_covers_every_layout():
     assert set(gmod.CONFIG) == set(gmod.LAYOUTS)
     for layout, (block_t, warps, per_sm, *flags) in gmod.CONFIG.items():
         assert block_t >= 1 and block_t & (block_t - 1) == 0, (layout, block_t)
-        assert warps in (1, 2, 4, 8, 16) and per_sm >= 0 and len(flags) <= 1 and set("".join(flags)) <= set("vsp")
+        assert warps in (1, 2, 4, 8, 16) and per_sm >= 0 and len(flags) <= 1 and set("".join(flags)) <= set("vspe")
 
 
 # ---------------------------------------------------------------- Triton kernels under the interpreter
@@ -345,7 +345,7 @@ def _interpreter_checks():
     for d, cache_dtype in [(320, torch.float8_e4m3fn), (288, torch.float8_e5m2), (40, torch.float16),
                            (100, torch.float32), (1100, torch.float8_e4m3fn)]:  # 3 parts; 2 column slices
         cache, p, scale = _token_inputs(2, d, cache_dtype, **small)
-        check(cache, p, scale, torch.bfloat16, config=(4, 4, 0, "vsp"), what=f"D={d}")
+        check(cache, p, scale, torch.bfloat16, config=(4, 4, 0, "vspe"), what=f"D={d}")
     cache, p, scale = _token_inputs(3, 576, torch.float8_e4m3fn, starts=False, **small)
     check(cache, p, scale, torch.bfloat16, config=(4, 4, 2), what="persistent, no seq_starts")
     check(cache, p, scale, torch.float16, config=(8, 4, 0), paged=True, what="paged")

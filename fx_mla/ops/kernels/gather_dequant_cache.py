@@ -21,6 +21,13 @@ Launch flags (constexpr, chosen in the launcher's CONFIG):
   kernel in the stream to finish and flush before it reads anything, so the result does not depend on what
   ran before; it then lets the next kernel's programs be scheduled early (launch_dependents). Only the
   launch latency and ramp overlap the previous kernel's tail.
+- EARLY (with PDL only): before that wait, a program reads its tile's index chain (loads marked .cg: nothing
+  lands in L1, where a later read could find it stale) and asks L2 to prefetch the cache rows those indices
+  name (prefetch.global.L2 on every 128-byte line of a row). Those early indices may be stale (the previous kernel
+  may still be writing them) and are used for nothing else: every value the program computes comes from the
+  loads after the wait. The prefetched lines stay coherent (the L2 is where every write lands); an early row index
+  out of range is masked like any other (no prefetch outside the cache). It moves each call's first data
+  requests under the previous kernel's tail.
 
 Rounding: fp8/bf16/fp16/fp32 -> fp32 is exact; x * scale is one fp32 multiply; the result is rounded
 once to the output dtype, round-to-nearest-even. ROUND_BY_BITS does that last rounding with integer
@@ -56,27 +63,29 @@ def _floor_divmod(a, B: tl.constexpr):
 
 @triton.jit
 def _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0, c_s1,
-             row_len, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr):
+             row_len, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr,
+             CG: tl.constexpr = False):
     """Output token ids t (int64, any shape; live: those that exist) -> the element offset of each one's cache
-    row and a mask `ok` of tokens that read the cache (others write zeros)."""
+    row and a mask `ok` of tokens that read the cache (others write zeros). CG: the index loads bypass L1."""
+    MOD: tl.constexpr = ".cg" if CG else ""
     if PAGED:
         # decode form: token t of the [B, row_len = max_blocks * block_size] output, request b = t // row_len
         b = t // row_len
         off = t - b * row_len
         ok = live
     else:
-        s = tl.load(tts_ptr + t, mask=live, other=0).to(tl.int64)
+        s = tl.load(tts_ptr + t, mask=live, other=0, cache_modifier=MOD).to(tl.int64)
         valid = s >= 0                 # negative request id: DCP padding token
         b = tl.maximum(s, 0)
         ok = live & (b < n_req)
-        start = tl.load(cu_ptr + b, mask=ok, other=0).to(tl.int64)
+        start = tl.load(cu_ptr + b, mask=ok, other=0, cache_modifier=MOD).to(tl.int64)
         if HAS_SEQ_STARTS:
-            start -= tl.load(ss_ptr + b, mask=ok, other=0).to(tl.int64)
+            start -= tl.load(ss_ptr + b, mask=ok, other=0, cache_modifier=MOD).to(tl.int64)
         off = tl.where(valid, t - start, 0)
     j, r = _floor_divmod(off, BLOCK_SIZE)
     j = tl.where(j < 0, j + max_blocks, j)
     ok = ok & (j >= 0) & (j < max_blocks)
-    blk = tl.load(bt_ptr + b * bt_s0 + j * bt_s1, mask=ok, other=0).to(tl.int64)
+    blk = tl.load(bt_ptr + b * bt_s0 + j * bt_s1, mask=ok, other=0, cache_modifier=MOD).to(tl.int64)
     blk = tl.where(blk < 0, blk + n_blocks, blk)
     ok = ok & (blk >= 0) & (blk < n_blocks)
     # no tl.where(ok, row, 0) here: a select hides the 16-byte alignment of the row from Triton's
@@ -89,13 +98,13 @@ def _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_
 def _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks,
                 n_blocks, c_s0, c_s1, row_len,
                 BLOCK_T: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
-                HAS_SEQ_STARTS: tl.constexpr):
+                HAS_SEQ_STARTS: tl.constexpr, CG: tl.constexpr = False):
     """Output token ids t [BLOCK_T] (int64) of a tile, the element offset of each one's cache row, and a mask
     `ok` of tokens that read the cache (others write zeros) and `live` of tokens that exist."""
     t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # n_tokens < 2**31: the product fits
     live = t < n_tokens
     row, ok = _rows_of(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0,
-                       c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
+                       c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, CG)
     return t, row, ok, live
 
 
@@ -112,6 +121,29 @@ def _pdl_enter(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def _prefetch_rows(row_base, ok, ROW_BYTES: tl.constexpr):
+    """prefetch.global.L2 of every 128-byte line of the ROW_BYTES-byte rows at byte pointers row_base [BLOCK_T]
+    where ok: the line of each row's first byte, then every 128 bytes, then its last byte."""
+    NL: tl.constexpr = triton.next_power_of_2((ROW_BYTES + 127) // 128 + 1)
+    k = tl.arange(0, NL)
+    off = tl.minimum(k * 128, ROW_BYTES - 1)
+    addr = row_base[:, None] + off[None, :]
+    flag = (ok[:, None] & (k >= 0)[None, :]).to(tl.int32)  # [BLOCK_T, NL]
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+                              "=r,l,r", [addr, flag], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _early_prefetch(cache_ptr, tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks,
+                    n_blocks, c_s0, c_s1, row_len, ROW_BYTES: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr):
+    """EARLY (module docstring): the tile's rows by its indices as read now, before the PDL wait, into L2."""
+    _, row, ok, _ = _token_rows(tile, n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks,
+                                n_blocks, c_s0, c_s1, row_len, BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, True)
+    _prefetch_rows((cache_ptr + row).to(tl.pointer_type(tl.uint8)), ok, ROW_BYTES)
 
 
 @triton.jit
@@ -156,7 +188,7 @@ def _gather_dequant_cache_kernel(
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
         PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr, VEC: tl.constexpr, STREAM: tl.constexpr,
-        PDL: tl.constexpr):
+        PDL: tl.constexpr, EARLY: tl.constexpr = False):
     """Plain layout: out[t, :D] = round(fp32(cache[row(t), :D]) * scale) (no scale: a cast); out rows are
     OUT_STRIDE apart (the launcher gathers entries wider than 1024 in column slices).
 
@@ -165,6 +197,11 @@ def _gather_dequant_cache_kernel(
     move a load above a store that might alias it, so load/store interleaved per chunk would wait one
     memory latency per chunk; this way a thread has the whole tile's 16-byte loads in flight at once.
     """
+    if PDL and EARLY:
+        _early_prefetch(cache_ptr, tl.program_id(0), n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req,
+                        max_blocks, n_blocks, c_s0, c_s1, row_len,
+                        D * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8), BLOCK_T, BLOCK_SIZE, PAGED,
+                        HAS_SEQ_STARTS)
     _pdl_enter(PDL)
     if HAS_SCALE:
         s = tl.load(scale_ptr)  # device scalar: no host sync, CUDA-graph capturable
@@ -207,7 +244,7 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr,
         PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr, VEC: tl.constexpr, STREAM: tl.constexpr,
-        PDL: tl.constexpr):
+        PDL: tl.constexpr, EARLY: tl.constexpr = False):
     """fp8_ds_mla layout, a 656-byte row: 512 e4m3 | 4 fp32 group scales | 64 bf16 rope.
     out[t, i] = round(fp32(e4m3[i]) * scale[i // 128]) for i < 512, out[t, 512 + k] = round(rope[k]).
     The latent is one [BLOCK_T, 4, 128] tile (group x element), loaded with the scales and the rope
@@ -218,6 +255,10 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
     LATENT: tl.constexpr = 512
     ROPE: tl.constexpr = 64
     D_OUT: tl.constexpr = LATENT + ROPE
+    if PDL and EARLY:
+        _early_prefetch(cache_ptr, tl.program_id(0), n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req,
+                        max_blocks, n_blocks, c_s0, c_s1, row_len, LATENT + 4 * N_GROUPS + 2 * ROPE, BLOCK_T,
+                        BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
     _pdl_enter(PDL)
     k = tl.arange(0, N_GROUPS)
     g = _columns(0, GROUP, VEC)
