@@ -186,7 +186,7 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start, 
                   seesaw_staged_o=ss.STAGED_O, seesaw_staged_max_pairs=ss.STAGED_MAX_PAIRS,  # short splits: bf16 too
                   seesaw_staged_min_splits=ss.STAGED_MIN_SPLITS, seesaw_variant=ss.VARIANT,
                   scorer_prefetch=ss.SCORER_PREFETCH, scorer_early_q=ss.SCORER_EARLY_Q,
-                  scorer_staged=ss.SCORER_STAGED,
+                  scorer_staged=ss.SCORER_STAGED, scorer_pdl=ss.SCORER_PDL,
                   timing="median of CUDA-graph replays (triton.testing.do_bench)",
                   rows=rows, sweep=sweep_rows, summary=summary, seconds=time.time() - t_start)
     os.makedirs(os.path.dirname(path), exist_ok=True)

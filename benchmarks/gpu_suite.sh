@@ -33,7 +33,7 @@
 #   bash benchmarks/gpu_suite.sh s30     # one GPU: the scorer with the output plan (default now): tests, A/B, table
 #   bash benchmarks/gpu_suite.sh s31     # one GPU: plan + early query (the defaults now): decode table, GPU tests
 #   bash benchmarks/gpu_suite.sh s32     # one GPU: the op dispatch GPU tests with those defaults
-#   bash benchmarks/gpu_suite.sh s33     # one GPU: gather flag "e" (early L2 prefetch before the PDL wait)
+#   bash benchmarks/gpu_suite.sh s33     # one GPU: gather flag "e" (early L2 prefetch before the PDL wait), SCORER_PDL
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
 # timing knobs and first schedule, since removed)
@@ -269,11 +269,16 @@ print(f'{pick(128)},{pick(16)}')")
         | tee "$OUT/s31_tests.log" | grep -v PASSED | tail -8; pack
     timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py -k "128" \
         2>&1 | tee "$OUT/s31_dispatch.log" | grep -v PASSED | tail -8 ;;
-  s33)  # session 13: the gather's flag "e": its GPU tests, a sweep p / pe / p / pe, then the table with "pe"
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_dequant_cache_gpu.py 2>&1 \
-        | tee "$OUT/s33_tests.log" | grep -v PASSED | tail -5; pack
+  s33)  # session 13, written after its last run: the gather's flag "e" (early L2 prefetch before the PDL wait) and
+        # SCORER_PDL (the scorer and its combine as PDL launches): GPU tests, then A/Bs, then tables with the winners
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_dequant_cache_gpu.py 2>&1 \
+        | tee "$OUT/s33_gather_tests.log" | grep -v PASSED | tail -5; pack
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
+        -k pdl 2>&1 | tee "$OUT/s33_pdl_tests.log" | grep -v PASSED | tail -5; pack
     timeout 90 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0,p;8,4,0,pe;8,4,0,p;8,4,0,pe" \
         2>&1 | tee "$OUT/s33_sweep.log" | tail -10; cp benchmarks/results/cache_gather_sweep.json "$OUT/"; pack
+    timeout 120 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "SCORER_PDL=False,SCORER_PDL=True" \
+        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s33_pdl_ab.log" | tail -5; pack
     timeout 90 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 45 --config 8,4,0,pe 2>&1 \
         | tee "$OUT/s33_table.log" | grep -i "pct_of_copy_at_64k\|64k\"" | tail -8; cp benchmarks/results/cache_gather.json "$OUT/" ;;
   s32)

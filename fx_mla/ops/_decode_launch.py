@@ -118,13 +118,16 @@ def combine_config(batch: int, heads: int, splits: int, kv_lora_rank: int, num_s
 COMBINE_PDL = False
 
 
-def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, config=None) -> None:
+def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, config=None,
+                   pdl: Optional[bool] = None) -> None:
     """Merge the splits' (o, lse) into out / lse by their log-sum-exp weights (nothing to do for one split).
-    ``config``: (BLOCK_L, BLOCK_S) instead of combine_config's (benchmarks compare them)."""
+    ``config``: (BLOCK_L, BLOCK_S) instead of combine_config's (benchmarks compare them). ``pdl``: launch it as a
+    programmatic dependent launch (sm_90+ CUDA; None: COMBINE_PDL)."""
     if splits == 1:
         return
+    pdl_on = COMBINE_PDL if pdl is None else pdl
     pdl = {}
-    if COMBINE_PDL and out.device.type == "cuda" and torch.cuda.get_device_capability(out.device)[0] >= 9:
+    if pdl_on and out.device.type == "cuda" and torch.cuda.get_device_capability(out.device)[0] >= 9:
         pdl = dict(PDL=True, launch_pdl=True)
     batch, heads = lse.shape
     if config is None:

@@ -295,6 +295,8 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     maxnreg = rest[1] if len(rest) > 1 else 0
     if set(flags) - set("vspe"):
         raise ValueError(f"config flags must be letters of 'vspe', got {flags!r}")
+    if "e" in flags and "p" not in flags:
+        raise ValueError(f"config flag 'e' (prefetch before the PDL wait) needs 'p', got {flags!r}")
     if not isinstance(maxnreg, int) or maxnreg < 0:
         raise ValueError(f"config maxnreg must be an int >= 0 (0: the compiler's choice), got {maxnreg!r}")
     n_tiles = -(-n_tokens // block_t)

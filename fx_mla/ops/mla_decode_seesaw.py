@@ -70,6 +70,12 @@ SCORER_PREFETCH = 2
 # A two-warpgroup producer (session 12) was 7-10 % slower on all four shapes (session 13): removed.
 SCORER_EARLY_Q = True
 SCORER_STAGED = "plan"
+# SCORER_PDL: the scorer and its split merge as programmatic dependent launches (sm_90): the scorer's CTAs wait
+# (griddepcontrol.wait) for the previous kernel before touching global memory and then let the merge launch early;
+# the merge waits for the scorer's grid, then lets the next kernel launch early. Only launch latency and CTA
+# scheduling overlap the previous kernel's tail (a decode step's kernels back to back). Written in session 13 after
+# its last GPU run: compiled offline (no spills, the wait before every global access), not yet run on a GPU (off).
+SCORER_PDL = False
 SMEM_NEEDED_SCORER = 230216  # bytes of the compiled scorer kernel, its largest form (Triton 3.6, sm_90; the default 230,176)
 SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
 SMEM_NEEDED = 230764  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics,
@@ -173,6 +179,8 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
                       EARLY_Q=bool(SCORER_EARLY_Q), STAGED=staged, PREFETCH=int(SCORER_PREFETCH) if aligned else 0,
                       # a half tile: 32 rows one row apart in one page (one prefetch)
                       PF_CONTIG=common["ONE_PAGE"] and kv_cache.stride(1) == kv_cache.shape[2])
+        if SCORER_PDL:  # sm_90 CUDA already: the scorer's own requirement
+            common.update(PDL=True, launch_pdl=True)
     else:
         from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel as kernel_fn
         common.update(BLOCK_N=BLOCK_N, STAGED_O=staged)
@@ -182,5 +190,5 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
             common.update(WORKER_REGS=WORKER_REGS)
     kernel = kernel_fn[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
-    combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
+    combine_splits(*workspace, out, lse, num_splits, kv_lora_rank, **({"pdl": True} if common.get("PDL") else {}))
     return out, lse

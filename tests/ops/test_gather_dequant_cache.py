@@ -278,9 +278,50 @@ def test_launch_config_flags_are_checked():
     with pytest.raises(ValueError, match="config flags must be letters of 'vspe', got 'vx'"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "vx"))
+    with pytest.raises(ValueError, match="config flag 'e' .* needs 'p', got 've'"):
+        gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
+                                         out, "plain", (8, 4, 0, "ve"))
     with pytest.raises(ValueError, match="config maxnreg must be an int >= 0"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "", -1))
+
+
+@pytest.mark.parametrize("layout", ["plain", "fp8_ds_mla"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_early_prefetch_flag_compiles_to_prefetches_before_the_pdl_wait(layout, paged):
+    """Flag "e" (kernels' EARLY), compiled for sm_90 without a GPU (Triton ships ptxas): before
+    griddepcontrol.wait only L1-bypassing index loads (.cg: token_to_seq, cu_seq_lens, seq_starts, block_table;
+    the paged form the block table alone) and predicated prefetch.global.L2, no other global load; after it no
+    .cg load; without EARLY none of them at all."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fx_mla.ops.kernels import gather_dequant_cache as kmod
+    ints = {n: "i32" for n in ("n_tokens", "n_req", "max_blocks", "n_blocks", "bt_s0", "bt_s1", "c_s0", "c_s1",
+                               "row_len", "n_tiles")}
+    meta = dict(tts_ptr="*i32", cu_ptr="*i32", ss_ptr="*i32", bt_ptr="*i32")
+    common = dict(BLOCK_SIZE=64, BLOCK_T=8, PAGED=paged, HAS_SEQ_STARTS=True, PERSISTENT=False, ROUND_BY_BITS=False,
+                  VEC=0, STREAM=False, PDL=True)
+    if layout == "plain":
+        fn, sig = kmod._gather_dequant_cache_kernel, dict(cache_ptr="*fp8e4nv", out_ptr="*bf16", scale_ptr="*fp32")
+        common.update(D=576, OUT_STRIDE=576, P1=512, P2=64, P3=0, HAS_SCALE=True)
+    else:
+        fn, sig = kmod._gather_dequant_cache_fp8_ds_mla_kernel, dict(cache_ptr="*u8", out_ptr="*bf16")
+    for early in (False, True):
+        src = ASTSource(fn=fn, signature={**sig, **meta, **ints}, constexprs={**common, "EARLY": early})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+        before, wait, after = ptx.partition("griddepcontrol.wait")
+        assert wait and "griddepcontrol.launch_dependents" in after
+        loads_before = re.findall(r"ld\.global[.\w]*", before)
+        if not early:
+            assert not loads_before and "prefetch" not in ptx and ".cg" not in ptx
+            continue
+        assert loads_before == ["ld.global.cg.b32"] * (1 if paged else 4), loads_before
+        assert re.search(r"@p prefetch\.global\.L2 \[", before) and "prefetch" not in after
+        assert "ld.global.cg" not in after
 
 
 def test_launch_config_covers_every_layout():
@@ -345,7 +386,7 @@ def _interpreter_checks():
     for d, cache_dtype in [(320, torch.float8_e4m3fn), (288, torch.float8_e5m2), (40, torch.float16),
                            (100, torch.float32), (1100, torch.float8_e4m3fn)]:  # 3 parts; 2 column slices
         cache, p, scale = _token_inputs(2, d, cache_dtype, **small)
-        check(cache, p, scale, torch.bfloat16, config=(4, 4, 0, "vspe"), what=f"D={d}")
+        check(cache, p, scale, torch.bfloat16, config=(4, 4, 0, "vsp"), what=f"D={d}")
     cache, p, scale = _token_inputs(3, 576, torch.float8_e4m3fn, starts=False, **small)
     check(cache, p, scale, torch.bfloat16, config=(4, 4, 2), what="persistent, no seq_starts")
     check(cache, p, scale, torch.float16, config=(8, 4, 0), paged=True, what="paged")

@@ -267,7 +267,8 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
 def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launcher, splits):
     """Each Gluon launcher, on CPU tensors with its support check bypassed and its kernel replaced by a recorder:
     the call binds to the real kernel's parameters (all of them, constexprs included), and the split workspace
-    reaches the combine."""
+    reaches the combine. "seesaw_scorer" also with SCORER_PDL on: the scorer and the combine as programmatic
+    dependent launches."""
     import inspect
 
     from fx_mla.ops.kernels import mla_decode_gluon as kg
@@ -289,8 +290,9 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **constexprs):
+                options = {k: constexprs.pop(k) for k in ("launch_pdl",) if k in constexprs}  # launch options
                 inspect.signature(real.fn).bind(*args, **constexprs)  # every parameter (num_warps too), none unknown
-                calls.append((grid, args, constexprs))
+                calls.append((grid, args, {**constexprs, **options}))
                 return "compiled"
             return launch
 
@@ -298,7 +300,9 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
     for reason in ("gluon_unsupported_reason", "seesaw_unsupported_reason", "gluon16_unsupported_reason"):
         if hasattr(mod, reason):
             monkeypatch.setattr(mod, reason, lambda *a, **k: None)
-    monkeypatch.setattr(mod, "combine_splits", lambda *a: merged.append(a))
+    monkeypatch.setattr(mod, "combine_splits", lambda *a, **k: merged.append((*a, k.get("pdl"))))
+    pdl = launcher == "seesaw_scorer"
+    monkeypatch.setattr(smod, "SCORER_PDL", pdl)
     q, kv, bt, lens, ks = _inputs(2, heads, q_dtype=E4M3)
     out, lse = torch.empty(2, heads, 512, dtype=torch.bfloat16), torch.empty(2, heads)
     launch = getattr(mod, f"launch_{mod.__name__.rsplit('.', 1)[1]}")
@@ -318,5 +322,9 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         assert constexprs["PREFETCH"] == smod.SCORER_PREFETCH  # a 16-byte aligned cache
         assert constexprs["PF_CONTIG"] == constexprs["ONE_PAGE"]  # its rows 576 bytes apart
         assert splits == 1 or args[8].dtype == torch.float32
-    [(part_o, part_lse, m_out, m_lse, m_splits, rank)] = merged
+        assert constexprs.get("PDL", False) == pdl and constexprs.get("launch_pdl", False) == pdl
+    else:
+        assert "launch_pdl" not in constexprs
+    [(part_o, part_lse, m_out, m_lse, m_splits, rank, m_pdl)] = merged
     assert part_o is args[8] and part_lse is args[9] and m_out is out and (m_splits, rank) == (splits, 512)
+    assert m_pdl == (True if pdl else None)  # the combine waits for the scorer's grid where that is a PDL launch

@@ -178,7 +178,7 @@ def test_seesaw_launch_follows_the_output_plan(monkeypatch, max_blocks, splits, 
 
     monkeypatch.setattr(kmod, "_mla_decode_seesaw_kernel", Recorder())
     monkeypatch.setattr(smod, "seesaw_unsupported_reason", lambda *a, **k: None)
-    monkeypatch.setattr(smod, "combine_splits", lambda *a: merged.append(a))
+    monkeypatch.setattr(smod, "combine_splits", lambda *a, **k: merged.append(a))
     q = _q()
     kv = torch.randn(8, 64, 576).to(E4M3)
     bt = torch.randint(0, 8, (2, max_blocks), dtype=torch.int32)

@@ -18,16 +18,19 @@ Launch flags (constexpr, chosen in the launcher's CONFIG):
   and a round trip) between the two. 0: no hint.
 - STREAM: output stores carry cache_modifier ".cs" (streaming: written once, not read back by this kernel).
 - PDL: programmatic dependent launch (sm_90+). Every program waits (griddepcontrol.wait) for the previous
-  kernel in the stream to finish and flush before it reads anything, so the result does not depend on what
-  ran before; it then lets the next kernel's programs be scheduled early (launch_dependents). Only the
-  launch latency and ramp overlap the previous kernel's tail.
-- EARLY (with PDL only): before that wait, a program reads its tile's index chain (loads marked .cg: nothing
-  lands in L1, where a later read could find it stale) and asks L2 to prefetch the cache rows those indices
-  name (prefetch.global.L2 on every 128-byte line of a row). Those early indices may be stale (the previous kernel
-  may still be writing them) and are used for nothing else: every value the program computes comes from the
-  loads after the wait. The prefetched lines stay coherent (the L2 is where every write lands); an early row index
-  out of range is masked like any other (no prefetch outside the cache). It moves each call's first data
-  requests under the previous kernel's tail.
+  kernel in the stream to finish and flush before it reads any value it computes with (EARLY below reads
+  indices before it, for prefetch addresses only), so the result does not depend on what ran before; it then
+  lets the next kernel's programs be scheduled early (launch_dependents). Only the launch latency and ramp
+  overlap the previous kernel's tail.
+- EARLY (with PDL only): before that wait, a program reads its first tile's index chain (loads marked .cg, an
+  L1 bypass; a cache operator is a hint in PTX, and what makes the later loads see the previous kernel's writes
+  is griddepcontrol.wait, which makes them visible to this grid) and asks L2 to prefetch the cache rows those
+  indices name (prefetch.global.L2 on every 128-byte line of a row). Those early indices may be stale (the
+  previous kernel may still be writing them) and are used for nothing else: every value the program computes
+  comes from the loads after the wait. The prefetched lines stay coherent (the L2 is where every write lands);
+  an early row index out of range is masked like any other (the prefetch is predicated off: no address outside
+  the cache is issued). It moves each call's first data requests under the previous kernel's tail (with a
+  persistent grid, each program's first tile only).
 
 Rounding: fp8/bf16/fp16/fp32 -> fp32 is exact; x * scale is one fp32 multiply; the result is rounded
 once to the output dtype, round-to-nearest-even. ROUND_BY_BITS does that last rounding with integer

@@ -18,7 +18,7 @@ Numerics (the launcher picks the constexprs):
 """
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -224,9 +224,11 @@ def _mla_decode_fp8_combine_kernel(
     Grid (cdiv(L, BLOCK_L), heads, batch): the launcher cuts L into chunks when batch x heads alone would leave
     SMs idle (one request with many splits), and takes BLOCK_S splits a step so that few dependent steps remain.
     PDL (launched as a programmatic dependent launch, sm_90): wait for the split kernel's grid to finish and flush
-    before reading anything; only the launch overlaps its tail."""
+    before reading anything; only the launch overlaps its tail. Then it lets the next kernel in the stream be
+    scheduled early (a programmatic dependent launch after it waits for this grid the same way)."""
     if PDL:
         gdc_wait()
+        gdc_launch_dependents()
     pid_l = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)

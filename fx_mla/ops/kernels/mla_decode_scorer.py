@@ -230,6 +230,12 @@ def _prefetch_half(kv_ptr, page, n0, end, blk_words, tok_words, pf_e, PAGE: gl.c
 
 
 @gluon.jit
+def _gdc(INSTR: gl.constexpr):
+    """One grid-dependency-control instruction (griddepcontrol.wait / .launch_dependents), by every thread."""
+    gl.inline_asm_elementwise(INSTR + " // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _mla_decode_scorer_kernel(
         q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
@@ -239,13 +245,19 @@ def _mla_decode_scorer_kernel(
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, HELPER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, LANES: gl.constexpr,
         num_warps: gl.constexpr, PREFETCH: gl.constexpr = 0, PF_CONTIG: gl.constexpr = False,
-        EARLY_Q: gl.constexpr = False, STAGED: gl.constexpr = False):
+        EARLY_Q: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False):
     """PREFETCH: L2 prefetch distance in tiles (0: off; the launcher: a 16-byte aligned cache only); PF_CONTIG: a
-    32-token half is 32 rows 576 bytes apart in one page (one prefetch); EARLY_Q / STAGED: the module docstring."""
+    32-token half is 32 rows 576 bytes apart in one page (one prefetch); EARLY_Q / STAGED: the module docstring.
+    PDL: launched as a programmatic dependent launch: the CTA waits (griddepcontrol.wait) for the previous kernel
+    in the stream to complete and flush before it reads or writes any global memory (its first statement), then
+    lets the next kernel (the split merge, which waits for this grid the same way) be scheduled early."""
     gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(TILE == 64, "64-token tiles, loaded as two 32-token halves")
     gl.static_assert((not ONE_PAGE) or PAGE % (TILE // 2) == 0, "ONE_PAGE: a half tile lies in one page")
+    if PDL:
+        _gdc("griddepcontrol.wait;")
+        _gdc("griddepcontrol.launch_dependents;")
     pid_g = gl.program_id(0)  # head group varies fastest: the groups of one tile run side by side and share L2
     pid_s = gl.program_id(1)
     pid_b = gl.program_id(2).to(gl.int64)
