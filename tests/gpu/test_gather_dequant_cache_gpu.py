@@ -12,6 +12,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from fx_mla.ops import gather_dequant_cache as gmod  # registers the ops
+from tests.gpu.graphs import capture
 from tests.ops.gather_dequant_cache_cases import (FP8, NAN_BYTE, assert_bitwise, ragged_lengths, random_cache,
                                                   random_scale, token_problem)
 
@@ -235,14 +236,7 @@ def test_pdl_launches_in_cuda_graph_see_the_previous_kernels_writes(cfg):
                                          mid[:p.token_to_seq.numel()], "plain", cfg)
         gmod.launch_gather_dequant_cache(mid.view(m // bs, bs, d), ident, None, None, None, None, out, "plain", cfg)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture(step)
     for seed in (14, 15):
         new = random_cache(p.num_blocks, bs, d, torch.float8_e4m3fn, torch.Generator().manual_seed(seed))
         c_d.copy_(new.to(DEV))
@@ -290,14 +284,7 @@ def test_indices_written_by_the_previous_kernel_under_pdl(layout, flags):
         gmod.launch_gather_dequant_cache(c_d, bt_live, dv.cu_seq_lens, tts_live, dv.seq_starts, s_d, out, layout,
                                          (8, 4, 0, flags))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture(step)
     ref = gmod.gather_dequant_cache_reference(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts,
                                               scale, torch.bfloat16, layout)
     for i in range(3):

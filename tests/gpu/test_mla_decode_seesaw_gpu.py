@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fx_mla.ops import mla_decode_seesaw as smod
+from tests.gpu.graphs import capture
 from tests.ops.mla_decode_fp8_cases import check_close, make_problem, reference_f64
 
 pytestmark = pytest.mark.cuda
@@ -197,14 +198,7 @@ def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num
                                       out, lse, num_splits=num_splits, variant="scorer")
         want.append((out, lse))
     monkeypatch.setattr(smod, "SCORER_PDL", True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture(step)
     for replay in range(2):
         if replay:  # new queries in place; the expected outputs recomputed without PDL
             for p in probs:

@@ -6,6 +6,7 @@ import torch
 
 import fx_mla.ops.quant_fp8 as qmod
 from fx_mla.ops._fp8 import FP8_MAX, fp8_supported
+from tests.gpu.graphs import capture
 
 pytestmark = pytest.mark.cuda
 
@@ -265,14 +266,7 @@ def test_quant_fp8_cuda_graph_capture_replay_same_bytes():
         qt, st = torch.ops.fx_mla.quant_fp8_per_token(x, torch.float8_e5m2)
         return q, qd, sd, qt, st
     step()  # compile the kernels outside capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outs = step()
+    g, outs = capture(step)
     for seed in (10, 11):
         new = _rand((32, 128, 576), torch.bfloat16, fd, seed=seed, spread=30.0)
         new.view(-1)[:4] = 1.0
