@@ -277,7 +277,7 @@ print(f'{pick(128)},{pick(16)}')")
         -k pdl 2>&1 | tee "$OUT/s33_pdl_tests.log" | grep -v PASSED | tail -5; pack
     timeout 90 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0,p;8,4,0,pe;8,4,0,p;8,4,0,pe" \
         2>&1 | tee "$OUT/s33_sweep.log" | tail -10; cp benchmarks/results/cache_gather_sweep.json "$OUT/"; pack
-    timeout 120 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "SCORER_PDL=False,SCORER_PDL=True" \
+    timeout 120 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "SCORER_PDL=False,SCORER_PDL=True,SCORER_PDL=early" \
         --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s33_pdl_ab.log" | tail -5; pack
     timeout 90 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 45 --config 8,4,0,pe 2>&1 \
         | tee "$OUT/s33_table.log" | grep -i "pct_of_copy_at_64k\|64k\"" | tail -8; cp benchmarks/results/cache_gather.json "$OUT/" ;;

@@ -73,9 +73,11 @@ SCORER_STAGED = "plan"
 # SCORER_PDL: the scorer and its split merge as programmatic dependent launches (sm_90): the scorer's CTAs wait
 # (griddepcontrol.wait) for the previous kernel before touching global memory and then let the merge launch early;
 # the merge waits for the scorer's grid, then lets the next kernel launch early. Only launch latency and CTA
-# scheduling overlap the previous kernel's tail (a decode step's kernels back to back). Written in session 13 after
-# its last GPU run: compiled offline (no spills, the wait before every global access), not yet run on a GPU (off).
-SCORER_PDL = False
+# scheduling overlap the previous kernel's tail (a decode step's kernels back to back). "early": also, before its
+# wait, each CTA prefetches its first tile into L2 by its split range and page ids as read then (L1-bypassing loads,
+# used for nothing else; a 16-byte aligned cache only). Written in session 13 after its last GPU run: compiled
+# offline (no spills, the wait before every other global access), not yet run on a GPU (off).
+SCORER_PDL = False  # False, True or "early"
 SMEM_NEEDED_SCORER = 230216  # bytes of the compiled scorer kernel, its largest form (Triton 3.6, sm_90; the default 230,176)
 SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
 SMEM_NEEDED = 230764  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics,
@@ -180,7 +182,9 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
                       # a half tile: 32 rows one row apart in one page (one prefetch)
                       PF_CONTIG=common["ONE_PAGE"] and kv_cache.stride(1) == kv_cache.shape[2])
         if SCORER_PDL:  # sm_90 CUDA already: the scorer's own requirement
-            common.update(PDL=True, launch_pdl=True)
+            if SCORER_PDL not in (True, "early"):
+                raise ValueError(f"SCORER_PDL must be False, True or 'early', got {SCORER_PDL!r}")
+            common.update(PDL=True, launch_pdl=True, PDL_EARLY=SCORER_PDL == "early" and common["PREFETCH"] > 0)
     else:
         from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel as kernel_fn
         common.update(BLOCK_N=BLOCK_N, STAGED_O=staged)

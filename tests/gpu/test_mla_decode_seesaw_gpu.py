@@ -173,12 +173,14 @@ def test_scorer_output_plan_matches_float64(num_splits, out_dtype, monkeypatch):
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"scorer plan splits {num_splits} {out_dtype}")
 
 
+@pytest.mark.parametrize("pdl", [True, "early"])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
-def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num_splits, monkeypatch):
-    """SCORER_PDL: the scorer and its combine as programmatic dependent launches. Three launches back to back in one
-    captured graph (each scorer grid may start while the previous combine runs; the workspaces come from the
-    graph's memory pool, so one launch's partials can sit where the previous combine reads), replayed after the
-    queries change in place: every output bitwise the scorer without PDL, and against float64."""
+def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num_splits, pdl, monkeypatch):
+    """SCORER_PDL: the scorer and its combine as programmatic dependent launches ("early": with the first tile
+    prefetched into L2 before the wait). Three launches back to back in one captured graph (each scorer grid may
+    start while the previous combine runs; the workspaces come from the graph's memory pool, so one launch's
+    partials can sit where the previous combine reads), replayed after the queries change in place: every output
+    bitwise the scorer without PDL, and against float64."""
     _skip_unless_supported()
     lengths = [0, 1, 33, 700, 2000, 96]
     probs = [make_problem(lengths, 128, 64, E4M3, torch.bfloat16, seed=40 + i, device="cuda") for i in range(3)]
@@ -197,7 +199,7 @@ def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num
         smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
                                       out, lse, num_splits=num_splits, variant="scorer")
         want.append((out, lse))
-    monkeypatch.setattr(smod, "SCORER_PDL", True)
+    monkeypatch.setattr(smod, "SCORER_PDL", pdl)
     graph, _ = capture(step)
     for replay in range(2):
         if replay:  # new queries in place; the expected outputs recomputed without PDL
@@ -207,7 +209,7 @@ def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num
             for p, (out, lse) in zip(probs, want):
                 smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None,
                                               p.sm_scale, 512, out, lse, num_splits=num_splits, variant="scorer")
-            monkeypatch.setattr(smod, "SCORER_PDL", True)
+            monkeypatch.setattr(smod, "SCORER_PDL", pdl)
         for out, lse in outs:
             out.fill_(float("nan"))
             lse.fill_(float("nan"))

@@ -262,7 +262,7 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
 
 
 @pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_auto", "seesaw_scorer",
-                                      "gluon16_ring", "gluon16_ws8p2"])
+                                      "seesaw_scorer_early", "gluon16_ring", "gluon16_ws8p2"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launcher, splits):
     """Each Gluon launcher, on CPU tensors with its support check bypassed and its kernel replaced by a recorder:
@@ -281,6 +281,7 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         "seesaw_producer": (smod, ks_, "_mla_decode_seesaw_kernel", 128, dict(variant="producer")),
         "seesaw_auto": (smod, ksc, "_mla_decode_scorer_kernel", 128, dict(variant="auto")),
         "seesaw_scorer": (smod, ksc, "_mla_decode_scorer_kernel", 128, {}),
+        "seesaw_scorer_early": (smod, ksc, "_mla_decode_scorer_kernel", 128, {}),
         "gluon16_ring": (g16mod, kg16, "_mla_decode_gluon16_kernel", 16, dict(variant="ring")),
         "gluon16_ws8p2": (g16mod, kg16, "_mla_decode_gluon16_ws_kernel", 16, dict(variant="ws8p2")),
     }[launcher]
@@ -301,8 +302,8 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         if hasattr(mod, reason):
             monkeypatch.setattr(mod, reason, lambda *a, **k: None)
     monkeypatch.setattr(mod, "combine_splits", lambda *a, **k: merged.append((*a, k.get("pdl"))))
-    pdl = launcher == "seesaw_scorer"
-    monkeypatch.setattr(smod, "SCORER_PDL", pdl)
+    pdl = launcher.startswith("seesaw_scorer")
+    monkeypatch.setattr(smod, "SCORER_PDL", "early" if launcher == "seesaw_scorer_early" else pdl)
     q, kv, bt, lens, ks = _inputs(2, heads, q_dtype=E4M3)
     out, lse = torch.empty(2, heads, 512, dtype=torch.bfloat16), torch.empty(2, heads)
     launch = getattr(mod, f"launch_{mod.__name__.rsplit('.', 1)[1]}")
@@ -315,7 +316,7 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         # stores and fp32 partials (smod.output_plan; tests/ops/test_mla_decode_seesaw.py covers the rest)
         assert constexprs["STAGED_O"] == (splits == 1)
         assert splits == 1 or args[8].dtype == torch.float32
-    if launcher in ("seesaw_auto", "seesaw_scorer"):  # the default: the scorer kernel, L2 prefetch
+    if launcher in ("seesaw_auto", "seesaw_scorer", "seesaw_scorer_early"):  # the scorer kernel, L2 prefetch
         assert constexprs["TILE"] == 64 and constexprs["EARLY_Q"] == smod.SCORER_EARLY_Q
         # SCORER_STAGED "plan" (default): staged for one split; 3 splits are fewer than the lean plan's minimum
         assert constexprs["STAGED"] == (splits == 1)
@@ -323,6 +324,7 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         assert constexprs["PF_CONTIG"] == constexprs["ONE_PAGE"]  # its rows 576 bytes apart
         assert splits == 1 or args[8].dtype == torch.float32
         assert constexprs.get("PDL", False) == pdl and constexprs.get("launch_pdl", False) == pdl
+        assert constexprs.get("PDL_EARLY", False) == (launcher == "seesaw_scorer_early")
     else:
         assert "launch_pdl" not in constexprs
     [(part_o, part_lse, m_out, m_lse, m_splits, rank, m_pdl)] = merged

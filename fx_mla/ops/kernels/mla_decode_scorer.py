@@ -39,6 +39,9 @@ buffer a tile only, so its producer could not run ahead. Here ONE warpgroup comp
   session 13 (bitwise the plain scorer). A producer of two warpgroups (session 12, git history) was 7-10 % slower on
   the four 128-head shapes (1x H100, session 13): 16 warps bound ptxas at 128 registers a thread, which split the
   output MMAs into n = 128 halves; removed.
+* PDL (opt-in, written after session 13's last GPU run, not yet run on a GPU): a programmatic dependent launch whose
+  first statement is griddepcontrol.wait (no global read or write before it, but for PDL_EARLY's prefetch of the
+  first tile into L2, from L1-bypassing reads used for nothing else), then launch_dependents for the split merge.
 Shared memory a block: Q 73,728 + tiles 147,456 + P 8,192 + statistics and barriers (230,176 bytes compiled, up to
 230,216 with the options, of the 232,448 an H100 block may use).
 """
@@ -199,11 +202,12 @@ def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bl
 
 
 @gluon.jit
-def _half_pages(bt_row, n0, end, num_blocks, pf_e, PAGE: gl.constexpr, CONTIG: gl.constexpr):
+def _half_pages(bt_row, n0, end, num_blocks, pf_e, PAGE: gl.constexpr, CONTIG: gl.constexpr, CG: gl.constexpr = False):
     """Page ids of the prefetch lanes' rows (clamped into the cache; 0 past `end`): row n0 + pf_e // 4, or with
-    CONTIG the half's one page (every lane the same)."""
+    CONTIG the half's one page (every lane the same). CG: the loads bypass L1 (reads before the PDL wait)."""
+    MOD: gl.constexpr = ".cg" if CG else ""
     pos = n0 + pf_e * 0 if CONTIG else n0 + pf_e // 4
-    page = gl.load(bt_row + pos // PAGE, mask=pos < end, other=0)
+    page = gl.load(bt_row + pos // PAGE, mask=pos < end, other=0, cache_modifier=MOD)
     return gl.minimum(gl.maximum(page, 0), num_blocks - 1)
 
 
@@ -230,6 +234,26 @@ def _prefetch_half(kv_ptr, page, n0, end, blk_words, tok_words, pf_e, PAGE: gl.c
 
 
 @gluon.jit
+def _early_prefetch(seq_lens_ptr, block_table_ptr, kv_ptr, pid_b, pid_s, num_splits, max_blocks, num_blocks,
+                    stride_bt_b, blk_words, tok_words, PAGE: gl.constexpr, TILE: gl.constexpr,
+                    PF_CONTIG: gl.constexpr):
+    """PDL "early": before the PDL wait, the CTA's first tile into L2, by its split range and page ids as read now
+    (L1-bypassing loads; possibly stale, used for these prefetch addresses only, clamped like the real ones: no
+    address outside the block-table row or the cache)."""
+    seq_len = gl.load(seq_lens_ptr + pid_b, cache_modifier=".cg").to(gl.int32)
+    seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
+    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), TILE) * TILE
+    start = pid_s * chunk
+    end = gl.maximum(gl.minimum(start + chunk, seq_len), start)
+    bt_row = block_table_ptr + pid_b * stride_bt_b
+    pf_e = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
+    for k in gl.static_range(2):  # the tile's two 32-token halves
+        n_k = start + k * (TILE // 2)
+        _prefetch_half(kv_ptr, _half_pages(bt_row, n_k, end, num_blocks, pf_e, PAGE, PF_CONTIG, True), n_k, end,
+                       blk_words, tok_words, pf_e, PAGE, PF_CONTIG)
+
+
+@gluon.jit
 def _gdc(INSTR: gl.constexpr):
     """One grid-dependency-control instruction (griddepcontrol.wait / .launch_dependents), by every thread."""
     gl.inline_asm_elementwise(INSTR + " // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
@@ -245,17 +269,23 @@ def _mla_decode_scorer_kernel(
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         ONE_PAGE: gl.constexpr, HELPER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, LANES: gl.constexpr,
         num_warps: gl.constexpr, PREFETCH: gl.constexpr = 0, PF_CONTIG: gl.constexpr = False,
-        EARLY_Q: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False):
+        EARLY_Q: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
+        PDL_EARLY: gl.constexpr = False):
     """PREFETCH: L2 prefetch distance in tiles (0: off; the launcher: a 16-byte aligned cache only); PF_CONTIG: a
     32-token half is 32 rows 576 bytes apart in one page (one prefetch); EARLY_Q / STAGED: the module docstring.
     PDL: launched as a programmatic dependent launch: the CTA waits (griddepcontrol.wait) for the previous kernel
     in the stream to complete and flush before it reads or writes any global memory (its first statement), then
-    lets the next kernel (the split merge, which waits for this grid the same way) be scheduled early."""
+    lets the next kernel (the split merge, which waits for this grid the same way) be scheduled early. PDL_EARLY
+    (with PDL and PREFETCH's 16-byte aligned cache): before that wait, the first tile into L2 (_early_prefetch)."""
     gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(TILE == 64, "64-token tiles, loaded as two 32-token halves")
     gl.static_assert((not ONE_PAGE) or PAGE % (TILE // 2) == 0, "ONE_PAGE: a half tile lies in one page")
     if PDL:
+        if PDL_EARLY:
+            _early_prefetch(seq_lens_ptr, block_table_ptr, kv_ptr, gl.program_id(2).to(gl.int64), gl.program_id(1),
+                            num_splits, max_blocks, num_blocks, stride_bt_b, blk_words, tok_words, PAGE, TILE,
+                            PF_CONTIG)
         _gdc("griddepcontrol.wait;")
         _gdc("griddepcontrol.launch_dependents;")
     pid_g = gl.program_id(0)  # head group varies fastest: the groups of one tile run side by side and share L2
