@@ -275,7 +275,7 @@ print(f'{pick(128)},{pick(16)}')")
         | tee "$OUT/s33_gather_tests.log" | grep -v PASSED | tail -5; pack
     timeout 90 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
         -k pdl 2>&1 | tee "$OUT/s33_pdl_tests.log" | grep -v PASSED | tail -5; pack
-    timeout 90 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0,p;8,4,0,pe;8,4,0,p;8,4,0,pe" \
+    timeout 90 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs "8,4,0,p;8,4,0,pe;8,4,0,p;8,4,0,pe;4,4,0,pe;16,8,0,pe" \
         2>&1 | tee "$OUT/s33_sweep.log" | tail -10; cp benchmarks/results/cache_gather_sweep.json "$OUT/"; pack
     timeout 120 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "SCORER_PDL=False,SCORER_PDL=True,SCORER_PDL=early" \
         --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s33_pdl_ab.log" | tail -5; pack
