@@ -114,7 +114,9 @@ def combine_config(batch: int, heads: int, splits: int, kv_lora_rank: int, num_s
 
 
 # Launch the combine as a programmatic dependent launch on sm_90+ (its launch overlaps the split kernel's tail; it
-# waits for that grid before reading). Off until measured: bench_decode.py --combine-pdl turns it on.
+# waits for that grid before reading, then lets the next kernel launch early: session 13; earlier measurements of
+# this flag had neither that nor split kernels that trigger their dependents, so the combine could only launch as
+# they exited). Off until measured: bench_decode.py --combine-pdl turns it on; the scorer's SCORER_PDL uses it.
 COMBINE_PDL = False
 
 

@@ -4,6 +4,9 @@ poisoned with NaN; every variant (VARIANTS: the seesaw kernel, its producer form
 bitwise against the default. Skips where seesaw_unsupported_reason declines (not sm_90, not Triton 3.6)."""
 import pytest
 import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fx_mla.ops import mla_decode_seesaw as smod
 from tests.gpu.graphs import capture
@@ -173,14 +176,24 @@ def test_scorer_output_plan_matches_float64(num_splits, out_dtype, monkeypatch):
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"scorer plan splits {num_splits} {out_dtype}")
 
 
+def _plain_scorer(p, num_splits):
+    """(out bf16, lse) of the scorer kernel on problem p, launched eagerly with the module's settings."""
+    out = torch.empty((p.q.shape[0], 128, 512), dtype=torch.bfloat16, device="cuda")
+    lse = torch.empty((p.q.shape[0], 128), device="cuda")
+    smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512, out,
+                                  lse, num_splits=num_splits, variant="scorer")
+    return out, lse
+
+
 @pytest.mark.parametrize("pdl", [True, "early"])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
 def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num_splits, pdl, monkeypatch):
     """SCORER_PDL: the scorer and its combine as programmatic dependent launches ("early": with the first tile
     prefetched into L2 before the wait). Three launches back to back in one captured graph (each scorer grid may
     start while the previous combine runs; the workspaces come from the graph's memory pool, so one launch's
-    partials can sit where the previous combine reads), replayed after the queries change in place: every output
-    bitwise the scorer without PDL, and against float64."""
+    partials may sit where the previous combine reads; with one split there is no combine and each scorer waits for
+    the one before), replayed after the queries change in place: every output bitwise the scorer without PDL, and
+    against float64."""
     _skip_unless_supported()
     lengths = [0, 1, 33, 700, 2000, 96]
     probs = [make_problem(lengths, 128, 64, E4M3, torch.bfloat16, seed=40 + i, device="cuda") for i in range(3)]
@@ -192,23 +205,16 @@ def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num
             smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale,
                                           512, out, lse, num_splits=num_splits, variant="scorer")
 
-    want = []
-    for p in probs:
-        out = torch.empty((len(lengths), 128, 512), dtype=torch.bfloat16, device="cuda")
-        lse = torch.empty((len(lengths), 128), device="cuda")
-        smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
-                                      out, lse, num_splits=num_splits, variant="scorer")
-        want.append((out, lse))
+    want = [_plain_scorer(p, num_splits) for p in probs]
     monkeypatch.setattr(smod, "SCORER_PDL", pdl)
     graph, _ = capture(step)
+    assert "griddepcontrol.wait" in smod.launch_mla_decode_seesaw.last_kernel.asm["ptx"]  # PDL kernels captured
     for replay in range(2):
         if replay:  # new queries in place; the expected outputs recomputed without PDL
             for p in probs:
                 p.q.copy_(torch.randn_like(p.q, dtype=torch.float32).to(p.q.dtype))
             monkeypatch.setattr(smod, "SCORER_PDL", False)
-            for p, (out, lse) in zip(probs, want):
-                smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None,
-                                              p.sm_scale, 512, out, lse, num_splits=num_splits, variant="scorer")
+            want = [_plain_scorer(p, num_splits) for p in probs]
             monkeypatch.setattr(smod, "SCORER_PDL", pdl)
         for out, lse in outs:
             out.fill_(float("nan"))
@@ -217,4 +223,60 @@ def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num
         torch.cuda.synchronize()
         for i, (p, (out, lse), (w_out, w_lse)) in enumerate(zip(probs, outs, want)):
             check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"PDL launch {i} replay {replay}")
+            assert torch.equal(out, w_out) and torch.equal(lse, w_lse), (i, replay)
+
+
+@triton.jit
+def _pdl_copy3_kernel(src_a, dst_a, n_a, src_b, dst_b, n_b, src_c, dst_c, n_c, BLOCK: tl.constexpr):
+    """A PDL writer: waits for the kernel before it, lets the next one start at once, then dst_x = src_x (int32)."""
+    gdc_wait()
+    gdc_launch_dependents()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst_a + offs, tl.load(src_a + offs, mask=offs < n_a), mask=offs < n_a)
+    tl.store(dst_b + offs, tl.load(src_b + offs, mask=offs < n_b), mask=offs < n_b)
+    tl.store(dst_c + offs, tl.load(src_c + offs, mask=offs < n_c), mask=offs < n_c)
+
+
+@pytest.mark.parametrize("pdl", [True, "early"])
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_scorer_pdl_reads_what_the_kernel_before_it_wrote(num_splits, pdl, monkeypatch):
+    """SCORER_PDL, read after write: right before each scorer launch in a captured graph, a PDL writer kernel (it
+    lets its dependents start at once) writes the query, seq_lens and block table the scorer reads; before it they
+    hold garbage (NaN / huge / negative bits). The scorer may be scheduled while the writer runs ("early": it then
+    prefetches by whatever indices it sees); its outputs must be those of the final inputs: bitwise the scorer
+    without PDL on them, every replay."""
+    _skip_unless_supported()
+    lengths = [0, 1, 33, 700, 2000, 96]
+    probs = [make_problem(lengths, 128, 64, E4M3, torch.bfloat16, seed=50 + i, device="cuda") for i in range(2)]
+    g = torch.Generator(device="cuda").manual_seed(51)
+    live = [(torch.empty_like(p.q), torch.empty_like(p.seq_lens), torch.empty_like(p.block_table)) for p in probs]
+    junk = [tuple(torch.randint(-2 ** 31, 2 ** 31 - 1, (t.numel() * t.element_size() // 4,), generator=g,
+                                dtype=torch.int64, device="cuda").to(torch.int32) for t in lv) for lv in live]
+    outs = [(torch.empty((len(lengths), 128, 512), dtype=torch.bfloat16, device="cuda"),
+             torch.empty((len(lengths), 128), device="cuda")) for _ in probs]
+    i32 = lambda t: t.view(-1).view(torch.int32)  # noqa: E731
+
+    def step():
+        for lv, jk in zip(live, junk):
+            for t, j in zip(lv, jk):
+                i32(t).copy_(j)
+        for p, (q, lens, bt), (out, lse) in zip(probs, live, outs):
+            n = max(i32(q).numel(), lens.numel(), bt.numel())
+            _pdl_copy3_kernel[(triton.cdiv(n, 1024),)](i32(p.q), i32(q), i32(q).numel(), p.seq_lens, lens,
+                                                        lens.numel(), p.block_table, bt, bt.numel(), BLOCK=1024,
+                                                        launch_pdl=True)
+            smod.launch_mla_decode_seesaw(q, p.kv_cache, bt, lens, p.k_scale, None, p.sm_scale, 512, out, lse,
+                                          num_splits=num_splits, variant="scorer")
+
+    want = [_plain_scorer(p, num_splits) for p in probs]
+    monkeypatch.setattr(smod, "SCORER_PDL", pdl)
+    graph, _ = capture(step)
+    assert "griddepcontrol.wait" in smod.launch_mla_decode_seesaw.last_kernel.asm["ptx"]  # PDL kernels captured
+    for replay in range(3):
+        for out, lse in outs:
+            out.fill_(float("nan"))
+            lse.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, ((out, lse), (w_out, w_lse)) in enumerate(zip(outs, want)):
             assert torch.equal(out, w_out) and torch.equal(lse, w_lse), (i, replay)

@@ -261,6 +261,33 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
         gluon_launch_args(q, kv, bt, lens, ks, qs, 0.1, out, lse, 0, poison=False)
 
 
+def test_scorer_pdl_setting_is_checked_and_early_needs_an_aligned_cache(monkeypatch):
+    """SCORER_PDL: a value other than False / True / "early" raises, naming it; "early" prefetches only where the
+    cache allows the bulk prefetch (16-byte aligned: else plain PDL)."""
+    from fx_mla.ops.kernels import mla_decode_scorer as ksc
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **constexprs: calls.append(constexprs)
+
+    monkeypatch.setattr(ksc, "_mla_decode_scorer_kernel", Recorder())
+    monkeypatch.setattr(smod, "seesaw_unsupported_reason", lambda *a, **k: None)
+    monkeypatch.setattr(smod, "combine_splits", lambda *a, **k: None)
+    q, kv, bt, lens, ks = _inputs(2, 128)
+    out, lse = torch.empty(2, 128, 512, dtype=torch.bfloat16), torch.empty(2, 128)
+    monkeypatch.setattr(smod, "SCORER_PDL", "yes")
+    with pytest.raises(ValueError, match="SCORER_PDL must be False, True or 'early', got 'yes'"):
+        smod.launch_mla_decode_seesaw(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=3, variant="scorer")
+    monkeypatch.setattr(smod, "SCORER_PDL", "early")
+    unaligned = torch.empty(kv.numel() + 1, dtype=kv.dtype)[1:].view(kv.shape)
+    unaligned.copy_(kv)
+    for cache, early in ((kv, True), (unaligned, False)):
+        smod.launch_mla_decode_seesaw(q, cache, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=3, variant="scorer")
+        assert calls[-1]["PDL"] and calls[-1]["launch_pdl"] and calls[-1]["PDL_EARLY"] == early
+        assert (calls[-1]["PREFETCH"] > 0) == early
+
+
 @pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_auto", "seesaw_scorer",
                                       "seesaw_scorer_early", "gluon16_ring", "gluon16_ws8p2"])
 @pytest.mark.parametrize("splits", [1, 3])
@@ -302,8 +329,9 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         if hasattr(mod, reason):
             monkeypatch.setattr(mod, reason, lambda *a, **k: None)
     monkeypatch.setattr(mod, "combine_splits", lambda *a, **k: merged.append((*a, k.get("pdl"))))
+    # SCORER_PDL on for every seesaw launch but "auto" (the defaults): only the scorer may take it
     pdl = launcher.startswith("seesaw_scorer")
-    monkeypatch.setattr(smod, "SCORER_PDL", "early" if launcher == "seesaw_scorer_early" else pdl)
+    monkeypatch.setattr(smod, "SCORER_PDL", "early" if launcher == "seesaw_scorer_early" else launcher != "seesaw_auto")
     q, kv, bt, lens, ks = _inputs(2, heads, q_dtype=E4M3)
     out, lse = torch.empty(2, heads, 512, dtype=torch.bfloat16), torch.empty(2, heads)
     launch = getattr(mod, f"launch_{mod.__name__.rsplit('.', 1)[1]}")

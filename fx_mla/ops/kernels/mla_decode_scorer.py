@@ -255,7 +255,9 @@ def _early_prefetch(seq_lens_ptr, block_table_ptr, kv_ptr, pid_b, pid_s, num_spl
 
 @gluon.jit
 def _gdc(INSTR: gl.constexpr):
-    """One grid-dependency-control instruction (griddepcontrol.wait / .launch_dependents), by every thread."""
+    """One grid-dependency-control instruction (griddepcontrol.wait / .launch_dependents), by every thread of the
+    calling partition (the kernel calls it before warp_specialize: the default partition's 128 threads; the worker
+    warps wait at the warp-specialize barrier until the default partition reaches that region)."""
     gl.inline_asm_elementwise(INSTR + " // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
@@ -274,13 +276,15 @@ def _mla_decode_scorer_kernel(
     """PREFETCH: L2 prefetch distance in tiles (0: off; the launcher: a 16-byte aligned cache only); PF_CONTIG: a
     32-token half is 32 rows 576 bytes apart in one page (one prefetch); EARLY_Q / STAGED: the module docstring.
     PDL: launched as a programmatic dependent launch: the CTA waits (griddepcontrol.wait) for the previous kernel
-    in the stream to complete and flush before it reads or writes any global memory (its first statement), then
-    lets the next kernel (the split merge, which waits for this grid the same way) be scheduled early. PDL_EARLY
-    (with PDL and PREFETCH's 16-byte aligned cache): before that wait, the first tile into L2 (_early_prefetch)."""
+    in the stream to complete and flush before it reads or writes any global memory, then lets the next kernel be
+    scheduled early (the split merge, which waits for this grid the same way; with one split, whatever follows).
+    PDL_EARLY (with PDL and PREFETCH's 16-byte aligned cache): before that wait, the first tile into L2
+    (_early_prefetch: L1-bypassing reads used for prefetch addresses only)."""
     gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(TILE == 64, "64-token tiles, loaded as two 32-token halves")
     gl.static_assert((not ONE_PAGE) or PAGE % (TILE // 2) == 0, "ONE_PAGE: a half tile lies in one page")
+    gl.static_assert((not PDL_EARLY) or (PDL and PREFETCH > 0), "PDL_EARLY: a PDL launch over a prefetchable cache")
     if PDL:
         if PDL_EARLY:
             _early_prefetch(seq_lens_ptr, block_table_ptr, kv_ptr, gl.program_id(2).to(gl.int64), gl.program_id(1),
