@@ -34,6 +34,7 @@
 #   bash benchmarks/gpu_suite.sh s31     # one GPU: plan + early query (the defaults now): decode table, GPU tests
 #   bash benchmarks/gpu_suite.sh s32     # one GPU: the op dispatch GPU tests with those defaults
 #   bash benchmarks/gpu_suite.sh s33     # one GPU: gather flag "e" (early L2 prefetch before the PDL wait), SCORER_PDL
+#   bash benchmarks/gpu_suite.sh s34     # one GPU: Nsight Compute of 1 x 128 x 64K with the scorer's defaults
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
 # timing knobs and first schedule, since removed)
@@ -281,6 +282,13 @@ print(f'{pick(128)},{pick(16)}')")
         --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s33_pdl_ab.log" | tail -5; pack
     timeout 90 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 45 --config 8,4,0,pe 2>&1 \
         | tee "$OUT/s33_table.log" | grep -i "pct_of_copy_at_64k\|64k\"" | tail -8; cp benchmarks/results/cache_gather.json "$OUT/" ;;
+  s34)  # session 13: where B = 1's ~16 us of fixed cost goes, with the scorer's defaults (output plan, early query):
+        # Nsight Compute of the split kernel and the combine (details page)
+    timeout 240 ncu --clock-control none --profile-from-start off --set full --import-source no -o "$OUT/prof_b1" \
+      python3 benchmarks/dev_profile.py --which b1 --seesaw-variants scorer > "$OUT/ncu.log" 2>&1
+    tail -3 "$OUT/ncu.log"
+    ncu -i "$OUT/prof_b1.ncu-rep" --page details > "$OUT/details_b1.txt" 2>&1; wc -l "$OUT/details_b1.txt"
+    rm -f "$OUT/prof_b1.ncu-rep" ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;
