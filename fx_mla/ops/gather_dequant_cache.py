@@ -69,6 +69,7 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # tiling were no faster. PDL only overlaps the launch with the previous
 # kernel's tail: every program waits for that kernel (griddepcontrol.wait) before it reads anything.
 CONFIG = {"plain": (8, 4, 0, "p"), "fp8_ds_mla": (8, 4, 0, "p")}
+EARLY_WAVE = 16  # flag "e": programs an SM that prefetch before the PDL wait (an SM holds at most 16 of 4 warps)
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
 
@@ -301,15 +302,16 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         raise ValueError(f"config maxnreg must be an int >= 0 (0: the compiler's choice), got {maxnreg!r}")
     n_tiles = -(-n_tokens // block_t)
     grid = n_tiles
+    sms = _sm_count(cache.device) if cache.is_cuda else 1
     if per_sm:  # persistent: per_sm programs per SM (per "SM" of the CPU interpreter: one) stride over tiles
-        sms = torch.cuda.get_device_properties(cache.device).multi_processor_count if cache.is_cuda else 1
         grid = min(n_tiles, per_sm * sms)
     batch, max_blocks = block_table.shape
     dummy = block_table  # metadata pointers the paged form never reads
     args = (token_to_seq if not paged else dummy, cu_seq_lens if not paged else dummy,
             seq_starts if seq_starts is not None else dummy, block_table,
             n_tokens, batch, max_blocks, cache.shape[0], block_table.stride(0), block_table.stride(1),
-            cache.stride(0), cache.stride(1), max(max_blocks * cache.shape[1], 1), n_tiles)
+            cache.stride(0), cache.stride(1), max(max_blocks * cache.shape[1], 1), n_tiles,
+            EARLY_WAVE * sms)  # early_programs: the programs that flag "e" lets prefetch (one wave's worth)
     common = dict(BLOCK_SIZE=cache.shape[1], BLOCK_T=block_t, PAGED=paged,
                   HAS_SEQ_STARTS=seq_starts is not None, PERSISTENT=grid < n_tiles,
                   ROUND_BY_BITS=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps,
@@ -339,6 +341,16 @@ def _capability(device):
     if cap is None:
         cap = _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)
     return cap
+
+
+_SM_COUNT = {}  # device index -> multiprocessor count, looked up once
+
+
+def _sm_count(device):
+    n = _SM_COUNT.get(device.index)
+    if n is None:
+        n = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
 
 
 def _check_cuda(cache, layout):

@@ -301,7 +301,7 @@ def test_early_prefetch_flag_compiles_to_prefetches_before_the_pdl_wait(layout, 
 
     from fx_mla.ops.kernels import gather_dequant_cache as kmod
     ints = {n: "i32" for n in ("n_tokens", "n_req", "max_blocks", "n_blocks", "bt_s0", "bt_s1", "c_s0", "c_s1",
-                               "row_len", "n_tiles")}
+                               "row_len", "n_tiles", "early_programs")}
     meta = dict(tts_ptr="*i32", cu_ptr="*i32", ss_ptr="*i32", bt_ptr="*i32")
     common = dict(BLOCK_SIZE=64, BLOCK_T=8, PAGED=paged, HAS_SEQ_STARTS=True, PERSISTENT=False, ROUND_BY_BITS=False,
                   VEC=0, STREAM=False, PDL=True)

@@ -30,7 +30,9 @@ Launch flags (constexpr, chosen in the launcher's CONFIG):
   comes from the loads after the wait. The prefetched lines stay coherent (the L2 is where every write lands);
   an early row index out of range is masked like any other (the prefetch is predicated off: no address outside
   the cache is issued). It moves each call's first data requests under the previous kernel's tail (with a
-  persistent grid, each program's first tile only).
+  persistent grid, each program's first tile only). Only programs with an id below `early_programs` (the
+  launcher: what one wave of the grid can hold, SMs x 16) do it: later ones start after the previous kernel has
+  finished, when the early phase would only add a dependent index chain ahead of the real one.
 
 Rounding: fp8/bf16/fp16/fp32 -> fp32 is exact; x * scale is one fp32 multiply; the result is rounded
 once to the output dtype, round-to-nearest-even. ROUND_BY_BITS does that last rounding with integer
@@ -186,7 +188,7 @@ def _store_part(out_ptr, out_row, live, x, s, OFF: tl.constexpr, W: tl.constexpr
 @triton.jit
 def _gather_dequant_cache_kernel(
         cache_ptr, out_ptr, scale_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr,
-        n_tokens, n_req, max_blocks, n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len, n_tiles,
+        n_tokens, n_req, max_blocks, n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len, n_tiles, early_programs,
         D: tl.constexpr, OUT_STRIDE: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -201,10 +203,11 @@ def _gather_dequant_cache_kernel(
     memory latency per chunk; this way a thread has the whole tile's 16-byte loads in flight at once.
     """
     if PDL and EARLY:
-        _early_prefetch(cache_ptr, tl.program_id(0), n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req,
-                        max_blocks, n_blocks, c_s0, c_s1, row_len,
-                        D * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8), BLOCK_T, BLOCK_SIZE, PAGED,
-                        HAS_SEQ_STARTS)
+        if tl.program_id(0) < early_programs:
+            _early_prefetch(cache_ptr, tl.program_id(0), n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
+                            n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
+                            D * (cache_ptr.dtype.element_ty.primitive_bitwidth // 8), BLOCK_T, BLOCK_SIZE, PAGED,
+                            HAS_SEQ_STARTS)
     _pdl_enter(PDL)
     if HAS_SCALE:
         s = tl.load(scale_ptr)  # device scalar: no host sync, CUDA-graph capturable
@@ -243,7 +246,7 @@ def _gather_dequant_cache_kernel(
 @triton.jit
 def _gather_dequant_cache_fp8_ds_mla_kernel(
         cache_ptr, out_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr,
-        n_tokens, n_req, max_blocks, n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len, n_tiles,
+        n_tokens, n_req, max_blocks, n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len, n_tiles, early_programs,
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr,
         PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr, VEC: tl.constexpr, STREAM: tl.constexpr,
@@ -259,9 +262,10 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
     ROPE: tl.constexpr = 64
     D_OUT: tl.constexpr = LATENT + ROPE
     if PDL and EARLY:
-        _early_prefetch(cache_ptr, tl.program_id(0), n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req,
-                        max_blocks, n_blocks, c_s0, c_s1, row_len, LATENT + 4 * N_GROUPS + 2 * ROPE, BLOCK_T,
-                        BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
+        if tl.program_id(0) < early_programs:
+            _early_prefetch(cache_ptr, tl.program_id(0), n_tokens, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1,
+                            n_req, max_blocks, n_blocks, c_s0, c_s1, row_len, LATENT + 4 * N_GROUPS + 2 * ROPE,
+                            BLOCK_T, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
     _pdl_enter(PDL)
     k = tl.arange(0, N_GROUPS)
     g = _columns(0, GROUP, VEC)
