@@ -29,7 +29,6 @@
 #   bash benchmarks/gpu_suite.sh s27     # one GPU: "auto" = the scorer: tests, decode table, prefetch distances (spent)
 #   bash benchmarks/gpu_suite.sh s28     # one GPU: the scorer's split launches: bf16 partials, prefetch 1, PDL combine
 #                                        # (spent)
-#   bash benchmarks/gpu_suite.sh s29     # one GPU: the scorer's opt-in options (early query, staged, 8-warp producer)
 #   bash benchmarks/gpu_suite.sh s30     # one GPU: the scorer with the output plan (default now): tests, A/B, table
 #   bash benchmarks/gpu_suite.sh s31     # one GPU: plan + early query (the defaults now): decode table, GPU tests
 #   bash benchmarks/gpu_suite.sh s32     # one GPU: the op dispatch GPU tests with those defaults
@@ -37,7 +36,8 @@
 #   bash benchmarks/gpu_suite.sh s34     # one GPU: Nsight Compute of 1 x 128 x 64K with the scorer's defaults
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
-# timing knobs and first schedule, since removed)
+# timing knobs and first schedule, since removed; session 13's s29: the scorer options incl. the 8-warp producer,
+# since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -243,15 +243,6 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
         "PARTIAL_BF16=False,PARTIAL_BF16=True,SCORER_PREFETCH=1,SCORER_PREFETCH=1+PARTIAL_BF16=True,COMBINE_PDL=True" \
         --shapes 1x128x65536,8x128x16384,1x128x32768 2>&1 | tee "$OUT/s28_ab.log" | tail -5 ;;
-  s29)  # session 12: the scorer's options written after the last run (query inside the partitions, staged output /
-        # output plan, an 8-warp producer): their GPU tests (bitwise the plain scorer), then timed
-    timeout 110 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
-        -k "options or output_plan_matches" 2>&1 | tee "$OUT/s29_tests.log" | grep -v PASSED | tail -6
-    timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw --values \
-        "SCORER_STAGED=False,SCORER_PREFETCH=1,SCORER_EARLY_Q=True,SCORER_STAGED=plan,SCORER_PRODUCER_WARPS=8,SCORER_PRODUCER_WARPS=8+SCORER_EARLY_Q=True+SCORER_STAGED=plan" \
-        --shapes 1x128x65536,8x128x16384,16x128x32768,64x128x4096 2>&1 | tee "$OUT/s29_ab.log" | tail -5
-    timeout 120 python3 benchmarks/dev_fixed_cost.py --variants scorer --no-split-ab 2>&1 | tee "$OUT/s29_fixed.log" \
-        | tail -6 ;;
   s30)  # session 13: SCORER_STAGED "plan" the default (s29: -4.7 % at 1 x 64K, -3 % at 64 x 4K): the seesaw GPU file,
         # an A/B against the old default and with the early query on top, then the decode table
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py 2>&1 \
