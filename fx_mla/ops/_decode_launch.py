@@ -127,10 +127,10 @@ def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, c
     programmatic dependent launch (sm_90+ CUDA; None: COMBINE_PDL)."""
     if splits == 1:
         return
-    pdl_on = COMBINE_PDL if pdl is None else pdl
-    pdl = {}
-    if pdl_on and out.device.type == "cuda" and torch.cuda.get_device_capability(out.device)[0] >= 9:
-        pdl = dict(PDL=True, launch_pdl=True)
+    launch = {}
+    if (COMBINE_PDL if pdl is None else pdl) and out.device.type == "cuda" and \
+            torch.cuda.get_device_capability(out.device)[0] >= 9:
+        launch = dict(PDL=True, launch_pdl=True)
     batch, heads = lse.shape
     if config is None:
         sms = sm_count(device_index(out.device)) if out.device.type == "cuda" else 132
@@ -139,7 +139,7 @@ def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, c
         (block_l, block_s), pow2 = config, triton.next_power_of_2(splits)
     _mla_decode_fp8_combine_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
         part_o, part_lse, out, lse, heads, splits, out.stride(0), out.stride(1),
-        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, num_warps=4, **pdl)
+        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, num_warps=4, **launch)
 
 
 # A bf16 query over an FP8 cache -> fp16 as q * 2**-8 (the Triton and the Gluon kernels; exact for 2**-6 <= |q| <=

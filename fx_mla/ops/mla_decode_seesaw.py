@@ -78,7 +78,8 @@ SCORER_STAGED = "plan"
 # used for nothing else; a 16-byte aligned cache only). Written in session 13 after its last GPU run: compiled
 # offline (no spills, the wait before every other global access), not yet run on a GPU (off).
 SCORER_PDL = False  # False, True or "early"
-SMEM_NEEDED_SCORER = 230216  # bytes of the compiled scorer kernel, its largest form (Triton 3.6, sm_90; the default 230,176)
+SMEM_NEEDED_SCORER = 230216  # bytes of the compiled scorer kernel, its largest form (Triton 3.6, sm_90; the defaults:
+# 230,176, staged one-split launches 230,208)
 SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
 SMEM_NEEDED = 230764  # bytes the compiled kernel uses (Triton 3.6, sm_90): Q, 2 x 2 tiles, P_A, P_B, statistics,
 # barriers (STAGED_O's included)
@@ -194,5 +195,6 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
             common.update(WORKER_REGS=WORKER_REGS)
     kernel = kernel_fn[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
-    combine_splits(*workspace, out, lse, num_splits, kv_lora_rank, **({"pdl": True} if common.get("PDL") else {}))
+    # the combine waits for a PDL scorer's grid as a PDL launch itself (None: _decode_launch.COMBINE_PDL)
+    combine_splits(*workspace, out, lse, num_splits, kv_lora_rank, pdl=True if common.get("PDL") else None)
     return out, lse

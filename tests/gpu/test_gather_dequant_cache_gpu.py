@@ -7,12 +7,9 @@ mode, opcheck, and CUDA-graph capture of the unchecked ops with inputs changed i
 """
 import pytest
 import torch
-import triton
-import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from fx_mla.ops import gather_dequant_cache as gmod  # registers the ops
-from tests.gpu.graphs import capture
+from tests.gpu.graphs import capture, pdl_writer
 from tests.ops.gather_dequant_cache_cases import (FP8, NAN_BYTE, assert_bitwise, ragged_lengths, random_cache,
                                                   random_scale, token_problem)
 
@@ -247,15 +244,6 @@ def test_pdl_launches_in_cuda_graph_see_the_previous_kernels_writes(cfg):
         assert_bitwise(out[0, :ref.shape[0]].cpu(), ref, f"PDL chain, cache seed {seed}")
 
 
-@triton.jit
-def _pdl_copy2_kernel(src_a, dst_a, n_a, src_b, dst_b, n_b, BLOCK: tl.constexpr):
-    """dst_a = src_a and dst_b = src_b (int32), after letting the next kernel's programs start at once."""
-    gdc_launch_dependents()
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst_a + offs, tl.load(src_a + offs, mask=offs < n_a), mask=offs < n_a)
-    tl.store(dst_b + offs, tl.load(src_b + offs, mask=offs < n_b), mask=offs < n_b)
-
-
 @pytest.mark.parametrize("layout", ["plain", "fp8_ds_mla"])
 @pytest.mark.parametrize("flags", ["p", "pe"])
 def test_indices_written_by_the_previous_kernel_under_pdl(layout, flags):
@@ -273,14 +261,12 @@ def test_indices_written_by_the_previous_kernel_under_pdl(layout, flags):
     bad_bt, bad_tts = bad_bt.to(torch.int32).to(DEV), bad_tts.to(torch.int32).to(DEV)
     c_d, s_d = cache.to(DEV), None if scale is None else scale.to(DEV)
     out = torch.empty((p.token_to_seq.numel(), 576), dtype=torch.bfloat16, device=DEV)
-    n_bt, n_tts = bt_live.numel(), tts_live.numel()
 
     def step():
         bt_live.copy_(bad_bt)
         tts_live.copy_(bad_tts)
         out.fill_(float("nan"))
-        _pdl_copy2_kernel[(triton.cdiv(max(n_bt, n_tts), 1024),)](dv.block_table, bt_live, n_bt, dv.token_to_seq,
-                                                                    tts_live, n_tts, BLOCK=1024)
+        pdl_writer([(dv.block_table, bt_live), (dv.token_to_seq, tts_live)])
         gmod.launch_gather_dequant_cache(c_d, bt_live, dv.cu_seq_lens, tts_live, dv.seq_starts, s_d, out, layout,
                                          (8, 4, 0, flags))
 

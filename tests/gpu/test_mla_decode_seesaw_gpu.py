@@ -1,15 +1,13 @@
-"""GPU tests of the seesaw Gluon MLA decode kernel: against the float64 reference on ragged problems (lengths incl.
-0, odd tile counts, NaN in every slot the length mask must skip, block sizes 16/64), outputs and split workspace
-poisoned with NaN; every variant (VARIANTS: the seesaw kernel, its producer form); the opt-in STAGED_O form
-bitwise against the default. Skips where seesaw_unsupported_reason declines (not sm_90, not Triton 3.6)."""
+"""GPU tests of the seesaw launcher's Gluon MLA decode kernels: against the float64 reference on ragged problems
+(lengths incl. 0, odd tile counts, NaN in every slot the length mask must skip, block sizes 16/64), outputs and split
+workspace poisoned with NaN; every variant (VARIANTS: the scorer kernel ("auto"), the seesaw kernel, its producer
+form); the opt-in STAGED_O form, the scorer's options and its PDL launches bitwise against the defaults. Skips where
+seesaw_unsupported_reason declines (not sm_90, not Triton 3.6)."""
 import pytest
 import torch
-import triton
-import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fx_mla.ops import mla_decode_seesaw as smod
-from tests.gpu.graphs import capture
+from tests.gpu.graphs import capture, pdl_writer
 from tests.ops.mla_decode_fp8_cases import check_close, make_problem, reference_f64
 
 pytestmark = pytest.mark.cuda
@@ -226,17 +224,6 @@ def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num
             assert torch.equal(out, w_out) and torch.equal(lse, w_lse), (i, replay)
 
 
-@triton.jit
-def _pdl_copy3_kernel(src_a, dst_a, n_a, src_b, dst_b, n_b, src_c, dst_c, n_c, BLOCK: tl.constexpr):
-    """A PDL writer: waits for the kernel before it, lets the next one start at once, then dst_x = src_x (int32)."""
-    gdc_wait()
-    gdc_launch_dependents()
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst_a + offs, tl.load(src_a + offs, mask=offs < n_a), mask=offs < n_a)
-    tl.store(dst_b + offs, tl.load(src_b + offs, mask=offs < n_b), mask=offs < n_b)
-    tl.store(dst_c + offs, tl.load(src_c + offs, mask=offs < n_c), mask=offs < n_c)
-
-
 @pytest.mark.parametrize("pdl", [True, "early"])
 @pytest.mark.parametrize("num_splits", [None, 1])
 def test_scorer_pdl_reads_what_the_kernel_before_it_wrote(num_splits, pdl, monkeypatch):
@@ -261,10 +248,7 @@ def test_scorer_pdl_reads_what_the_kernel_before_it_wrote(num_splits, pdl, monke
             for t, j in zip(lv, jk):
                 i32(t).copy_(j)
         for p, (q, lens, bt), (out, lse) in zip(probs, live, outs):
-            n = max(i32(q).numel(), lens.numel(), bt.numel())
-            _pdl_copy3_kernel[(triton.cdiv(n, 1024),)](i32(p.q), i32(q), i32(q).numel(), p.seq_lens, lens,
-                                                        lens.numel(), p.block_table, bt, bt.numel(), BLOCK=1024,
-                                                        launch_pdl=True)
+            pdl_writer([(i32(p.q), i32(q)), (p.seq_lens, lens), (p.block_table, bt)], wait=True)
             smod.launch_mla_decode_seesaw(q, p.kv_cache, bt, lens, p.k_scale, None, p.sm_scale, 512, out, lse,
                                           num_splits=num_splits, variant="scorer")
 

@@ -182,10 +182,12 @@ def _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT: gl.constexpr, HAS_
 
 
 @gluon.jit
-def _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE: gl.constexpr, GRAIN: gl.constexpr):
+def _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE: gl.constexpr, GRAIN: gl.constexpr,
+                 CG: gl.constexpr = False):
     """Tokens [start, end) of split pid_s of request pid_b: chunks of whole GRAIN-token units; the split length
-    follows the request's own length (no host sync), clamped to the block-table row."""
-    seq_len = gl.load(seq_lens_ptr + pid_b).to(gl.int32)
+    follows the request's own length (no host sync), clamped to the block-table row. CG: the seq_lens load bypasses
+    L1 (a read before a PDL wait)."""
+    seq_len = gl.load(seq_lens_ptr + pid_b, cache_modifier=".cg" if CG else "").to(gl.int32)
     seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
     chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), GRAIN) * GRAIN
     start = pid_s * chunk

@@ -234,20 +234,12 @@ def _prefetch_half(kv_ptr, page, n0, end, blk_words, tok_words, pf_e, PAGE: gl.c
 
 
 @gluon.jit
-def _early_prefetch(seq_lens_ptr, block_table_ptr, kv_ptr, pid_b, pid_s, num_splits, max_blocks, num_blocks,
-                    stride_bt_b, blk_words, tok_words, PAGE: gl.constexpr, TILE: gl.constexpr,
-                    PF_CONTIG: gl.constexpr):
-    """PDL "early": before the PDL wait, the CTA's first tile into L2, by its split range and page ids as read now
-    (L1-bypassing loads; possibly stale, used for these prefetch addresses only, clamped like the real ones: no
-    address outside the block-table row or the cache)."""
-    seq_len = gl.load(seq_lens_ptr + pid_b, cache_modifier=".cg").to(gl.int32)
-    seq_len = gl.minimum(gl.maximum(seq_len, 0), max_blocks * PAGE)
-    chunk = gl.cdiv(gl.cdiv(seq_len, num_splits), TILE) * TILE
-    start = pid_s * chunk
-    end = gl.maximum(gl.minimum(start + chunk, seq_len), start)
-    bt_row = block_table_ptr + pid_b * stride_bt_b
+def _prefetch_first_tile(kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words, PAGE: gl.constexpr,
+                         TILE: gl.constexpr, PF_CONTIG: gl.constexpr):
+    """PDL_EARLY: the tile at `start` (two 32-token halves) into L2, its page ids read with L1-bypassing loads (before
+    the PDL wait: possibly stale, used for these prefetch addresses only, clamped like the real ones)."""
     pf_e = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
-    for k in gl.static_range(2):  # the tile's two 32-token halves
+    for k in gl.static_range(2):
         n_k = start + k * (TILE // 2)
         _prefetch_half(kv_ptr, _half_pages(bt_row, n_k, end, num_blocks, pf_e, PAGE, PF_CONTIG, True), n_k, end,
                        blk_words, tok_words, pf_e, PAGE, PF_CONTIG)
@@ -279,22 +271,23 @@ def _mla_decode_scorer_kernel(
     in the stream to complete and flush before it reads or writes any global memory, then lets the next kernel be
     scheduled early (the split merge, which waits for this grid the same way; with one split, whatever follows).
     PDL_EARLY (with PDL and PREFETCH's 16-byte aligned cache): before that wait, the first tile into L2
-    (_early_prefetch: L1-bypassing reads used for prefetch addresses only)."""
+    (_prefetch_first_tile: L1-bypassing reads used for prefetch addresses only)."""
     gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(TILE == 64, "64-token tiles, loaded as two 32-token halves")
     gl.static_assert((not ONE_PAGE) or PAGE % (TILE // 2) == 0, "ONE_PAGE: a half tile lies in one page")
     gl.static_assert((not PDL_EARLY) or (PDL and PREFETCH > 0), "PDL_EARLY: a PDL launch over a prefetchable cache")
-    if PDL:
-        if PDL_EARLY:
-            _early_prefetch(seq_lens_ptr, block_table_ptr, kv_ptr, gl.program_id(2).to(gl.int64), gl.program_id(1),
-                            num_splits, max_blocks, num_blocks, stride_bt_b, blk_words, tok_words, PAGE, TILE,
-                            PF_CONTIG)
-        _gdc("griddepcontrol.wait;")
-        _gdc("griddepcontrol.launch_dependents;")
     pid_g = gl.program_id(0)  # head group varies fastest: the groups of one tile run side by side and share L2
     pid_s = gl.program_id(1)
     pid_b = gl.program_id(2).to(gl.int64)
+    bt_row = block_table_ptr + pid_b * stride_bt_b
+    if PDL:
+        if PDL_EARLY:  # the split range as read now (seq_lens bypassing L1), for the first tile's prefetch only
+            e_start, e_end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, TILE, True)
+            _prefetch_first_tile(kv_ptr, bt_row, e_start, gl.maximum(e_end, e_start), num_blocks, blk_words,
+                                 tok_words, PAGE, TILE, PF_CONTIG)
+        _gdc("griddepcontrol.wait;")
+        _gdc("griddepcontrol.launch_dependents;")
 
     SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     SMEM_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, TILE], gl.float16)
@@ -332,7 +325,6 @@ def _mla_decode_scorer_kernel(
     # a split past the request's end has end < start: empty, not negative (a negative tile count would leave the
     # scorer's first full-barrier wait without a producer arrive: a hang)
     end = gl.maximum(end, start)
-    bt_row = block_table_ptr + pid_b * stride_bt_b
     o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s,
                                               pid_g * BLOCK_H, num_heads, num_splits, stride_o_b, stride_o_h, L,
                                               SINGLE_SPLIT)
