@@ -220,7 +220,11 @@ def main():
     ap.add_argument("--lanes", default="",
                     help="SEESAW,GLUON16: LANES of the two Gluon kernels' conversion loads/stores "
                          "(default: the modules')")
+    ap.add_argument("--scorer-pdl", default="", choices=("", "False", "True", "early"),
+                    help="the scorer's PDL setting (mla_decode_seesaw.SCORER_PDL; default: the module's)")
     args = ap.parse_args()
+    if args.scorer_pdl:
+        ss.SCORER_PDL = {"False": False, "True": True}.get(args.scorer_pdl, args.scorer_pdl)
     if args.lanes:
         from fx_mla.ops import mla_decode_gluon16, mla_decode_seesaw
         mla_decode_seesaw.LANES, mla_decode_gluon16.LANES = args.lanes.split(",")
