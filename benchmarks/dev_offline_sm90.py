@@ -76,6 +76,9 @@ def main():
         if par.default is not inspect.Parameter.empty:
             consts.setdefault(name, par.default)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    if consts.get("PROBE"):  # the scorer's development probe: an int64 buffer
+        sig["probe_ptr"] = "*i64"
+        consts.pop("probe_ptr", None)
     src = GluonASTSource(fn, sig, constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
     meta = k.metadata

@@ -33,7 +33,8 @@
 #   bash benchmarks/gpu_suite.sh s31     # one GPU: plan + early query (the defaults now): decode table, GPU tests
 #   bash benchmarks/gpu_suite.sh s32     # one GPU: the op dispatch GPU tests with those defaults
 #   bash benchmarks/gpu_suite.sh s33     # one GPU: gather flag "e" (early L2 prefetch before the PDL wait), SCORER_PDL
-#   PDL=early bash benchmarks/gpu_suite.sh s35  # one GPU: the decode table with a SCORER_PDL setting
+#   PDL=early bash benchmarks/gpu_suite.sh s35  # one GPU: the decode table with a SCORER_PDL setting, then the
+#                                        # scorer's CTA timelines (dev_scorer_probe.py)
 #   bash benchmarks/gpu_suite.sh s34     # one GPU: Nsight Compute of 1 x 128 x 64K with the scorer's defaults
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
@@ -283,7 +284,8 @@ print(f'{pick(128)},{pick(16)}')")
     rm -f "$OUT/prof_b1.ncu-rep" ;;
   s35)  # session 14: the decode table with s33's SCORER_PDL winner (PDL=False / True / early in the environment)
     timeout 150 python3 benchmarks/bench_decode.py --budget 120 --scorer-pdl "${PDL:-}" --out "$OUT/decode.json" 2>&1 \
-        | tee "$OUT/decode.log" | tail -10 ;;
+        | tee "$OUT/decode.log" | tail -10; pack
+    timeout 120 python3 benchmarks/dev_scorer_probe.py --pdl "${PDL:-False}" 2>&1 | tee "$OUT/probe.log" | tail -45 ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;

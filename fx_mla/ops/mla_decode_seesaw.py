@@ -78,6 +78,9 @@ SCORER_STAGED = "plan"
 # used for nothing else; a 16-byte aligned cache only). Written in session 13 after its last GPU run: compiled
 # offline (no spills, the wait before every other global access), not yet run on a GPU (off).
 SCORER_PDL = False  # False, True or "early"
+# SCORER_PROBE: development only (benchmarks/dev_scorer_probe.py), None in the op: an int64 CUDA tensor of at least
+# 16 entries a CTA; the scorer kernel then records timestamps at fixed points of each CTA's life into it.
+SCORER_PROBE = None
 SMEM_NEEDED_SCORER = 230216  # bytes of the compiled scorer kernel, its largest form (Triton 3.6, sm_90; the defaults:
 # 230,176, staged one-split launches 230,208)
 SMEM_NEEDED_PRODUCER = 230912  # bytes of the compiled producer variant: 8 barriers more (+ STAGED_O's one)
@@ -186,6 +189,12 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
             if SCORER_PDL not in (True, "early"):
                 raise ValueError(f"SCORER_PDL must be False, True or 'early', got {SCORER_PDL!r}")
             common.update(PDL=True, launch_pdl=True, PDL_EARLY=SCORER_PDL == "early" and common["PREFETCH"] > 0)
+        if SCORER_PROBE is not None:
+            ctas = groups * num_splits * batch
+            if SCORER_PROBE.dtype != torch.int64 or SCORER_PROBE.numel() < 16 * ctas:
+                raise ValueError(f"SCORER_PROBE must be an int64 tensor of at least {16 * ctas} entries (16 a CTA), "
+                                 f"got {SCORER_PROBE.dtype} with {SCORER_PROBE.numel()}")
+            common.update(probe_ptr=SCORER_PROBE, PROBE=True)
     else:
         from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel as kernel_fn
         common.update(BLOCK_N=BLOCK_N, STAGED_O=staged)

@@ -261,7 +261,7 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
         gluon_launch_args(q, kv, bt, lens, ks, qs, 0.1, out, lse, 0, poison=False)
 
 
-def test_scorer_pdl_setting_is_checked_and_early_needs_an_aligned_cache(monkeypatch):
+def test_scorer_pdl_and_probe_settings_are_checked(monkeypatch):
     """SCORER_PDL: a value other than False / True / "early" raises, naming it; "early" prefetches only where the
     cache allows the bulk prefetch (16-byte aligned: else plain PDL)."""
     from fx_mla.ops.kernels import mla_decode_scorer as ksc
@@ -286,6 +286,20 @@ def test_scorer_pdl_setting_is_checked_and_early_needs_an_aligned_cache(monkeypa
         smod.launch_mla_decode_seesaw(q, cache, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=3, variant="scorer")
         assert calls[-1]["PDL"] and calls[-1]["launch_pdl"] and calls[-1]["PDL_EARLY"] == early
         assert (calls[-1]["PREFETCH"] > 0) == early
+    # SCORER_PROBE (development): an int64 buffer of 16 entries a CTA (2 requests x 2 head groups x 3 splits)
+    monkeypatch.setattr(smod, "SCORER_PDL", False)
+    for bad in (torch.empty(16 * 12, dtype=torch.int32), torch.empty(16 * 12 - 1, dtype=torch.int64)):
+        monkeypatch.setattr(smod, "SCORER_PROBE", bad)
+        with pytest.raises(ValueError, match="SCORER_PROBE must be an int64 tensor of at least 192 entries"):
+            smod.launch_mla_decode_seesaw(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=3,
+                                          variant="scorer")
+    probe = torch.empty(16 * 12, dtype=torch.int64)
+    monkeypatch.setattr(smod, "SCORER_PROBE", probe)
+    smod.launch_mla_decode_seesaw(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=3, variant="scorer")
+    assert calls[-1]["PROBE"] and calls[-1]["probe_ptr"] is probe
+    monkeypatch.setattr(smod, "SCORER_PROBE", None)
+    smod.launch_mla_decode_seesaw(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=3, variant="scorer")
+    assert "PROBE" not in calls[-1] and "probe_ptr" not in calls[-1]
 
 
 @pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_auto", "seesaw_scorer",

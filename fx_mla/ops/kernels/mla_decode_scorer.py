@@ -67,7 +67,7 @@ def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty
                       start, end, qk_scale, k_scale, o_base, stride_o_h, lse_base,
                       q_ptr, pid_b, head0, stride_q_b, stride_q_h,
                       L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr,
-                      Q_SHIFT: gl.constexpr, EARLY_Q: gl.constexpr, STAGED: gl.constexpr):
+                      Q_SHIFT: gl.constexpr, EARLY_Q: gl.constexpr, STAGED: gl.constexpr, prow, PROBE: gl.constexpr):
     """Scores, softmax statistics and output columns [L/2, L) (the epilogue's warpgroup 1: it holds l, writes lse)."""
     HALF: gl.constexpr = L // 2
     S_LAYOUT: gl.constexpr = mma_layout(TILE)  # scores [64, TILE]
@@ -81,8 +81,10 @@ def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty
         q_pe.index(0).store(q_pe_t)
         fence_async_shared()
         gl.thread_barrier()
+        _stamp(prow, 3, PROBE)
 
     mbarrier.wait(full.index(0), 0)
+    _stamp(prow, 4, PROBE)
     s = gl.zeros([BLOCK_H, TILE], gl.float32, S_LAYOUT)
     s = warpgroup_mma(q_nope.index(0), k_nope.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
     s = warpgroup_mma(q_pe.index(0), k_pe.index(0).permute((1, 0)), s, is_async=True)
@@ -119,16 +121,19 @@ def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty
         mbarrier.arrive(empty.index(buf))          # our reads of tile j (K, V, P) are complete
         m_i = m_new
     s_t = warpgroup_mma_wait(0, deps=(s, ))       # the scores of the (empty) tile past the last
+    _stamp(prow, 5, PROBE)
     SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     stage = k_nope.index(1)._reinterpret(gl.float16, [2, TILE // 2, L], SMEM_LAT)  # STAGED: tile buffer 1
     _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, 1, L, BLOCK_H, S_LAYOUT,
                    O_LAYOUT, stage, bar_done, STAGED)
+    _stamp(prow, 6, PROBE)
+    _stamp(prow, 7, PROBE, True)
 
 
 @gluon.jit
 def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, bar_done, start, end, k_scale,
                       o_base, stride_o_h, lse_base, L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr,
-                      STAGED: gl.constexpr):
+                      STAGED: gl.constexpr, prow, PROBE: gl.constexpr):
     """Output columns [0, L/2): P_j V_j with the scorer's P_j and alpha_j (the epilogue's warpgroup 0)."""
     HALF: gl.constexpr = L // 2
     S_LAYOUT: gl.constexpr = mma_layout(TILE)  # scores [64, TILE]
@@ -146,17 +151,20 @@ def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin
         gl.thread_barrier()
         mbarrier.arrive(p_empty)
         mbarrier.arrive(empty.index(j % 2))
+    _stamp(prow, 10, PROBE)
     unused = gl.zeros([BLOCK_H], gl.float32, ROW_S)
     SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     stage = k_nope.index(0)._reinterpret(gl.float16, [2, TILE // 2, L], SMEM_LAT)  # STAGED: tile buffer 0
     _pair_epilogue(acc, unused, unused, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, 0, L, BLOCK_H, S_LAYOUT,
                    O_LAYOUT, stage, bar_done, STAGED)
+    _stamp(prow, 11, PROBE)
 
 
 @gluon.jit
 def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                    PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, TILE: gl.constexpr, E5M2: gl.constexpr,
-                   ONE_PAGE: gl.constexpr, LANES: gl.constexpr, PREFETCH: gl.constexpr, PF_CONTIG: gl.constexpr):
+                   ONE_PAGE: gl.constexpr, LANES: gl.constexpr, PREFETCH: gl.constexpr, PF_CONTIG: gl.constexpr,
+                   prow, PROBE: gl.constexpr):
     """Tile t (tokens start + 64 t ..) into buffer t % 2 in two 32-token halves, one half ahead in registers.
     PREFETCH > 0: the cache rows of the half PREFETCH tiles ahead are prefetched into L2 (_prefetch_half), their
     page ids loaded one iteration before (no wait on them in the loop)."""
@@ -192,6 +200,9 @@ def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bl
         if i % 2 == 0:
             mbarrier.wait(empty.index(b), ((t // 2) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
             _store_tile(half, nope_words.index(b).slice(0, HALF_T), pe_words.index(b).slice(0, HALF_T), SUB, E5M2)
+            if PROBE:
+                if i == 0:
+                    _stamp(prow, 8, PROBE)
         else:
             _store_tile(half, nope_words.index(b).slice(HALF_T, HALF_T), pe_words.index(b).slice(HALF_T, HALF_T),
                         SUB, E5M2)
@@ -199,6 +210,7 @@ def _tile_producer(k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_bl
             gl.thread_barrier()
             mbarrier.arrive(full.index(b))
         half = nxt
+    _stamp(prow, 9, PROBE)
 
 
 @gluon.jit
@@ -246,6 +258,16 @@ def _prefetch_first_tile(kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_
 
 
 @gluon.jit
+def _stamp(probe_ptr, slot, PROBE: gl.constexpr, GLOBAL: gl.constexpr = False):
+    """PROBE (a development probe, off in the op): the SM's cycle counter (GLOBAL: the global nanosecond timer) into
+    int64 slot `slot` of this CTA's probe row; every thread of the calling partition stores the same-time reading."""
+    if PROBE:
+        REG: gl.constexpr = "%globaltimer" if GLOBAL else "%clock64"
+        t = gl.inline_asm_elementwise("mov.u64 $0, " + REG + ";", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+        gl.store(probe_ptr + slot, t)
+
+
+@gluon.jit
 def _gdc(INSTR: gl.constexpr):
     """One grid-dependency-control instruction (griddepcontrol.wait / .launch_dependents), by every thread of the
     calling partition (the kernel calls it before warp_specialize: the default partition's 128 threads; the worker
@@ -264,14 +286,16 @@ def _mla_decode_scorer_kernel(
         ONE_PAGE: gl.constexpr, HELPER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, LANES: gl.constexpr,
         num_warps: gl.constexpr, PREFETCH: gl.constexpr = 0, PF_CONTIG: gl.constexpr = False,
         EARLY_Q: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
-        PDL_EARLY: gl.constexpr = False):
+        PDL_EARLY: gl.constexpr = False, probe_ptr=None, PROBE: gl.constexpr = False):
     """PREFETCH: L2 prefetch distance in tiles (0: off; the launcher: a 16-byte aligned cache only); PF_CONTIG: a
     32-token half is 32 rows 576 bytes apart in one page (one prefetch); EARLY_Q / STAGED: the module docstring.
     PDL: launched as a programmatic dependent launch: the CTA waits (griddepcontrol.wait) for the previous kernel
     in the stream to complete and flush before it reads or writes any global memory, then lets the next kernel be
     scheduled early (the split merge, which waits for this grid the same way; with one split, whatever follows).
     PDL_EARLY (with PDL and PREFETCH's 16-byte aligned cache): before that wait, the first tile into L2
-    (_prefetch_first_tile: L1-bypassing reads used for prefetch addresses only)."""
+    (_prefetch_first_tile: L1-bypassing reads used for prefetch addresses only).
+    PROBE (development only; benchmarks/dev_scorer_probe.py): int64 timestamps at fixed points of each CTA's life into
+    probe_ptr[cta, 0:16] (cta = (pid_b * num_splits + pid_s) * groups + pid_g; the slots: _PROBE_SLOTS there)."""
     gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
     gl.static_assert(BLOCK_H == 64, "one warpgroup MMA height")
     gl.static_assert(TILE == 64, "64-token tiles, loaded as two 32-token halves")
@@ -281,6 +305,11 @@ def _mla_decode_scorer_kernel(
     pid_s = gl.program_id(1)
     pid_b = gl.program_id(2).to(gl.int64)
     bt_row = block_table_ptr + pid_b * stride_bt_b
+    prow = bt_row  # unused without PROBE (warp_specialize takes no None)
+    if PROBE:
+        prow = probe_ptr + ((pid_b * num_splits + pid_s) * gl.num_programs(0) + pid_g) * 16
+        _stamp(prow, 0, PROBE, True)
+        _stamp(prow, 1, PROBE)
     if PDL:
         if PDL_EARLY:  # the split range as read now (seq_lens bypassing L1), for the first tile's prefetch only
             e_start, e_end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, TILE, True)
@@ -328,13 +357,14 @@ def _mla_decode_scorer_kernel(
     o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s,
                                               pid_g * BLOCK_H, num_heads, num_splits, stride_o_b, stride_o_h, L,
                                               SINGLE_SPLIT)
+    _stamp(prow, 2, PROBE)
     gl.warp_specialize([
         (_scorer_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
                              bar_done, start, end, qk_scale, k_scale, o_base, o_stride, lse_base,
                              q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h,
-                             L, R, BLOCK_H, TILE, Q_SHIFT, EARLY_Q, STAGED)),
+                             L, R, BLOCK_H, TILE, Q_SHIFT, EARLY_Q, STAGED, prow, PROBE)),
         (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, bar_done, start, end,
-                             k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, STAGED)),
+                             k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, STAGED, prow, PROBE)),
         (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
-                          PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG)),
+                          PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG, prow, PROBE)),
     ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
