@@ -20,6 +20,7 @@ import sys
 
 import torch
 import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_decode as bd  # noqa: E402
@@ -31,6 +32,15 @@ _PROBE_SLOTS = {0: ("g entry", "default"), 1: ("c entry", "default"), 2: ("c bef
                 5: ("c loop done", "scorer"), 6: ("c epilogue done", "scorer"), 7: ("g end", "scorer"),
                 8: ("c first half tile stored", "producer"), 9: ("c producer done", "producer"),
                 10: ("c loop done", "helper"), 11: ("c epilogue done", "helper")}
+
+
+@triton.jit
+def _stamp_kernel(buf_ptr, slot):
+    """One program: the global nanosecond timer into buf[slot] (a marker kernel between the op's kernels)."""
+    t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    tl.store(buf_ptr + slot, t)
+
+
 # phases: (name, from slot, to slot), cycle slots
 PHASES = [("prologue (scales, split range, barriers)", 1, 2), ("query load (scorer)", 2, 3),
           ("first half tile stored (producer)", 2, 8), ("first tile full (scorer)", 2, 4),
@@ -41,6 +51,51 @@ PHASES = [("prologue (scales, split range, barriers)", 1, 2), ("query load (scor
 def _pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
+
+
+def stamp_gaps(batch, heads, ctx, pdl):
+    """Marker kernels around the scorer and its combine in a CUDA graph of one op call per rotated table, for the
+    last call: A (before the op) -> scorer -> B -> combine -> C -> D (D right after C: a marker's own gap)."""
+    cache, tables, lens, k_scale, q, _, _ = bd.make_inputs(batch, heads, ctx, 3)
+    probe = torch.full((16 * 132 * 512,), -1, dtype=torch.int64, device="cuda")
+    marks = torch.full((4,), -1, dtype=torch.int64, device="cuda")
+    stamp = (lambda k: _stamp_kernel[(1,)](marks, k, num_warps=1))  # noqa: E731
+    real_combine = ss.combine_splits
+
+    def combine(*a, **k):
+        stamp(1)
+        real_combine(*a, **k)
+        stamp(2)
+        stamp(3)
+
+    def op(t):
+        stamp(0)
+        torch.ops.fx_mla.mla_decode_fp8(q, cache, t, lens, k_scale, None, bd.SM_SCALE, bd.LAT, torch.bfloat16)
+    old = ss.SCORER_PDL, ss.SCORER_PROBE
+    try:
+        ss.SCORER_PDL, ss.SCORER_PROBE, ss.combine_splits = pdl, probe, combine
+        for t in tables:
+            op(t)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for t in tables:
+                op(t)
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+    finally:
+        ss.SCORER_PDL, ss.SCORER_PROBE = old
+        ss.combine_splits = real_combine
+    rows = probe.view(-1, 16).cpu()
+    rows = rows[rows[:, 0] >= 0].tolist()
+    a, b, c, d = marks.cpu().tolist()
+    first, last = min(x[0] for x in rows), max(x[7] for x in rows)
+    del cache, tables
+    torch.cuda.empty_cache()
+    return dict(marker_to_first_cta_us=(first - a) / 1e3, scorer_span_us=(last - first) / 1e3,
+                last_cta_end_to_marker_us=(b - last) / 1e3, combine_between_markers_us=(c - b) / 1e3,
+                marker_to_marker_us=(d - c) / 1e3)
 
 
 def probe_shape(batch, heads, ctx, pdl):
@@ -101,10 +156,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x128x65536,8x128x16384,64x128x4096")
     ap.add_argument("--pdl", default="False", choices=("False", "True", "early"), help="SCORER_PDL for the runs")
+    ap.add_argument("--markers", action="store_true",
+                    help="also time the launch gaps and the combine between marker kernels (stamp_gaps)")
     args = ap.parse_args()
     pdl = {"False": False, "True": True}.get(args.pdl, args.pdl)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     results = []
+    if args.markers:  # the graph method's own cost: one marker kernel a graph against eight
+        marks = torch.zeros(8, dtype=torch.int64, device="cuda")
+        for n in (1, 8):
+            g = torch.cuda.CUDAGraph()
+            _stamp_kernel[(1,)](marks, 0, num_warps=1)
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g):
+                for k in range(n):
+                    _stamp_kernel[(1,)](marks, k, num_warps=1)
+            us = bd.bench_ms(g.replay) * 1e3
+            print(f"graph of {n} marker kernel(s): {us:.2f} us a replay, {us / n:.2f} us a kernel", flush=True)
+            results.append(dict(graph_of_markers=n, us_per_replay=us))
     for shp in args.shapes.split(","):
         b, h, c = (int(v) for v in shp.split("x"))
         res = probe_shape(b, h, c, pdl)
@@ -120,6 +189,9 @@ def main():
             print(f"  {name:<44} {d['min']:7.2f} {d['p50']:7.2f} {d['p90']:7.2f} {d['max']:7.2f}")
         if "us_per_tile_p50" in res:
             print(f"  loop per tile (p50): {res['us_per_tile_p50']:.3f} us")
+        if args.markers:
+            res["markers"] = m = stamp_gaps(b, h, c, pdl)
+            print("  markers: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()), flush=True)
     path = os.path.join(os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                         "dev_scorer_probe.json")
     with open(path, "w") as f:

@@ -68,7 +68,11 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # flags removed after that run); smaller tiles or more warps a tile (fewer bytes resident an SM) and a flat-vector
 # tiling were no faster. PDL only overlaps the launch with the previous
 # kernel's tail: every program waits for that kernel (griddepcontrol.wait) before it reads anything.
-CONFIG = {"plain": (8, 4, 0, "p"), "fp8_ds_mla": (8, 4, 0, "p")}
+# Session 14 (RESULTS.md, 1x H100, s33): "e" on top of "p" (the first wave's rows into L2 before the PDL wait, by
+# L1-bypassing index reads) +1.4 points of copy at 64K tokens on e4m3 576 (88.5 -> 89.9, twice) and +1.2 on ds_mla
+# (88.2 -> 89.4), even at 1M; (4, 4, 0, "pe") and (16, 8, 0, "pe") no better. "pe" the default since then. All its GPU
+# tests (bitwise, PDL chains incl. indices written by the previous kernel) passed.
+CONFIG = {"plain": (8, 4, 0, "pe"), "fp8_ds_mla": (8, 4, 0, "pe")}
 EARLY_WAVE = 16  # flag "e": programs an SM that prefetch before the PDL wait (an SM holds at most 16 of 4 warps)
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
