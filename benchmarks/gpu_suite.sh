@@ -35,7 +35,8 @@
 #   bash benchmarks/gpu_suite.sh s33     # one GPU: gather flag "e" (early L2 prefetch before the PDL wait), SCORER_PDL
 #   PDL=early bash benchmarks/gpu_suite.sh s35  # one GPU: the decode table with a SCORER_PDL setting, then the
 #                                        # scorer's CTA timelines (dev_scorer_probe.py)
-#   bash benchmarks/gpu_suite.sh s36     # one GPU: scorer timelines with marker kernels, the combine's carve-out A/B
+#   bash benchmarks/gpu_suite.sh s36     # one GPU: scorer timelines with marker kernels, the combine's carve-out A/B,
+#                                        # its test, the decode table with it
 #   bash benchmarks/gpu_suite.sh s34     # one GPU: Nsight Compute of 1 x 128 x 64K with the scorer's defaults
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
@@ -290,7 +291,11 @@ print(f'{pick(128)},{pick(16)}')")
   s36)  # session 14: where B = 1's time outside the scorer's loop goes: CTA timelines with marker kernels around the
         # scorer and its combine, then the combine preferring shared memory (no carve-out change) against default
     timeout 150 python3 benchmarks/dev_scorer_probe.py --markers 2>&1 | tee "$OUT/probe.log" | tail -50; pack
-    timeout 100 python3 benchmarks/dev_combine_carveout.py 2>&1 | tee "$OUT/carveout.log" | tail -4 ;;
+    timeout 100 python3 benchmarks/dev_combine_carveout.py 2>&1 | tee "$OUT/carveout.log" | tail -4; pack
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
+        -k prefer 2>&1 | tee "$OUT/prefer_test.log" | tail -3; pack
+    timeout 150 python3 benchmarks/bench_decode.py --budget 120 --combine-prefer-shared --out "$OUT/decode.json" \
+        2>&1 | tee "$OUT/decode.log" | tail -10 ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;

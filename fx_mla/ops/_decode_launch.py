@@ -118,6 +118,34 @@ def combine_config(batch: int, heads: int, splits: int, kv_lora_rank: int, num_s
 # this flag had neither that nor split kernels that trigger their dependents, so the combine could only launch as
 # they exited). Off until measured: bench_decode.py --combine-pdl turns it on; the scorer's SCORER_PDL uses it.
 COMBINE_PDL = False
+# The combine kernel's shared-memory preference. The 128- / 16-head Gluon kernels take ~225 KiB of shared memory a
+# block (Triton's loader marks them CU_FUNC_CACHE_PREFER_SHARED); the combine keeps the driver's default, so an SM may
+# change its L1 / shared-memory carve-out from a split kernel to its combine and back. True: after a launch, each
+# compiled combine function is set (once, through the driver API) to prefer shared memory, as the split kernels do.
+# Written in session 14 with benchmarks/dev_combine_carveout.py, off until measured.
+COMBINE_PREFER_SHARED = False
+_PREFERS_SHARED = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _libcuda():
+    import ctypes
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def prefer_shared_memory(compiled) -> None:
+    """Set a compiled Triton kernel's CUDA function to prefer shared memory (cuFuncSetCacheConfig PREFER_SHARED and a
+    100 % preferred carve-out), once a function. A failing driver call raises (naming the CUresult)."""
+    import ctypes
+    fun = getattr(compiled, "function", None)
+    if fun is None or fun in _PREFERS_SHARED:
+        return
+    cuda = _libcuda()
+    r1 = cuda.cuFuncSetCacheConfig(ctypes.c_void_p(fun), 1)  # CU_FUNC_CACHE_PREFER_SHARED
+    r2 = cuda.cuFuncSetAttribute(ctypes.c_void_p(fun), 9, ctypes.c_int(100))  # PREFERRED_SHARED_MEMORY_CARVEOUT
+    if r1 or r2:
+        raise RuntimeError(f"prefer_shared_memory: cuFuncSetCacheConfig returned {r1}, cuFuncSetAttribute {r2}")
+    _PREFERS_SHARED.add(fun)
 
 
 def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, config=None,
@@ -137,9 +165,11 @@ def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, c
         block_l, block_s, pow2 = combine_config(batch, heads, splits, kv_lora_rank, sms)
     else:
         (block_l, block_s), pow2 = config, triton.next_power_of_2(splits)
-    _mla_decode_fp8_combine_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
+    compiled = _mla_decode_fp8_combine_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
         part_o, part_lse, out, lse, heads, splits, out.stride(0), out.stride(1),
         L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, num_warps=4, **launch)
+    if COMBINE_PREFER_SHARED and out.device.type == "cuda":
+        prefer_shared_memory(compiled)
 
 
 # A bf16 query over an FP8 cache -> fp16 as q * 2**-8 (the Triton and the Gluon kernels; exact for 2**-6 <= |q| <=
