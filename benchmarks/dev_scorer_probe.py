@@ -53,6 +53,17 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
 
 
+def _replay(op, tables):
+    """A CUDA graph of one op call per table (back to back), replayed three times: the stamps of its last call stay."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for t in tables:
+            op(t)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+
+
 def stamp_gaps(batch, heads, ctx, pdl):
     """Marker kernels around the scorer and its combine in a CUDA graph of one op call per rotated table, for the
     last call: A (before the op) -> scorer -> B -> combine -> C -> D (D right after C: a marker's own gap)."""
@@ -77,13 +88,7 @@ def stamp_gaps(batch, heads, ctx, pdl):
         for t in tables:
             op(t)
         torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for t in tables:
-                op(t)
-        for _ in range(3):
-            g.replay()
-        torch.cuda.synchronize()
+        _replay(op, tables)
     finally:
         ss.SCORER_PDL, ss.SCORER_PROBE = old
         ss.combine_splits = real_combine
@@ -101,8 +106,6 @@ def stamp_gaps(batch, heads, ctx, pdl):
 def probe_shape(batch, heads, ctx, pdl):
     cache, tables, lens, k_scale, q, _, _ = bd.make_inputs(batch, heads, ctx, 3)
     probe = torch.full((16 * 132 * 512,), -1, dtype=torch.int64, device="cuda")
-    out = torch.empty(batch, heads, bd.LAT, dtype=torch.bfloat16, device="cuda")
-    lse = torch.empty(batch, heads, dtype=torch.float32, device="cuda")
     op = (lambda t: torch.ops.fx_mla.mla_decode_fp8(q, cache, t, lens, k_scale, None, bd.SM_SCALE, bd.LAT,
                                                     torch.bfloat16))
     old = ss.SCORER_PDL, ss.SCORER_PROBE
@@ -113,16 +116,9 @@ def probe_shape(batch, heads, ctx, pdl):
         us_probe, _ = bd.time_us(op, tables)  # ... and with the probe's stores (their own cost)
         torch.cuda.synchronize()
         probe.fill_(-1)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for t in tables:
-                op(t)
-        for _ in range(3):
-            g.replay()
-        torch.cuda.synchronize()
+        _replay(op, tables)
     finally:
         ss.SCORER_PDL, ss.SCORER_PROBE = old
-    del out, lse
     rows = probe.view(-1, 16).cpu()
     rows = rows[rows[:, 0] >= 0]
     n = rows.shape[0]
