@@ -124,6 +124,11 @@ COMBINE_PDL = False
 # compiled combine function is set (once, through the driver API) to prefer shared memory, as the split kernels do.
 # Written in session 14 with benchmarks/dev_combine_carveout.py, off until measured.
 COMBINE_PREFER_SHARED = False
+# The combine's one-step form (all splits in one tile: its partials loaded together with the lse's instead of after
+# them, one memory round trip less; bitwise the same). Session 14's marker kernels (dev_scorer_probe.py --markers,
+# 1x H100) put the combine at ~6.3 us of 1 x 128 x 64K's 51.5 us (64 splits of bf16 partials, 8.4 MB in L2).
+# Written in session 14 after its last A/B run; off until measured (dev_lane_rows.py --modules launch).
+COMBINE_ONE_STEP = False
 _PREFERS_SHARED = set()
 
 
@@ -167,7 +172,8 @@ def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, c
         (block_l, block_s), pow2 = config, triton.next_power_of_2(splits)
     compiled = _mla_decode_fp8_combine_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
         part_o, part_lse, out, lse, heads, splits, out.stride(0), out.stride(1),
-        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, num_warps=4, **launch)
+        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, ONE_STEP=bool(COMBINE_ONE_STEP),
+        num_warps=4, **launch)
     if COMBINE_PREFER_SHARED and out.device.type == "cuda":
         prefer_shared_memory(compiled)
 

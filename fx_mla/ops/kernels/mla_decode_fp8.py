@@ -217,7 +217,7 @@ def _mla_decode_fp8_kernel(
 def _mla_decode_fp8_combine_kernel(
         part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, num_heads, num_splits, stride_o_b, stride_o_h,
         L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_POW2: tl.constexpr,
-        PDL: tl.constexpr = False):
+        PDL: tl.constexpr = False, ONE_STEP: tl.constexpr = False):
     """Merge the splits of one (request, head) over latent columns [pid_l BLOCK_L, (pid_l + 1) BLOCK_L):
     o = sum_s exp(lse_s - lse) o_s, lse = logsumexp_s lse_s (written by the pid_l = 0 program).
 
@@ -225,7 +225,9 @@ def _mla_decode_fp8_combine_kernel(
     SMs idle (one request with many splits), and takes BLOCK_S splits a step so that few dependent steps remain.
     PDL (launched as a programmatic dependent launch, sm_90): wait for the split kernel's grid to finish and flush
     before reading anything; only the launch overlaps its tail. Then it lets the next kernel in the stream be
-    scheduled early (a programmatic dependent launch after it waits for this grid the same way)."""
+    scheduled early (a programmatic dependent launch after it waits for this grid the same way).
+    ONE_STEP (with BLOCK_S == SPLITS_POW2): the partials are loaded with the lse's, not after them (bitwise the loop's
+    one step: the same weights, products and sums)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -241,19 +243,29 @@ def _mla_decode_fp8_combine_kernel(
 
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     l_mask = offs_l < L
-    offs_s = tl.arange(0, BLOCK_S)
-    acc = tl.zeros([BLOCK_L], dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        split = s0 + offs_s
-        s_ok = split < num_splits
-        lse_s = tl.load(part_lse_ptr + base + split * num_heads, mask=s_ok, other=float("-inf"))
-        w = tl.exp(lse_s - m_safe)
-        o_mask = s_ok[:, None]
+    if ONE_STEP and BLOCK_S == SPLITS_POW2:
+        # ONE_STEP, all splits in one step (all splits in one tile): the partials' load does not wait for the lse's (one memory round trip
+        # less before the sum; the same products and sums as the loop below takes in its one step)
+        o_mask = (offs_all < num_splits)[:, None]
         if L % BLOCK_L != 0:
             o_mask = o_mask & l_mask[None, :]
-        o_s = tl.load(part_o_ptr + (base + split * num_heads)[:, None] * L + offs_l[None, :], mask=o_mask,
+        o_s = tl.load(part_o_ptr + (base + offs_all * num_heads)[:, None] * L + offs_l[None, :], mask=o_mask,
                       other=0.0).to(tl.float32)
-        acc += tl.sum(w[:, None] * o_s, 0)
+        acc = tl.zeros([BLOCK_L], dtype=tl.float32) + tl.sum(tl.exp(lses - m_safe)[:, None] * o_s, 0)
+    else:
+        offs_s = tl.arange(0, BLOCK_S)
+        acc = tl.zeros([BLOCK_L], dtype=tl.float32)
+        for s0 in range(0, num_splits, BLOCK_S):
+            split = s0 + offs_s
+            s_ok = split < num_splits
+            lse_s = tl.load(part_lse_ptr + base + split * num_heads, mask=s_ok, other=float("-inf"))
+            w = tl.exp(lse_s - m_safe)
+            o_mask = s_ok[:, None]
+            if L % BLOCK_L != 0:
+                o_mask = o_mask & l_mask[None, :]
+            o_s = tl.load(part_o_ptr + (base + split * num_heads)[:, None] * L + offs_l[None, :], mask=o_mask,
+                          other=0.0).to(tl.float32)
+            acc += tl.sum(w[:, None] * o_s, 0)
 
     has_tokens = denom > 0.0
     o = acc / tl.where(has_tokens, denom, 1.0)
