@@ -75,8 +75,9 @@ SCORER_STAGED = "plan"
 # the merge waits for the scorer's grid, then lets the next kernel launch early. Only launch latency and CTA
 # scheduling overlap the previous kernel's tail (a decode step's kernels back to back). "early": also, before its
 # wait, each CTA prefetches its first tile into L2 by its split range and page ids as read then (L1-bypassing loads,
-# used for nothing else; a 16-byte aligned cache only). Written in session 13 after its last GPU run: compiled
-# offline (no spills, the wait before every other global access), not yet run on a GPU (off).
+# used for nothing else; a 16-byte aligned cache only). 1x H100, session 14 (RESULTS.md): its GPU tests pass, but
+# True / "early" are 1-4 % slower than False on all four 128-head shapes (a scorer CTA needs nearly all of an SM's
+# shared memory, so an early grid cannot start beside the combine's CTAs anyway): off.
 SCORER_PDL = False  # False, True or "early"
 # SCORER_PROBE: development only (benchmarks/dev_scorer_probe.py), None in the op: an int64 CUDA tensor of at least
 # 16 entries a CTA; the scorer kernel then records timestamps at fixed points of each CTA's life into it.

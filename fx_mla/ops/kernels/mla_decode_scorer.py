@@ -39,7 +39,7 @@ buffer a tile only, so its producer could not run ahead. Here ONE warpgroup comp
   session 13 (bitwise the plain scorer). A producer of two warpgroups (session 12, git history) was 7-10 % slower on
   the four 128-head shapes (1x H100, session 13): 16 warps bound ptxas at 128 registers a thread, which split the
   output MMAs into n = 128 halves; removed.
-* PDL (opt-in, written after session 13's last GPU run, not yet run on a GPU): a programmatic dependent launch whose
+* PDL (opt-in; 1-4 % slower on 1x H100, session 14, so off): a programmatic dependent launch whose
   first statement is griddepcontrol.wait (no global read or write before it, but for PDL_EARLY's prefetch of the
   first tile into L2, from L1-bypassing reads used for nothing else), then launch_dependents for the split merge.
 Shared memory a block: Q 73,728 + tiles 147,456 + P 8,192 + statistics and barriers (230,176 bytes compiled, up to
