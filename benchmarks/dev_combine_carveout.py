@@ -13,7 +13,6 @@ through the driver API), alternating, after checking each output against the fp3
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import sys
@@ -23,26 +22,20 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_decode as bd  # noqa: E402
+from fx_mla.ops import _decode_launch as launch_mod  # noqa: E402
 from fx_mla.ops import mla_decode_fp8 as dmod  # noqa: E402
 from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel as combine_kernel  # noqa: E402
 
-CU_FUNC_CACHE_PREFER_NONE, CU_FUNC_CACHE_PREFER_SHARED = 0, 1
-CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
-
-
 def set_preference(jit_fn, shared: bool) -> int:
     """Every compiled function of `jit_fn`: prefer shared memory (100 % carve-out) or the driver's default."""
-    cuda = ctypes.CDLL("libcuda.so.1")
+    if not shared:
+        launch_mod.reset_shared_preference()
+        return 0
     n = 0
     for kernel_cache, *_ in jit_fn.device_caches.values():
         for k in kernel_cache.values():
             k._init_handles()
-            fun = ctypes.c_void_p(k.function)
-            r1 = cuda.cuFuncSetCacheConfig(fun, CU_FUNC_CACHE_PREFER_SHARED if shared else CU_FUNC_CACHE_PREFER_NONE)
-            r2 = cuda.cuFuncSetAttribute(fun, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                                         ctypes.c_int(100 if shared else -1))
-            if r1 or r2:
-                raise RuntimeError(f"driver calls failed: cuFuncSetCacheConfig {r1}, cuFuncSetAttribute {r2}")
+            launch_mod.prefer_shared_memory(k)
             n += 1
     return n
 

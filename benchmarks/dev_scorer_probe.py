@@ -6,7 +6,10 @@ With mla_decode_seesaw.SCORER_PROBE set, the kernel (kernels/mla_decode_scorer.p
 fixed points into 16 slots a CTA (_PROBE_SLOTS). The op runs in a CUDA graph of one call per rotated block table
 (bench_decode's method: back to back, each call after the previous call's combine), replayed; the last call's
 stamps are read. Cycle stamps are converted with the SM clock measured in the same launch (cycles against the global
-nanosecond timer over each CTA's life).
+nanosecond timer over each CTA's life). The phases come from the cycle counter; the cross-CTA figures (entry skew,
+ends, kernel span, markers) from the global timer, whose update interval the hardware sets (sub-microsecond on the
+H100s of session 14, where entry skews of 0.10-0.16 us were read). A CTA's "end" is its scorer partition's end
+(slot 7); the helper's epilogue may end ~0.2 us later.
 
     PYTHONPATH=. python3 benchmarks/dev_scorer_probe.py [--shapes 1x128x65536,...] [--pdl early]
     # table on stdout, JSON to $OUT/dev_scorer_probe.json, else benchmarks/results/

@@ -153,6 +153,26 @@ def prefer_shared_memory(compiled) -> None:
     _PREFERS_SHARED.add(fun)
 
 
+def preferred_carveout(compiled) -> int:
+    """The preferred shared-memory carve-out (percent, -1: the driver's default) of a compiled Triton kernel."""
+    import ctypes
+    value = ctypes.c_int(0)
+    r = _libcuda().cuFuncGetAttribute(ctypes.byref(value), 9, ctypes.c_void_p(compiled.function))
+    if r:
+        raise RuntimeError(f"preferred_carveout: cuFuncGetAttribute returned {r}")
+    return value.value
+
+
+def reset_shared_preference() -> None:
+    """Undo prefer_shared_memory on every function it set (the driver's default cache config and carve-out)."""
+    import ctypes
+    cuda = _libcuda()
+    for fun in list(_PREFERS_SHARED):
+        cuda.cuFuncSetCacheConfig(ctypes.c_void_p(fun), 0)  # CU_FUNC_CACHE_PREFER_NONE
+        cuda.cuFuncSetAttribute(ctypes.c_void_p(fun), 9, ctypes.c_int(-1))
+        _PREFERS_SHARED.discard(fun)
+
+
 def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, config=None,
                    pdl: Optional[bool] = None) -> None:
     """Merge the splits' (o, lse) into out / lse by their log-sum-exp weights (nothing to do for one split).

@@ -192,9 +192,12 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
             common.update(PDL=True, launch_pdl=True, PDL_EARLY=SCORER_PDL == "early" and common["PREFETCH"] > 0)
         if SCORER_PROBE is not None:
             ctas = groups * num_splits * batch
-            if SCORER_PROBE.dtype != torch.int64 or SCORER_PROBE.numel() < 16 * ctas:
-                raise ValueError(f"SCORER_PROBE must be an int64 tensor of at least {16 * ctas} entries (16 a CTA), "
-                                 f"got {SCORER_PROBE.dtype} with {SCORER_PROBE.numel()}")
+            probe = SCORER_PROBE
+            if probe.dtype != torch.int64 or probe.numel() < 16 * ctas or not probe.is_contiguous() \
+                    or probe.device != q.device:
+                raise ValueError(f"SCORER_PROBE must be a contiguous int64 tensor on {q.device} of at least {16 * ctas} "
+                                 f"entries (16 a CTA), got {probe.dtype} with {probe.numel()} on {probe.device}"
+                                 f"{'' if probe.is_contiguous() else ', not contiguous'}")
             common.update(probe_ptr=SCORER_PROBE, PROBE=True)
     else:
         from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel as kernel_fn

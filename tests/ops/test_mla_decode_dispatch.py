@@ -288,9 +288,10 @@ def test_scorer_pdl_and_probe_settings_are_checked(monkeypatch):
         assert (calls[-1]["PREFETCH"] > 0) == early
     # SCORER_PROBE (development): an int64 buffer of 16 entries a CTA (2 requests x 2 head groups x 3 splits)
     monkeypatch.setattr(smod, "SCORER_PDL", False)
-    for bad in (torch.empty(16 * 12, dtype=torch.int32), torch.empty(16 * 12 - 1, dtype=torch.int64)):
+    for bad in (torch.empty(16 * 12, dtype=torch.int32), torch.empty(16 * 12 - 1, dtype=torch.int64),
+                torch.empty(2, 16 * 12, dtype=torch.int64).t()):
         monkeypatch.setattr(smod, "SCORER_PROBE", bad)
-        with pytest.raises(ValueError, match="SCORER_PROBE must be an int64 tensor of at least 192 entries"):
+        with pytest.raises(ValueError, match="SCORER_PROBE must be a contiguous int64 tensor on cpu of at least 192"):
             smod.launch_mla_decode_seesaw(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=3,
                                           variant="scorer")
     probe = torch.empty(16 * 12, dtype=torch.int64)

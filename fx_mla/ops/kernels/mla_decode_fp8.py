@@ -244,8 +244,8 @@ def _mla_decode_fp8_combine_kernel(
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     l_mask = offs_l < L
     if ONE_STEP and BLOCK_S == SPLITS_POW2:
-        # ONE_STEP, all splits in one step (all splits in one tile): the partials' load does not wait for the lse's (one memory round trip
-        # less before the sum; the same products and sums as the loop below takes in its one step)
+        # all splits in one tile: the partials' load does not wait for the lse's (one memory round trip less
+        # before the sum; the same products and sums as the loop below takes in its one step)
         o_mask = (offs_all < num_splits)[:, None]
         if L % BLOCK_L != 0:
             o_mask = o_mask & l_mask[None, :]

@@ -305,11 +305,6 @@ def _mla_decode_scorer_kernel(
     pid_s = gl.program_id(1)
     pid_b = gl.program_id(2).to(gl.int64)
     bt_row = block_table_ptr + pid_b * stride_bt_b
-    prow = bt_row  # unused without PROBE (warp_specialize takes no None)
-    if PROBE:
-        prow = probe_ptr + ((pid_b * num_splits + pid_s) * gl.num_programs(0) + pid_g) * 16
-        _stamp(prow, 0, PROBE, True)
-        _stamp(prow, 1, PROBE)
     if PDL:
         if PDL_EARLY:  # the split range as read now (seq_lens bypassing L1), for the first tile's prefetch only
             e_start, e_end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, TILE, True)
@@ -317,6 +312,11 @@ def _mla_decode_scorer_kernel(
                                  tok_words, PAGE, TILE, PF_CONTIG)
         _gdc("griddepcontrol.wait;")
         _gdc("griddepcontrol.launch_dependents;")
+    prow = bt_row  # unused without PROBE (warp_specialize takes no None)
+    if PROBE:  # (after a PDL wait: its stores are global accesses)
+        prow = probe_ptr + ((pid_b * num_splits + pid_s) * gl.num_programs(0) + pid_g) * 16
+        _stamp(prow, 0, PROBE, True)
+        _stamp(prow, 1, PROBE)
 
     SMEM_LAT: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     SMEM_P: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, TILE], gl.float16)
