@@ -78,7 +78,11 @@ SCORER_STAGED = "plan"
 # used for nothing else; a 16-byte aligned cache only). 1x H100, session 14 (RESULTS.md): its GPU tests pass, but
 # True / "early" are 1-4 % slower than False on all four 128-head shapes (a scorer CTA needs nearly all of an SM's
 # shared memory, so an early grid cannot start beside the combine's CTAs anyway): off.
-SCORER_PDL = False  # False, True or "early"
+# "trigger" (written in session 14 after its last run, not yet measured): only the merge is a PDL launch; the scorer,
+# launched as usual, lets it be scheduled at once (launch_dependents first), so the merge's launch and CTA placement
+# overlap the scorer (session 14's marker kernels: ~1.2 us a kernel boundary in a graph) and it starts reading when
+# the scorer's grid has completed.
+SCORER_PDL = False  # False, True, "early" or "trigger"
 # SCORER_PROBE: development only (benchmarks/dev_scorer_probe.py), None in the op: an int64 CUDA tensor of at least
 # 16 entries a CTA; the scorer kernel then records timestamps at fixed points of each CTA's life into it.
 SCORER_PROBE = None
@@ -187,9 +191,13 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
                       # a half tile: 32 rows one row apart in one page (one prefetch)
                       PF_CONTIG=common["ONE_PAGE"] and kv_cache.stride(1) == kv_cache.shape[2])
         if SCORER_PDL:  # sm_90 CUDA already: the scorer's own requirement
-            if SCORER_PDL not in (True, "early"):
-                raise ValueError(f"SCORER_PDL must be False, True or 'early', got {SCORER_PDL!r}")
-            common.update(PDL=True, launch_pdl=True, PDL_EARLY=SCORER_PDL == "early" and common["PREFETCH"] > 0)
+            if SCORER_PDL not in (True, "early", "trigger"):
+                raise ValueError(f"SCORER_PDL must be False, True, 'early' or 'trigger', got {SCORER_PDL!r}")
+            if SCORER_PDL == "trigger":
+                common.update(PDL_TRIGGER=True)
+            else:
+                common.update(PDL=True, launch_pdl=True,
+                              PDL_EARLY=SCORER_PDL == "early" and common["PREFETCH"] > 0)
         if SCORER_PROBE is not None:
             ctas = groups * num_splits * batch
             probe = SCORER_PROBE
@@ -208,6 +216,7 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
             common.update(WORKER_REGS=WORKER_REGS)
     kernel = kernel_fn[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
-    # the combine waits for a PDL scorer's grid as a PDL launch itself (None: _decode_launch.COMBINE_PDL)
-    combine_splits(*workspace, out, lse, num_splits, kv_lora_rank, pdl=True if common.get("PDL") else None)
+    # the combine waits for a PDL (or PDL-triggering) scorer's grid as a PDL launch itself (None: COMBINE_PDL)
+    pdl_merge = common.get("PDL") or common.get("PDL_TRIGGER")
+    combine_splits(*workspace, out, lse, num_splits, kv_lora_rank, pdl=True if pdl_merge else None)
     return out, lse
