@@ -38,8 +38,8 @@
 #   bash benchmarks/gpu_suite.sh s36     # one GPU: scorer timelines with marker kernels, the combine's carve-out A/B,
 #                                        # its test, the decode table with it
 #   bash benchmarks/gpu_suite.sh s37     # one GPU: the combine's one-step form and SCORER_PDL "trigger" (tests,
-#                                        # A/B), the combine's tiles
-#                                        # on bf16 partials hot in L2 (dev_combine.py --bf16 --hot)
+#                                        # A/B), the decode table with the winner, the combine's tiles on bf16
+#                                        # partials hot in L2 (dev_combine.py --bf16 --hot)
 #   bash benchmarks/gpu_suite.sh s34     # one GPU: Nsight Compute of 1 x 128 x 64K with the scorer's defaults
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
@@ -300,12 +300,21 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 150 python3 benchmarks/bench_decode.py --budget 120 --combine-prefer-shared --out "$OUT/decode.json" \
         2>&1 | tee "$OUT/decode.log" | tail -10 ;;
   s37)  # session 14, written after its last A/B: the combine's one-step form (partials loaded with the lse's) and
-        # SCORER_PDL "trigger" (only the combine a PDL launch, scheduled as the scorer starts): GPU tests, A/B, sweep
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
+        # SCORER_PDL "trigger" (only the combine a PDL launch, scheduled as the scorer starts): GPU tests, A/B, the
+        # decode table with the A/B's winner (benchmarks/pick_setting.py), the combine's tiles on hot bf16 partials
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
         -k "trigger or prefer" 2>&1 | tee "$OUT/s37_tests.log" | grep -v PASSED | tail -4; pack
     timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
         "SCORER_PDL=False,COMBINE_ONE_STEP=True,SCORER_PDL=trigger,SCORER_PDL=trigger+COMBINE_ONE_STEP=True" \
         --shapes 1x128x65536,8x128x16384,16x128x32768,32x16x16384 2>&1 | tee "$OUT/s37_ab.log" | tail -6; pack
+    if grep -q "passed" "$OUT/s37_tests.log" && ! grep -q "failed" "$OUT/s37_tests.log"; then
+      F=$(python3 benchmarks/pick_setting.py "$OUT/dev_settings.json" --flags)
+    else
+      F=""  # a failing test: the table with the defaults
+    fi
+    echo "decode table flags: '$F'" | tee "$OUT/s37_pick.txt"
+    timeout 150 python3 benchmarks/bench_decode.py --budget 120 $F --out "$OUT/decode.json" 2>&1 \
+        | tee "$OUT/decode.log" | tail -10; pack
     timeout 90 python3 benchmarks/dev_combine.py --bf16 --hot --one-step-ab --shapes 1x128x64,1x128x33,8x128x8 \
         --extra 64x64,128x64,128x32,256x32,256x64 2>&1 | tee "$OUT/s37_combine.log" | tail -30 ;;
   s32)

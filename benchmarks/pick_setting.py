@@ -1,0 +1,58 @@
+"""Pick the winner of a dev_lane_rows.py A/B (its JSON) for a follow-up command in the same GPU session.
+
+Prints the winning setting value (e.g. "SCORER_PDL=trigger+COMBINE_ONE_STEP=True"): the one with the lowest sum over
+the rows' best times among settings whose outputs all checked ok, if it beats the first (baseline) setting by at
+least --margin percent on that sum and is no slower than it by more than --margin on any row; else the baseline.
+A gpu_suite recipe turns the value into bench_decode.py flags with --flags.
+
+    python3 benchmarks/pick_setting.py $OUT/dev_settings.json [--margin 1] [--flags]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+# a setting -> bench_decode.py flags
+FLAGS = {("SCORER_PDL", "trigger"): "--scorer-pdl trigger", ("SCORER_PDL", "True"): "--scorer-pdl True",
+         ("SCORER_PDL", "early"): "--scorer-pdl early", ("COMBINE_ONE_STEP", "True"): "--combine-one-step"}
+
+
+def pick(payload: dict, margin: float) -> str:
+    settings = payload["settings"]
+    key = lambda v: f"{payload['attr'].lower()}_" + (v.replace("=", "_").replace("+", "_").lower()  # noqa: E731
+                                                     if "=" in v else v)
+    rows = payload["rows"]
+    base = settings[0]
+    total = {v: sum(r[f"{key(v)}_us"] for r in rows) for v in settings}
+    best = base
+    for v in settings[1:]:
+        if not all(r[f"{key(v)}_ok"] for r in rows):
+            continue
+        no_worse = all(r[f"{key(v)}_us"] <= r[f"{key(base)}_us"] * (1 + margin / 100) for r in rows)
+        if no_worse and total[v] < total[base] * (1 - margin / 100) and total[v] < total[best]:
+            best = v
+    return best
+
+
+def flags(value: str) -> str:
+    out = []
+    for kv in value.split("+"):
+        a, _, v = kv.partition("=")
+        if (a, v) in FLAGS:
+            out.append(FLAGS[(a, v)])
+    return " ".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("path")
+    ap.add_argument("--margin", type=float, default=1.0, help="percent")
+    ap.add_argument("--flags", action="store_true", help="print bench_decode.py flags instead of the value")
+    args = ap.parse_args()
+    with open(args.path) as f:
+        value = pick(json.load(f), args.margin)
+    print(flags(value) if args.flags else value)
+
+
+if __name__ == "__main__":
+    main()
