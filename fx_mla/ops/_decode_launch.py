@@ -122,7 +122,7 @@ COMBINE_PDL = False
 # block (Triton's loader marks them CU_FUNC_CACHE_PREFER_SHARED); the combine keeps the driver's default, so an SM may
 # change its L1 / shared-memory carve-out from a split kernel to its combine and back. True: after a launch, each
 # compiled combine function is set (once, through the driver API) to prefer shared memory, as the split kernels do.
-# Written in session 14 with benchmarks/dev_combine_carveout.py, off until measured.
+# 1x H100, session 14 (dev_combine_carveout.py, RESULTS.md): no gain at 1 x 128 x 64K or 8 x 128 x 16K: off.
 COMBINE_PREFER_SHARED = False
 # The combine's one-step form (all splits in one tile: its partials loaded together with the lse's instead of after
 # them, one memory round trip less; bitwise the same). Session 14's marker kernels (dev_scorer_probe.py --markers,
