@@ -182,7 +182,7 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start, 
                   copy_tbps=copy_tbps, bf16_matmul_tflops=mm_tflops, ceiling_measurements=ceilings or [],
                   block_size=BLOCK, cache_dtype="float8_e4m3fn",
                   query_dtype="bfloat16", decode_kernel_setting=dmod.DECODE_KERNEL,
-                  combine_pdl=launch_mod.COMBINE_PDL, combine_prefer_shared=launch_mod.COMBINE_PREFER_SHARED,
+                  combine_pdl=launch_mod.COMBINE_PDL,
                   combine_one_step=launch_mod.COMBINE_ONE_STEP, bf16_partials=launch_mod.PARTIAL_BF16,
                   seesaw_staged_o=ss.STAGED_O, seesaw_staged_max_pairs=ss.STAGED_MAX_PAIRS,  # short splits: bf16 too
                   seesaw_staged_min_splits=ss.STAGED_MIN_SPLITS, seesaw_variant=ss.VARIANT,
@@ -221,17 +221,13 @@ def main():
     ap.add_argument("--lanes", default="",
                     help="SEESAW,GLUON16: LANES of the two Gluon kernels' conversion loads/stores "
                          "(default: the modules')")
-    ap.add_argument("--scorer-pdl", default="", choices=("", "False", "True", "early"),
+    ap.add_argument("--scorer-pdl", default="", choices=("", "False", "True", "early", "trigger"),
                     help="the scorer's PDL setting (mla_decode_seesaw.SCORER_PDL; default: the module's)")
-    ap.add_argument("--combine-prefer-shared", action="store_true",
-                    help="the combine kernel prefers shared memory (_decode_launch.COMBINE_PREFER_SHARED)")
     ap.add_argument("--combine-one-step", action="store_true",
                     help="the combine's one-step form where all splits fit one step (_decode_launch.COMBINE_ONE_STEP)")
     args = ap.parse_args()
     if args.combine_one_step:
         launch_mod.COMBINE_ONE_STEP = True
-    if args.combine_prefer_shared:
-        launch_mod.COMBINE_PREFER_SHARED = True
     if args.scorer_pdl:
         ss.SCORER_PDL = {"False": False, "True": True}.get(args.scorer_pdl, args.scorer_pdl)
     if args.lanes:

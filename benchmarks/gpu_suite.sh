@@ -35,8 +35,6 @@
 #   bash benchmarks/gpu_suite.sh s33     # one GPU: gather flag "e" (early L2 prefetch before the PDL wait), SCORER_PDL
 #   PDL=early bash benchmarks/gpu_suite.sh s35  # one GPU: the decode table with a SCORER_PDL setting, then the
 #                                        # scorer's CTA timelines (dev_scorer_probe.py)
-#   bash benchmarks/gpu_suite.sh s36     # one GPU: scorer timelines with marker kernels, the combine's carve-out A/B,
-#                                        # its test, the decode table with it
 #   bash benchmarks/gpu_suite.sh s37     # one GPU: the combine's one-step form and SCORER_PDL "trigger" (tests,
 #                                        # A/B), the decode table with the winner, the combine's tiles on bf16
 #                                        # partials hot in L2 (dev_combine.py --bf16 --hot)
@@ -44,7 +42,7 @@
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
 # timing knobs and first schedule, since removed; session 13's s29: the scorer options incl. the 8-warp producer,
-# since removed)
+# since removed; session 14's s36: marker timelines and the combine's shared-memory preference, since removed)
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -291,19 +289,11 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 150 python3 benchmarks/bench_decode.py --budget 120 --scorer-pdl "${PDL:-}" --out "$OUT/decode.json" 2>&1 \
         | tee "$OUT/decode.log" | tail -10; pack
     timeout 120 python3 benchmarks/dev_scorer_probe.py --pdl "${PDL:-False}" 2>&1 | tee "$OUT/probe.log" | tail -45 ;;
-  s36)  # session 14: where B = 1's time outside the scorer's loop goes: CTA timelines with marker kernels around the
-        # scorer and its combine, then the combine preferring shared memory (no carve-out change) against default
-    timeout 150 python3 benchmarks/dev_scorer_probe.py --markers 2>&1 | tee "$OUT/probe.log" | tail -50; pack
-    timeout 100 python3 benchmarks/dev_combine_carveout.py 2>&1 | tee "$OUT/carveout.log" | tail -4; pack
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
-        -k prefer 2>&1 | tee "$OUT/prefer_test.log" | tail -3; pack
-    timeout 150 python3 benchmarks/bench_decode.py --budget 120 --combine-prefer-shared --out "$OUT/decode.json" \
-        2>&1 | tee "$OUT/decode.log" | tail -10 ;;
   s37)  # session 14, written after its last A/B: the combine's one-step form (partials loaded with the lse's) and
         # SCORER_PDL "trigger" (only the combine a PDL launch, scheduled as the scorer starts): GPU tests, A/B, the
         # decode table with the A/B's winner (benchmarks/pick_setting.py), the combine's tiles on hot bf16 partials
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
-        -k "trigger or prefer" 2>&1 | tee "$OUT/s37_tests.log" | grep -v PASSED | tail -4; pack
+        -k trigger 2>&1 | tee "$OUT/s37_tests.log" | grep -v PASSED | tail -4; pack
     timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
         "SCORER_PDL=False,COMBINE_ONE_STEP=True,SCORER_PDL=trigger,SCORER_PDL=trigger+COMBINE_ONE_STEP=True" \
         --shapes 1x128x65536,8x128x16384,16x128x32768,32x16x16384 2>&1 | tee "$OUT/s37_ab.log" | tail -6; pack

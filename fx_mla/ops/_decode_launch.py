@@ -118,61 +118,11 @@ def combine_config(batch: int, heads: int, splits: int, kv_lora_rank: int, num_s
 # this flag had neither that nor split kernels that trigger their dependents, so the combine could only launch as
 # they exited). Off until measured: bench_decode.py --combine-pdl turns it on; the scorer's SCORER_PDL uses it.
 COMBINE_PDL = False
-# The combine kernel's shared-memory preference. The 128- / 16-head Gluon kernels take ~225 KiB of shared memory a
-# block (Triton's loader marks them CU_FUNC_CACHE_PREFER_SHARED); the combine keeps the driver's default, so an SM may
-# change its L1 / shared-memory carve-out from a split kernel to its combine and back. True: after a launch, each
-# compiled combine function is set (once, through the driver API) to prefer shared memory, as the split kernels do.
-# 1x H100, session 14 (dev_combine_carveout.py, RESULTS.md): no gain at 1 x 128 x 64K or 8 x 128 x 16K: off.
-COMBINE_PREFER_SHARED = False
 # The combine's one-step form (all splits in one tile: its partials loaded together with the lse's instead of after
 # them, one memory round trip less; bitwise the same). Session 14's marker kernels (dev_scorer_probe.py --markers,
 # 1x H100) put the combine at ~6.3 us of 1 x 128 x 64K's 51.5 us (64 splits of bf16 partials, 8.4 MB in L2).
 # Written in session 14 after its last A/B run; off until measured (dev_lane_rows.py --modules launch).
 COMBINE_ONE_STEP = False
-_PREFERS_SHARED = set()
-
-
-@functools.lru_cache(maxsize=None)
-def _libcuda():
-    import ctypes
-    return ctypes.CDLL("libcuda.so.1")
-
-
-def prefer_shared_memory(compiled) -> None:
-    """Set a compiled Triton kernel's CUDA function to prefer shared memory (cuFuncSetCacheConfig PREFER_SHARED and a
-    100 % preferred carve-out), once a function. A failing driver call raises (naming the CUresult)."""
-    import ctypes
-    fun = getattr(compiled, "function", None)
-    if fun is None or fun in _PREFERS_SHARED:
-        return
-    cuda = _libcuda()
-    r1 = cuda.cuFuncSetCacheConfig(ctypes.c_void_p(fun), 1)  # CU_FUNC_CACHE_PREFER_SHARED
-    r2 = cuda.cuFuncSetAttribute(ctypes.c_void_p(fun), 9, ctypes.c_int(100))  # PREFERRED_SHARED_MEMORY_CARVEOUT
-    if r1 or r2:
-        raise RuntimeError(f"prefer_shared_memory: cuFuncSetCacheConfig returned {r1}, cuFuncSetAttribute {r2}")
-    _PREFERS_SHARED.add(fun)
-
-
-def preferred_carveout(compiled) -> int:
-    """The preferred shared-memory carve-out (percent, -1: the driver's default) of a compiled Triton kernel."""
-    import ctypes
-    value = ctypes.c_int(0)
-    r = _libcuda().cuFuncGetAttribute(ctypes.byref(value), 9, ctypes.c_void_p(compiled.function))
-    if r:
-        raise RuntimeError(f"preferred_carveout: cuFuncGetAttribute returned {r}")
-    return value.value
-
-
-def reset_shared_preference() -> None:
-    """Undo prefer_shared_memory on every function it set (the driver's default cache config and carve-out)."""
-    import ctypes
-    cuda = _libcuda()
-    for fun in list(_PREFERS_SHARED):
-        cuda.cuFuncSetCacheConfig(ctypes.c_void_p(fun), 0)  # CU_FUNC_CACHE_PREFER_NONE
-        cuda.cuFuncSetAttribute(ctypes.c_void_p(fun), 9, ctypes.c_int(-1))
-        _PREFERS_SHARED.discard(fun)
-
-
 def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, config=None,
                    pdl: Optional[bool] = None) -> None:
     """Merge the splits' (o, lse) into out / lse by their log-sum-exp weights (nothing to do for one split).
@@ -190,12 +140,10 @@ def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, c
         block_l, block_s, pow2 = combine_config(batch, heads, splits, kv_lora_rank, sms)
     else:
         (block_l, block_s), pow2 = config, triton.next_power_of_2(splits)
-    compiled = _mla_decode_fp8_combine_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
+    _mla_decode_fp8_combine_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
         part_o, part_lse, out, lse, heads, splits, out.stride(0), out.stride(1),
         L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, ONE_STEP=bool(COMBINE_ONE_STEP),
         num_warps=4, **launch)
-    if COMBINE_PREFER_SHARED and out.device.type == "cuda":
-        prefer_shared_memory(compiled)
 
 
 # A bf16 query over an FP8 cache -> fp16 as q * 2**-8 (the Triton and the Gluon kernels; exact for 2**-6 <= |q| <=

@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from fx_mla.ops._decode_launch import device_index, sm_count
 from fx_mla.ops._device import on_input_device
 from fx_mla.ops._fp8 import FP8_DTYPES, fp8_supported
 
@@ -306,7 +307,7 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         raise ValueError(f"config maxnreg must be an int >= 0 (0: the compiler's choice), got {maxnreg!r}")
     n_tiles = -(-n_tokens // block_t)
     grid = n_tiles
-    sms = _sm_count(cache.device) if cache.is_cuda else 1
+    sms = sm_count(device_index(cache.device)) if cache.is_cuda else 1
     if per_sm:  # persistent: per_sm programs per SM (per "SM" of the CPU interpreter: one) stride over tiles
         grid = min(n_tiles, per_sm * sms)
     batch, max_blocks = block_table.shape
@@ -345,16 +346,6 @@ def _capability(device):
     if cap is None:
         cap = _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)
     return cap
-
-
-_SM_COUNT = {}  # device index -> multiprocessor count, looked up once
-
-
-def _sm_count(device):
-    n = _SM_COUNT.get(device.index)
-    if n is None:
-        n = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
 
 
 def _check_cuda(cache, layout):

@@ -203,8 +203,8 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
             probe = SCORER_PROBE
             if probe.dtype != torch.int64 or probe.numel() < 16 * ctas or not probe.is_contiguous() \
                     or probe.device != q.device:
-                raise ValueError(f"SCORER_PROBE must be a contiguous int64 tensor on {q.device} of at least {16 * ctas} "
-                                 f"entries (16 a CTA), got {probe.dtype} with {probe.numel()} on {probe.device}"
+                raise ValueError(f"SCORER_PROBE must be a contiguous int64 tensor on {q.device} of at least "
+                                 f"{16 * ctas} entries (16 a CTA), got {probe.dtype} with {probe.numel()} on {probe.device}"
                                  f"{'' if probe.is_contiguous() else ', not contiguous'}")
             common.update(probe_ptr=SCORER_PROBE, PROBE=True)
     else:

@@ -1,7 +1,7 @@
 """GPU tests of the op's CUDA dispatch on inputs the kernel-specific tests do not cover: non-contiguous q and
 block_table, int64 lengths and fp32 / fp16 outputs on every kernel choice (auto: the seesaw launcher, by default its
-scorer kernel, for 128 heads, gluon16 for 16 on sm_90 + Triton 3.6; triton), shapes without tokens (B = 0, no cache block, no table column) and inputs on a
-GPU other than the current one (needs 2 GPUs)."""
+scorer kernel, for 128 heads, gluon16 for 16 on sm_90 + Triton 3.6; triton), shapes without tokens (B = 0, no cache
+block, no table column) and inputs on a GPU other than the current one (needs 2 GPUs)."""
 import pytest
 import torch
 import triton

@@ -266,35 +266,3 @@ def test_scorer_pdl_reads_what_the_kernel_before_it_wrote(num_splits, pdl, monke
         torch.cuda.synchronize()
         for i, ((out, lse), (w_out, w_lse)) in enumerate(zip(outs, want)):
             assert torch.equal(out, w_out) and torch.equal(lse, w_lse), (i, replay)
-
-
-def test_combine_preferring_shared_memory_is_bitwise_the_default(monkeypatch):
-    """_decode_launch.COMBINE_PREFER_SHARED: the combine's compiled function set to prefer shared memory through the
-    driver (once) changes nothing in its results: bitwise the default launch, in a captured graph too."""
-    from fx_mla.ops import _decode_launch as launch_mod
-    _skip_unless_supported()
-    p = make_problem([0, 1, 33, 700, 2000, 96], 128, 64, E4M3, torch.bfloat16, seed=51, device="cuda")
-    want = _plain_scorer(p, 7)
-    monkeypatch.setattr(launch_mod, "COMBINE_PREFER_SHARED", True)
-    out = torch.full((6, 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
-    lse = torch.full((6, 128), float("nan"), device="cuda")
-
-    def step():
-        smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
-                                      out, lse, num_splits=7, variant="scorer")
-    try:
-        step()
-        torch.cuda.synchronize()
-        compiled = [k for cache, *_ in launch_mod._mla_decode_fp8_combine_kernel.device_caches.values()
-                    for k in cache.values() if getattr(k, "function", None) in launch_mod._PREFERS_SHARED]
-        assert compiled and all(launch_mod.preferred_carveout(k) == 100 for k in compiled)  # the driver took it
-        assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
-        graph, _ = capture(step)
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        check_close(out, lse, *reference_f64(p), out_tol=1e-2, what="combine preferring shared memory")
-        assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
-    finally:  # later tests get the driver's default back
-        launch_mod.reset_shared_preference()

@@ -262,8 +262,8 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
 
 
 def test_scorer_pdl_and_probe_settings_are_checked(monkeypatch):
-    """SCORER_PDL: a value other than False / True / "early" / "trigger" raises, naming it; "early" prefetches only where the
-    cache allows the bulk prefetch (16-byte aligned: else plain PDL)."""
+    """SCORER_PDL: a value other than False / True / "early" / "trigger" raises, naming it; "early" prefetches only
+    where the cache allows the bulk prefetch (16-byte aligned: else plain PDL). SCORER_PROBE: checked, passed on."""
     from fx_mla.ops.kernels import mla_decode_scorer as ksc
     calls = []
 

@@ -214,6 +214,17 @@ def _mla_decode_fp8_kernel(
 
 
 @triton.jit
+def _split_partials(part_o_ptr, base, split, num_splits, num_heads, offs_l, l_mask, L: tl.constexpr,
+                    BLOCK_L: tl.constexpr):
+    """The partial outputs [splits, BLOCK_L] of splits `split` (0 past num_splits) at columns offs_l, as fp32."""
+    o_mask = (split < num_splits)[:, None]
+    if L % BLOCK_L != 0:
+        o_mask = o_mask & l_mask[None, :]
+    return tl.load(part_o_ptr + (base + split * num_heads)[:, None] * L + offs_l[None, :], mask=o_mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _mla_decode_fp8_combine_kernel(
         part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, num_heads, num_splits, stride_o_b, stride_o_h,
         L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_POW2: tl.constexpr,
@@ -243,29 +254,19 @@ def _mla_decode_fp8_combine_kernel(
 
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     l_mask = offs_l < L
+    acc = tl.zeros([BLOCK_L], dtype=tl.float32)
     if ONE_STEP and BLOCK_S == SPLITS_POW2:
         # all splits in one tile: the partials' load does not wait for the lse's (one memory round trip less
         # before the sum; the same products and sums as the loop below takes in its one step)
-        o_mask = (offs_all < num_splits)[:, None]
-        if L % BLOCK_L != 0:
-            o_mask = o_mask & l_mask[None, :]
-        o_s = tl.load(part_o_ptr + (base + offs_all * num_heads)[:, None] * L + offs_l[None, :], mask=o_mask,
-                      other=0.0).to(tl.float32)
-        acc = tl.zeros([BLOCK_L], dtype=tl.float32) + tl.sum(tl.exp(lses - m_safe)[:, None] * o_s, 0)
+        o_s = _split_partials(part_o_ptr, base, offs_all, num_splits, num_heads, offs_l, l_mask, L, BLOCK_L)
+        acc += tl.sum(tl.exp(lses - m_safe)[:, None] * o_s, 0)
     else:
         offs_s = tl.arange(0, BLOCK_S)
-        acc = tl.zeros([BLOCK_L], dtype=tl.float32)
         for s0 in range(0, num_splits, BLOCK_S):
             split = s0 + offs_s
-            s_ok = split < num_splits
-            lse_s = tl.load(part_lse_ptr + base + split * num_heads, mask=s_ok, other=float("-inf"))
-            w = tl.exp(lse_s - m_safe)
-            o_mask = s_ok[:, None]
-            if L % BLOCK_L != 0:
-                o_mask = o_mask & l_mask[None, :]
-            o_s = tl.load(part_o_ptr + (base + split * num_heads)[:, None] * L + offs_l[None, :], mask=o_mask,
-                          other=0.0).to(tl.float32)
-            acc += tl.sum(w[:, None] * o_s, 0)
+            lse_s = tl.load(part_lse_ptr + base + split * num_heads, mask=split < num_splits, other=float("-inf"))
+            o_s = _split_partials(part_o_ptr, base, split, num_splits, num_heads, offs_l, l_mask, L, BLOCK_L)
+            acc += tl.sum(tl.exp(lse_s - m_safe)[:, None] * o_s, 0)
 
     has_tokens = denom > 0.0
     o = acc / tl.where(has_tokens, denom, 1.0)

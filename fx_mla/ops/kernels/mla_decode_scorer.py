@@ -315,8 +315,7 @@ def _mla_decode_scorer_kernel(
             _prefetch_first_tile(kv_ptr, bt_row, e_start, gl.maximum(e_end, e_start), num_blocks, blk_words,
                                  tok_words, PAGE, TILE, PF_CONTIG)
         _gdc("griddepcontrol.wait;")
-        _gdc("griddepcontrol.launch_dependents;")
-    if PDL_TRIGGER:  # an ordinary launch that lets its PDL split merge be scheduled at once (the merge waits for us)
+    if PDL or PDL_TRIGGER:  # PDL_TRIGGER: an ordinary launch whose PDL split merge is scheduled at once (it waits)
         _gdc("griddepcontrol.launch_dependents;")
     prow = bt_row  # unused without PROBE (warp_specialize takes no None)
     if PROBE:  # (after a PDL wait: its stores are global accesses)
