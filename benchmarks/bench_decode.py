@@ -187,7 +187,7 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start, 
                   seesaw_staged_o=ss.STAGED_O, seesaw_staged_max_pairs=ss.STAGED_MAX_PAIRS,  # short splits: bf16 too
                   seesaw_staged_min_splits=ss.STAGED_MIN_SPLITS, seesaw_variant=ss.VARIANT,
                   scorer_prefetch=ss.SCORER_PREFETCH, scorer_early_q=ss.SCORER_EARLY_Q,
-                  scorer_staged=ss.SCORER_STAGED, scorer_pdl=ss.SCORER_PDL,
+                  scorer_staged=ss.SCORER_STAGED, scorer_pdl=ss.SCORER_PDL, scorer_merge=ss.SCORER_MERGE,
                   timing="median of CUDA-graph replays (triton.testing.do_bench)",
                   rows=rows, sweep=sweep_rows, summary=summary, seconds=time.time() - t_start)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -225,7 +225,12 @@ def main():
                     help="the scorer's PDL setting (mla_decode_seesaw.SCORER_PDL; default: the module's)")
     ap.add_argument("--combine-one-step", action="store_true",
                     help="the combine's one-step form where all splits fit one step (_decode_launch.COMBINE_ONE_STEP)")
+    ap.add_argument("--scorer-merge", default="", choices=("", "False", "True"),
+                    help="the split merge inside the scorer kernel (mla_decode_seesaw.SCORER_MERGE; default: the "
+                         "module's)")
     args = ap.parse_args()
+    if args.scorer_merge:
+        ss.SCORER_MERGE = args.scorer_merge == "True"
     if args.combine_one_step:
         launch_mod.COMBINE_ONE_STEP = True
     if args.scorer_pdl:

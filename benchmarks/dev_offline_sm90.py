@@ -4,6 +4,8 @@ version; it ships ptxas), e.g. `python3 -m venv /tmp/t36 && /tmp/t36/bin/pip ins
 
     /tmp/t36/bin/python benchmarks/dev_offline_sm90.py --kernel scorer [--sass /tmp/scorer.sass]
     /tmp/t36/bin/python benchmarks/dev_offline_sm90.py --kernel seesaw --set PRODUCER=True,WORKER_REGS=200
+    /tmp/t36/bin/python benchmarks/dev_offline_sm90.py --set MERGE=True,SPLITS_POW2=64,STAGED=True,PART_BF16=True
+        (PART_BF16: bf16 split partials; not a kernel constexpr)
 
 The fx_mla packages are stubbed (their __init__ imports torch); only the kernel modules are imported.
 """
@@ -68,6 +70,8 @@ def main():
         consts[k] = _value(v)
     num_warps = consts["num_warps"]
     sig = dict(ARGS)
+    if consts.pop("PART_BF16", False):
+        sig["part_o_ptr"] = "*bf16"
     for name in fn.arg_names:
         if name not in sig:
             sig[name] = "constexpr"
@@ -79,6 +83,9 @@ def main():
     if consts.get("PROBE"):  # the scorer's development probe: an int64 buffer
         sig["probe_ptr"] = "*i64"
         consts.pop("probe_ptr", None)
+    if consts.get("MERGE"):  # the scorer's in-kernel split merge: its int32 barrier counter
+        sig["merge_ctr_ptr"] = "*i32"
+        consts.pop("merge_ctr_ptr", None)
     src = GluonASTSource(fn, sig, constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
     meta = k.metadata

@@ -39,6 +39,8 @@
 #                                        # A/B), the decode table with the winner, the combine's tiles on bf16
 #                                        # partials hot in L2 (dev_combine.py --bf16 --hot)
 #   bash benchmarks/gpu_suite.sh s34     # one GPU: Nsight Compute of 1 x 128 x 64K with the scorer's defaults
+#   bash benchmarks/gpu_suite.sh s38     # one GPU: SCORER_MERGE (the split merge in the scorer kernel): tests, A/B,
+#                                        # the decode table with the winner
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
 # timing knobs and first schedule, since removed; session 13's s29: the scorer options incl. the 8-warp producer,
@@ -307,6 +309,19 @@ print(f'{pick(128)},{pick(16)}')")
         | tee "$OUT/decode.log" | tail -10; pack
     timeout 90 python3 benchmarks/dev_combine.py --bf16 --hot --one-step-ab --shapes 1x128x64,1x128x33,8x128x8 \
         --extra 64x64,128x64,128x32,256x32,256x64 2>&1 | tee "$OUT/s37_combine.log" | tail -30 ;;
+  s38)  # session 15: SCORER_MERGE, the split merge inside the scorer (cooperative grid, grid barrier): its GPU tests
+        # under a timeout (a barrier that never fills would hang), its A/B in the op, the decode table with the winner
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k merge \
+        2>&1 | tee "$OUT/s38_tests.log" | grep -v PASSED | tail -15; pack
+    F=""
+    if grep -q "passed" "$OUT/s38_tests.log" && ! grep -q "failed\|error" "$OUT/s38_tests.log"; then
+      timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "SCORER_MERGE=False,SCORER_MERGE=True" \
+          --shapes 1x128x65536,2x128x32768,8x128x16384,16x128x32768 2>&1 | tee "$OUT/s38_ab.log" | tail -5; pack
+      F=$(python3 benchmarks/pick_setting.py "$OUT/dev_settings.json" --flags)
+    fi
+    echo "decode table flags: '$F'" | tee "$OUT/s38_pick.txt"
+    timeout 150 python3 benchmarks/bench_decode.py --budget 120 $F --out "$OUT/decode.json" 2>&1 \
+        | tee "$OUT/decode.log" | tail -10 ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;

@@ -1,8 +1,9 @@
 """Pick the winner of a dev_lane_rows.py A/B (its JSON) for a follow-up command in the same GPU session.
 
-Prints the winning setting value (e.g. "SCORER_PDL=trigger+COMBINE_ONE_STEP=True"): the one with the lowest sum over
-the rows' best times among settings whose outputs all checked ok, if it beats the first (baseline) setting by at
-least --margin percent on that sum and is no slower than it by more than --margin on any row; else the baseline.
+Prints the winning setting value (e.g. "SCORER_PDL=trigger+COMBINE_ONE_STEP=True"): the one with the lowest mean over
+the rows of its time relative to the first (baseline) setting's, among settings whose outputs all checked ok, if that
+mean is at least --margin percent below 1 and it is no slower than the baseline by more than --margin on any row;
+else the baseline.
 A gpu_suite recipe turns the value into bench_decode.py flags with --flags.
 
     python3 benchmarks/pick_setting.py $OUT/dev_settings.json [--margin 1] [--flags]
@@ -14,7 +15,8 @@ import json
 
 # a setting -> bench_decode.py flags
 FLAGS = {("SCORER_PDL", "trigger"): "--scorer-pdl trigger", ("SCORER_PDL", "True"): "--scorer-pdl True",
-         ("SCORER_PDL", "early"): "--scorer-pdl early", ("COMBINE_ONE_STEP", "True"): "--combine-one-step"}
+         ("SCORER_PDL", "early"): "--scorer-pdl early", ("COMBINE_ONE_STEP", "True"): "--combine-one-step",
+         ("SCORER_MERGE", "True"): "--scorer-merge True"}
 
 
 def pick(payload: dict, margin: float) -> str:
@@ -23,7 +25,8 @@ def pick(payload: dict, margin: float) -> str:
                                                      if "=" in v else v)
     rows = payload["rows"]
     base = settings[0]
-    total = {v: sum(r[f"{key(v)}_us"] for r in rows) for v in settings}
+    # the mean of each row's time relative to the baseline's (a sum of times would be the longest shape's alone)
+    total = {v: sum(r[f"{key(v)}_us"] / r[f"{key(base)}_us"] for r in rows) / len(rows) for v in settings}
     best = base
     for v in settings[1:]:
         if not all(r[f"{key(v)}_ok"] for r in rows):

@@ -121,7 +121,9 @@ COMBINE_PDL = False
 # The combine's one-step form (all splits in one tile: its partials loaded together with the lse's instead of after
 # them, one memory round trip less; bitwise the same). Session 14's marker kernels (dev_scorer_probe.py --markers,
 # 1x H100) put the combine at ~6.3 us of 1 x 128 x 64K's 51.5 us (64 splits of bf16 partials, 8.4 MB in L2).
-# Written in session 14 after its last A/B run; off until measured (dev_lane_rows.py --modules launch).
+# 1x H100, session 15 (s37, RESULTS.md): in the op no faster (1 x 64K 52.0 / 52.1 against 51.5 / 52.0 us, 8 x 16K
+# 87.6 / 87.8 against 86.6 / 87.9, 16 x 32K 308.4 / 308.7 against 306.0 / 309.2); alone on hot bf16 partials
+# (dev_combine.py --hot) 0.1-0.3 us faster. Off.
 COMBINE_ONE_STEP = False
 def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, config=None,
                    pdl: Optional[bool] = None) -> None:

@@ -25,7 +25,7 @@ from fx_mla.ops._decode_launch import (check_launch_args, check_num_splits, comb
                                        sm_count)
 from fx_mla.ops.mla_decode_gluon import _heads_reason
 
-__all__ = ["launch_mla_decode_seesaw", "seesaw_unsupported_reason", "BLOCK_H", "BLOCK_N", "SMEM_NEEDED", "VARIANTS",
+__all__ = ["launch_mla_decode_seesaw", "seesaw_unsupported_reason", "merge_plan", "BLOCK_H", "BLOCK_N", "SMEM_NEEDED", "VARIANTS",
            "VARIANT"]
 
 BLOCK_H = 64         # heads a CTA: the warpgroup MMA height
@@ -83,6 +83,17 @@ SCORER_STAGED = "plan"
 # overlap the scorer (session 14's marker kernels: ~1.2 us a kernel boundary in a graph) and it starts reading when
 # the scorer's grid has completed.
 SCORER_PDL = False  # False, True, "early" or "trigger"
+# 1x H100, session 15 (s37, RESULTS.md): its GPU tests pass; "trigger" against False, two rounds each: 1 x 64K 52.6 /
+# 53.5 against 51.5 / 52.0 us, 8 x 16K 87.9 / 89.3 against 86.6 / 87.9, 16 x 32K 295.8 / 310.4 against 306.0 / 309.2,
+# 32 x 16 x 16K 144.0 / 144.1 against 142.6 / 144.1: slower on B = 1 and 8, noise on the rest: stays off.
+# SCORER_MERGE: the split merge inside the scorer kernel instead of the combine kernel after it (kernels/
+# mla_decode_scorer.py, MERGE): the grid is launched cooperatively (every CTA co-resident, one an SM), each output
+# warpgroup arrives at a grid-wide barrier after its epilogue (an int32 counter zeroed for each launch) and then
+# merges its columns of its CTA's share of the heads. Where merge_plan allows (several splits, the grid within one CTA
+# an SM, a head's splits in one merge step) and SCORER_PDL is off; elsewhere the combine kernel as before. Aims at
+# the combine's ~6-7 us and its kernel boundary at 1 x 128 x 64K (session 14's timelines). Written in session 15;
+# off until measured.
+SCORER_MERGE = False
 # SCORER_PROBE: development only (benchmarks/dev_scorer_probe.py), None in the op: an int64 CUDA tensor of at least
 # 16 entries a CTA; the scorer kernel then records timestamps at fixed points of each CTA's life into it.
 SCORER_PROBE = None
@@ -123,6 +134,20 @@ def output_plan(num_splits: int, capacity: int, out_dtype: torch.dtype):
     pairs = triton.cdiv(triton.cdiv(capacity, 2 * BLOCK_N), num_splits)
     lean = out_dtype == torch.bfloat16 and num_splits >= STAGED_MIN_SPLITS and pairs <= STAGED_MAX_PAIRS
     return lean, lean or None
+
+
+def merge_plan(batch: int, groups: int, num_splits: int, part_bytes: int, num_sms: int) -> Optional[int]:
+    """MERGE_ROWS (partial rows a merge step) of the scorer's in-kernel split merge for a launch of batch x groups x
+    num_splits CTAs with partials of part_bytes bytes an entry, or None where it does not apply: one split (nothing
+    to merge), more CTAs than SMs (a cooperative grid must be co-resident, and the scorer's shared memory allows one
+    CTA an SM), or more splits than one merge step holds (next_power_of_2(num_splits) <= 64 rows of bf16 partials, 32
+    of fp32: 64 registers a thread). Shapes and dtypes only: every rank decides the same."""
+    check_num_splits(num_splits)
+    if num_splits == 1 or batch * groups * num_splits > num_sms:
+        return None
+    pow2 = triton.next_power_of_2(num_splits)
+    rows = max(32, pow2) if part_bytes == 2 else 32
+    return rows if pow2 <= min(rows, 64) else None
 
 
 def seesaw_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
@@ -207,6 +232,13 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
                                  f"{16 * ctas} entries (16 a CTA), got {probe.dtype} with {probe.numel()} on {probe.device}"
                                  f"{'' if probe.is_contiguous() else ', not contiguous'}")
             common.update(probe_ptr=SCORER_PROBE, PROBE=True)
+        if SCORER_MERGE and not SCORER_PDL:
+            sms = sm_count(device_index(q.device)) if q.device.type == "cuda" else 132
+            rows = merge_plan(batch, groups, num_splits, workspace[0].element_size(), sms)
+            if rows is not None:  # the counter: zeroed for this launch (a memset in a captured graph)
+                common.update(merge_ctr_ptr=torch.zeros(1, dtype=torch.int32, device=q.device), MERGE=True,
+                              SPLITS_POW2=triton.next_power_of_2(num_splits), MERGE_ROWS=rows,
+                              launch_cooperative_grid=True)
     else:
         from fx_mla.ops.kernels.mla_decode_seesaw import _mla_decode_seesaw_kernel as kernel_fn
         common.update(BLOCK_N=BLOCK_N, STAGED_O=staged)
@@ -216,6 +248,8 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
             common.update(WORKER_REGS=WORKER_REGS)
     kernel = kernel_fn[(groups, num_splits, batch)](*args, **common)
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
+    if common.get("MERGE"):  # the scorer merged its splits itself
+        return out, lse
     # the combine waits for a PDL (or PDL-triggering) scorer's grid as a PDL launch itself (None: COMBINE_PDL)
     pdl_merge = common.get("PDL") or common.get("PDL_TRIGGER")
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank, pdl=True if pdl_merge else None)

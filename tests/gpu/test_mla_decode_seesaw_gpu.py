@@ -266,3 +266,81 @@ def test_scorer_pdl_reads_what_the_kernel_before_it_wrote(num_splits, pdl, monke
         torch.cuda.synchronize()
         for i, ((out, lse), (w_out, w_lse)) in enumerate(zip(outs, want)):
             assert torch.equal(out, w_out) and torch.equal(lse, w_lse), (i, replay)
+
+
+def _merge_launch(p, num_splits, out_dtype, merge, monkeypatch):
+    """(out, lse) of the scorer on problem p, SCORER_MERGE as `merge`, workspace and outputs poisoned with NaN; with
+    merge on, asserts that the launch merged in the kernel (its grid barrier's nanosleep is in the PTX)."""
+    monkeypatch.setattr(smod, "SCORER_MERGE", merge)
+    out = torch.full((p.q.shape[0], 128, 512), float("nan"), dtype=out_dtype, device="cuda")
+    lse = torch.full((p.q.shape[0], 128), float("nan"), device="cuda")
+    smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512, out,
+                                  lse, num_splits=num_splits, poison_workspace=True, variant="scorer")
+    assert ("nanosleep" in smod.launch_mla_decode_seesaw.last_kernel.asm["ptx"]) == merge
+    return out, lse
+
+
+ULP_REL = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("lengths,num_splits,out_dtype", [
+    ([0, 1, 33, 700, 2000, 96], None, torch.bfloat16),   # 11 splits of fp32 partials, 132 CTAs
+    ([0, 1, 33, 700, 2000, 96], 7, torch.float16),
+    ([0, 1, 33, 700, 2000, 96], 7, torch.float32),
+    ([5000], 40, torch.bfloat16),                        # 40 short splits: bf16 partials, 64-row merge steps
+    ([3000, 0], 33, torch.bfloat16),                     # 33 splits: some CTAs merge two head blocks
+    ([0, 0], 4, torch.bfloat16),                         # no tokens anywhere: out 0, lse -inf
+])
+def test_scorer_merge_matches_the_combine_and_float64(lengths, num_splits, out_dtype, monkeypatch):
+    """SCORER_MERGE: the split merge in the scorer kernel (cooperative grid, grid barrier) against float64 and
+    against the combine kernel's merge of the same partials (the same formula; sums in another order, so within an
+    output ulp and lse within 1e-6)."""
+    _skip_unless_supported()
+    p = make_problem(lengths, 128, 64, E4M3, torch.bfloat16, seed=60 + len(lengths), device="cuda")
+    splits = num_splits or smod.num_splits_for(len(lengths), 2, p.block_table.shape[1] * 64, 64,
+                                               torch.cuda.get_device_properties(0).multi_processor_count, 1)
+    if len(lengths) * 2 * splits > torch.cuda.get_device_properties(0).multi_processor_count:
+        pytest.skip("more CTAs than this GPU's SMs: no in-kernel merge")
+    out, lse = _merge_launch(p, num_splits, out_dtype, True, monkeypatch)
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"merge {lengths} splits {num_splits}")
+    c_out, c_lse = _merge_launch(p, num_splits, out_dtype, False, monkeypatch)
+    torch.testing.assert_close(out.float(), c_out.float(), rtol=ULP_REL[out_dtype], atol=1e-6)
+    torch.testing.assert_close(lse, c_lse, rtol=1e-6, atol=1e-6)
+    if not any(lengths):
+        assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
+
+
+def test_scorer_merge_in_a_cuda_graph_is_bitwise_its_eager_launch(monkeypatch):
+    """SCORER_MERGE captured: three merging launches back to back in one graph (each with its counter zeroed by a
+    memset node), replayed 20 times with new queries written in place before some replays: every output bitwise the
+    eager merging launch on the same inputs (so no launch reads another's counter or partials), and against
+    float64."""
+    _skip_unless_supported()
+    cases = [([0, 1, 33, 700, 2000, 96], None), ([5000], 40), ([3000, 0], 33)]
+    probs = [make_problem(lengths, 128, 64, E4M3, torch.bfloat16, seed=70 + i, device="cuda")
+             for i, (lengths, _) in enumerate(cases)]
+    outs = [(torch.empty((p.q.shape[0], 128, 512), dtype=torch.bfloat16, device="cuda"),
+             torch.empty((p.q.shape[0], 128), device="cuda")) for p in probs]
+    monkeypatch.setattr(smod, "SCORER_MERGE", True)
+
+    def step():
+        for p, (out, lse), (_, splits) in zip(probs, outs, cases):
+            smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale,
+                                          512, out, lse, num_splits=splits, variant="scorer")
+
+    graph, _ = capture(step)
+    assert "nanosleep" in smod.launch_mla_decode_seesaw.last_kernel.asm["ptx"]
+    for replay in range(20):
+        if replay % 7 == 1:
+            for p in probs:
+                p.q.copy_(torch.randn_like(p.q, dtype=torch.float32).to(p.q.dtype))
+        for out, lse in outs:
+            out.fill_(float("nan"))
+            lse.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (p, (out, lse), (_, splits)) in enumerate(zip(probs, outs, cases)):
+            w_out, w_lse = _merge_launch(p, splits, torch.bfloat16, True, monkeypatch)
+            assert torch.equal(out, w_out) and torch.equal(lse, w_lse), (i, replay)
+            if replay % 7 == 1:
+                check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"merge graph {i} replay {replay}")

@@ -335,7 +335,8 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **constexprs):
-                options = {k: constexprs.pop(k) for k in ("launch_pdl",) if k in constexprs}  # launch options
+                options = {k: constexprs.pop(k) for k in ("launch_pdl", "launch_cooperative_grid")
+                           if k in constexprs}  # launch options
                 inspect.signature(real.fn).bind(*args, **constexprs)  # every parameter (num_warps too), none unknown
                 calls.append((grid, args, {**constexprs, **options}))
                 return "compiled"
@@ -378,3 +379,53 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
     [(part_o, part_lse, m_out, m_lse, m_splits, rank, m_pdl)] = merged
     assert part_o is args[8] and part_lse is args[9] and m_out is out and (m_splits, rank) == (splits, 512)
     assert m_pdl == (True if pdl or trigger else None)  # the merge waits for a PDL (-triggering) scorer's grid
+
+
+def test_merge_plan_applies_where_a_cooperative_grid_and_one_merge_step_can():
+    """merge_plan: None for one split, for more CTAs than SMs, and for more splits than one merge step holds (64 rows
+    of bf16 partials, 32 of fp32); else the rows of a step (at least 32, all of a head's splits)."""
+    mp = smod.merge_plan
+    assert mp(1, 2, 1, 2, 132) is None                       # one split: nothing to merge
+    assert mp(1, 2, 64, 2, 132) == 64 and mp(1, 2, 64, 4, 132) is None  # B = 1's 64 splits: bf16 partials only
+    assert mp(1, 2, 66, 2, 132) is None                      # next power of two 128: more than one step
+    assert mp(2, 2, 33, 2, 132) == 64 and mp(2, 2, 33, 2, 131) is None  # 132 CTAs: within 132 SMs, not 131
+    assert mp(8, 2, 8, 4, 132) == 32 and mp(8, 2, 8, 2, 132) == 32   # fp32 / bf16 partials of 8 splits
+    assert mp(6, 2, 11, 4, 132) == 32 and mp(2, 2, 32, 4, 132) == 32 and mp(1, 2, 33, 4, 132) is None
+    assert mp(33, 2, 2, 4, 132) == 32 and mp(34, 2, 2, 4, 132) is None
+    with pytest.raises(ValueError, match="num_splits"):
+        mp(1, 2, 0, 2, 132)
+
+
+@pytest.mark.parametrize("num_splits,merged", [(3, True), (1, False), (40, False)])
+def test_scorer_merge_setting_launches_a_cooperative_merging_grid(monkeypatch, num_splits, merged):
+    """SCORER_MERGE on (CPU tensors, the scorer kernel replaced by a recorder): where merge_plan applies, the scorer
+    is launched as a cooperative grid with MERGE, its split count's power of two, the plan's rows and a zeroed int32
+    counter, and no combine follows; elsewhere (one split; 2 x 2 x 40 CTAs > 132) the plain launch and the combine.
+    With SCORER_PDL on, no merge."""
+    from fx_mla.ops.kernels import mla_decode_scorer as ksc
+    calls, merges = [], []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **constexprs: calls.append((grid, constexprs))
+
+    monkeypatch.setattr(ksc, "_mla_decode_scorer_kernel", Recorder())
+    monkeypatch.setattr(smod, "seesaw_unsupported_reason", lambda *a, **k: None)
+    monkeypatch.setattr(smod, "combine_splits", lambda *a, **k: merges.append(a))
+    monkeypatch.setattr(smod, "SCORER_MERGE", True)
+    q, kv, bt, lens, ks = _inputs(2, 128)
+    out, lse = torch.empty(2, 128, 512, dtype=torch.bfloat16), torch.empty(2, 128)
+    smod.launch_mla_decode_seesaw(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=num_splits,
+                                  variant="scorer")
+    [(grid, c)] = calls
+    assert grid == (2, num_splits, 2)
+    assert c.get("MERGE", False) == merged and c.get("launch_cooperative_grid", False) == merged
+    assert len(merges) == (0 if merged else 1)  # (the combine itself returns at once for one split)
+    if merged:
+        assert c["SPLITS_POW2"] == 4 and c["MERGE_ROWS"] == 32
+        ctr = c["merge_ctr_ptr"]
+        assert ctr.dtype == torch.int32 and ctr.numel() == 1 and int(ctr) == 0
+    monkeypatch.setattr(smod, "SCORER_PDL", True)
+    smod.launch_mla_decode_seesaw(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=num_splits,
+                                  variant="scorer")
+    assert "MERGE" not in calls[-1][1] and calls[-1][1]["PDL"]

@@ -67,8 +67,10 @@ def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty
                       start, end, qk_scale, k_scale, o_base, stride_o_h, lse_base,
                       q_ptr, pid_b, head0, stride_q_b, stride_q_h,
                       L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr,
-                      Q_SHIFT: gl.constexpr, EARLY_Q: gl.constexpr, STAGED: gl.constexpr, prow, PROBE: gl.constexpr):
-    """Scores, softmax statistics and output columns [L/2, L) (the epilogue's warpgroup 1: it holds l, writes lse)."""
+                      Q_SHIFT: gl.constexpr, EARLY_Q: gl.constexpr, STAGED: gl.constexpr, prow, PROBE: gl.constexpr,
+                      mrg, MERGE: gl.constexpr, SPLITS_POW2: gl.constexpr, MERGE_ROWS: gl.constexpr):
+    """Scores, softmax statistics and output columns [L/2, L) (the epilogue's warpgroup 1: it holds l, writes lse).
+    MERGE: then the in-kernel split merge of its columns (_merge_tail; mrg: its arguments)."""
     HALF: gl.constexpr = L // 2
     S_LAYOUT: gl.constexpr = mma_layout(TILE)  # scores [64, TILE]
     O_LAYOUT: gl.constexpr = mma_layout(L // 2)  # this warpgroup's half of O [64, L / 2]
@@ -127,14 +129,17 @@ def _scorer_partition(q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty
     _pair_epilogue(acc, m_i, l_i, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, 1, L, BLOCK_H, S_LAYOUT,
                    O_LAYOUT, stage, bar_done, STAGED)
     _stamp(prow, 6, PROBE)
+    _merge_tail(mrg, 1, L, BLOCK_H, MERGE, SPLITS_POW2, MERGE_ROWS, L // 2)
     _stamp(prow, 7, PROBE, True)
 
 
 @gluon.jit
 def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, bar_done, start, end, k_scale,
                       o_base, stride_o_h, lse_base, L: gl.constexpr, BLOCK_H: gl.constexpr, TILE: gl.constexpr,
-                      STAGED: gl.constexpr, prow, PROBE: gl.constexpr):
-    """Output columns [0, L/2): P_j V_j with the scorer's P_j and alpha_j (the epilogue's warpgroup 0)."""
+                      STAGED: gl.constexpr, prow, PROBE: gl.constexpr, mrg, MERGE: gl.constexpr,
+                      SPLITS_POW2: gl.constexpr, MERGE_ROWS: gl.constexpr):
+    """Output columns [0, L/2): P_j V_j with the scorer's P_j and alpha_j (the epilogue's warpgroup 0); MERGE: then
+    the in-kernel split merge of those columns."""
     HALF: gl.constexpr = L // 2
     S_LAYOUT: gl.constexpr = mma_layout(TILE)  # scores [64, TILE]
     O_LAYOUT: gl.constexpr = mma_layout(L // 2)  # this warpgroup's half of O [64, L / 2]
@@ -157,6 +162,8 @@ def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin
     stage = k_nope.index(0)._reinterpret(gl.float16, [2, TILE // 2, L], SMEM_LAT)  # STAGED: tile buffer 0
     _pair_epilogue(acc, unused, unused, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, 0, L, BLOCK_H, S_LAYOUT,
                    O_LAYOUT, stage, bar_done, STAGED)
+    # 160 registers: 128 columns a step where a step's rows are 64 (bf16 partials; 256 spill)
+    _merge_tail(mrg, 0, L, BLOCK_H, MERGE, SPLITS_POW2, MERGE_ROWS, L // 4 if MERGE_ROWS > 32 else L // 2)
     _stamp(prow, 11, PROBE)
 
 
@@ -258,6 +265,100 @@ def _prefetch_first_tile(kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_
 
 
 @gluon.jit
+def _merge_tail(mrg, WG: gl.constexpr, L: gl.constexpr, BLOCK_H: gl.constexpr, MERGE: gl.constexpr,
+                SPLITS_POW2: gl.constexpr, MERGE_ROWS: gl.constexpr, COLS: gl.constexpr):
+    """MERGE: warpgroup WG's arrival at the grid barrier and its share of the split merge. mrg: (counter, arrivals to
+    wait for, part_o, part_lse, out, lse, pid_b, pid_s, head0, num_heads, num_splits, out's stride_b, stride_h)."""
+    if MERGE:
+        ctr, target, part_o, part_lse, out, lse, pid_b, pid_s, head0, num_heads, num_splits, s_b, s_h = mrg
+        _grid_arrive_wait(ctr, target)
+        _merge_half(part_o, part_lse, out, lse, pid_b, pid_s, head0, num_heads, num_splits, s_b, s_h, WG, L, BLOCK_H,
+                    SPLITS_POW2, MERGE_ROWS, COLS)
+
+
+@gluon.jit
+def _grid_arrive_wait(ctr_ptr, target):
+    """MERGE: this partition's arrival at the grid-wide barrier, then its wait for `target` arrivals (every CTA's two
+    output warpgroups: the split kernel's grid, co-resident by its cooperative launch). The partition's warps first
+    meet (their stores of o / lse issued before the arrival); its first thread makes them visible at GPU scope
+    (fence.acq_rel.gpu, then a release add on the counter, which the launcher zeroes every launch) and polls the
+    counter with acquire loads until it reaches `target`; the warps meet again, and read the other CTAs' rows with
+    L1-bypassing loads after that. Every CTA arrives exactly once a warpgroup, whatever its split's length (empty
+    splits included), so the count is always reached."""
+    E_LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    e = gl.arange(0, 128, layout=E_LAYOUT)
+    gl.thread_barrier()
+    gl.inline_asm_elementwise(
+        "{ .reg .pred p, q; .reg .s32 v; setp.ne.b32 p, $2, 0; @!p bra DONE; "
+        "fence.acq_rel.gpu; red.release.gpu.global.add.s32 [$1], 1; "
+        "WAIT: ld.acquire.gpu.global.s32 v, [$1]; setp.ge.s32 q, v, $3; @q bra DONE; nanosleep.u32 32; bra WAIT; "
+        "DONE: mov.b32 $0, 0; }",
+        "=r,l,r,r", [ctr_ptr + e * 0, (e == 0).to(gl.int32), target + e * 0], dtype=gl.int32, is_pure=False,
+        pack=1)
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _merge_half(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, pid_b, pid_s, head0, num_heads, num_splits, stride_o_b,
+                stride_o_h, WG: gl.constexpr, L: gl.constexpr, BLOCK_H: gl.constexpr, SPLITS_POW2: gl.constexpr,
+                MERGE_ROWS: gl.constexpr, COLS: gl.constexpr):
+    """MERGE, after the grid barrier: warpgroup WG merges output columns [WG L/2, (WG + 1) L/2) of the split partials of
+    this CTA's share of its head group, the same merge as the combine kernel (_decode_launch.combine_splits): o =
+    sum_s exp(lse_s - m) o_s / sum_s exp(lse_s - m), lse = m + log(that sum) (m the largest lse; no tokens in any
+    split: o = 0, lse = -inf), into out / lse (WG 1 writes lse).
+
+    The group's BLOCK_H heads are cut into blocks of HPS heads; the CTA of split s takes blocks s, s + num_splits, ...
+    A block's lse's are loaded with its first column step, a [HPS, SPLITS_POW2, COLS] tile (HPS x SPLITS_POW2 =
+    MERGE_ROWS rows of partials; L/2 / COLS steps): a thread holds MERGE_ROWS / SL rows (SL = min(SPLITS_POW2, 4)
+    lanes across the splits) of COLS / (32 / SL) / 4 consecutive columns (16 bytes of bf16 at SL = 4 and 256
+    columns), so the split sums are in-thread adds and shuffles among SL lanes (no shared memory) and the row
+    addresses are few. The launcher keeps MERGE_ROWS x 2 values a thread within 64 registers (64 rows of bf16
+    partials, 32 of fp32); the helper's 160 registers take 128 columns a step of 64 bf16 rows (spills at 256)."""
+    HALF: gl.constexpr = L // 2
+    gl.static_assert(SPLITS_POW2 <= MERGE_ROWS, "all splits of a head in one step")
+    HPS: gl.constexpr = MERGE_ROWS // SPLITS_POW2
+    gl.static_assert(BLOCK_H % HPS == 0, "head blocks tile the group")
+    SL: gl.constexpr = 4 if SPLITS_POW2 > 4 else SPLITS_POW2
+    CL: gl.constexpr = 32 // SL
+    gl.static_assert(COLS % (4 * CL) == 0 and HALF % COLS == 0, "column steps")
+    T3: gl.constexpr = gl.BlockedLayout([HPS, SPLITS_POW2 // SL, COLS // (4 * CL)], [1, SL, CL], [1, 1, 4], [2, 1, 0])
+    W2: gl.constexpr = gl.SliceLayout(2, T3)                                                        # [HPS, S2]
+    O2: gl.constexpr = gl.SliceLayout(1, T3)                                                        # [HPS, COLS]
+    hh = gl.arange(0, HPS, layout=gl.SliceLayout(1, W2))
+    split = gl.arange(0, SPLITS_POW2, layout=gl.SliceLayout(0, W2))
+    cols = gl.arange(0, COLS, layout=gl.SliceLayout(0, O2))
+    ho = gl.arange(0, HPS, layout=gl.SliceLayout(1, O2))
+    for hb in range(pid_s, BLOCK_H // HPS, num_splits):
+        head = head0 + hb * HPS + hh                                                                # [HPS]
+        rows = (pid_b * num_splits + split[None, :]) * num_heads + head[:, None]                     # [HPS, S2]
+        ok = (split < num_splits)[None, :] & (head >= 0)[:, None]
+        lse_s = gl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        o_rows = gl.expand_dims(rows.to(gl.int64) * L, 2)
+        w = lse_s
+        has = head < 0
+        denom_o = gl.zeros([HPS], gl.float32, gl.SliceLayout(1, O2))
+        head_o = head0 + hb * HPS + ho
+        for c0 in gl.static_range(WG * HALF, (WG + 1) * HALF, COLS):
+            cc = c0 + cols
+            cc3 = gl.expand_dims(gl.expand_dims(cc, 0), 1)                                          # [1, 1, COLS]
+            o_s = gl.load(part_o_ptr + o_rows + cc3, mask=gl.expand_dims(ok, 2) & (cc3 >= 0), other=0.0,
+                          cache_modifier=".cg")
+            if c0 == WG * HALF:  # the weights, once a block (its lse's came with the first step's partials)
+                m = gl.max(lse_s, 1)
+                m_safe = gl.where(m == float("-inf"), 0.0, m)  # no tokens in any split: exp(-inf) = 0, no NaN
+                w = gl.exp(lse_s - m_safe[:, None])
+                denom = gl.sum(w, 1)
+                has = denom > 0.0
+                denom_o = gl.convert_layout(gl.where(has, denom, 1.0), gl.SliceLayout(1, O2))
+                if WG == 1:
+                    lse = gl.where(has, m_safe + gl.log(gl.where(has, denom, 1.0)), float("-inf"))
+                    gl.store(lse_ptr + pid_b * num_heads + head, lse)
+            acc = gl.sum(gl.expand_dims(w, 2) * o_s.to(gl.float32), 1)                              # [HPS, COLS]
+            gl.store(out_ptr + pid_b * stride_o_b + head_o.to(gl.int64)[:, None] * stride_o_h + cc[None, :],
+                     (acc / denom_o[:, None]).to(out_ptr.dtype.element_ty))
+
+
+@gluon.jit
 def _stamp(probe_ptr, slot, PROBE: gl.constexpr, GLOBAL: gl.constexpr = False):
     """PROBE (a development probe, off in the op): the SM's cycle counter (GLOBAL: the global nanosecond timer) into
     int64 slot `slot` of this CTA's probe row; every thread of the calling partition stores the same-time reading."""
@@ -287,7 +388,8 @@ def _mla_decode_scorer_kernel(
         num_warps: gl.constexpr, PREFETCH: gl.constexpr = 0, PF_CONTIG: gl.constexpr = False,
         EARLY_Q: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
         PDL_EARLY: gl.constexpr = False, probe_ptr=None, PROBE: gl.constexpr = False,
-        PDL_TRIGGER: gl.constexpr = False):
+        PDL_TRIGGER: gl.constexpr = False, merge_ctr_ptr=None, MERGE: gl.constexpr = False,
+        SPLITS_POW2: gl.constexpr = 1, MERGE_ROWS: gl.constexpr = 64):
     """PREFETCH: L2 prefetch distance in tiles (0: off; the launcher: a 16-byte aligned cache only); PF_CONTIG: a
     32-token half is 32 rows 576 bytes apart in one page (one prefetch); EARLY_Q / STAGED: the module docstring.
     PDL: launched as a programmatic dependent launch: the CTA waits (griddepcontrol.wait) for the previous kernel
@@ -297,6 +399,11 @@ def _mla_decode_scorer_kernel(
     (_prefetch_first_tile: L1-bypassing reads used for prefetch addresses only).
     PDL_TRIGGER (an ordinary launch): launch_dependents first, so that the split merge, launched as a PDL, is
     scheduled while this grid runs and waits for it (griddepcontrol.wait) instead of being launched after it.
+    MERGE (launched as a cooperative grid: every CTA co-resident; merge_ctr_ptr an int32 zeroed for this launch):
+    the split merge in this kernel instead of the combine kernel after it. Each output warpgroup, after its
+    epilogue, arrives at a grid-wide barrier (_grid_arrive_wait) and merges its columns of its CTA's share of the
+    group's heads (_merge_half): no second kernel, its launch gap or its separate reads of the lse's.
+    SPLITS_POW2: next power of two of num_splits; MERGE_ROWS: partial rows a merge step (the launcher).
     PROBE (development only; benchmarks/dev_scorer_probe.py): int64 timestamps at fixed points of each CTA's life into
     probe_ptr[cta, 0:16] (cta = (pid_b * num_splits + pid_s) * groups + pid_g; the slots: _PROBE_SLOTS there)."""
     gl.static_assert(num_warps == 4, "the default partition (the scorer) is one warpgroup")
@@ -363,13 +470,23 @@ def _mla_decode_scorer_kernel(
                                               pid_g * BLOCK_H, num_heads, num_splits, stride_o_b, stride_o_h, L,
                                               SINGLE_SPLIT)
     _stamp(prow, 2, PROBE)
+    head0 = pid_g * BLOCK_H
+    if MERGE:
+        gl.static_assert(not SINGLE_SPLIT, "MERGE: a launch of several splits")
+        n_arrive = 2 * gl.num_programs(0) * gl.num_programs(1) * gl.num_programs(2)
+        mrg = (merge_ctr_ptr, n_arrive, part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, pid_b, pid_s, head0, num_heads,
+               num_splits, stride_o_b, stride_o_h)
+    else:
+        mrg = (seq_lens_ptr, )  # unused (warp_specialize takes no None)
     gl.warp_specialize([
         (_scorer_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
                              bar_done, start, end, qk_scale, k_scale, o_base, o_stride, lse_base,
                              q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h,
-                             L, R, BLOCK_H, TILE, Q_SHIFT, EARLY_Q, STAGED, prow, PROBE)),
+                             L, R, BLOCK_H, TILE, Q_SHIFT, EARLY_Q, STAGED, prow, PROBE, mrg, MERGE, SPLITS_POW2,
+                             MERGE_ROWS)),
         (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, bar_done, start, end,
-                             k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, STAGED, prow, PROBE)),
+                             k_scale, o_base, o_stride, lse_base, L, BLOCK_H, TILE, STAGED, prow, PROBE, mrg, MERGE,
+                             SPLITS_POW2, MERGE_ROWS)),
         (_tile_producer, (k_nope, k_pe, full, empty, kv_ptr, bt_row, start, end, num_blocks, blk_words, tok_words,
                           PAGE, L, R, TILE, E5M2, ONE_PAGE, LANES, PREFETCH, PF_CONTIG, prow, PROBE)),
     ], [4, 4], [HELPER_REGS, PRODUCER_REGS])
