@@ -91,9 +91,15 @@ SCORER_PDL = False  # False, True, "early" or "trigger"
 # warpgroup arrives at a grid-wide barrier after its epilogue (an int32 counter zeroed for each launch) and then
 # merges its columns of its CTA's share of the heads. Where merge_plan allows (several splits, the grid within one CTA
 # an SM, a head's splits in one merge step) and SCORER_PDL is off; elsewhere the combine kernel as before. Aims at
-# the combine's ~6-7 us and its kernel boundary at 1 x 128 x 64K (session 14's timelines). Written in session 15;
-# off until measured.
-SCORER_MERGE = False
+# the combine's ~6-7 us and its kernel boundary at 1 x 128 x 64K (session 14's timelines).
+# 1x H100, session 15 (s38, RESULTS.md): its 7 GPU tests pass (against float64 and the combine, ragged and empty
+# requests, bf16 / fp16 / fp32 outputs, 4-40 splits; three merging launches in a CUDA graph, 20 replays, bitwise the
+# eager launch). In the op, against the combine: 1 x 128 x 64K 50.9 / 51.3 against 52.2 / 52.2 us and 51.2 against
+# 52.1 (second A/B), 2 x 128 x 32K 51.3 / 51.8 against 53.8 / 54.0 and 51.6 against 53.9; but 8 x 128 x 16K (8
+# splits of fp32 partials, two merge steps a CTA) 91.7 / 92.3 against 86.6 / 88.2: hence MERGE_MIN_SPLITS (at 32,
+# the second A/B: 4 x 128 x 16K (16 splits) and 8 x 16K as before). On.
+SCORER_MERGE = True
+MERGE_MIN_SPLITS = 32  # fewer splits a request: the combine kernel (see above)
 # SCORER_PROBE: development only (benchmarks/dev_scorer_probe.py), None in the op: an int64 CUDA tensor of at least
 # 16 entries a CTA; the scorer kernel then records timestamps at fixed points of each CTA's life into it.
 SCORER_PROBE = None
@@ -143,7 +149,7 @@ def merge_plan(batch: int, groups: int, num_splits: int, part_bytes: int, num_sm
     CTA an SM), or more splits than one merge step holds (next_power_of_2(num_splits) <= 64 rows of bf16 partials, 32
     of fp32: 64 registers a thread). Shapes and dtypes only: every rank decides the same."""
     check_num_splits(num_splits)
-    if num_splits == 1 or batch * groups * num_splits > num_sms:
+    if num_splits < MERGE_MIN_SPLITS or batch * groups * num_splits > num_sms:
         return None
     pow2 = triton.next_power_of_2(num_splits)
     rows = max(32, pow2) if part_bytes == 2 else 32

@@ -272,6 +272,7 @@ def _merge_launch(p, num_splits, out_dtype, merge, monkeypatch):
     """(out, lse) of the scorer on problem p, SCORER_MERGE as `merge`, workspace and outputs poisoned with NaN; with
     merge on, asserts that the launch merged in the kernel (its grid barrier's nanosleep is in the PTX)."""
     monkeypatch.setattr(smod, "SCORER_MERGE", merge)
+    monkeypatch.setattr(smod, "MERGE_MIN_SPLITS", 2)  # the kernel's merge at any split count (the default rule: >= 32)
     out = torch.full((p.q.shape[0], 128, 512), float("nan"), dtype=out_dtype, device="cuda")
     lse = torch.full((p.q.shape[0], 128), float("nan"), device="cuda")
     smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512, out,
@@ -322,6 +323,7 @@ def test_scorer_merge_in_a_cuda_graph_is_bitwise_its_eager_launch(monkeypatch):
     outs = [(torch.empty((p.q.shape[0], 128, 512), dtype=torch.bfloat16, device="cuda"),
              torch.empty((p.q.shape[0], 128), device="cuda")) for p in probs]
     monkeypatch.setattr(smod, "SCORER_MERGE", True)
+    monkeypatch.setattr(smod, "MERGE_MIN_SPLITS", 2)
 
     def step():
         for p, (out, lse), (_, splits) in zip(probs, outs, cases):

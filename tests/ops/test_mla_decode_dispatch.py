@@ -381,10 +381,13 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
     assert m_pdl == (True if pdl or trigger else None)  # the merge waits for a PDL (-triggering) scorer's grid
 
 
-def test_merge_plan_applies_where_a_cooperative_grid_and_one_merge_step_can():
+def test_merge_plan_applies_where_a_cooperative_grid_and_one_merge_step_can(monkeypatch):
     """merge_plan: None for one split, for more CTAs than SMs, and for more splits than one merge step holds (64 rows
-    of bf16 partials, 32 of fp32); else the rows of a step (at least 32, all of a head's splits)."""
+    of bf16 partials, 32 of fp32), and (performance: the combine kernel is faster there) for fewer than
+    MERGE_MIN_SPLITS splits; else the rows of a step (at least 32, all of a head's splits)."""
     mp = smod.merge_plan
+    assert mp(8, 2, 8, 4, 132) is None and mp(2, 2, 31, 2, 132) is None and mp(2, 2, 32, 2, 132) == 32
+    monkeypatch.setattr(smod, "MERGE_MIN_SPLITS", 2)  # the rule of the kernel's coverage alone
     assert mp(1, 2, 1, 2, 132) is None                       # one split: nothing to merge
     assert mp(1, 2, 64, 2, 132) == 64 and mp(1, 2, 64, 4, 132) is None  # B = 1's 64 splits: bf16 partials only
     assert mp(1, 2, 66, 2, 132) is None                      # next power of two 128: more than one step
@@ -413,6 +416,7 @@ def test_scorer_merge_setting_launches_a_cooperative_merging_grid(monkeypatch, n
     monkeypatch.setattr(smod, "seesaw_unsupported_reason", lambda *a, **k: None)
     monkeypatch.setattr(smod, "combine_splits", lambda *a, **k: merges.append(a))
     monkeypatch.setattr(smod, "SCORER_MERGE", True)
+    monkeypatch.setattr(smod, "MERGE_MIN_SPLITS", 2)
     q, kv, bt, lens, ks = _inputs(2, 128)
     out, lse = torch.empty(2, 128, 512, dtype=torch.bfloat16), torch.empty(2, 128)
     smod.launch_mla_decode_seesaw(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=num_splits,
