@@ -324,6 +324,19 @@ print(f'{pick(128)},{pick(16)}')")
     echo "decode table flags: '$F'" | tee "$OUT/s38_pick.txt"
     timeout 150 python3 benchmarks/bench_decode.py --budget 120 $F --out "$OUT/decode.json" 2>&1 \
         | tee "$OUT/decode.log" | tail -10 ;;
+  s39)  # session 15, SCORER_MERGE on (MERGE_MIN_SPLITS 32) with its one-step merge (16 lanes across the splits):
+        # its GPU tests, its A/B against the combine (the default first), the decode table with the winner
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k merge \
+        2>&1 | tee "$OUT/s39_tests.log" | grep -v PASSED | tail -15; pack
+    F="--scorer-merge False"  # a failing test: the table without the in-kernel merge
+    if grep -q "passed" "$OUT/s39_tests.log" && ! grep -q "failed\|rror" "$OUT/s39_tests.log"; then
+      timeout 100 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "SCORER_MERGE=True,SCORER_MERGE=False" \
+          --shapes 1x128x65536,2x128x32768 2>&1 | tee "$OUT/s39_ab.log" | tail -3; pack
+      F=$(python3 benchmarks/pick_setting.py "$OUT/dev_settings.json" --flags)
+    fi
+    echo "decode table flags: '$F'" | tee "$OUT/s39_pick.txt"
+    timeout 150 python3 benchmarks/bench_decode.py --budget 110 $F --out "$OUT/decode.json" 2>&1 \
+        | tee "$OUT/decode.log" | tail -10 ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;

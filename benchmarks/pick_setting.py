@@ -16,7 +16,7 @@ import json
 # a setting -> bench_decode.py flags
 FLAGS = {("SCORER_PDL", "trigger"): "--scorer-pdl trigger", ("SCORER_PDL", "True"): "--scorer-pdl True",
          ("SCORER_PDL", "early"): "--scorer-pdl early", ("COMBINE_ONE_STEP", "True"): "--combine-one-step",
-         ("SCORER_MERGE", "True"): "--scorer-merge True"}
+         ("SCORER_MERGE", "True"): "--scorer-merge True", ("SCORER_MERGE", "False"): "--scorer-merge False"}
 
 
 def pick(payload: dict, margin: float) -> str:

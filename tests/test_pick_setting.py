@@ -26,4 +26,4 @@ def test_the_fastest_setting_that_is_ok_and_no_slower_anywhere_wins():
     # within the margin: the baseline stays
     assert pick(_payload({base: [50.0, 86.0], trig: [49.8, 85.9]}), 1.0) == base
     assert flags(both) == "--scorer-pdl trigger --combine-one-step" and flags(base) == ""
-    assert flags("SCORER_MERGE=True") == "--scorer-merge True" and flags("SCORER_MERGE=False") == ""
+    assert flags("SCORER_MERGE=True") == "--scorer-merge True" and flags("SCORER_MERGE=False") == "--scorer-merge False"
