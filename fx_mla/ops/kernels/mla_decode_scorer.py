@@ -162,7 +162,8 @@ def _helper_partition(k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin
     stage = k_nope.index(0)._reinterpret(gl.float16, [2, TILE // 2, L], SMEM_LAT)  # STAGED: tile buffer 0
     _pair_epilogue(acc, unused, unused, l_s, bar_fin, k_scale, o_base, stride_o_h, lse_base, 0, L, BLOCK_H, S_LAYOUT,
                    O_LAYOUT, stage, bar_done, STAGED)
-    _merge_tail(mrg, 0, L, BLOCK_H, MERGE, SPLITS_POW2, MERGE_ROWS, L // 2)
+    # 160 registers: 128 columns a step where a step's rows are 64 (bf16 partials; 256 spill)
+    _merge_tail(mrg, 0, L, BLOCK_H, MERGE, SPLITS_POW2, MERGE_ROWS, L // 4 if MERGE_ROWS > 32 else L // 2)
     _stamp(prow, 11, PROBE)
 
 
@@ -308,18 +309,20 @@ def _merge_half(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, pid_b, pid_s, head0,
 
     The group's BLOCK_H heads are cut into blocks of HPS heads; the CTA of split s takes blocks s, s + num_splits, ...
     A block's lse's are loaded with its first column step, a [HPS, SPLITS_POW2, COLS] tile (HPS x SPLITS_POW2 =
-    MERGE_ROWS rows of partials; L/2 / COLS steps, one in the launches of this kernel): a thread holds
-    MERGE_ROWS / SL rows (SL = min(SPLITS_POW2, 16) lanes across the splits) of COLS / (32 / SL) / 4 consecutive
-    columns (64 bytes of bf16 at 64 rows), so the split sums are in-thread adds and shuffles among SL lanes (no shared
-    memory) and a thread's row addresses and lse's are few. The launcher keeps MERGE_ROWS x 2 values a thread within
-    64 registers (64 rows of bf16 partials, 32 of fp32). Offline (Triton 3.6, sm_90): no spills in any partition
-    with SL = 16; with SL = 4 the helper's 160 registers spilled (it then took two 128-column steps, and the
-    producer's loop one spill)."""
+    MERGE_ROWS rows of partials; L/2 / COLS steps): a thread holds MERGE_ROWS / SL rows (SL = min(SPLITS_POW2, 4)
+    lanes across the splits) of COLS / (32 / SL) / 4 consecutive columns (16 bytes of bf16 at SL = 4 and 256
+    columns), so the split sums are in-thread adds and shuffles among SL lanes (no shared memory) and the row
+    addresses are few. The launcher keeps MERGE_ROWS x 2 values a thread within 64 registers (64 rows of bf16
+    partials, 32 of fp32); the helper's 160 registers take 128 columns a step of 64 bf16 rows (spills at 256; still
+    ~14 spill stores offline, Triton 3.6 sm_90). A form with 16 lanes across the splits and one 256-column step for
+    both warpgroups (no spills) was slower on the GPU (session 15, 1x H100, RESULTS.md: s39 1 x 128 x 64K 51.3 / 51.8
+    us and 2 x 128 x 32K 53.1 / 53.1 against this form's 50.9-51.3 / 51.3-51.8 in s38, the combine kernel 51.8-52.3 /
+    53.6-54.0 on both machines): its 16-lane shuffle sums cost more than the helper's second step."""
     HALF: gl.constexpr = L // 2
     gl.static_assert(SPLITS_POW2 <= MERGE_ROWS, "all splits of a head in one step")
     HPS: gl.constexpr = MERGE_ROWS // SPLITS_POW2
     gl.static_assert(BLOCK_H % HPS == 0, "head blocks tile the group")
-    SL: gl.constexpr = 16 if SPLITS_POW2 > 16 else SPLITS_POW2
+    SL: gl.constexpr = 4 if SPLITS_POW2 > 4 else SPLITS_POW2
     CL: gl.constexpr = 32 // SL
     gl.static_assert(COLS % (4 * CL) == 0 and HALF % COLS == 0, "column steps")
     T3: gl.constexpr = gl.BlockedLayout([HPS, SPLITS_POW2 // SL, COLS // (4 * CL)], [1, SL, CL], [1, 1, 4], [2, 1, 0])
