@@ -25,5 +25,8 @@ def test_the_fastest_setting_that_is_ok_and_no_slower_anywhere_wins():
     assert pick(_payload({base: [50.0, 86.0], both: [40.0, 80.0]}, ok={both: False}), 1.0) == base
     # within the margin: the baseline stays
     assert pick(_payload({base: [50.0, 86.0], trig: [49.8, 85.9]}), 1.0) == base
+    # rows weigh by their relative time, not their length: 4 % faster on the short row, 0.5 % slower on the long one
+    # wins (a sum of times would keep the baseline: 48 + 301.5 > 50 + 300)
+    assert pick(_payload({base: [50.0, 300.0], trig: [48.0, 301.5]}), 1.0) == trig
     assert flags(both) == "--scorer-pdl trigger --combine-one-step" and flags(base) == ""
     assert flags("SCORER_MERGE=True") == "--scorer-merge True" and flags("SCORER_MERGE=False") == "--scorer-merge False"

@@ -268,11 +268,13 @@ def test_scorer_pdl_reads_what_the_kernel_before_it_wrote(num_splits, pdl, monke
             assert torch.equal(out, w_out) and torch.equal(lse, w_lse), (i, replay)
 
 
-def _merge_launch(p, num_splits, out_dtype, merge, monkeypatch):
+def _merge_launch(p, num_splits, out_dtype, merge, monkeypatch, min_splits=2):
     """(out, lse) of the scorer on problem p, SCORER_MERGE as `merge`, workspace and outputs poisoned with NaN; with
-    merge on, asserts that the launch merged in the kernel (its grid barrier's nanosleep is in the PTX)."""
+    merge on, asserts that the launch merged in the kernel (its grid barrier's nanosleep is in the PTX).
+    min_splits: MERGE_MIN_SPLITS (2: the kernel's merge at any split count; None: the module's rule)."""
     monkeypatch.setattr(smod, "SCORER_MERGE", merge)
-    monkeypatch.setattr(smod, "MERGE_MIN_SPLITS", 2)  # the kernel's merge at any split count (the default rule: >= 32)
+    if min_splits is not None:
+        monkeypatch.setattr(smod, "MERGE_MIN_SPLITS", min_splits)
     out = torch.full((p.q.shape[0], 128, 512), float("nan"), dtype=out_dtype, device="cuda")
     lse = torch.full((p.q.shape[0], 128), float("nan"), device="cuda")
     smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512, out,
@@ -284,27 +286,31 @@ def _merge_launch(p, num_splits, out_dtype, merge, monkeypatch):
 ULP_REL = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 1e-5}
 
 
-@pytest.mark.parametrize("lengths,num_splits,out_dtype", [
-    ([0, 1, 33, 700, 2000, 96], None, torch.bfloat16),   # 11 splits of fp32 partials, 132 CTAs
-    ([0, 1, 33, 700, 2000, 96], 7, torch.float16),
-    ([0, 1, 33, 700, 2000, 96], 7, torch.float32),
-    ([5000], 40, torch.bfloat16),                        # 40 short splits: bf16 partials, 64-row merge steps
-    ([3000, 0], 33, torch.bfloat16),                     # 33 splits: some CTAs merge two head blocks
-    ([0, 0], 4, torch.bfloat16),                         # no tokens anywhere: out 0, lse -inf
+@pytest.mark.parametrize("lengths,num_splits,out_dtype,min_splits", [
+    ([0, 1, 33, 700, 2000, 96], None, torch.bfloat16, 2),   # 9 splits of fp32 partials (4 heads a merge step)
+    ([0, 1, 33, 700, 2000, 96], 7, torch.float16, 2),
+    ([0, 1, 33, 700, 2000, 96], 7, torch.float32, 2),
+    ([5000], 40, torch.bfloat16, 2),                        # 40 short splits: bf16 partials, 64-row merge steps
+    ([3000, 0], 33, torch.bfloat16, 2),                     # 33 splits, 132 CTAs: some CTAs merge two head blocks
+    ([0, 0], 4, torch.bfloat16, 2),                         # no tokens anywhere: out 0, lse -inf
+    ([3000], 32, torch.bfloat16, None),                     # the default rule: 32 splits of bf16, 32-row steps
+    ([3000, 17], 32, torch.float16, None),                  # the default rule: 32 splits of fp32 partials
+    ([5000], 40, torch.bfloat16, None),
 ])
-def test_scorer_merge_matches_the_combine_and_float64(lengths, num_splits, out_dtype, monkeypatch):
+def test_scorer_merge_matches_the_combine_and_float64(lengths, num_splits, out_dtype, min_splits, monkeypatch):
     """SCORER_MERGE: the split merge in the scorer kernel (cooperative grid, grid barrier) against float64 and
     against the combine kernel's merge of the same partials (the same formula; sums in another order, so within an
-    output ulp and lse within 1e-6)."""
+    output ulp and lse within 1e-6); with MERGE_MIN_SPLITS lowered to 2 (the kernel's forms at few splits) and at the
+    module's rule (>= 32 splits: the forms the op runs)."""
     _skip_unless_supported()
     p = make_problem(lengths, 128, 64, E4M3, torch.bfloat16, seed=60 + len(lengths), device="cuda")
     splits = num_splits or smod.num_splits_for(len(lengths), 2, p.block_table.shape[1] * 64, 64,
                                                torch.cuda.get_device_properties(0).multi_processor_count, 1)
     if len(lengths) * 2 * splits > torch.cuda.get_device_properties(0).multi_processor_count:
         pytest.skip("more CTAs than this GPU's SMs: no in-kernel merge")
-    out, lse = _merge_launch(p, num_splits, out_dtype, True, monkeypatch)
+    out, lse = _merge_launch(p, num_splits, out_dtype, True, monkeypatch, min_splits)
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"merge {lengths} splits {num_splits}")
-    c_out, c_lse = _merge_launch(p, num_splits, out_dtype, False, monkeypatch)
+    c_out, c_lse = _merge_launch(p, num_splits, out_dtype, False, monkeypatch, min_splits)
     torch.testing.assert_close(out.float(), c_out.float(), rtol=ULP_REL[out_dtype], atol=1e-6)
     torch.testing.assert_close(lse, c_lse, rtol=1e-6, atol=1e-6)
     if not any(lengths):
@@ -317,6 +323,8 @@ def test_scorer_merge_in_a_cuda_graph_is_bitwise_its_eager_launch(monkeypatch):
     eager merging launch on the same inputs (so no launch reads another's counter or partials), and against
     float64."""
     _skip_unless_supported()
+    if torch.cuda.get_device_properties(0).multi_processor_count < 132:
+        pytest.skip("a 132-CTA case: needs 132 SMs for the in-kernel merge")
     cases = [([0, 1, 33, 700, 2000, 96], None), ([5000], 40), ([3000, 0], 33)]
     probs = [make_problem(lengths, 128, 64, E4M3, torch.bfloat16, seed=70 + i, device="cuda")
              for i, (lengths, _) in enumerate(cases)]

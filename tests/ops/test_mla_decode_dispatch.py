@@ -405,12 +405,19 @@ def test_scorer_merge_setting_launches_a_cooperative_merging_grid(monkeypatch, n
     is launched as a cooperative grid with MERGE, its split count's power of two, the plan's rows and a zeroed int32
     counter, and no combine follows; elsewhere (one split; 2 x 2 x 40 CTAs > 132) the plain launch and the combine.
     With SCORER_PDL on, no merge."""
+    import inspect
+
     from fx_mla.ops.kernels import mla_decode_scorer as ksc
+    real = ksc._mla_decode_scorer_kernel
     calls, merges = [], []
 
     class Recorder:
         def __getitem__(self, grid):
-            return lambda *args, **constexprs: calls.append((grid, constexprs))
+            def launch(*args, **constexprs):
+                kw = {k: v for k, v in constexprs.items() if k not in ("launch_pdl", "launch_cooperative_grid")}
+                inspect.signature(real.fn).bind(*args, **kw)  # the merge's names are the kernel's parameters
+                calls.append((grid, constexprs))
+            return launch
 
     monkeypatch.setattr(ksc, "_mla_decode_scorer_kernel", Recorder())
     monkeypatch.setattr(smod, "seesaw_unsupported_reason", lambda *a, **k: None)
