@@ -35,16 +35,14 @@
 #   bash benchmarks/gpu_suite.sh s33     # one GPU: gather flag "e" (early L2 prefetch before the PDL wait), SCORER_PDL
 #   PDL=early bash benchmarks/gpu_suite.sh s35  # one GPU: the decode table with a SCORER_PDL setting, then the
 #                                        # scorer's CTA timelines (dev_scorer_probe.py)
-#   bash benchmarks/gpu_suite.sh s37     # one GPU: the combine's one-step form and SCORER_PDL "trigger" (tests,
-#                                        # A/B), the decode table with the winner, the combine's tiles on bf16
-#                                        # partials hot in L2 (dev_combine.py --bf16 --hot)
 #   bash benchmarks/gpu_suite.sh s34     # one GPU: Nsight Compute of 1 x 128 x 64K with the scorer's defaults
-#   bash benchmarks/gpu_suite.sh s38     # one GPU: SCORER_MERGE (the split merge in the scorer kernel): tests, A/B,
-#                                        # the decode table with the winner
+#   bash benchmarks/gpu_suite.sh s39     # one GPU: SCORER_MERGE (the split merge in the scorer kernel, on): tests,
+#                                        # its A/B against the combine, the decode table with the winner
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
 # timing knobs and first schedule, since removed; session 13's s29: the scorer options incl. the 8-warp producer,
-# since removed; session 14's s36: marker timelines and the combine's shared-memory preference, since removed)
+# since removed; session 14's s36: marker timelines and the combine's shared-memory preference, since removed;
+# session 15's s37 (the combine's one-step form, SCORER_PDL "trigger": both off) and s38 (SCORER_MERGE's first run))
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -291,41 +289,9 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 150 python3 benchmarks/bench_decode.py --budget 120 --scorer-pdl "${PDL:-}" --out "$OUT/decode.json" 2>&1 \
         | tee "$OUT/decode.log" | tail -10; pack
     timeout 120 python3 benchmarks/dev_scorer_probe.py --pdl "${PDL:-False}" 2>&1 | tee "$OUT/probe.log" | tail -45 ;;
-  s37)  # session 14, written after its last A/B: the combine's one-step form (partials loaded with the lse's) and
-        # SCORER_PDL "trigger" (only the combine a PDL launch, scheduled as the scorer starts): GPU tests, A/B, the
-        # decode table with the A/B's winner (benchmarks/pick_setting.py), the combine's tiles on hot bf16 partials
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py \
-        -k trigger 2>&1 | tee "$OUT/s37_tests.log" | grep -v PASSED | tail -4; pack
-    timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw,launch --values \
-        "SCORER_PDL=False,COMBINE_ONE_STEP=True,SCORER_PDL=trigger,SCORER_PDL=trigger+COMBINE_ONE_STEP=True" \
-        --shapes 1x128x65536,8x128x16384,16x128x32768,32x16x16384 2>&1 | tee "$OUT/s37_ab.log" | tail -6; pack
-    if grep -q "passed" "$OUT/s37_tests.log" && ! grep -q "failed" "$OUT/s37_tests.log"; then
-      F=$(python3 benchmarks/pick_setting.py "$OUT/dev_settings.json" --flags)
-    else
-      F=""  # a failing test: the table with the defaults
-    fi
-    echo "decode table flags: '$F'" | tee "$OUT/s37_pick.txt"
-    timeout 150 python3 benchmarks/bench_decode.py --budget 120 $F --out "$OUT/decode.json" 2>&1 \
-        | tee "$OUT/decode.log" | tail -10; pack
-    timeout 90 python3 benchmarks/dev_combine.py --bf16 --hot --one-step-ab --shapes 1x128x64,1x128x33,8x128x8 \
-        --extra 64x64,128x64,128x32,256x32,256x64 2>&1 | tee "$OUT/s37_combine.log" | tail -30 ;;
-  s38)  # session 15: SCORER_MERGE, the split merge inside the scorer (cooperative grid, grid barrier): its GPU tests
-        # under a timeout (a barrier that never fills would hang), its A/B in the op, the decode table with the winner
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k merge \
-        2>&1 | tee "$OUT/s38_tests.log" | grep -v PASSED | tail -15; pack
-    F=""  # the A/B once the numerics pass; the winner only if every test passed (the graph test included)
-    if grep -q "passed" "$OUT/s38_tests.log" && ! grep -q "FAILED.*matches\|rror" "$OUT/s38_tests.log"; then
-      timeout 150 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "SCORER_MERGE=False,SCORER_MERGE=True" \
-          --shapes 1x128x65536,2x128x32768,8x128x16384,16x128x32768 2>&1 | tee "$OUT/s38_ab.log" | tail -5; pack
-      if ! grep -q "failed" "$OUT/s38_tests.log"; then
-        F=$(python3 benchmarks/pick_setting.py "$OUT/dev_settings.json" --flags)
-      fi
-    fi
-    echo "decode table flags: '$F'" | tee "$OUT/s38_pick.txt"
-    timeout 150 python3 benchmarks/bench_decode.py --budget 120 $F --out "$OUT/decode.json" 2>&1 \
-        | tee "$OUT/decode.log" | tail -10 ;;
-  s39)  # session 15, SCORER_MERGE on (MERGE_MIN_SPLITS 32) with its one-step merge (16 lanes across the splits):
-        # its GPU tests, its A/B against the combine (the default first), the decode table with the winner
+  s39)  # session 15: SCORER_MERGE (on for >= 32 splits): its GPU tests, its A/B against the combine (the default
+        # first), the decode table with the winner. Ran once with a one-step merge form since reverted; run it again
+        # for the table with the merge form in the code (and the GPU test cases added after that run)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k merge \
         2>&1 | tee "$OUT/s39_tests.log" | grep -v PASSED | tail -15; pack
     F="--scorer-merge False"  # a failing test: the table without the in-kernel merge

@@ -94,7 +94,8 @@ SCORER_PDL = False  # False, True, "early" or "trigger"
 # the combine's ~6-7 us and its kernel boundary at 1 x 128 x 64K (session 14's timelines).
 # 1x H100, session 15 (s38, RESULTS.md): its 7 GPU tests pass (against float64 and the combine, ragged and empty
 # requests, bf16 / fp16 / fp32 outputs, 4-40 splits; three merging launches in a CUDA graph, 20 replays, bitwise the
-# eager launch). In the op, against the combine: 1 x 128 x 64K 50.9 / 51.3 against 52.2 / 52.2 us and 51.2 against
+# eager launch; three cases at MERGE_MIN_SPLITS' rule, 32-40 splits, were added after the last GPU run and have not
+# run on a GPU yet). In the op, against the combine: 1 x 128 x 64K 50.9 / 51.3 against 52.2 / 52.2 us and 51.2 against
 # 52.1 (second A/B), 2 x 128 x 32K 51.3 / 51.8 against 53.8 / 54.0 and 51.6 against 53.9; but 8 x 128 x 16K (8
 # splits of fp32 partials, two merge steps a CTA) 91.7 / 92.3 against 86.6 / 88.2: hence MERGE_MIN_SPLITS (at 32,
 # the second A/B: 4 x 128 x 16K (16 splits) and 8 x 16K as before). On.
