@@ -183,7 +183,7 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start, 
                   block_size=BLOCK, cache_dtype="float8_e4m3fn",
                   query_dtype="bfloat16", decode_kernel_setting=dmod.DECODE_KERNEL,
                   combine_pdl=launch_mod.COMBINE_PDL,
-                  combine_one_step=launch_mod.COMBINE_ONE_STEP, bf16_partials=launch_mod.PARTIAL_BF16,
+                  bf16_partials=launch_mod.PARTIAL_BF16,
                   seesaw_staged_o=ss.STAGED_O, seesaw_staged_max_pairs=ss.STAGED_MAX_PAIRS,  # short splits: bf16 too
                   seesaw_staged_min_splits=ss.STAGED_MIN_SPLITS, seesaw_variant=ss.VARIANT,
                   scorer_prefetch=ss.SCORER_PREFETCH, scorer_early_q=ss.SCORER_EARLY_Q,
@@ -221,18 +221,14 @@ def main():
     ap.add_argument("--lanes", default="",
                     help="SEESAW,GLUON16: LANES of the two Gluon kernels' conversion loads/stores "
                          "(default: the modules')")
-    ap.add_argument("--scorer-pdl", default="", choices=("", "False", "True", "early", "trigger"),
+    ap.add_argument("--scorer-pdl", default="", choices=("", "False", "True", "early"),
                     help="the scorer's PDL setting (mla_decode_seesaw.SCORER_PDL; default: the module's)")
-    ap.add_argument("--combine-one-step", action="store_true",
-                    help="the combine's one-step form where all splits fit one step (_decode_launch.COMBINE_ONE_STEP)")
     ap.add_argument("--scorer-merge", default="", choices=("", "False", "True"),
                     help="the split merge inside the scorer kernel (mla_decode_seesaw.SCORER_MERGE; default: the "
                          "module's)")
     args = ap.parse_args()
     if args.scorer_merge:
         ss.SCORER_MERGE = args.scorer_merge == "True"
-    if args.combine_one_step:
-        launch_mod.COMBINE_ONE_STEP = True
     if args.scorer_pdl:
         ss.SCORER_PDL = {"False": False, "True": True}.get(args.scorer_pdl, args.scorer_pdl)
     if args.lanes:

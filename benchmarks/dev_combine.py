@@ -6,7 +6,7 @@ combine_config's (latent chunks, up to 8192 values a step), and the bytes moved 
 as GB/s. Median of CUDA-graph replays (bench_decode.time_us over 8 distinct workspaces, so nothing stays in L2 from
 the previous replay more than it would after the split kernel). Numerics: both configs against a float64 merge.
 Session 14: --bf16 (bf16 partials, the op's plan at many short splits), --hot (one workspace re-read by every call,
-as in L2 right after the split kernel wrote it), --one-step-ab (each config also in COMBINE_ONE_STEP's form).
+as in L2 right after the split kernel wrote it). (Session 14's --one-step-ab went with the one-step form, session 15.)
 
   PYTHONPATH=. python3 benchmarks/dev_combine.py      # JSON to $OUT/dev_combine.json, else benchmarks/results/
   PYTHONPATH=. python3 benchmarks/dev_combine.py --extra 64x64,128x32,256x32 --shapes 1x128x64,8x128x8
@@ -22,7 +22,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_decode as bd  # noqa: E402
-from fx_mla.ops import _decode_launch as launch_mod  # noqa: E402
 from fx_mla.ops._decode_launch import combine_config, combine_splits  # noqa: E402
 
 L = 512
@@ -37,8 +36,6 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="bf16 partials (the op's plan at many short splits)")
     ap.add_argument("--hot", action="store_true",
                     help="one workspace, re-read every call (in L2, as right after the split kernel wrote it)")
-    ap.add_argument("--one-step-ab", action="store_true",
-                    help="each config also with _decode_launch.COMBINE_ONE_STEP (where all splits fit one step)")
     args = ap.parse_args()
     extra = [tuple(int(v) for v in c.split("x")) for c in args.extra.split(",") if c]
     shapes = [tuple(int(v) for v in c.split("x")) for c in args.shapes.split(",") if c] or SHAPES
@@ -60,11 +57,7 @@ def main():
         chosen = combine_config(batch, heads, splits, L, torch.cuda.get_device_properties(0).multi_processor_count)
         configs = [("first", (512, min(8, 1 << (splits - 1).bit_length()))), ("chosen", chosen[:2])]
         configs += [(f"{bl}x{bs}", (bl, bs)) for bl, bs in extra]
-        if args.one_step_ab:  # the one-step form of every config where it applies (BLOCK_S covers all splits)
-            configs += [(f"{name}+one_step", cfg) for name, cfg in configs
-                        if cfg[1] == 1 << (splits - 1).bit_length()]
         for name, cfg in configs:
-            launch_mod.COMBINE_ONE_STEP = name.endswith("+one_step")
             out = torch.full((batch, heads, L), float("nan"), device="cuda", dtype=torch.bfloat16)
             lse = torch.full((batch, heads), float("nan"), device="cuda")
             combine_splits(po, pl, out, lse, splits, L, config=cfg)
@@ -73,7 +66,6 @@ def main():
             us, how = bd.time_us(lambda w: combine_splits(w[0], w[1], out, lse, splits, L, config=cfg), ws)
             row[name] = dict(config=list(cfg), us=us, timing=how, gbps=row["bytes"] / us / 1e3, rel_err=err,
                              lse_err=lerr)
-        launch_mod.COMBINE_ONE_STEP = False
         row["speedup"] = row["first"]["us"] / row["chosen"]["us"]
         for name, _ in configs[2:]:
             print(f"   {name}: {row[name]['us']:7.2f} us ({row[name]['gbps']:6.0f} GB/s) err {row[name]['rel_err']:.1e}",

@@ -42,7 +42,8 @@
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
 # timing knobs and first schedule, since removed; session 13's s29: the scorer options incl. the 8-warp producer,
 # since removed; session 14's s36: marker timelines and the combine's shared-memory preference, since removed;
-# session 15's s37 (the combine's one-step form, SCORER_PDL "trigger": both off) and s38 (SCORER_MERGE's first run))
+# session 15's s37 (the combine's one-step form, SCORER_PDL "trigger": both off, since removed) and s38 (SCORER_MERGE's
+# first run))
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).

@@ -1,6 +1,6 @@
 """Pick the winner of a dev_lane_rows.py A/B (its JSON) for a follow-up command in the same GPU session.
 
-Prints the winning setting value (e.g. "SCORER_PDL=trigger+COMBINE_ONE_STEP=True"): the one with the lowest mean over
+Prints the winning setting value (e.g. "SCORER_MERGE=True" or "SCORER_PDL=early+SCORER_MERGE=False"): the one with the lowest mean over
 the rows of its time relative to the first (baseline) setting's, among settings whose outputs all checked ok, if that
 mean is at least --margin percent below 1 and it is no slower than the baseline by more than --margin on any row;
 else the baseline.
@@ -14,8 +14,7 @@ import argparse
 import json
 
 # a setting -> bench_decode.py flags
-FLAGS = {("SCORER_PDL", "trigger"): "--scorer-pdl trigger", ("SCORER_PDL", "True"): "--scorer-pdl True",
-         ("SCORER_PDL", "early"): "--scorer-pdl early", ("COMBINE_ONE_STEP", "True"): "--combine-one-step",
+FLAGS = {("SCORER_PDL", "True"): "--scorer-pdl True", ("SCORER_PDL", "early"): "--scorer-pdl early",
          ("SCORER_MERGE", "True"): "--scorer-merge True", ("SCORER_MERGE", "False"): "--scorer-merge False"}
 
 

@@ -17,7 +17,7 @@ def _payload(times, ok=None):
 
 
 def test_the_fastest_setting_that_is_ok_and_no_slower_anywhere_wins():
-    base, trig, both = "SCORER_PDL=False", "SCORER_PDL=trigger", "SCORER_PDL=trigger+COMBINE_ONE_STEP=True"
+    base, trig, both = "SCORER_PDL=False", "SCORER_PDL=early", "SCORER_PDL=early+SCORER_MERGE=True"
     assert pick(_payload({base: [50.0, 86.0], trig: [48.0, 85.0], both: [47.0, 84.9]}), 1.0) == both
     # the fastest sum, but slower than the baseline on one row by more than the margin: not taken
     assert pick(_payload({base: [50.0, 86.0], trig: [48.0, 85.0], both: [40.0, 88.0]}), 1.0) == trig
@@ -28,5 +28,5 @@ def test_the_fastest_setting_that_is_ok_and_no_slower_anywhere_wins():
     # rows weigh by their relative time, not their length: 4 % faster on the short row, 0.5 % slower on the long one
     # wins (a sum of times would keep the baseline: 48 + 301.5 > 50 + 300)
     assert pick(_payload({base: [50.0, 300.0], trig: [48.0, 301.5]}), 1.0) == trig
-    assert flags(both) == "--scorer-pdl trigger --combine-one-step" and flags(base) == ""
+    assert flags(both) == "--scorer-pdl early --scorer-merge True" and flags(base) == ""
     assert flags("SCORER_MERGE=True") == "--scorer-merge True" and flags("SCORER_MERGE=False") == "--scorer-merge False"

@@ -118,13 +118,10 @@ def combine_config(batch: int, heads: int, splits: int, kv_lora_rank: int, num_s
 # this flag had neither that nor split kernels that trigger their dependents, so the combine could only launch as
 # they exited). Off until measured: bench_decode.py --combine-pdl turns it on; the scorer's SCORER_PDL uses it.
 COMBINE_PDL = False
-# The combine's one-step form (all splits in one tile: its partials loaded together with the lse's instead of after
-# them, one memory round trip less; bitwise the same). Session 14's marker kernels (dev_scorer_probe.py --markers,
-# 1x H100) put the combine at ~6.3 us of 1 x 128 x 64K's 51.5 us (64 splits of bf16 partials, 8.4 MB in L2).
-# 1x H100, session 15 (s37, RESULTS.md): in the op no faster (1 x 64K 52.0 / 52.1 against 51.5 / 52.0 us, 8 x 16K
-# 87.6 / 87.8 against 86.6 / 87.9, 16 x 32K 308.4 / 308.7 against 306.0 / 309.2); alone on hot bf16 partials
-# (dev_combine.py --hot) 0.1-0.3 us faster. Off.
-COMBINE_ONE_STEP = False
+# (A one-step form of the combine, its partials loaded with the lse's, was no faster in the op: session 15, s37,
+# RESULTS.md; removed.)
+
+
 def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, config=None,
                    pdl: Optional[bool] = None) -> None:
     """Merge the splits' (o, lse) into out / lse by their log-sum-exp weights (nothing to do for one split).
@@ -144,8 +141,7 @@ def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, c
         (block_l, block_s), pow2 = config, triton.next_power_of_2(splits)
     _mla_decode_fp8_combine_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
         part_o, part_lse, out, lse, heads, splits, out.stride(0), out.stride(1),
-        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, ONE_STEP=bool(COMBINE_ONE_STEP),
-        num_warps=4, **launch)
+        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, num_warps=4, **launch)
 
 
 # A bf16 query over an FP8 cache -> fp16 as q * 2**-8 (the Triton and the Gluon kernels; exact for 2**-6 <= |q| <=

@@ -78,14 +78,9 @@ SCORER_STAGED = "plan"
 # used for nothing else; a 16-byte aligned cache only). 1x H100, session 14 (RESULTS.md): its GPU tests pass, but
 # True / "early" are 1-4 % slower than False on all four 128-head shapes (a scorer CTA needs nearly all of an SM's
 # shared memory, so an early grid cannot start beside the combine's CTAs anyway): off.
-# "trigger" (written in session 14 after its last run, not yet measured): only the merge is a PDL launch; the scorer,
-# launched as usual, lets it be scheduled at once (launch_dependents first), so the merge's launch and CTA placement
-# overlap the scorer (session 14's marker kernels: ~1.2 us a kernel boundary in a graph) and it starts reading when
-# the scorer's grid has completed.
-SCORER_PDL = False  # False, True, "early" or "trigger"
-# 1x H100, session 15 (s37, RESULTS.md): its GPU tests pass; "trigger" against False, two rounds each: 1 x 64K 52.6 /
-# 53.5 against 51.5 / 52.0 us, 8 x 16K 87.9 / 89.3 against 86.6 / 87.9, 16 x 32K 295.8 / 310.4 against 306.0 / 309.2,
-# 32 x 16 x 16K 144.0 / 144.1 against 142.6 / 144.1: slower on B = 1 and 8, noise on the rest: stays off.
+# A form "trigger" (only the merge a PDL launch, scheduled as the scorer starts) was 2-3 % slower at B = 1 and ~1.5 %
+# at B = 8 (session 15, s37, RESULTS.md) and was removed (git history).
+SCORER_PDL = False  # False, True or "early"
 # SCORER_MERGE: the split merge inside the scorer kernel instead of the combine kernel after it (kernels/
 # mla_decode_scorer.py, MERGE): the grid is launched cooperatively (every CTA co-resident, one an SM), each output
 # warpgroup arrives at a grid-wide barrier after its epilogue (an int32 counter zeroed for each launch) and then
@@ -223,13 +218,9 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
                       # a half tile: 32 rows one row apart in one page (one prefetch)
                       PF_CONTIG=common["ONE_PAGE"] and kv_cache.stride(1) == kv_cache.shape[2])
         if SCORER_PDL:  # sm_90 CUDA already: the scorer's own requirement
-            if SCORER_PDL not in (True, "early", "trigger"):
-                raise ValueError(f"SCORER_PDL must be False, True, 'early' or 'trigger', got {SCORER_PDL!r}")
-            if SCORER_PDL == "trigger":
-                common.update(PDL_TRIGGER=True)
-            else:
-                common.update(PDL=True, launch_pdl=True,
-                              PDL_EARLY=SCORER_PDL == "early" and common["PREFETCH"] > 0)
+            if SCORER_PDL not in (True, "early"):
+                raise ValueError(f"SCORER_PDL must be False, True or 'early', got {SCORER_PDL!r}")
+            common.update(PDL=True, launch_pdl=True, PDL_EARLY=SCORER_PDL == "early" and common["PREFETCH"] > 0)
         if SCORER_PROBE is not None:
             ctas = groups * num_splits * batch
             probe = SCORER_PROBE
@@ -257,7 +248,6 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
     launch_mla_decode_seesaw.last_kernel = kernel  # the dev script reads its register / spill counts
     if common.get("MERGE"):  # the scorer merged its splits itself
         return out, lse
-    # the combine waits for a PDL (or PDL-triggering) scorer's grid as a PDL launch itself (None: COMBINE_PDL)
-    pdl_merge = common.get("PDL") or common.get("PDL_TRIGGER")
-    combine_splits(*workspace, out, lse, num_splits, kv_lora_rank, pdl=True if pdl_merge else None)
+    # the combine waits for a PDL scorer's grid as a PDL launch itself (None: COMBINE_PDL)
+    combine_splits(*workspace, out, lse, num_splits, kv_lora_rank, pdl=True if common.get("PDL") else None)
     return out, lse

@@ -183,12 +183,11 @@ def _plain_scorer(p, num_splits):
     return out, lse
 
 
-@pytest.mark.parametrize("pdl", [True, "early", "trigger"])
+@pytest.mark.parametrize("pdl", [True, "early"])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
 def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num_splits, pdl, monkeypatch):
     """SCORER_PDL: the scorer and its combine as programmatic dependent launches ("early": with the first tile
-    prefetched into L2 before the wait; "trigger": only the combine, scheduled as the scorer starts, waiting for
-    it). Three launches back to back in one captured graph (each scorer grid may start while the previous combine
+    prefetched into L2 before the wait). Three launches back to back in one captured graph (each scorer grid may start while the previous combine
     runs; the workspaces come from the graph's memory pool, so one launch's
     partials may sit where the previous combine reads; with one split there is no combine and each scorer waits for
     the one before), replayed after the queries change in place: every output bitwise the scorer without PDL, and
@@ -207,8 +206,8 @@ def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num
     want = [_plain_scorer(p, num_splits) for p in probs]
     monkeypatch.setattr(smod, "SCORER_PDL", pdl)
     graph, _ = capture(step)
-    ptx = smod.launch_mla_decode_seesaw.last_kernel.asm["ptx"]  # PDL kernels captured ("trigger": only the merge)
-    assert ("griddepcontrol.wait" in ptx) == (pdl != "trigger") and "griddepcontrol.launch_dependents" in ptx
+    ptx = smod.launch_mla_decode_seesaw.last_kernel.asm["ptx"]  # PDL kernels captured
+    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     for replay in range(2):
         if replay:  # new queries in place; the expected outputs recomputed without PDL
             for p in probs:

@@ -262,7 +262,7 @@ def test_gluon_launch_args_match_every_gluon_kernel(q_dtype):
 
 
 def test_scorer_pdl_and_probe_settings_are_checked(monkeypatch):
-    """SCORER_PDL: a value other than False / True / "early" / "trigger" raises, naming it; "early" prefetches only
+    """SCORER_PDL: a value other than False / True / "early" raises, naming it; "early" prefetches only
     where the cache allows the bulk prefetch (16-byte aligned: else plain PDL). SCORER_PROBE: checked, passed on."""
     from fx_mla.ops.kernels import mla_decode_scorer as ksc
     calls = []
@@ -277,7 +277,7 @@ def test_scorer_pdl_and_probe_settings_are_checked(monkeypatch):
     q, kv, bt, lens, ks = _inputs(2, 128)
     out, lse = torch.empty(2, 128, 512, dtype=torch.bfloat16), torch.empty(2, 128)
     monkeypatch.setattr(smod, "SCORER_PDL", "yes")
-    with pytest.raises(ValueError, match="SCORER_PDL must be False, True, 'early' or 'trigger', got 'yes'"):
+    with pytest.raises(ValueError, match="SCORER_PDL must be False, True or 'early', got 'yes'"):
         smod.launch_mla_decode_seesaw(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=3, variant="scorer")
     monkeypatch.setattr(smod, "SCORER_PDL", "early")
     unaligned = torch.empty(kv.numel() + 1, dtype=kv.dtype)[1:].view(kv.shape)
@@ -304,7 +304,7 @@ def test_scorer_pdl_and_probe_settings_are_checked(monkeypatch):
 
 
 @pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_auto", "seesaw_scorer",
-                                      "seesaw_scorer_early", "seesaw_scorer_trigger", "gluon16_ring",
+                                      "seesaw_scorer_early", "gluon16_ring",
                                       "gluon16_ws8p2"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launcher, splits):
@@ -325,7 +325,6 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         "seesaw_auto": (smod, ksc, "_mla_decode_scorer_kernel", 128, dict(variant="auto")),
         "seesaw_scorer": (smod, ksc, "_mla_decode_scorer_kernel", 128, {}),
         "seesaw_scorer_early": (smod, ksc, "_mla_decode_scorer_kernel", 128, {}),
-        "seesaw_scorer_trigger": (smod, ksc, "_mla_decode_scorer_kernel", 128, {}),
         "gluon16_ring": (g16mod, kg16, "_mla_decode_gluon16_kernel", 16, dict(variant="ring")),
         "gluon16_ws8p2": (g16mod, kg16, "_mla_decode_gluon16_ws_kernel", 16, dict(variant="ws8p2")),
     }[launcher]
@@ -349,9 +348,7 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
     monkeypatch.setattr(mod, "combine_splits", lambda *a, **k: merged.append((*a, k.get("pdl"))))
     # SCORER_PDL on for every seesaw launch but "auto" (the defaults): only the scorer may take it
     pdl = launcher in ("seesaw_scorer", "seesaw_scorer_early")  # the scorer itself a PDL launch
-    trigger = launcher == "seesaw_scorer_trigger"  # only the merge a PDL launch, which the scorer triggers
-    monkeypatch.setattr(smod, "SCORER_PDL", {"seesaw_scorer_early": "early", "seesaw_scorer_trigger": "trigger"}.get(
-        launcher, launcher != "seesaw_auto"))
+    monkeypatch.setattr(smod, "SCORER_PDL", "early" if launcher == "seesaw_scorer_early" else launcher != "seesaw_auto")
     q, kv, bt, lens, ks = _inputs(2, heads, q_dtype=E4M3)
     out, lse = torch.empty(2, heads, 512, dtype=torch.bfloat16), torch.empty(2, heads)
     launch = getattr(mod, f"launch_{mod.__name__.rsplit('.', 1)[1]}")
@@ -373,12 +370,11 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         assert splits == 1 or args[8].dtype == torch.float32
         assert constexprs.get("PDL", False) == pdl and constexprs.get("launch_pdl", False) == pdl
         assert constexprs.get("PDL_EARLY", False) == (launcher == "seesaw_scorer_early")
-        assert constexprs.get("PDL_TRIGGER", False) == trigger
     else:
         assert "launch_pdl" not in constexprs
     [(part_o, part_lse, m_out, m_lse, m_splits, rank, m_pdl)] = merged
     assert part_o is args[8] and part_lse is args[9] and m_out is out and (m_splits, rank) == (splits, 512)
-    assert m_pdl == (True if pdl or trigger else None)  # the merge waits for a PDL (-triggering) scorer's grid
+    assert m_pdl == (True if pdl else None)  # the merge waits for a PDL scorer's grid
 
 
 def test_merge_plan_applies_where_a_cooperative_grid_and_one_merge_step_can(monkeypatch):

@@ -292,9 +292,7 @@ def _bf16_partial_checks():
 def _combine_checks():
     """The split merge on its own: random partials (some splits empty: lse = -inf, o = 0; one request with every
     split empty) against a float64 merge, the chooser's config and explicit (BLOCK_L, BLOCK_S) ones (several latent
-    chunks, one; one split a step, all at once), outputs poisoned with NaN; each config also in COMBINE_ONE_STEP's
-    form, bitwise the loop's where all splits fit one step."""
-    from fx_mla.ops import _decode_launch as launch_mod
+    chunks, one; one split a step, all at once), outputs poisoned with NaN."""
     from fx_mla.ops._decode_launch import combine_config, combine_splits
     n = 0
     for batch, heads, splits, lat in ((1, 8, 66, 512), (3, 5, 7, 40), (2, 16, 3, 512), (2, 4, 5, 96)):
@@ -311,19 +309,10 @@ def _combine_checks():
         ref = (w[..., None] * part_o.double()).sum(1)
         chosen = combine_config(batch, heads, splits, lat)[:2]
         # (64, 4) at L = 96: a second latent chunk, half masked
-        for cfg, one_step in itertools.product((None, (64, 1), (64, 128), (triton.next_power_of_2(lat), 8), (128, 4),
-                                                (64, 4)), (False, True)):
+        for cfg in (None, (64, 1), (64, 128), (triton.next_power_of_2(lat), 8), (128, 4), (64, 4)):
             out = torch.full((batch, heads, lat), float("nan"), dtype=torch.float32)
             lse = torch.full((batch, heads), float("nan"), dtype=torch.float32)
-            launch_mod.COMBINE_ONE_STEP = one_step
-            try:
-                combine_splits(part_o, part_lse, out, lse, splits, lat, config=cfg)
-            finally:
-                launch_mod.COMBINE_ONE_STEP = False
-            block_s = chosen[1] if cfg is None else cfg[1]
-            if one_step and block_s == triton.next_power_of_2(splits):  # the one-step form runs
-                assert torch.equal(out, last_out) and torch.equal(lse, last_lse), (batch, heads, splits, cfg)
-            last_out, last_lse = out, lse  # the loop form of the same config: one-step is bitwise it
+            combine_splits(part_o, part_lse, out, lse, splits, lat, config=cfg)
             assert not out.isnan().any() and not lse.isnan().any(), (batch, heads, splits, cfg)
             assert torch.equal(torch.isinf(lse), torch.isinf(lse64)), cfg
             fin = ~torch.isinf(lse64)

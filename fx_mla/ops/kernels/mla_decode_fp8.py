@@ -228,7 +228,7 @@ def _split_partials(part_o_ptr, base, split, num_splits, num_heads, offs_l, l_ma
 def _mla_decode_fp8_combine_kernel(
         part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, num_heads, num_splits, stride_o_b, stride_o_h,
         L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_POW2: tl.constexpr,
-        PDL: tl.constexpr = False, ONE_STEP: tl.constexpr = False):
+        PDL: tl.constexpr = False):
     """Merge the splits of one (request, head) over latent columns [pid_l BLOCK_L, (pid_l + 1) BLOCK_L):
     o = sum_s exp(lse_s - lse) o_s, lse = logsumexp_s lse_s (written by the pid_l = 0 program).
 
@@ -237,8 +237,8 @@ def _mla_decode_fp8_combine_kernel(
     PDL (launched as a programmatic dependent launch, sm_90): wait for the split kernel's grid to finish and flush
     before reading anything; only the launch overlaps its tail. Then it lets the next kernel in the stream be
     scheduled early (a programmatic dependent launch after it waits for this grid the same way).
-    ONE_STEP (with BLOCK_S == SPLITS_POW2): the partials are loaded with the lse's, not after them (bitwise the loop's
-    one step: the same weights, products and sums)."""
+    (A one-step form loading the partials with the lse's where all splits fit one step was no faster in the op,
+    session 15, and was removed.)"""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -255,18 +255,12 @@ def _mla_decode_fp8_combine_kernel(
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     l_mask = offs_l < L
     acc = tl.zeros([BLOCK_L], dtype=tl.float32)
-    if ONE_STEP and BLOCK_S == SPLITS_POW2:
-        # all splits in one tile: the partials' load does not wait for the lse's (one memory round trip less
-        # before the sum; the same products and sums as the loop below takes in its one step)
-        o_s = _split_partials(part_o_ptr, base, offs_all, num_splits, num_heads, offs_l, l_mask, L, BLOCK_L)
-        acc += tl.sum(tl.exp(lses - m_safe)[:, None] * o_s, 0)
-    else:
-        offs_s = tl.arange(0, BLOCK_S)
-        for s0 in range(0, num_splits, BLOCK_S):
-            split = s0 + offs_s
-            lse_s = tl.load(part_lse_ptr + base + split * num_heads, mask=split < num_splits, other=float("-inf"))
-            o_s = _split_partials(part_o_ptr, base, split, num_splits, num_heads, offs_l, l_mask, L, BLOCK_L)
-            acc += tl.sum(tl.exp(lse_s - m_safe)[:, None] * o_s, 0)
+    offs_s = tl.arange(0, BLOCK_S)
+    for s0 in range(0, num_splits, BLOCK_S):
+        split = s0 + offs_s
+        lse_s = tl.load(part_lse_ptr + base + split * num_heads, mask=split < num_splits, other=float("-inf"))
+        o_s = _split_partials(part_o_ptr, base, split, num_splits, num_heads, offs_l, l_mask, L, BLOCK_L)
+        acc += tl.sum(tl.exp(lse_s - m_safe)[:, None] * o_s, 0)
 
     has_tokens = denom > 0.0
     o = acc / tl.where(has_tokens, denom, 1.0)

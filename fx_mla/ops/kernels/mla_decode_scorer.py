@@ -392,7 +392,7 @@ def _mla_decode_scorer_kernel(
         num_warps: gl.constexpr, PREFETCH: gl.constexpr = 0, PF_CONTIG: gl.constexpr = False,
         EARLY_Q: gl.constexpr = False, STAGED: gl.constexpr = False, PDL: gl.constexpr = False,
         PDL_EARLY: gl.constexpr = False, probe_ptr=None, PROBE: gl.constexpr = False,
-        PDL_TRIGGER: gl.constexpr = False, merge_ctr_ptr=None, MERGE: gl.constexpr = False,
+        merge_ctr_ptr=None, MERGE: gl.constexpr = False,
         SPLITS_POW2: gl.constexpr = 1, MERGE_ROWS: gl.constexpr = 64):
     """PREFETCH: L2 prefetch distance in tiles (0: off; the launcher: a 16-byte aligned cache only); PF_CONTIG: a
     32-token half is 32 rows 576 bytes apart in one page (one prefetch); EARLY_Q / STAGED: the module docstring.
@@ -401,8 +401,6 @@ def _mla_decode_scorer_kernel(
     scheduled early (the split merge, which waits for this grid the same way; with one split, whatever follows).
     PDL_EARLY (with PDL and PREFETCH's 16-byte aligned cache): before that wait, the first tile into L2
     (_prefetch_first_tile: L1-bypassing reads used for prefetch addresses only).
-    PDL_TRIGGER (an ordinary launch): launch_dependents first, so that the split merge, launched as a PDL, is
-    scheduled while this grid runs and waits for it (griddepcontrol.wait) instead of being launched after it.
     MERGE (launched as a cooperative grid: every CTA co-resident; merge_ctr_ptr an int32 zeroed for this launch):
     the split merge in this kernel instead of the combine kernel after it. Each output warpgroup, after its
     epilogue, arrives at a grid-wide barrier (_grid_arrive_wait) and merges its columns of its CTA's share of the
@@ -415,7 +413,6 @@ def _mla_decode_scorer_kernel(
     gl.static_assert(TILE == 64, "64-token tiles, loaded as two 32-token halves")
     gl.static_assert((not ONE_PAGE) or PAGE % (TILE // 2) == 0, "ONE_PAGE: a half tile lies in one page")
     gl.static_assert((not PDL_EARLY) or (PDL and PREFETCH > 0), "PDL_EARLY: a PDL launch over a prefetchable cache")
-    gl.static_assert(not (PDL and PDL_TRIGGER), "PDL_TRIGGER: for a launch that is not itself PDL")
     pid_g = gl.program_id(0)  # head group varies fastest: the groups of one tile run side by side and share L2
     pid_s = gl.program_id(1)
     pid_b = gl.program_id(2).to(gl.int64)
@@ -426,7 +423,6 @@ def _mla_decode_scorer_kernel(
             _prefetch_first_tile(kv_ptr, bt_row, e_start, gl.maximum(e_end, e_start), num_blocks, blk_words,
                                  tok_words, PAGE, TILE, PF_CONTIG)
         _gdc("griddepcontrol.wait;")
-    if PDL or PDL_TRIGGER:  # PDL_TRIGGER: an ordinary launch whose PDL split merge is scheduled at once (it waits)
         _gdc("griddepcontrol.launch_dependents;")
     prow = bt_row  # unused without PROBE (warp_specialize takes no None)
     if PROBE:  # (after a PDL wait: its stores are global accesses)
