@@ -5,7 +5,8 @@
 Same contract as launch_mla_decode_gluon (fx_mla/ops/mla_decode_gluon.py) without its `variant`: bf16/fp16 query
 (or FP8 with its q_scale) [B, H, 576] with H a multiple of 64, FP8 e4m3/e5m2 paged cache [num_blocks, block_size,
 576], kv_lora_rank 512; writes out [B, H, 512] and lse [B, H] (fp32, natural log) into the caller's tensors;
-splits go through the same split workspace (_decode_launch.gluon_launch_args) and the same Triton combine kernel.
+splits go through the same split workspace (_decode_launch.gluon_launch_args) and the same Triton combine kernel,
+or (the scorer kernel, SCORER_MERGE, merge_plan) are merged inside the scorer kernel itself.
 No host sync; bad block ids / lengths are clamped in the kernel.
 
 The kernels differ in their schedules only. The seesaw kernel: two warp-specialized warpgroups on alternating
