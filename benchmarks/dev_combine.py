@@ -6,7 +6,7 @@ combine_config's (latent chunks, up to 8192 values a step), and the bytes moved 
 as GB/s. Median of CUDA-graph replays (bench_decode.time_us over 8 distinct workspaces, so nothing stays in L2 from
 the previous replay more than it would after the split kernel). Numerics: both configs against a float64 merge.
 Session 14: --bf16 (bf16 partials, the op's plan at many short splits), --hot (one workspace re-read by every call,
-as in L2 right after the split kernel wrote it). (Session 14's --one-step-ab went with the one-step form, session 15.)
+as in L2 right after the split kernel wrote it).
 
   PYTHONPATH=. python3 benchmarks/dev_combine.py      # JSON to $OUT/dev_combine.json, else benchmarks/results/
   PYTHONPATH=. python3 benchmarks/dev_combine.py --extra 64x64,128x32,256x32 --shapes 1x128x64,8x128x8

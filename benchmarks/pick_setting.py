@@ -1,9 +1,9 @@
 """Pick the winner of a dev_lane_rows.py A/B (its JSON) for a follow-up command in the same GPU session.
 
-Prints the winning setting value (e.g. "SCORER_MERGE=True" or "SCORER_PDL=early+SCORER_MERGE=False"): the one with the lowest mean over
-the rows of its time relative to the first (baseline) setting's, among settings whose outputs all checked ok, if that
-mean is at least --margin percent below 1 and it is no slower than the baseline by more than --margin on any row;
-else the baseline.
+Prints the winning setting value (e.g. "SCORER_MERGE=True" or "SCORER_PDL=early+SCORER_MERGE=False"): the one with
+the lowest mean over the rows of its time relative to the first (baseline) setting's, among settings whose outputs
+all checked ok, if that mean is at least --margin percent below 1 and it is no slower than the baseline by more than
+--margin on any row; else the baseline.
 A gpu_suite recipe turns the value into bench_decode.py flags with --flags.
 
     python3 benchmarks/pick_setting.py $OUT/dev_settings.json [--margin 1] [--flags]

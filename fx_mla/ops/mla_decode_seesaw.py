@@ -26,8 +26,8 @@ from fx_mla.ops._decode_launch import (check_launch_args, check_num_splits, comb
                                        sm_count)
 from fx_mla.ops.mla_decode_gluon import _heads_reason
 
-__all__ = ["launch_mla_decode_seesaw", "seesaw_unsupported_reason", "merge_plan", "BLOCK_H", "BLOCK_N", "SMEM_NEEDED", "VARIANTS",
-           "VARIANT"]
+__all__ = ["launch_mla_decode_seesaw", "seesaw_unsupported_reason", "merge_plan", "BLOCK_H", "BLOCK_N", "SMEM_NEEDED",
+           "VARIANTS", "VARIANT"]
 
 BLOCK_H = 64         # heads a CTA: the warpgroup MMA height
 BLOCK_N = 32         # tokens a tile; a pair (one tile a warpgroup) is 64 tokens, the split granularity
@@ -141,10 +141,11 @@ def output_plan(num_splits: int, capacity: int, out_dtype: torch.dtype):
 
 def merge_plan(batch: int, groups: int, num_splits: int, part_bytes: int, num_sms: int) -> Optional[int]:
     """MERGE_ROWS (partial rows a merge step) of the scorer's in-kernel split merge for a launch of batch x groups x
-    num_splits CTAs with partials of part_bytes bytes an entry, or None where it does not apply: one split (nothing
-    to merge), more CTAs than SMs (a cooperative grid must be co-resident, and the scorer's shared memory allows one
-    CTA an SM), or more splits than one merge step holds (next_power_of_2(num_splits) <= 64 rows of bf16 partials, 32
-    of fp32: 64 registers a thread). Shapes and dtypes only: every rank decides the same."""
+    num_splits CTAs with partials of part_bytes bytes an entry, or None where it does not apply: fewer than
+    MERGE_MIN_SPLITS splits (the combine kernel is faster there; one split has nothing to merge), more CTAs than SMs
+    (a cooperative grid must be co-resident, and the scorer's shared memory allows one CTA an SM), or more splits than
+    one merge step holds (next_power_of_2(num_splits) <= 64 rows of bf16 partials, 32 of fp32: 64 registers a
+    thread). Shapes and dtypes only: every rank decides the same."""
     check_num_splits(num_splits)
     if num_splits < MERGE_MIN_SPLITS or batch * groups * num_splits > num_sms:
         return None
@@ -228,8 +229,8 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
             if probe.dtype != torch.int64 or probe.numel() < 16 * ctas or not probe.is_contiguous() \
                     or probe.device != q.device:
                 raise ValueError(f"SCORER_PROBE must be a contiguous int64 tensor on {q.device} of at least "
-                                 f"{16 * ctas} entries (16 a CTA), got {probe.dtype} with {probe.numel()} on {probe.device}"
-                                 f"{'' if probe.is_contiguous() else ', not contiguous'}")
+                                 f"{16 * ctas} entries (16 a CTA), got {probe.dtype} with {probe.numel()} on "
+                                 f"{probe.device}{'' if probe.is_contiguous() else ', not contiguous'}")
             common.update(probe_ptr=SCORER_PROBE, PROBE=True)
         if SCORER_MERGE and not SCORER_PDL:
             sms = sm_count(device_index(q.device)) if q.device.type == "cuda" else 132

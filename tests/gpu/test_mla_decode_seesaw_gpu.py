@@ -183,15 +183,30 @@ def _plain_scorer(p, num_splits):
     return out, lse
 
 
+def _new_queries(probs):
+    """Fresh random queries written in place (a captured graph reads them at its next replay)."""
+    for p in probs:
+        p.q.copy_(torch.randn_like(p.q, dtype=torch.float32).to(p.q.dtype))
+
+
+def _replay_poisoned(graph, outs):
+    """Replay `graph` once with its (out, lse) pairs filled with NaN first, and wait for it."""
+    for out, lse in outs:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("pdl", [True, "early"])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
 def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num_splits, pdl, monkeypatch):
     """SCORER_PDL: the scorer and its combine as programmatic dependent launches ("early": with the first tile
-    prefetched into L2 before the wait). Three launches back to back in one captured graph (each scorer grid may start while the previous combine
-    runs; the workspaces come from the graph's memory pool, so one launch's
-    partials may sit where the previous combine reads; with one split there is no combine and each scorer waits for
-    the one before), replayed after the queries change in place: every output bitwise the scorer without PDL, and
-    against float64."""
+    prefetched into L2 before the wait). Three launches back to back in one captured graph (each scorer grid may
+    start while the previous combine runs; the workspaces come from the graph's memory pool, so one launch's partials
+    may sit where the previous combine reads; with one split there is no combine and each scorer waits for the one
+    before), replayed after the queries change in place: every output bitwise the scorer without PDL, and against
+    float64."""
     _skip_unless_supported()
     lengths = [0, 1, 33, 700, 2000, 96]
     probs = [make_problem(lengths, 128, 64, E4M3, torch.bfloat16, seed=40 + i, device="cuda") for i in range(3)]
@@ -210,16 +225,11 @@ def test_scorer_pdl_back_to_back_in_a_cuda_graph_is_bitwise_the_plain_scorer(num
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     for replay in range(2):
         if replay:  # new queries in place; the expected outputs recomputed without PDL
-            for p in probs:
-                p.q.copy_(torch.randn_like(p.q, dtype=torch.float32).to(p.q.dtype))
+            _new_queries(probs)
             monkeypatch.setattr(smod, "SCORER_PDL", False)
             want = [_plain_scorer(p, num_splits) for p in probs]
             monkeypatch.setattr(smod, "SCORER_PDL", pdl)
-        for out, lse in outs:
-            out.fill_(float("nan"))
-            lse.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        _replay_poisoned(graph, outs)
         for i, (p, (out, lse), (w_out, w_lse)) in enumerate(zip(probs, outs, want)):
             check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"PDL launch {i} replay {replay}")
             assert torch.equal(out, w_out) and torch.equal(lse, w_lse), (i, replay)
@@ -258,11 +268,7 @@ def test_scorer_pdl_reads_what_the_kernel_before_it_wrote(num_splits, pdl, monke
     graph, _ = capture(step)
     assert "griddepcontrol.wait" in smod.launch_mla_decode_seesaw.last_kernel.asm["ptx"]  # PDL kernels captured
     for replay in range(3):
-        for out, lse in outs:
-            out.fill_(float("nan"))
-            lse.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        _replay_poisoned(graph, outs)
         for i, ((out, lse), (w_out, w_lse)) in enumerate(zip(outs, want)):
             assert torch.equal(out, w_out) and torch.equal(lse, w_lse), (i, replay)
 
@@ -341,13 +347,8 @@ def test_scorer_merge_in_a_cuda_graph_is_bitwise_its_eager_launch(monkeypatch):
     assert "nanosleep" in smod.launch_mla_decode_seesaw.last_kernel.asm["ptx"]
     for replay in range(20):
         if replay % 7 == 1:
-            for p in probs:
-                p.q.copy_(torch.randn_like(p.q, dtype=torch.float32).to(p.q.dtype))
-        for out, lse in outs:
-            out.fill_(float("nan"))
-            lse.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+            _new_queries(probs)
+        _replay_poisoned(graph, outs)
         for i, (p, (out, lse), (_, splits)) in enumerate(zip(probs, outs, cases)):
             w_out, w_lse = _merge_launch(p, splits, torch.bfloat16, True, monkeypatch)
             assert torch.equal(out, w_out) and torch.equal(lse, w_lse), (i, replay)

@@ -214,17 +214,6 @@ def _mla_decode_fp8_kernel(
 
 
 @triton.jit
-def _split_partials(part_o_ptr, base, split, num_splits, num_heads, offs_l, l_mask, L: tl.constexpr,
-                    BLOCK_L: tl.constexpr):
-    """The partial outputs [splits, BLOCK_L] of splits `split` (0 past num_splits) at columns offs_l, as fp32."""
-    o_mask = (split < num_splits)[:, None]
-    if L % BLOCK_L != 0:
-        o_mask = o_mask & l_mask[None, :]
-    return tl.load(part_o_ptr + (base + split * num_heads)[:, None] * L + offs_l[None, :], mask=o_mask,
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _mla_decode_fp8_combine_kernel(
         part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, num_heads, num_splits, stride_o_b, stride_o_h,
         L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS_POW2: tl.constexpr,
@@ -258,8 +247,13 @@ def _mla_decode_fp8_combine_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     for s0 in range(0, num_splits, BLOCK_S):
         split = s0 + offs_s
-        lse_s = tl.load(part_lse_ptr + base + split * num_heads, mask=split < num_splits, other=float("-inf"))
-        o_s = _split_partials(part_o_ptr, base, split, num_splits, num_heads, offs_l, l_mask, L, BLOCK_L)
+        s_ok = split < num_splits
+        lse_s = tl.load(part_lse_ptr + base + split * num_heads, mask=s_ok, other=float("-inf"))
+        o_mask = s_ok[:, None]
+        if L % BLOCK_L != 0:
+            o_mask = o_mask & l_mask[None, :]
+        o_s = tl.load(part_o_ptr + (base + split * num_heads)[:, None] * L + offs_l[None, :], mask=o_mask,
+                      other=0.0).to(tl.float32)
         acc += tl.sum(tl.exp(lse_s - m_safe)[:, None] * o_s, 0)
 
     has_tokens = denom > 0.0

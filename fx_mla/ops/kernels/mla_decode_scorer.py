@@ -347,7 +347,9 @@ def _merge_half(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, pid_b, pid_s, head0,
             cc3 = gl.expand_dims(gl.expand_dims(cc, 0), 1)                                          # [1, 1, COLS]
             o_s = gl.load(part_o_ptr + o_rows + cc3, mask=gl.expand_dims(ok, 2) & (cc3 >= 0), other=0.0,
                           cache_modifier=".cg")
-            if c0 == WG * HALF:  # the weights, once a block (its lse's came with the first step's partials)
+            # the weights, once a block, after the first step's partials are loaded: computed before that load, they
+            # would hold it back (ptxas does not move it above the exp; offline SASS: one L2 round trip more)
+            if c0 == WG * HALF:
                 m = gl.max(lse_s, 1)
                 m_safe = gl.where(m == float("-inf"), 0.0, m)  # no tokens in any split: exp(-inf) = 0, no NaN
                 w = gl.exp(lse_s - m_safe[:, None])
@@ -416,6 +418,7 @@ def _mla_decode_scorer_kernel(
     pid_g = gl.program_id(0)  # head group varies fastest: the groups of one tile run side by side and share L2
     pid_s = gl.program_id(1)
     pid_b = gl.program_id(2).to(gl.int64)
+    head0 = pid_g * BLOCK_H
     bt_row = block_table_ptr + pid_b * stride_bt_b
     if PDL:
         if PDL_EARLY:  # the split range as read now (seq_lens bypassing L1), for the first tile's prefetch only
@@ -437,8 +440,7 @@ def _mla_decode_scorer_kernel(
     q_nope = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, L], SMEM_LAT)
     q_pe = gl.allocate_shared_memory(gl.float16, [1, BLOCK_H, R], SMEM_LAT)
     if not EARLY_Q:  # the query first, by all four default warps, before the partitions start
-        q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h, L, R, BLOCK_H,
-                                        Q_SHIFT, num_warps)
+        q_nope_t, q_pe_t = _query_tiles(q_ptr, pid_b, head0, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT, num_warps)
         q_nope.index(0).store(q_nope_t)
         q_pe.index(0).store(q_pe_t)
     k_nope = gl.allocate_shared_memory(gl.float16, [2, TILE, L], SMEM_LAT)
@@ -466,11 +468,9 @@ def _mla_decode_scorer_kernel(
     # a split past the request's end has end < start: empty, not negative (a negative tile count would leave the
     # scorer's first full-barrier wait without a producer arrive: a hang)
     end = gl.maximum(end, start)
-    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s,
-                                              pid_g * BLOCK_H, num_heads, num_splits, stride_o_b, stride_o_h, L,
-                                              SINGLE_SPLIT)
+    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, head0,
+                                              num_heads, num_splits, stride_o_b, stride_o_h, L, SINGLE_SPLIT)
     _stamp(prow, 2, PROBE)
-    head0 = pid_g * BLOCK_H
     if MERGE:
         gl.static_assert(not SINGLE_SPLIT, "MERGE: a launch of several splits")
         n_arrive = 2 * gl.num_programs(0) * gl.num_programs(1) * gl.num_programs(2)
@@ -481,7 +481,7 @@ def _mla_decode_scorer_kernel(
     gl.warp_specialize([
         (_scorer_partition, (q_nope, q_pe, k_nope, k_pe, p_s, alpha_s, l_s, full, empty, p_full, p_empty, bar_fin,
                              bar_done, start, end, qk_scale, k_scale, o_base, o_stride, lse_base,
-                             q_ptr, pid_b, pid_g * BLOCK_H, stride_q_b, stride_q_h,
+                             q_ptr, pid_b, head0, stride_q_b, stride_q_h,
                              L, R, BLOCK_H, TILE, Q_SHIFT, EARLY_Q, STAGED, prow, PROBE, mrg, MERGE, SPLITS_POW2,
                              MERGE_ROWS)),
         (_helper_partition, (k_nope, p_s, alpha_s, l_s, empty, p_full, p_empty, bar_fin, bar_done, start, end,
