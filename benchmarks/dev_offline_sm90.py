@@ -37,11 +37,20 @@ ARGS = [("q_ptr", "*bf16"), ("kv_ptr", "*fp8e4nv"), ("block_table_ptr", "*i32"),
         ("stride_o_b", "i32"), ("stride_o_h", "i32")]
 COMMON = dict(PAGE=64, L=512, R=64, BLOCK_H=64, Q_SHIFT=8, HAS_Q_SCALE=False, E5M2=False, SINGLE_SPLIT=False,
               ONE_PAGE=True, LANES="q2x4", num_warps=4)
+GATHER_ARGS = [("cache_ptr", "*fp8e4nv"), ("out_ptr", "*bf16"), ("scale_ptr", "*fp32"), ("tts_ptr", "*i32"),
+               ("cu_ptr", "*i32"), ("ss_ptr", "*i32"), ("bt_ptr", "*i32")] + [
+    (n, "i32") for n in ("n_tokens", "n_req", "max_blocks", "n_blocks", "bt_s0", "bt_s1", "c_s0", "c_s1", "row_len")]
+GATHER = dict(D_OUT=576, P1=512, P2=64, P3=0, DS_MLA=False, BLOCK_SIZE=64, BLOCK_T=32, STAGES=4, PAGED=False,
+              HAS_SEQ_STARTS=True, HAS_SCALE=True, PDL=True, PRODUCER_REGS=64, num_warps=4)
+# name: (module, kernel, constexprs, signature; None = the decode kernels' COMMON / ARGS)
 KERNELS = {
     "scorer": ("fx_mla.ops.kernels.mla_decode_scorer", "_mla_decode_scorer_kernel",
-               dict(TILE=64, HELPER_REGS=160, PRODUCER_REGS=112)),
+               dict(TILE=64, HELPER_REGS=160, PRODUCER_REGS=112), None),
     "seesaw": ("fx_mla.ops.kernels.mla_decode_seesaw", "_mla_decode_seesaw_kernel",
-               dict(BLOCK_N=32, WORKER_REGS=256)),
+               dict(BLOCK_N=32, WORKER_REGS=256), None),
+    # the cp.async gather (issue 5); --set DS_MLA=True needs CACHE=u8 (the signature: --sig cache_ptr=*u8)
+    "gather": ("fx_mla.ops.kernels.gather_dequant_cache_async", "_gather_dequant_cache_async_kernel", GATHER,
+               GATHER_ARGS),
 }
 
 
@@ -54,6 +63,11 @@ def main():
     ap.add_argument("--kernel", default="scorer", choices=sorted(KERNELS))
     ap.add_argument("--set", default="", help="constexpr overrides, NAME=value,...")
     ap.add_argument("--sass", default="", help="write the SASS here (nvdisasm of the cubin)")
+    ap.add_argument("--ptx", default="", help="write the PTX here")
+    ap.add_argument("--maxnreg", type=int, default=0, help="the launch option maxnreg (0: none)")
+    ap.add_argument("--div", default=None, help="arguments specialized as multiples of 16 (as the JIT does for "
+                    "aligned pointers and ints), comma-separated; default: the gather's pointers, c_s0, c_s1")
+    ap.add_argument("--sig", default="", help="argument type overrides, name=type,... (e.g. cache_ptr=*u8)")
     args = ap.parse_args()
     _stub_packages()
     import importlib
@@ -62,14 +76,17 @@ def main():
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    modname, fname, extra = KERNELS[args.kernel]
+    modname, fname, extra, sig_list = KERNELS[args.kernel]
     fn = getattr(importlib.import_module(modname), fname)
-    consts = dict(COMMON, **extra)
+    consts = dict(COMMON, **extra) if sig_list is None else dict(extra)
     for kv in filter(None, args.set.split(",")):
         k, v = kv.split("=", 1)
         consts[k] = _value(v)
     num_warps = consts["num_warps"]
-    sig = dict(ARGS)
+    sig = dict(ARGS if sig_list is None else sig_list)
+    for kv in filter(None, args.sig.split(",")):
+        k, v = kv.split("=", 1)
+        sig[k] = v
     if consts.pop("PART_BF16", False):
         sig["part_o_ptr"] = "*bf16"
     for name in fn.arg_names:
@@ -86,10 +103,19 @@ def main():
     if consts.get("MERGE"):  # the scorer's in-kernel split merge: its int32 barrier counter
         sig["merge_ctr_ptr"] = "*i32"
         consts.pop("merge_ctr_ptr", None)
-    src = GluonASTSource(fn, sig, constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    div = args.div if args.div is not None else (
+        "cache_ptr,out_ptr,scale_ptr,tts_ptr,cu_ptr,ss_ptr,bt_ptr,c_s0,c_s1" if args.kernel == "gather" else "")
+    attrs = {(fn.arg_names.index(n), ): [["tt.divisibility", 16]] for n in filter(None, div.split(","))}
+    src = GluonASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    opts = dict(num_warps=num_warps)
+    if args.maxnreg:
+        opts["maxnreg"] = args.maxnreg
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     meta = k.metadata
     ptx = k.asm.get("ptx", "")
+    if args.ptx:
+        with open(args.ptx, "w") as f:
+            f.write(ptx)
     regs = sorted(set(re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)))
     print(f"{args.kernel}: shared {meta.shared} B, setmaxnreg {regs}, consts {consts}")
     with tempfile.TemporaryDirectory() as d:

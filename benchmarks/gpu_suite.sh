@@ -38,6 +38,9 @@
 #   bash benchmarks/gpu_suite.sh s34     # one GPU: Nsight Compute of 1 x 128 x 64K with the scorer's defaults
 #   bash benchmarks/gpu_suite.sh s39     # one GPU: SCORER_MERGE (the split merge in the scorer kernel, on): tests,
 #                                        # its A/B against the combine, the decode table with the winner
+#   bash benchmarks/gpu_suite.sh s40     # one GPU: the Gluon cp.async gather (config flag "a"): its GPU tests, a
+#                                        # sweep of its launch shapes against the Triton default at 64K / 1M tokens
+#   CFG=32,4,2,ap,3 bash benchmarks/gpu_suite.sh s40t  # the cache gather table with that config
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
 # timing knobs and first schedule, since removed; session 13's s29: the scorer options incl. the 8-warp producer,
@@ -304,6 +307,14 @@ print(f'{pick(128)},{pick(16)}')")
     echo "decode table flags: '$F'" | tee "$OUT/s39_pick.txt"
     timeout 150 python3 benchmarks/bench_decode.py --budget 110 $F --out "$OUT/decode.json" 2>&1 \
         | tee "$OUT/decode.log" | tail -10 ;;
+  s40)
+    timeout 220 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_async_gpu.py 2>&1 \
+        | tee "$OUT/s40_tests.log" | grep -v PASSED | tail -25; pack
+    timeout 200 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
+        "8,4,0,pe;32,4,1,ap,4;32,4,1,ap,6;32,4,2,ap,3;32,4,2,ap,4;16,4,3,ap,4;32,4,3,ap,3;32,4,1,a,4;8,4,1,ap,8" \
+        2>&1 | tee "$OUT/s40_sweep.log" | grep -v "^ *{\|^ *}\|^ *\"" | tail -16 ;;
+  s40t)
+    timeout 230 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 120 --config "${CFG}" 2>&1 | tee "$OUT/cache_gather.log" | grep -v "check" | tail -28 ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;

@@ -75,6 +75,12 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # tests (bitwise, PDL chains incl. indices written by the previous kernel) passed.
 CONFIG = {"plain": (8, 4, 0, "pe"), "fp8_ds_mla": (8, 4, 0, "pe")}
 EARLY_WAVE = 16  # flag "e": programs an SM that prefetch before the PDL wait (an SM holds at most 16 of 4 warps)
+# Config flag "a": the Gluon cp.async kernel (kernels/gather_dequant_cache_async.py), a config (BLOCK_T, consumer
+# warps, CTAs an SM, flags, stages); "p" there: PDL. Where it cannot run (async_unsupported) the call takes the
+# Triton kernels with ASYNC_FALLBACK. Its producer warp's registers: ASYNC_PRODUCER_REGS (no spills at BLOCK_T 32 in
+# the offline sm_90 compile, benchmarks/dev_offline_sm90.py --kernel gather).
+ASYNC_FALLBACK = (8, 4, 0, "pe")
+ASYNC_PRODUCER_REGS = 96
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
 
@@ -298,9 +304,16 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         return out
     block_t, warps, per_sm, *rest = config or CONFIG[layout]
     flags = rest[0] if rest else ""
+    if set(flags) - set("vspea"):
+        raise ValueError(f"config flags must be letters of 'vspea', got {flags!r}")
+    if "a" in flags:
+        stages = rest[1] if len(rest) > 1 else 4
+        why = async_unsupported(cache, out, layout, stages, block_t, warps, per_sm)
+        if why is None:
+            return _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout,
+                                 n_tokens, block_t, warps, per_sm, stages, "p" in flags)
+        block_t, warps, per_sm, flags, rest = *ASYNC_FALLBACK, []  # (why: async_unsupported's reason)
     maxnreg = rest[1] if len(rest) > 1 else 0
-    if set(flags) - set("vspe"):
-        raise ValueError(f"config flags must be letters of 'vspe', got {flags!r}")
     if "e" in flags and "p" not in flags:
         raise ValueError(f"config flag 'e' (prefetch before the PDL wait) needs 'p', got {flags!r}")
     if not isinstance(maxnreg, int) or maxnreg < 0:
@@ -335,6 +348,61 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         _gather_dequant_cache_kernel[(grid,)](cache[..., c0:], out[..., c0:], scale if scale is not None else dummy,
                                               *args, D=width, OUT_STRIDE=d, P1=p1, P2=p2, P3=p3,
                                               HAS_SCALE=scale is not None, **common)
+    return out
+
+
+def async_unsupported(cache, out, layout, stages=4, block_t=32, warps=4, per_sm=1):
+    """Why the Gluon cp.async kernel (config flag "a") cannot take this call, or None. It needs a CUDA device of
+    compute capability >= 9.0 (warp specialization, setmaxnreg), Triton's Gluon, an fp8 "plain" entry of D bytes
+    with D % 16 == 0 and D <= MAX_COLUMNS or the fp8_ds_mla layout, 16-byte aligned rows (cache pointer and both
+    strides) for 16-byte copies, and a launch shape it was written for."""
+    if not cache.is_cuda:
+        return "not a CUDA tensor"
+    if _capability(cache.device)[0] < 9:
+        return f"compute capability {_capability(cache.device)} < 9.0"
+    if layout == "plain":
+        if cache.dtype not in FP8_DTYPES:
+            return f"a {cache.dtype} cache (fp8 only)"
+        if cache.shape[2] % 16 or cache.shape[2] > MAX_COLUMNS:
+            return f"entry size {cache.shape[2]} (a multiple of 16 up to {MAX_COLUMNS})"
+    esize = cache.element_size()
+    if cache.data_ptr() % 16 or (cache.stride(0) * esize) % 16 or (cache.stride(1) * esize) % 16:
+        return f"cache rows not 16-byte aligned (data_ptr % 16 = {cache.data_ptr() % 16}, strides {cache.stride()})"
+    if not out.is_contiguous() or out.data_ptr() % 16:
+        return "output not contiguous and 16-byte aligned"
+    if block_t not in (8, 16, 32) or warps not in (4, 8) or per_sm not in (1, 2, 3) or not 2 <= stages <= 8:
+        return f"launch shape (BLOCK_T {block_t}, warps {warps}, CTAs an SM {per_sm}, stages {stages})"
+    try:
+        from fx_mla.ops.kernels import gather_dequant_cache_async  # noqa: F401 (Gluon: Triton >= 3.5)
+    except Exception as e:  # pragma: no cover - depends on the installed Triton
+        return f"Gluon kernel unavailable ({type(e).__name__}: {e})"
+    return None
+
+
+def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout, n_tokens, block_t,
+                  warps, per_sm, stages, pdl):
+    """The Gluon cp.async kernel (kernels/gather_dequant_cache_async.py): a persistent grid of per_sm CTAs an SM
+    (at most one a tile), each CTA an equal contiguous range of tokens; registers capped so per_sm CTAs fit."""
+    from fx_mla.ops.kernels.gather_dequant_cache_async import _gather_dequant_cache_async_kernel
+    paged = token_to_seq is None
+    sms = sm_count(device_index(cache.device))
+    grid = max(1, min(per_sm * sms, -(-n_tokens // block_t)))
+    batch, max_blocks = block_table.shape
+    dummy = block_table
+    d_out = out.shape[-1]
+    p1, p2, p3 = _split_entry(d_out) if layout == "plain" else (512, 64, 0)
+    kw = dict(D_OUT=d_out, P1=p1, P2=p2, P3=p3, DS_MLA=layout == "fp8_ds_mla", BLOCK_SIZE=cache.shape[1],
+              BLOCK_T=block_t, STAGES=stages, PAGED=paged, HAS_SEQ_STARTS=seq_starts is not None,
+              HAS_SCALE=scale is not None, PDL=pdl, PRODUCER_REGS=ASYNC_PRODUCER_REGS, num_warps=warps)
+    if pdl:
+        kw.update(launch_pdl=True)
+    if per_sm > 1:  # a CTA is 8 warps (the consumers, the producer warp, padding to whole warpgroups)
+        kw.update(maxnreg=min(256, 65536 // (per_sm * 32 * (warps + 4))) // 8 * 8)
+    _gather_dequant_cache_async_kernel[(grid,)](
+        cache, out, scale if scale is not None else dummy, token_to_seq if not paged else dummy,
+        cu_seq_lens if not paged else dummy, seq_starts if seq_starts is not None else dummy, block_table,
+        n_tokens, batch, max_blocks, cache.shape[0], block_table.stride(0), block_table.stride(1), cache.stride(0),
+        cache.stride(1), max(max_blocks * cache.shape[1], 1), **kw)
     return out
 
 

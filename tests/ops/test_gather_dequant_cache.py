@@ -275,7 +275,7 @@ def test_opcheck(case):
 def test_launch_config_flags_are_checked():
     cache, p, scale = _token_inputs(11, 576, torch.float8_e4m3fn)
     out = torch.empty(p.token_to_seq.numel(), 576, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="config flags must be letters of 'vspe', got 'vx'"):
+    with pytest.raises(ValueError, match="config flags must be letters of 'vspea', got 'vx'"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "vx"))
     with pytest.raises(ValueError, match="config flag 'e' .* needs 'p', got 've'"):
@@ -399,6 +399,10 @@ def _interpreter_checks():
     c5, p5, s5 = _token_inputs(5, 576, torch.float8_e4m3fn, **small)
     check(c5, p5, s5, torch.bfloat16, what="576 CONFIG")
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", config=(4, 4, 1), paged=True, what="ds_mla paged")
+    # config flag "a" (the Gluon cp.async kernel, CUDA sm_90+ only): CPU tensors take ASYNC_FALLBACK's Triton kernel
+    assert gmod.async_unsupported(cache, cache, "fp8_ds_mla") == "not a CUDA tensor"
+    check(cache, p, None, torch.bfloat16, "fp8_ds_mla", config=(32, 4, 2, "ap", 3), what="async config on CPU")
+    check(c5, p5, s5, torch.float16, config=(32, 4, 1, "a", 4), paged=True, what="async config on CPU, paged")
     # out-of-range indices: zeros, wrap like torch, and no read outside the cache or a block-table row
     cache, p, scale = _oob_problem()
     poison = cache.shape[0] - 1
