@@ -76,7 +76,8 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 CONFIG = {"plain": (8, 4, 0, "pe"), "fp8_ds_mla": (8, 4, 0, "pe")}
 EARLY_WAVE = 16  # flag "e": programs an SM that prefetch before the PDL wait (an SM holds at most 16 of 4 warps)
 # Config flag "a": the Gluon cp.async kernel (kernels/gather_dequant_cache_async.py), a config (BLOCK_T, consumer
-# warps, CTAs an SM, flags, stages); "p" there: PDL. Where it cannot run (async_unsupported) the call takes the
+# warps, CTAs an SM, flags[, stages[, group]]) (stages: shared-memory buffers, default 4; group: tiles an index
+# chain, default 4); "p" there: PDL. Where it cannot run (async_unsupported) the call takes the
 # Triton kernels with ASYNC_FALLBACK. Its producer warp's registers: ASYNC_PRODUCER_REGS (no spills at BLOCK_T 32 in
 # the offline sm_90 compile, benchmarks/dev_offline_sm90.py --kernel gather).
 ASYNC_FALLBACK = (8, 4, 0, "pe")
@@ -308,10 +309,11 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         raise ValueError(f"config flags must be letters of 'vspea', got {flags!r}")
     if "a" in flags:
         stages = rest[1] if len(rest) > 1 else 4
-        why = async_unsupported(cache, out, layout, stages, block_t, warps, per_sm)
+        group = rest[2] if len(rest) > 2 else 4
+        why = async_unsupported(cache, out, layout, stages, block_t, warps, per_sm, group)
         if why is None:
             return _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout,
-                                 n_tokens, block_t, warps, per_sm, stages, "p" in flags)
+                                 n_tokens, block_t, warps, per_sm, stages, group, "p" in flags)
         block_t, warps, per_sm, flags, rest = *ASYNC_FALLBACK, []  # (why: async_unsupported's reason)
     maxnreg = rest[1] if len(rest) > 1 else 0
     if "e" in flags and "p" not in flags:
@@ -351,7 +353,7 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     return out
 
 
-def async_unsupported(cache, out, layout, stages=4, block_t=32, warps=4, per_sm=1):
+def async_unsupported(cache, out, layout, stages=4, block_t=32, warps=4, per_sm=1, group=4):
     """Why the Gluon cp.async kernel (config flag "a") cannot take this call, or None. It needs a CUDA device of
     compute capability >= 9.0 (warp specialization, setmaxnreg), Triton's Gluon, an fp8 "plain" entry of D bytes
     with D % 16 == 0 and D <= MAX_COLUMNS or the fp8_ds_mla layout, 16-byte aligned rows (cache pointer and both
@@ -370,8 +372,10 @@ def async_unsupported(cache, out, layout, stages=4, block_t=32, warps=4, per_sm=
         return f"cache rows not 16-byte aligned (data_ptr % 16 = {cache.data_ptr() % 16}, strides {cache.stride()})"
     if not out.is_contiguous() or out.data_ptr() % 16:
         return "output not contiguous and 16-byte aligned"
-    if block_t not in (8, 16, 32) or warps not in (4, 8) or per_sm not in (1, 2, 3) or not 2 <= stages <= 8:
-        return f"launch shape (BLOCK_T {block_t}, warps {warps}, CTAs an SM {per_sm}, stages {stages})"
+    if (block_t not in (8, 16, 32) or warps not in (4, 8) or per_sm not in (1, 2, 3) or not 2 <= stages <= 8
+            or group not in (1, 2, 4, 8)):
+        return (f"launch shape (BLOCK_T {block_t}, warps {warps}, CTAs an SM {per_sm}, stages {stages}, "
+                f"group {group})")
     try:
         from fx_mla.ops.kernels import gather_dequant_cache_async  # noqa: F401 (Gluon: Triton >= 3.5)
     except Exception as e:  # pragma: no cover - depends on the installed Triton
@@ -380,9 +384,10 @@ def async_unsupported(cache, out, layout, stages=4, block_t=32, warps=4, per_sm=
 
 
 def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout, n_tokens, block_t,
-                  warps, per_sm, stages, pdl):
+                  warps, per_sm, stages, group, pdl):
     """The Gluon cp.async kernel (kernels/gather_dequant_cache_async.py): a persistent grid of per_sm CTAs an SM
-    (at most one a tile), each CTA an equal contiguous range of tokens; registers capped so per_sm CTAs fit."""
+    (at most one a tile), each CTA an equal contiguous range of tokens; registers capped so per_sm CTAs fit; the
+    producer's index chain runs for `group` tiles at once."""
     from fx_mla.ops.kernels.gather_dequant_cache_async import _gather_dequant_cache_async_kernel
     paged = token_to_seq is None
     sms = sm_count(device_index(cache.device))
@@ -393,7 +398,7 @@ def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, sca
     p1, p2, p3 = _split_entry(d_out) if layout == "plain" else (512, 64, 0)
     kw = dict(D_OUT=d_out, P1=p1, P2=p2, P3=p3, DS_MLA=layout == "fp8_ds_mla", BLOCK_SIZE=cache.shape[1],
               BLOCK_T=block_t, STAGES=stages, PAGED=paged, HAS_SEQ_STARTS=seq_starts is not None,
-              HAS_SCALE=scale is not None, PDL=pdl, PRODUCER_REGS=ASYNC_PRODUCER_REGS, num_warps=warps)
+              HAS_SCALE=scale is not None, PDL=pdl, PRODUCER_REGS=ASYNC_PRODUCER_REGS, num_warps=warps, GROUP=group)
     if pdl:
         kw.update(launch_pdl=True)
     if per_sm > 1:  # a CTA is 8 warps (the consumers, the producer warp, padding to whole warpgroups)

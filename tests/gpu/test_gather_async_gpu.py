@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.cuda,
                                  reason="the cp.async gather needs compute capability >= 9.0")]
 DEV = "cuda"
 CFG = (32, 4, 2, "ap", 3)
-CONFIGS = [(32, 4, 1, "a", 4), (32, 4, 1, "ap", 6), (32, 4, 2, "ap", 3), (16, 4, 3, "ap", 4), (8, 8, 1, "a", 2),
-           (32, 8, 2, "p" + "a", 5)]
+CONFIGS = [(32, 4, 1, "a", 4), (32, 4, 1, "ap", 6, 8), (32, 4, 2, "ap", 3, 1), (16, 4, 3, "ap", 4, 2),
+           (8, 8, 1, "a", 2), (32, 8, 2, "pa", 5)]
 
 
 def _problem(seed, n, d, cache_dtype, layout="plain", bs=64, batch=24, padding=37, seq_starts=True):
@@ -41,7 +41,7 @@ def _token(cache, p, scale, out_dtype, layout, cfg, check_async=True):
     d_out = 576 if layout == "fp8_ds_mla" else cache.shape[2]
     out = torch.full((p.token_to_seq.numel(), d_out), float("nan"), dtype=out_dtype, device=DEV)
     if check_async:
-        assert gmod.async_unsupported(c_d, out, layout, cfg[4], cfg[0], cfg[1], cfg[2]) is None
+        assert gmod.async_unsupported(c_d, out, layout, cfg[4], cfg[0], cfg[1], cfg[2], *cfg[5:]) is None
     gmod.launch_gather_dequant_cache(c_d, dv.block_table, dv.cu_seq_lens, dv.token_to_seq, dv.seq_starts,
                                      None if scale is None else scale.to(DEV), out, layout, cfg)
     ref = gmod.gather_dequant_cache_reference(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts,

@@ -93,16 +93,22 @@ def _rows(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blo
 
 
 @gluon.jit
-def _copy_part(dst, base, row, ok, W: gl.constexpr, VALID: gl.constexpr, LAYOUT: gl.constexpr):
-    """cp.async of columns [0, VALID) of each token's row part (typed pointer base + row) into dst [BT, W]."""
-    row = gl.convert_layout(row, gl.SliceLayout(1, LAYOUT))
-    ok = gl.convert_layout(ok, gl.SliceLayout(1, LAYOUT))
+def _copy_part(dst, base, rows_s, W: gl.constexpr, VALID: gl.constexpr, BLOCK_T: gl.constexpr, SHIFT: gl.constexpr,
+               LAYOUT: gl.constexpr):
+    """cp.async of columns [0, VALID) of each token's row part into dst [BT, W]: typed pointer base + (row >> SHIFT)
+    (row: the byte offset of a row, a multiple of 16, read from rows_s; negative: the token reads nothing)."""
+    row = rows_s.load(gl.SliceLayout(1, LAYOUT))
+    ok = row >= 0
+    if SHIFT == 0:
+        off = gl.multiple_of(row, 16)
+    else:
+        off = gl.multiple_of(row >> SHIFT, 16 >> SHIFT)
     d = gl.arange(0, W, layout=gl.SliceLayout(0, LAYOUT))
     if VALID == W:
         m = ok[:, None] & (d >= 0)[None, :]
     else:
         m = ok[:, None] & (d < VALID)[None, :]
-    async_copy.async_copy_global_to_shared(dst, base + row[:, None] + d[None, :], mask=m,
+    async_copy.async_copy_global_to_shared(dst, base + off[:, None] + d[None, :], mask=m,
                                            eviction_policy="evict_first")
 
 
@@ -132,57 +138,67 @@ def _cta_range(n_tokens):
 
 
 @gluon.jit
-def _producer(bufs, full, empty, cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr, n_tokens, n_req, max_blocks, n_blocks,
-              bt_s0, bt_s1, c_s0, c_s1, row_len,
+def _producer(bufs, rows_s, full, empty, cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr, n_tokens, n_req, max_blocks,
+              n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len,
               P1: gl.constexpr, P2: gl.constexpr, P3: gl.constexpr, R3: gl.constexpr, DS_MLA: gl.constexpr,
-              BLOCK_SIZE: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PAGED: gl.constexpr,
-              HAS_SEQ_STARTS: gl.constexpr):
-    """One warp: tile k of this CTA into buffer k % STAGES (module docstring). A tile's index chain runs one token a
-    lane (ROW_D); the rows then go to each part's layout."""
+              BLOCK_SIZE: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
+              PAGED: gl.constexpr, HAS_SEQ_STARTS: gl.constexpr):
+    """One warp: tile k of this CTA into buffer k % STAGES (module docstring). The index chain runs for GROUP tiles
+    at once (GROUP * BLOCK_T tokens, spread over the lanes: its dependent loads are paid once a group, not once a
+    tile); the rows go through rows_s to each part's layout (-16: the token reads nothing; a multiple of 16 like
+    every row offset, so the masked lanes' addresses keep the 16-byte alignment the copies are vectorized for)."""
     begin, end = _cta_range(n_tokens)
     n_my = gl.cdiv(end - begin, BLOCK_T).to(gl.int32)
-    ROW_D: gl.constexpr = gl.BlockedLayout([(BLOCK_T + 31) // 32], [32], [1], [0])
+    CHUNK: gl.constexpr = GROUP * BLOCK_T
+    ROW_D: gl.constexpr = gl.BlockedLayout([(CHUNK + 31) // 32], [32], [1], [0])
     if DS_MLA:
         LA: gl.constexpr = group_layout(1)
         LS: gl.constexpr = part_layout(4, 4, 1)
         LR: gl.constexpr = part_layout(64, 8, 1)
+        ROW3: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, LA))
+        g4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LA)))
+        c128 = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, LA)))
+        lat_ptr = cache_ptr.to(gl.pointer_type(gl.float8e4nv), bitcast=True)
+        sc_ptr = (cache_ptr + 512).to(gl.pointer_type(gl.float32), bitcast=True)     # 4 fp32 group scales
+        rope_ptr = (cache_ptr + 528).to(gl.pointer_type(gl.bfloat16), bitcast=True)  # 64 bf16 rope
     else:
         V: gl.constexpr = 128 // cache_ptr.dtype.element_ty.primitive_bitwidth
         LA: gl.constexpr = part_layout(P1, V, 1)
         LB: gl.constexpr = part_layout(P2, V, 1)
         LC: gl.constexpr = part_layout(P3, V, 1)
-    for k in range(n_my):
-        st = k % STAGES
-        t = begin + k * BLOCK_T + gl.arange(0, BLOCK_T, layout=ROW_D)
+    for c in range(gl.cdiv(n_my, GROUP)):
+        t = begin + c * CHUNK + gl.arange(0, CHUNK, layout=ROW_D)
         row, ok = _rows(t, t < end, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks,
                         c_s0, c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS)
-        mbarrier.wait(empty.index(st), ((k // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
-        if DS_MLA:
-            lat_s, sc_s, rope_s = bufs
-            # latent [BT, 4, 128] e4m3 bytes
-            g = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LA)))
-            c = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, LA)))
-            ROW3: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, LA))
-            row3 = gl.convert_layout(row, ROW3)
-            ok3 = gl.convert_layout(ok, ROW3)
-            off3 = row3[:, None, None] + (g * 128)[None, :, None] + c[None, None, :]
-            m3 = ok3[:, None, None] & (g >= 0)[None, :, None] & (c >= 0)[None, None, :]
-            lat_ptr = cache_ptr.to(gl.pointer_type(gl.float8e4nv), bitcast=True)
-            async_copy.async_copy_global_to_shared(lat_s.index(st), lat_ptr + off3, mask=m3,
-                                                   eviction_policy="evict_first")
-            # 4 fp32 group scales at byte 512, 64 bf16 rope at byte 528 (row offsets: multiples of 16 bytes)
-            _copy_part(sc_s.index(st), (cache_ptr + 512).to(gl.pointer_type(gl.float32), bitcast=True), row // 4,
-                       ok, 4, 4, LS)
-            _copy_part(rope_s.index(st), (cache_ptr + 528).to(gl.pointer_type(gl.bfloat16), bitcast=True),
-                       row // 2, ok, 64, 64, LR)
-        else:
-            a_s, b_s, c_s = bufs
-            _copy_part(a_s.index(st), cache_ptr, row, ok, P1, P1, LA)
-            if P2 > 0:
-                _copy_part(b_s.index(st), cache_ptr + P1, row, ok, P2, P2, LB)
-            if P3 > 0:
-                _copy_part(c_s.index(st), cache_ptr + (P1 + P2), row, ok, P3, R3, LC)
-        async_copy.mbarrier_arrive(full.index(st), increment_count=False)
+        gl.thread_barrier()  # the previous group's reads of rows_s are done
+        rows_s.store(gl.where(ok, row, -16))
+        gl.thread_barrier()
+        for g in gl.static_range(GROUP):
+            k = c * GROUP + g
+            if k < n_my:
+                st = k % STAGES
+                rs = rows_s.slice(g * BLOCK_T, BLOCK_T)
+                mbarrier.wait(empty.index(st), ((k // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1 at once
+                if DS_MLA:
+                    lat_s, sc_s, rope_s = bufs
+                    row3 = rs.load(ROW3)  # latent [BT, 4, 128] e4m3 bytes
+                    ok3 = row3 >= 0
+                    row3 = gl.multiple_of(row3, 16)
+                    off3 = row3[:, None, None] + (g4 * 128)[None, :, None] + c128[None, None, :]
+                    m3 = ok3[:, None, None] & (g4 >= 0)[None, :, None] & (c128 >= 0)[None, None, :]
+                    async_copy.async_copy_global_to_shared(lat_s.index(st), lat_ptr + off3, mask=m3,
+                                                           eviction_policy="evict_first")
+                    # row offsets are multiples of 16 bytes: exact in fp32 (>> 2) and bf16 (>> 1) elements
+                    _copy_part(sc_s.index(st), sc_ptr, rs, 4, 4, BLOCK_T, 2, LS)
+                    _copy_part(rope_s.index(st), rope_ptr, rs, 64, 64, BLOCK_T, 1, LR)
+                else:
+                    a_s, b_s, c_s = bufs
+                    _copy_part(a_s.index(st), cache_ptr, rs, P1, P1, BLOCK_T, 0, LA)
+                    if P2 > 0:
+                        _copy_part(b_s.index(st), cache_ptr + P1, rs, P2, P2, BLOCK_T, 0, LB)
+                    if P3 > 0:
+                        _copy_part(c_s.index(st), cache_ptr + (P1 + P2), rs, P3, R3, BLOCK_T, 0, LC)
+                async_copy.mbarrier_arrive(full.index(st), increment_count=False)
 
 
 @gluon.jit
@@ -239,7 +255,7 @@ def _gather_dequant_cache_async_kernel(
         D_OUT: gl.constexpr, P1: gl.constexpr, P2: gl.constexpr, P3: gl.constexpr, DS_MLA: gl.constexpr,
         BLOCK_SIZE: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PAGED: gl.constexpr,
         HAS_SEQ_STARTS: gl.constexpr, HAS_SCALE: gl.constexpr, PDL: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        num_warps: gl.constexpr):
+        num_warps: gl.constexpr, GROUP: gl.constexpr = 4):
     """plain: out[t, :D_OUT] = round(fp32(cache[row(t), :D_OUT]) * scale), the entry read as parts P1 + P2 + a
     masked P3 (the launcher's _split_entry); fp8_ds_mla (DS_MLA; cache bytes): the 656-byte row dequantized to 576.
     Grid: persistent, a contiguous range of tokens a CTA (module docstring)."""
@@ -261,6 +277,7 @@ def _gather_dequant_cache_async_kernel(
         b_s = gl.allocate_shared_memory(IN_DTYPE, [STAGES, BLOCK_T, P2 if P2 > 0 else V_IN], smem_layout(2, V_IN))
         c_s = gl.allocate_shared_memory(IN_DTYPE, [STAGES, BLOCK_T, P3 if P3 > 0 else V_IN], smem_layout(2, V_IN))
         bufs = (a_s, b_s, c_s)
+    rows_s = gl.allocate_shared_memory(gl.int64, [GROUP * BLOCK_T], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -269,7 +286,7 @@ def _gather_dequant_cache_async_kernel(
     gl.warp_specialize([
         (_consumer, (bufs, full, empty, out_ptr, scale_ptr, n_tokens, P1, P2, P3, R3, D_OUT, DS_MLA,
                      HAS_SCALE, BLOCK_T, STAGES, V_IN, num_warps)),
-        (_producer, (bufs, full, empty, cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr, n_tokens, n_req, max_blocks,
+        (_producer, (bufs, rows_s, full, empty, cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr, n_tokens, n_req, max_blocks,
                      n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len, P1, P2, P3, R3, DS_MLA, BLOCK_SIZE,
-                     BLOCK_T, STAGES, PAGED, HAS_SEQ_STARTS)),
+                     BLOCK_T, STAGES, GROUP, PAGED, HAS_SEQ_STARTS)),
     ], [1], [PRODUCER_REGS])
