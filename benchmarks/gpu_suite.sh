@@ -311,7 +311,7 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 220 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_async_gpu.py 2>&1 \
         | tee "$OUT/s40_tests.log" | grep -v PASSED | tail -25; pack
     timeout 200 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
-        "8,4,0,pe;32,4,1,ap,6;32,4,1,ap,8,8;32,4,2,ap,4;32,4,2,ap,4,8;16,4,2,ap,6,8;16,4,3,ap,4;32,4,3,ap,3;32,4,1,a,6" \
+        "8,4,0,pe;32,4,1,ap,6;32,4,1,ape,6;32,4,1,ap,8,8;32,4,2,ap,4;32,4,2,ape,4;16,4,2,ap,6,8;16,4,3,ap,4;32,4,1,a,6" \
         2>&1 | tee "$OUT/s40_sweep.log" | grep -v "^ *{\|^ *}\|^ *\"" | tail -16 ;;
   s40t)
     timeout 230 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 120 --config "${CFG}" 2>&1 | tee "$OUT/cache_gather.log" | grep -v "check" | tail -28 ;;

@@ -77,7 +77,7 @@ CONFIG = {"plain": (8, 4, 0, "pe"), "fp8_ds_mla": (8, 4, 0, "pe")}
 EARLY_WAVE = 16  # flag "e": programs an SM that prefetch before the PDL wait (an SM holds at most 16 of 4 warps)
 # Config flag "a": the Gluon cp.async kernel (kernels/gather_dequant_cache_async.py), a config (BLOCK_T, consumer
 # warps, CTAs an SM, flags[, stages[, group]]) (stages: shared-memory buffers, default 4; group: tiles an index
-# chain, default 4); "p" there: PDL. Where it cannot run (async_unsupported) the call takes the
+# chain, default 4); "p" there: PDL, "e" (with "p"): the first group's rows into L2 before the PDL wait. Where it cannot run (async_unsupported) the call takes the
 # Triton kernels with ASYNC_FALLBACK. Its producer warp's registers: ASYNC_PRODUCER_REGS (no spills at BLOCK_T 32 in
 # the offline sm_90 compile, benchmarks/dev_offline_sm90.py --kernel gather).
 ASYNC_FALLBACK = (8, 4, 0, "pe")
@@ -313,7 +313,7 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         why = async_unsupported(cache, out, layout, stages, block_t, warps, per_sm, group)
         if why is None:
             return _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout,
-                                 n_tokens, block_t, warps, per_sm, stages, group, "p" in flags)
+                                 n_tokens, block_t, warps, per_sm, stages, group, "p" in flags, "e" in flags)
         block_t, warps, per_sm, flags, rest = *ASYNC_FALLBACK, []  # (why: async_unsupported's reason)
     maxnreg = rest[1] if len(rest) > 1 else 0
     if "e" in flags and "p" not in flags:
@@ -384,7 +384,7 @@ def async_unsupported(cache, out, layout, stages=4, block_t=32, warps=4, per_sm=
 
 
 def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout, n_tokens, block_t,
-                  warps, per_sm, stages, group, pdl):
+                  warps, per_sm, stages, group, pdl, early):
     """The Gluon cp.async kernel (kernels/gather_dequant_cache_async.py): a persistent grid of per_sm CTAs an SM
     (at most one a tile), each CTA an equal contiguous range of tokens; registers capped so per_sm CTAs fit; the
     producer's index chain runs for `group` tiles at once."""
@@ -400,7 +400,7 @@ def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, sca
               BLOCK_T=block_t, STAGES=stages, PAGED=paged, HAS_SEQ_STARTS=seq_starts is not None,
               HAS_SCALE=scale is not None, PDL=pdl, PRODUCER_REGS=ASYNC_PRODUCER_REGS, num_warps=warps, GROUP=group)
     if pdl:
-        kw.update(launch_pdl=True)
+        kw.update(launch_pdl=True, EARLY=early, ROW_BYTES=cache.shape[2] * cache.element_size())
     if per_sm > 1:  # a CTA is 8 warps (the consumers, the producer warp, padding to whole warpgroups)
         kw.update(maxnreg=min(256, 65536 // (per_sm * 32 * (warps + 4))) // 8 * 8)
     _gather_dequant_cache_async_kernel[(grid,)](

@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
                                  reason="the cp.async gather needs compute capability >= 9.0")]
 DEV = "cuda"
-CFG = (32, 4, 2, "ap", 3)
+CFG = (32, 4, 2, "ape", 3)
 CONFIGS = [(32, 4, 1, "a", 4), (32, 4, 1, "ap", 6, 8), (32, 4, 2, "ap", 3, 1), (16, 4, 3, "ap", 4, 2),
-           (8, 8, 1, "a", 2), (32, 8, 2, "pa", 5)]
+           (8, 8, 1, "a", 2), (32, 8, 2, "pa", 5), (32, 4, 1, "ape", 6)]
 
 
 def _problem(seed, n, d, cache_dtype, layout="plain", bs=64, batch=24, padding=37, seq_starts=True):

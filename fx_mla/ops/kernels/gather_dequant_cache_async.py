@@ -7,8 +7,9 @@ at 64K tokens. What they have that a cast does not is the index chain ahead of e
 request -> block table -> page: up to three dependent loads), paid by every short-lived program, and a register
 tile that holds its data from load to store. Here each CTA lives for the whole launch and splits the work:
 
-* a producer warp computes a tile's cache rows (the same index semantics as the Triton kernels, _rows) and issues
-  the tile's rows as 16-byte cp.async copies into one of STAGES shared-memory buffers, then signals `full` through
+* a producer warp computes the cache rows of GROUP tiles at once (the same index semantics as the Triton kernels,
+  _rows; one dependent chain a group, its loads spread over the lanes) and issues each tile's rows as 16-byte
+  cp.async copies into one of STAGES shared-memory buffers, then signals `full` through
   cp.async.mbarrier.arrive (each producer lane's arrival lands when its copies have). It runs up to STAGES tiles
   ahead of the consumers: the index chains of later tiles overlap the data of earlier ones, and the bytes in flight
   do not live in registers.
@@ -23,10 +24,11 @@ formed into a copy or a load.
 
 The grid (one or a few CTAs an SM) splits the tokens into equal contiguous ranges, one a CTA, walked in tiles of
 BLOCK_T tokens: every CTA moves the same bytes within one token (tiles dealt round-robin would leave some CTAs one
-tile more, ~3 % of a 64K-token call at one CTA an SM). Layouts: "plain" fp8 entries of D bytes, D a multiple of 16 (up to three power-of-two parts, the third masked
-to D, as the Triton kernel splits them), and "fp8_ds_mla" (656-byte rows: 512 e4m3 | 4 fp32 group scales | 64 bf16
-rope). PDL: the CTA waits for the previous kernel (griddepcontrol.wait) before anything else, then lets the next
-one be scheduled.
+tile more, ~3 % of a 64K-token call at one CTA an SM). Layouts: "plain" fp8 entries of D bytes, D a multiple of
+16 (up to three power-of-two parts, the third masked to D, as the Triton kernel splits them), and "fp8_ds_mla"
+(656-byte rows: 512 e4m3 | 4 fp32 group scales | 64 bf16 rope). PDL: the CTA waits for the previous kernel
+(griddepcontrol.wait) before anything else (EARLY: but its first group's rows into L2, _early_prefetch), then lets
+the next one be scheduled.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -63,21 +65,23 @@ def _gdc(INSTR: gl.constexpr):
 
 @gluon.jit
 def _rows(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0, c_s1, row_len,
-          BLOCK_SIZE: gl.constexpr, PAGED: gl.constexpr, HAS_SEQ_STARTS: gl.constexpr):
+          BLOCK_SIZE: gl.constexpr, PAGED: gl.constexpr, HAS_SEQ_STARTS: gl.constexpr, CG: gl.constexpr = False):
     """Token ids t (int64) -> element offset of each one's cache row, and `ok`: the token reads the cache. The Triton
-    kernels' _rows_of, line for line (torch's floor division and one wrap-around of negative indices)."""
+    kernels' _rows_of, line for line (torch's floor division and one wrap-around of negative indices). CG: the
+    index loads bypass L1 (EARLY's reads before the PDL wait)."""
+    MOD: gl.constexpr = ".cg" if CG else ""
     if PAGED:
         b = t // row_len
         off = t - b * row_len
         ok = live
     else:
-        s = gl.load(tts_ptr + t, mask=live, other=0).to(gl.int64)
+        s = gl.load(tts_ptr + t, mask=live, other=0, cache_modifier=MOD).to(gl.int64)
         valid = s >= 0
         b = gl.maximum(s, 0)
         ok = live & (b < n_req)
-        start = gl.load(cu_ptr + b, mask=ok, other=0).to(gl.int64)
+        start = gl.load(cu_ptr + b, mask=ok, other=0, cache_modifier=MOD).to(gl.int64)
         if HAS_SEQ_STARTS:
-            start -= gl.load(ss_ptr + b, mask=ok, other=0).to(gl.int64)
+            start -= gl.load(ss_ptr + b, mask=ok, other=0, cache_modifier=MOD).to(gl.int64)
         off = gl.where(valid, t - start, 0)
     q = off // BLOCK_SIZE
     r = off - q * BLOCK_SIZE
@@ -86,7 +90,7 @@ def _rows(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blo
     r = gl.where(neg, r + BLOCK_SIZE, r)
     j = gl.where(j < 0, j + max_blocks, j)
     ok = ok & (j >= 0) & (j < max_blocks)
-    blk = gl.load(bt_ptr + b * bt_s0 + j * bt_s1, mask=ok, other=0).to(gl.int64)
+    blk = gl.load(bt_ptr + b * bt_s0 + j * bt_s1, mask=ok, other=0, cache_modifier=MOD).to(gl.int64)
     blk = gl.where(blk < 0, blk + n_blocks, blk)
     ok = ok & (blk >= 0) & (blk < n_blocks)
     return blk * c_s0 + r * c_s1, ok
@@ -249,17 +253,45 @@ def _consumer(bufs, full, empty, out_ptr, scale_ptr, n_tokens,
 
 
 @gluon.jit
+def _early_prefetch(cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr, n_tokens, n_req, max_blocks, n_blocks, bt_s0, bt_s1,
+                    c_s0, c_s1, row_len, ROW_BYTES: gl.constexpr, BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr,
+                    PAGED: gl.constexpr, HAS_SEQ_STARTS: gl.constexpr, num_warps: gl.constexpr):
+    """EARLY (with PDL), before the PDL wait: the CTA's first CHUNK tokens' rows into L2 (prefetch.global.L2 of each
+    row's 128-byte lines), by indices read now with L1-bypassing loads. Those indices may be stale (the previous
+    kernel may still be writing them) and serve these prefetch addresses only: every value the kernel computes comes
+    from loads after the wait (the Triton kernels' flag "e"). A row out of range is not prefetched."""
+    L: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [num_warps, 1], [1, 0])
+    NL: gl.constexpr = (ROW_BYTES + 127) // 128
+    NLP: gl.constexpr = 1 << (NL - 1).bit_length()
+    begin, end = _cta_range(n_tokens)
+    t = begin + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, L))
+    row, ok = _rows(t, t < end, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blocks, n_blocks, c_s0,
+                    c_s1, row_len, BLOCK_SIZE, PAGED, HAS_SEQ_STARTS, True)
+    k = gl.arange(0, NLP, layout=gl.SliceLayout(0, L))
+    base = cache_ptr.to(gl.pointer_type(gl.uint8), bitcast=True)
+    addr = base + row[:, None] + gl.minimum(k * 128, ROW_BYTES - 1)[None, :]
+    flag = (ok[:, None] & (k < NL)[None, :]).to(gl.int32)
+    gl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+                              "=r,l,r", [addr, flag], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _gather_dequant_cache_async_kernel(
         cache_ptr, out_ptr, scale_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr,
         n_tokens, n_req, max_blocks, n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len,
         D_OUT: gl.constexpr, P1: gl.constexpr, P2: gl.constexpr, P3: gl.constexpr, DS_MLA: gl.constexpr,
         BLOCK_SIZE: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PAGED: gl.constexpr,
         HAS_SEQ_STARTS: gl.constexpr, HAS_SCALE: gl.constexpr, PDL: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-        num_warps: gl.constexpr, GROUP: gl.constexpr = 4):
+        num_warps: gl.constexpr, GROUP: gl.constexpr = 4, EARLY: gl.constexpr = False,
+        ROW_BYTES: gl.constexpr = 576):
     """plain: out[t, :D_OUT] = round(fp32(cache[row(t), :D_OUT]) * scale), the entry read as parts P1 + P2 + a
     masked P3 (the launcher's _split_entry); fp8_ds_mla (DS_MLA; cache bytes): the 656-byte row dequantized to 576.
     Grid: persistent, a contiguous range of tokens a CTA (module docstring)."""
     if PDL:
+        if EARLY:
+            _early_prefetch(cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr, n_tokens, n_req, max_blocks, n_blocks, bt_s0,
+                            bt_s1, c_s0, c_s1, row_len, ROW_BYTES, BLOCK_SIZE, GROUP * BLOCK_T, PAGED, HAS_SEQ_STARTS,
+                            num_warps)
         _gdc("griddepcontrol.wait;")
         _gdc("griddepcontrol.launch_dependents;")
     R3: gl.constexpr = D_OUT - P1 - P2
