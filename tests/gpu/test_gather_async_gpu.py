@@ -3,7 +3,8 @@ without an sm_90+ GPU; no expecttest): bitwise the CPU reference for both layout
 entry sizes with one, two and three parts (the third masked), the token form with seq_starts and padding tokens,
 the paged form, launch shapes (BLOCK_T, warps, CTAs an SM, stages), token counts below one tile an SM, indices out
 of range (zeros, nothing read outside the cache or a block-table row), a PDL chain in a CUDA graph, and the calls
-it declines (they take the Triton kernels, same results).
+it declines (they take the Triton kernels, same results). Indices written by a PDL primary right before it:
+test_gather_dequant_cache_gpu.py's test_indices_written_by_the_previous_kernel_under_pdl (an async config there).
 
     PYTHONPATH=. python -m pytest -q -m cuda tests/gpu/test_gather_async_gpu.py
 """
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from fx_mla.ops import gather_dequant_cache as gmod  # registers the ops
-from tests.gpu.graphs import capture, pdl_writer
-from tests.ops.gather_dequant_cache_cases import (NAN_BYTE, assert_bitwise, ragged_lengths, random_cache,
+from tests.gpu.graphs import capture
+from tests.ops.gather_dequant_cache_cases import (assert_bitwise, poisoned_case, ragged_lengths, random_cache,
                                                   random_scale, token_problem)
 
 pytestmark = [pytest.mark.cuda,
@@ -113,46 +114,28 @@ def test_async_paged_form_bitwise(layout):
 
 @pytest.mark.parametrize("layout", ["plain", "fp8_ds_mla"])
 def test_async_out_of_range_indices_write_zeros_and_read_nothing_outside(layout):
-    """The cache sits inside a buffer whose first and last blocks are NaN codes; the block table is a view of a
-    wider one whose extra columns name a NaN block; out-of-range block ids, request ids and positions: any stray
-    read would put NaN in the output, and those tokens' rows must be the reference's zeros."""
-    g = torch.Generator().manual_seed(41)
-    p = token_problem([50, 0, 90, 33], 16, g, starts=[3, 0, 20, 0], padding=5)
-    n, row = p.num_blocks, 576 if layout == "plain" else 656
-    big = torch.full((n + 2, 16, row), NAN_BYTE[torch.float8_e4m3fn], dtype=torch.uint8)
-    big[1:-1] = random_cache(n, 16, 576, torch.float8_e4m3fn, g, layout).view(torch.uint8)
-    poison = n - 1
-    big[1 + poison] = NAN_BYTE[torch.float8_e4m3fn]
-    bt = p.block_table.clone()
-    bt[bt == poison] = 0
-    bt[2, 0], bt[0, 1], bt[3, 0] = n, -n - 1, -2       # past the cache, wraps still out, wraps in range
-    wide = torch.full((bt.shape[0], bt.shape[1] + 2), poison, dtype=torch.int32)
-    wide[:, 1:-1] = bt
-    tts = p.token_to_seq.clone()
-    tts[7] = 4                                            # request id == batch
-    ss = p.seq_starts.clone()
-    ss[2] = 16 * (bt.shape[1] - 3)                        # request 2 runs past its row
-    scale = random_scale(g) if layout == "plain" else None
-    view = (lambda b: b.view(torch.float8_e4m3fn)) if layout == "plain" else (lambda b: b)
-    big_d, wide_d = big.to(DEV), wide.to(DEV)
-    cache_d, cache_c = view(big_d[1:-1]), view(big[1:-1])
-    out = torch.full((tts.numel(), 576), float("nan"), dtype=torch.bfloat16, device=DEV)
+    """Out-of-range block ids, request ids and positions over a NaN-poisoned cache and block table (poisoned_case):
+    any stray read would put NaN in the output, and those tokens' rows must be the reference's zeros."""
+    c = poisoned_case(41, layout)
+    big_d, wide_d = c.big.to(DEV), c.wide.to(DEV)
+    cache_d, cache_c = c.cache(layout, big_d), c.cache(layout)
+    s_d = None if c.scale is None else c.scale.to(DEV)
+    out = torch.full((c.token_to_seq.numel(), 576), float("nan"), dtype=torch.bfloat16, device=DEV)
     assert gmod.async_unsupported(cache_d, out, layout, CFG[4], CFG[0], CFG[1], CFG[2]) is None
-    gmod.launch_gather_dequant_cache(cache_d, wide_d[:, 1:-1], p.cu_seq_lens.to(DEV), tts.to(DEV), ss.to(DEV),
-                                     None if scale is None else scale.to(DEV), out, layout, CFG)
+    gmod.launch_gather_dequant_cache(cache_d, wide_d[:, 1:-1], c.problem.cu_seq_lens.to(DEV), c.token_to_seq.to(DEV),
+                                     c.seq_starts.to(DEV), s_d, out, layout, CFG)
     out = out.cpu()
-    ref = gmod.gather_dequant_cache_reference(cache_c, wide[:, 1:-1], p.cu_seq_lens, tts, ss, scale, torch.bfloat16,
-                                              layout)
+    ref = gmod.gather_dequant_cache_reference(cache_c, c.wide[:, 1:-1], c.problem.cu_seq_lens, c.token_to_seq,
+                                              c.seq_starts, c.scale, torch.bfloat16, layout)
     assert not bool(out.isnan().any())
     assert bool((out[7] == 0).all())
     assert_bitwise(out, ref, f"out-of-range token form {layout}")
+    bt = c.wide[:, 1:-1]
     pag = torch.full((bt.shape[0], bt.shape[1] * 16, 576), float("nan"), dtype=torch.bfloat16, device=DEV)
-    gmod.launch_gather_dequant_cache(cache_d, wide_d[:, 1:-1], None, None, None,
-                                     None if scale is None else scale.to(DEV), pag, layout, CFG)
+    gmod.launch_gather_dequant_cache(cache_d, wide_d[:, 1:-1], None, None, None, s_d, pag, layout, CFG)
     pag = pag.cpu()
     assert not bool(pag.isnan().any())
-    assert_bitwise(pag, gmod.gather_dequant_cache_paged_reference(cache_c, wide[:, 1:-1], scale, torch.bfloat16,
-                                                                  layout))
+    assert_bitwise(pag, gmod.gather_dequant_cache_paged_reference(cache_c, bt, c.scale, torch.bfloat16, layout))
 
 
 def test_async_pdl_chain_in_cuda_graph():
@@ -188,40 +171,6 @@ def test_async_pdl_chain_in_cuda_graph():
         ref = gmod.gather_dequant_cache_reference(new, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts,
                                                   one.cpu(), torch.float32)
         assert_bitwise(out[0, :ref.shape[0]].cpu(), ref, f"PDL chain, cache seed {seed}")
-
-
-@pytest.mark.parametrize("layout", ["plain", "fp8_ds_mla"])
-def test_async_reads_indices_written_by_a_pdl_primary(layout):
-    """The kernel right before the gather in a captured graph (a PDL primary that lets its dependents start at once)
-    writes the block table and token_to_seq the gather reads; before it they hold garbage (huge, negative, out of
-    range). The async gather waits (griddepcontrol.wait) before any read: the reference's output, every replay."""
-    n, d = 30000, 576 if layout == "plain" else 656
-    cache, p, scale = _problem(46, n, d, torch.float8_e4m3fn, layout)
-    dv = p.to(DEV)
-    bt_live, tts_live = torch.empty_like(dv.block_table), torch.empty_like(dv.token_to_seq)
-    g = torch.Generator().manual_seed(47)
-    bad_bt = torch.randint(-2 ** 31, 2 ** 31 - 1, tuple(p.block_table.shape), generator=g, dtype=torch.int64)
-    bad_tts = torch.randint(-2 ** 31, 2 ** 31 - 1, tuple(p.token_to_seq.shape), generator=g, dtype=torch.int64)
-    bad_bt, bad_tts = bad_bt.to(torch.int32).to(DEV), bad_tts.to(torch.int32).to(DEV)
-    c_d, s_d = cache.to(DEV), None if scale is None else scale.to(DEV)
-    out = torch.empty((p.token_to_seq.numel(), 576), dtype=torch.bfloat16, device=DEV)
-    assert gmod.async_unsupported(c_d, out, layout, CFG[4], CFG[0], CFG[1], CFG[2]) is None
-
-    def step():
-        bt_live.copy_(bad_bt)
-        tts_live.copy_(bad_tts)
-        out.fill_(float("nan"))
-        pdl_writer([(dv.block_table, bt_live), (dv.token_to_seq, tts_live)])
-        gmod.launch_gather_dequant_cache(c_d, bt_live, dv.cu_seq_lens, tts_live, dv.seq_starts, s_d, out, layout,
-                                         CFG)
-
-    graph, _ = capture(step)
-    ref = gmod.gather_dequant_cache_reference(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts,
-                                              scale, torch.bfloat16, layout)
-    for i in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_bitwise(out.cpu(), ref, f"replay {i}")
 
 
 def test_async_declines_and_falls_back():

@@ -10,8 +10,8 @@ import torch
 
 from fx_mla.ops import gather_dequant_cache as gmod  # registers the ops
 from tests.gpu.graphs import capture, pdl_writer
-from tests.ops.gather_dequant_cache_cases import (FP8, NAN_BYTE, assert_bitwise, ragged_lengths, random_cache,
-                                                  random_scale, token_problem)
+from tests.ops.gather_dequant_cache_cases import (FP8, NAN_BYTE, assert_bitwise, poisoned_case, ragged_lengths,
+                                                  random_cache, random_scale, token_problem)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -100,36 +100,20 @@ def test_launch_configs_bitwise(config, layout):
 def test_out_of_range_indices_write_zeros_and_read_nothing_outside():
     """The cache sits inside a buffer whose first and last blocks are NaN codes; the block table is a view
     of a wider one whose extra columns name a NaN block: any stray read would put NaN in the output."""
-    g = torch.Generator().manual_seed(6)
-    p = token_problem([50, 0, 90, 33], 16, g, starts=[3, 0, 20, 0], padding=5)
-    n = p.num_blocks
-    big = torch.full((n + 2, 16, 576), NAN_BYTE[torch.float8_e4m3fn], dtype=torch.uint8)
-    big[1:-1] = random_cache(n, 16, 576, torch.float8_e4m3fn, g).view(torch.uint8)
-    poison = n - 1
-    big[1 + poison] = NAN_BYTE[torch.float8_e4m3fn]
-    bt = p.block_table.clone()
-    bt[bt == poison] = 0
-    bt[2, 0], bt[0, 1], bt[3, 0] = n, -n - 1, -2       # past the cache, wraps still out, wraps in range
-    wide = torch.full((bt.shape[0], bt.shape[1] + 2), poison, dtype=torch.int32)
-    wide[:, 1:-1] = bt
-    tts = p.token_to_seq.clone()
-    tts[7] = 4                                            # request id == batch
-    ss = p.seq_starts.clone()
-    ss[2] = 16 * (bt.shape[1] - 3)                        # request 2 runs past its row
-    scale = random_scale(g)
-    big_d = big.to(DEV)
-    cache_d = big_d[1:-1].view(torch.float8_e4m3fn)
-    wide_d = wide.to(DEV)
-    out = OPS.gather_dequant_cache(cache_d, wide_d[:, 1:-1], p.cu_seq_lens.to(DEV), tts.to(DEV), ss.to(DEV),
-                                   scale.to(DEV), torch.bfloat16).cpu()
-    cache_c = big[1:-1].view(torch.float8_e4m3fn)
-    ref = gmod.gather_dequant_cache_reference(cache_c, wide[:, 1:-1], p.cu_seq_lens, tts, ss, scale, torch.bfloat16)
+    c = poisoned_case(6)
+    big_d, wide_d = c.big.to(DEV), c.wide.to(DEV)
+    cache_d, cache_c = c.cache("plain", big_d), c.cache("plain")
+    out = OPS.gather_dequant_cache(cache_d, wide_d[:, 1:-1], c.problem.cu_seq_lens.to(DEV), c.token_to_seq.to(DEV),
+                                   c.seq_starts.to(DEV), c.scale.to(DEV), torch.bfloat16).cpu()
+    ref = gmod.gather_dequant_cache_reference(cache_c, c.wide[:, 1:-1], c.problem.cu_seq_lens, c.token_to_seq,
+                                              c.seq_starts, c.scale, torch.bfloat16)
     assert not bool(out.isnan().any())
     assert bool((out[7] == 0).all())
     assert_bitwise(out, ref, "out-of-range token form")
-    paged = OPS.gather_dequant_cache_paged(cache_d, wide_d[:, 1:-1], scale.to(DEV), torch.bfloat16).cpu()
+    paged = OPS.gather_dequant_cache_paged(cache_d, wide_d[:, 1:-1], c.scale.to(DEV), torch.bfloat16).cpu()
     assert not bool(paged.isnan().any())
-    assert_bitwise(paged, gmod.gather_dequant_cache_paged_reference(cache_c, wide[:, 1:-1], scale, torch.bfloat16))
+    assert_bitwise(paged, gmod.gather_dequant_cache_paged_reference(cache_c, c.wide[:, 1:-1], c.scale,
+                                                                    torch.bfloat16))
 
 
 def test_nan_codes_stay_nan():
@@ -245,12 +229,15 @@ def test_pdl_launches_in_cuda_graph_see_the_previous_kernels_writes(cfg):
 
 
 @pytest.mark.parametrize("layout", ["plain", "fp8_ds_mla"])
-@pytest.mark.parametrize("flags", ["p", "pe"])
-def test_indices_written_by_the_previous_kernel_under_pdl(layout, flags):
+@pytest.mark.parametrize("cfg", [(8, 4, 0, "p"), (8, 4, 0, "pe"), (32, 4, 2, "ape", 3)], ids=str)
+def test_indices_written_by_the_previous_kernel_under_pdl(layout, cfg):
     """The kernel right before the gather in a captured graph (a PDL primary that lets its dependents start at
     once) writes the block table and token_to_seq the gather reads; before it they hold garbage (huge, negative,
     out of range). With flag "e" the gather's programs read those indices before their PDL wait (prefetch
-    addresses only): whatever they saw, the output is the reference's with the final indices, every replay."""
+    addresses only): whatever they saw, the output is the reference's with the final indices, every replay. The
+    last config is the Gluon cp.async kernel (sm_90+; its flag "e" prefetches the first group's rows the same way)."""
+    if "a" in cfg[3] and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the cp.async gather needs compute capability >= 9.0")
     n, d = 30000, 576 if layout == "plain" else 656
     cache, p, scale = _problem(17, n, d, torch.float8_e4m3fn, layout)
     dv = p.to(DEV)
@@ -268,7 +255,7 @@ def test_indices_written_by_the_previous_kernel_under_pdl(layout, flags):
         out.fill_(float("nan"))
         pdl_writer([(dv.block_table, bt_live), (dv.token_to_seq, tts_live)])
         gmod.launch_gather_dequant_cache(c_d, bt_live, dv.cu_seq_lens, tts_live, dv.seq_starts, s_d, out, layout,
-                                         (8, 4, 0, flags))
+                                         cfg)
 
     graph, _ = capture(step)
     ref = gmod.gather_dequant_cache_reference(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts,
@@ -276,4 +263,4 @@ def test_indices_written_by_the_previous_kernel_under_pdl(layout, flags):
     for i in range(3):
         graph.replay()
         torch.cuda.synchronize()
-        assert_bitwise(out.cpu(), ref, f"replay {i}, flags {flags!r}")
+        assert_bitwise(out.cpu(), ref, f"replay {i}, config {cfg}")

@@ -91,6 +91,42 @@ def ragged_lengths(total: int, batch: int, gen, empty: int = 1) -> list:
     return raw.tolist()
 
 
+@dataclass
+class PoisonedCase:
+    """Out-of-range indices over a cache inside a NaN-poisoned buffer (GPU tests): any read outside the cache or a
+    block-table row puts NaN in the output. cache / block_table are views into the poisoned buffers."""
+    big: torch.Tensor              # uint8 [num_blocks + 2, bs, row bytes]: first and last blocks NaN codes
+    wide: torch.Tensor             # int32 [B, max_blocks + 2]: the extra columns name a NaN block
+    problem: TokenProblem
+    token_to_seq: torch.Tensor     # token 7 names request B (out of range)
+    seq_starts: torch.Tensor       # request 2 runs past its block-table row
+    scale: Optional[torch.Tensor]
+
+    def cache(self, layout, big=None):
+        rows = (self.big if big is None else big)[1:-1]
+        return rows.view(torch.float8_e4m3fn) if layout == "plain" else rows
+
+
+def poisoned_case(seed, layout="plain") -> PoisonedCase:
+    g = torch.Generator().manual_seed(seed)
+    p = token_problem([50, 0, 90, 33], 16, g, starts=[3, 0, 20, 0], padding=5)
+    n, row = p.num_blocks, 576 if layout == "plain" else 656
+    big = torch.full((n + 2, 16, row), NAN_BYTE[torch.float8_e4m3fn], dtype=torch.uint8)
+    big[1:-1] = random_cache(n, 16, 576, torch.float8_e4m3fn, g, layout).view(torch.uint8)
+    poison = n - 1
+    big[1 + poison] = NAN_BYTE[torch.float8_e4m3fn]
+    bt = p.block_table.clone()
+    bt[bt == poison] = 0
+    bt[2, 0], bt[0, 1], bt[3, 0] = n, -n - 1, -2       # past the cache, wraps still out, wraps in range
+    wide = torch.full((bt.shape[0], bt.shape[1] + 2), poison, dtype=torch.int32)
+    wide[:, 1:-1] = bt
+    tts = p.token_to_seq.clone()
+    tts[7] = 4                                            # request id == batch
+    ss = p.seq_starts.clone()
+    ss[2] = 16 * (bt.shape[1] - 3)                        # request 2 runs past its row
+    return PoisonedCase(big, wide, p, tts, ss, random_scale(g) if layout == "plain" else None)
+
+
 # ---------------------------------------------------------------- the literal plain chains
 
 def plain_paged(cache, block_table, k_scale, out_dtype):
