@@ -41,6 +41,8 @@
 #   bash benchmarks/gpu_suite.sh s40     # one GPU: the Gluon cp.async gather (config flag "a"): its GPU tests, a
 #                                        # sweep of its launch shapes against the Triton default at 64K / 1M tokens
 #   CFG=32,4,2,ap,3 bash benchmarks/gpu_suite.sh s40t  # the cache gather table with that config
+#   bash benchmarks/gpu_suite.sh s41     # one GPU, one call: s40, the merge GPU tests, then the gather table with the
+#                                        # best async config if it beats the default, else s39's A/B and decode table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
 # 11's s16 / s17 with the gather flags m / w since removed; session 12's s22-s24 / s26: the first scorer A/Bs, its
 # timing knobs and first schedule, since removed; session 13's s29: the scorer options incl. the 8-warp producer,
@@ -318,6 +320,22 @@ print(f'{pick(128)},{pick(16)}')")
         2>&1 | tee "$OUT/s40_sweep.log" | grep -v "^ *{\|^ *}\|^ *\"" | tail -16 ;;
   s40t)
     timeout 230 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 120 --config "${CFG}" 2>&1 | tee "$OUT/cache_gather.log" | grep -v "check" | tail -28 ;;
+  s41)  # session 16, one call: s40 (async gather tests, sweep), then the merge GPU tests of s39; then the gather table
+        # with the best async config if it beats the Triton default at 64K tokens on both layouts, else s39's rest
+    bash "$0" s40
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k merge \
+        2>&1 | tee "$OUT/s39_tests.log" | grep -v PASSED | tail -15; pack
+    best=$(python3 benchmarks/pick_gather_config.py "$OUT/cache_gather_sweep.json")
+    echo "async config that beats the default at 64K: '$best'" | tee "$OUT/s41_pick.txt"
+    if [ -n "$best" ]; then
+      timeout 230 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 110 --config "$best" 2>&1 \
+          | tee "$OUT/cache_gather.log" | grep -v "check" | tail -28
+    else
+      timeout 100 python3 benchmarks/dev_lane_rows.py --modules seesaw --values "SCORER_MERGE=True,SCORER_MERGE=False" \
+          --shapes 1x128x65536,2x128x32768 2>&1 | tee "$OUT/s39_ab.log" | tail -3; pack
+      timeout 150 python3 benchmarks/bench_decode.py --budget 110 --out "$OUT/decode.json" 2>&1 \
+          | tee "$OUT/decode.log" | tail -10
+    fi ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;
