@@ -322,7 +322,7 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 230 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 120 --config "${CFG}" 2>&1 | tee "$OUT/cache_gather.log" | grep -v "check" | tail -28 ;;
   s41)  # session 16, one call: s40 (async gather tests, sweep), then the merge GPU tests of s39; then the gather table
         # with the best async config if it beats the Triton default at 64K tokens on both layouts, else s39's rest
-    bash "$0" s40
+    OUT="$R" bash "$0" s40
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k merge \
         2>&1 | tee "$OUT/s39_tests.log" | grep -v PASSED | tail -15; pack
     best=$(python3 benchmarks/pick_gather_config.py "$OUT/cache_gather_sweep.json")
