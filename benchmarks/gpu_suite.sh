@@ -41,6 +41,7 @@
 #   bash benchmarks/gpu_suite.sh s40     # one GPU: the Gluon cp.async gather (config flag "a"): its GPU tests, a
 #                                        # sweep of its launch shapes against the Triton default at 64K / 1M tokens
 #   CFG=32,4,2,ap,3 bash benchmarks/gpu_suite.sh s40t  # the cache gather table with that config
+#   bash benchmarks/gpu_suite.sh s42     # one GPU: the async gather's diagnostics (no stores / no reads; WRONG outputs)
 #   bash benchmarks/gpu_suite.sh s41     # one GPU, one call: s40, the merge GPU tests, then the gather table with the
 #                                        # best async config if it beats the default, else s39's A/B and decode table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
@@ -336,6 +337,10 @@ print(f'{pick(128)},{pick(16)}')")
       timeout 150 python3 benchmarks/bench_decode.py --budget 110 --out "$OUT/decode.json" 2>&1 \
           | tee "$OUT/decode.log" | tail -10
     fi ;;
+  s42)  # session 16: where the async gather's time goes: no stores ("x") / no cache reads ("y"), 8 consumer warps
+    timeout 170 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
+        "8,4,0,pe;32,4,1,ape,6;32,8,1,ape,6;32,4,1,apex,6;32,4,1,apey,6;16,4,3,ape,4;16,4,3,apex,4;16,4,3,apey,4" \
+        2>&1 | tee "$OUT/s42_sweep.log" | grep -v "^ *{\|^ *}\|^ *\"\|^ *[0-9]\|^ *\]" | tail -14 ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;

@@ -77,7 +77,8 @@ CONFIG = {"plain": (8, 4, 0, "pe"), "fp8_ds_mla": (8, 4, 0, "pe")}
 EARLY_WAVE = 16  # flag "e": programs an SM that prefetch before the PDL wait (an SM holds at most 16 of 4 warps)
 # Config flag "a": the Gluon cp.async kernel (kernels/gather_dequant_cache_async.py), a config (BLOCK_T, consumer
 # warps, CTAs an SM, flags[, stages[, group]]) (stages: shared-memory buffers, default 4; group: tiles an index
-# chain, default 4); "p" there: PDL, "e" (with "p"): the first group's rows into L2 before the PDL wait. Where it cannot run (async_unsupported) the call takes the
+# chain, default 4); "p" there: PDL, "e" (with "p"): the first group's rows into L2 before the PDL wait; "x" / "y":
+# development diagnostics, WRONG results (no output stores / no cache reads). Where it cannot run (async_unsupported) the call takes the
 # Triton kernels with ASYNC_FALLBACK. Its producer warp's registers: ASYNC_PRODUCER_REGS (no spills at BLOCK_T 32 in
 # the offline sm_90 compile, benchmarks/dev_offline_sm90.py --kernel gather).
 ASYNC_FALLBACK = (8, 4, 0, "pe")
@@ -305,15 +306,16 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         return out
     block_t, warps, per_sm, *rest = config or CONFIG[layout]
     flags = rest[0] if rest else ""
-    if set(flags) - set("vspea"):
-        raise ValueError(f"config flags must be letters of 'vspea', got {flags!r}")
+    if set(flags) - set("vspeaxy"):
+        raise ValueError(f"config flags must be letters of 'vspeaxy', got {flags!r}")
     if "a" in flags:
         stages = rest[1] if len(rest) > 1 else 4
         group = rest[2] if len(rest) > 2 else 4
         why = async_unsupported(cache, out, layout, stages, block_t, warps, per_sm, group)
         if why is None:
             return _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout,
-                                 n_tokens, block_t, warps, per_sm, stages, group, "p" in flags, "e" in flags)
+                                 n_tokens, block_t, warps, per_sm, stages, group, "p" in flags, "e" in flags,
+                                 1 if "x" in flags else 2 if "y" in flags else 0)
         block_t, warps, per_sm, flags, rest = *ASYNC_FALLBACK, []  # (why: async_unsupported's reason)
     maxnreg = rest[1] if len(rest) > 1 else 0
     if "e" in flags and "p" not in flags:
@@ -384,7 +386,7 @@ def async_unsupported(cache, out, layout, stages=4, block_t=32, warps=4, per_sm=
 
 
 def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout, n_tokens, block_t,
-                  warps, per_sm, stages, group, pdl, early):
+                  warps, per_sm, stages, group, pdl, early, diag=0):
     """The Gluon cp.async kernel (kernels/gather_dequant_cache_async.py): a persistent grid of per_sm CTAs an SM
     (at most one a tile), each CTA an equal contiguous range of tokens; registers capped so per_sm CTAs fit; the
     producer's index chain runs for `group` tiles at once."""
@@ -398,7 +400,8 @@ def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, sca
     p1, p2, p3 = _split_entry(d_out) if layout == "plain" else (512, 64, 0)
     kw = dict(D_OUT=d_out, P1=p1, P2=p2, P3=p3, DS_MLA=layout == "fp8_ds_mla", BLOCK_SIZE=cache.shape[1],
               BLOCK_T=block_t, STAGES=stages, PAGED=paged, HAS_SEQ_STARTS=seq_starts is not None,
-              HAS_SCALE=scale is not None, PDL=pdl, PRODUCER_REGS=ASYNC_PRODUCER_REGS, num_warps=warps, GROUP=group)
+              HAS_SCALE=scale is not None, PDL=pdl, PRODUCER_REGS=ASYNC_PRODUCER_REGS, num_warps=warps, GROUP=group,
+              DIAG=diag)
     if pdl:
         kw.update(launch_pdl=True, EARLY=early, ROW_BYTES=cache.shape[2] * cache.element_size())
     if per_sm > 1:  # a CTA is 8 warps (the consumers, the producer warp, padding to whole warpgroups)

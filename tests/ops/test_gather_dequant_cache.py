@@ -275,9 +275,9 @@ def test_opcheck(case):
 def test_launch_config_flags_are_checked():
     cache, p, scale = _token_inputs(11, 576, torch.float8_e4m3fn)
     out = torch.empty(p.token_to_seq.numel(), 576, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="config flags must be letters of 'vspea', got 'vx'"):
+    with pytest.raises(ValueError, match="config flags must be letters of 'vspeaxy', got 'vz'"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
-                                         out, "plain", (8, 4, 0, "vx"))
+                                         out, "plain", (8, 4, 0, "vz"))
     with pytest.raises(ValueError, match="config flag 'e' .* needs 'p', got 've'"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "ve"))

@@ -98,7 +98,7 @@ def _rows(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blo
 
 @gluon.jit
 def _copy_part(dst, base, rows_s, W: gl.constexpr, VALID: gl.constexpr, BLOCK_T: gl.constexpr, SHIFT: gl.constexpr,
-               LAYOUT: gl.constexpr):
+               LAYOUT: gl.constexpr, DIAG: gl.constexpr = 0):
     """cp.async of columns [0, VALID) of each token's row part into dst [BT, W]: typed pointer base + (row >> SHIFT)
     (row: the byte offset of a row, a multiple of 16, read from rows_s; negative: the token reads nothing)."""
     row = rows_s.load(gl.SliceLayout(1, LAYOUT))
@@ -112,13 +112,16 @@ def _copy_part(dst, base, rows_s, W: gl.constexpr, VALID: gl.constexpr, BLOCK_T:
         m = ok[:, None] & (d >= 0)[None, :]
     else:
         m = ok[:, None] & (d < VALID)[None, :]
+    if DIAG == 2:  # development only: no global reads (zero-filled copies)
+        m = m & (d < 0)[None, :]
     async_copy.async_copy_global_to_shared(dst, base + off[:, None] + d[None, :], mask=m,
                                            eviction_policy="evict_first")
 
 
 @gluon.jit
 def _emit_part(src, out_ptr, t0, end, s, OFF: gl.constexpr, W: gl.constexpr, VALID: gl.constexpr,
-               D_OUT: gl.constexpr, HAS_SCALE: gl.constexpr, BLOCK_T: gl.constexpr, LAYOUT: gl.constexpr):
+               D_OUT: gl.constexpr, HAS_SCALE: gl.constexpr, BLOCK_T: gl.constexpr, LAYOUT: gl.constexpr,
+               DIAG: gl.constexpr = 0):
     """Columns [OFF, OFF + VALID) of output rows t0 .. t0 + BLOCK_T (those below end) from src [BT, W]:
     round(fp32(x) * s)."""
     y = src.load(LAYOUT).to(gl.float32)
@@ -130,6 +133,8 @@ def _emit_part(src, out_ptr, t0, end, s, OFF: gl.constexpr, W: gl.constexpr, VAL
         m = (t < end)[:, None] & (d >= 0)[None, :]
     else:
         m = (t < end)[:, None] & (d < VALID)[None, :]
+    if DIAG == 1:  # development only: no stores
+        m = m & (d < 0)[None, :]
     gl.store(out_ptr + t[:, None] * D_OUT + (OFF + d)[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -146,7 +151,7 @@ def _producer(bufs, rows_s, full, empty, cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_
               n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len,
               P1: gl.constexpr, P2: gl.constexpr, P3: gl.constexpr, R3: gl.constexpr, DS_MLA: gl.constexpr,
               BLOCK_SIZE: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-              PAGED: gl.constexpr, HAS_SEQ_STARTS: gl.constexpr):
+              PAGED: gl.constexpr, HAS_SEQ_STARTS: gl.constexpr, DIAG: gl.constexpr):
     """One warp: tile k of this CTA into buffer k % STAGES (module docstring). The index chain runs for GROUP tiles
     at once (GROUP * BLOCK_T tokens, spread over the lanes: its dependent loads are paid once a group, not once a
     tile); the rows go through rows_s to each part's layout (-16: the token reads nothing; a multiple of 16 like
@@ -190,18 +195,20 @@ def _producer(bufs, rows_s, full, empty, cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_
                     row3 = gl.multiple_of(row3, 16)
                     off3 = row3[:, None, None] + (g4 * 128)[None, :, None] + c128[None, None, :]
                     m3 = ok3[:, None, None] & (g4 >= 0)[None, :, None] & (c128 >= 0)[None, None, :]
+                    if DIAG == 2:
+                        m3 = m3 & (c128 < 0)[None, None, :]
                     async_copy.async_copy_global_to_shared(lat_s.index(st), lat_ptr + off3, mask=m3,
                                                            eviction_policy="evict_first")
                     # row offsets are multiples of 16 bytes: exact in fp32 (>> 2) and bf16 (>> 1) elements
-                    _copy_part(sc_s.index(st), sc_ptr, rs, 4, 4, BLOCK_T, 2, LS)
-                    _copy_part(rope_s.index(st), rope_ptr, rs, 64, 64, BLOCK_T, 1, LR)
+                    _copy_part(sc_s.index(st), sc_ptr, rs, 4, 4, BLOCK_T, 2, LS, DIAG)
+                    _copy_part(rope_s.index(st), rope_ptr, rs, 64, 64, BLOCK_T, 1, LR, DIAG)
                 else:
                     a_s, b_s, c_s = bufs
-                    _copy_part(a_s.index(st), cache_ptr, rs, P1, P1, BLOCK_T, 0, LA)
+                    _copy_part(a_s.index(st), cache_ptr, rs, P1, P1, BLOCK_T, 0, LA, DIAG)
                     if P2 > 0:
-                        _copy_part(b_s.index(st), cache_ptr + P1, rs, P2, P2, BLOCK_T, 0, LB)
+                        _copy_part(b_s.index(st), cache_ptr + P1, rs, P2, P2, BLOCK_T, 0, LB, DIAG)
                     if P3 > 0:
-                        _copy_part(c_s.index(st), cache_ptr + (P1 + P2), rs, P3, R3, BLOCK_T, 0, LC)
+                        _copy_part(c_s.index(st), cache_ptr + (P1 + P2), rs, P3, R3, BLOCK_T, 0, LC, DIAG)
                 async_copy.mbarrier_arrive(full.index(st), increment_count=False)
 
 
@@ -209,7 +216,7 @@ def _producer(bufs, rows_s, full, empty, cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_
 def _consumer(bufs, full, empty, out_ptr, scale_ptr, n_tokens,
               P1: gl.constexpr, P2: gl.constexpr, P3: gl.constexpr, R3: gl.constexpr, D_OUT: gl.constexpr,
               DS_MLA: gl.constexpr, HAS_SCALE: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
-              V_IN: gl.constexpr, num_warps: gl.constexpr):
+              V_IN: gl.constexpr, DIAG: gl.constexpr, num_warps: gl.constexpr):
     """The default partition: dequantize and store tile k of this CTA from buffer k % STAGES, release it."""
     begin, end = _cta_range(n_tokens)
     n_my = gl.cdiv(end - begin, BLOCK_T).to(gl.int32)
@@ -238,16 +245,18 @@ def _consumer(bufs, full, empty, out_ptr, scale_ptr, n_tokens,
             g = gl.arange(0, 4, layout=gl.SliceLayout(0, LS))
             c = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, LA)))
             m3 = (t < end)[:, None, None] & (g >= 0)[None, :, None] & (c >= 0)[None, None, :]
+            if DIAG == 1:
+                m3 = m3 & (c < 0)[None, None, :]
             ptr = out_ptr + t[:, None, None] * D_OUT + (g * 128)[None, :, None] + c[None, None, :]
             gl.store(ptr, y.to(out_ptr.dtype.element_ty), mask=m3)
-            _emit_part(rope_s.index(st), out_ptr, t0, end, s, 512, 64, 64, D_OUT, False, BLOCK_T, LR)
+            _emit_part(rope_s.index(st), out_ptr, t0, end, s, 512, 64, 64, D_OUT, False, BLOCK_T, LR, DIAG)
         else:
             a_s, b_s, c_s = bufs
-            _emit_part(a_s.index(st), out_ptr, t0, end, s, 0, P1, P1, D_OUT, HAS_SCALE, BLOCK_T, LA)
+            _emit_part(a_s.index(st), out_ptr, t0, end, s, 0, P1, P1, D_OUT, HAS_SCALE, BLOCK_T, LA, DIAG)
             if P2 > 0:
-                _emit_part(b_s.index(st), out_ptr, t0, end, s, P1, P2, P2, D_OUT, HAS_SCALE, BLOCK_T, LB)
+                _emit_part(b_s.index(st), out_ptr, t0, end, s, P1, P2, P2, D_OUT, HAS_SCALE, BLOCK_T, LB, DIAG)
             if P3 > 0:
-                _emit_part(c_s.index(st), out_ptr, t0, end, s, P1 + P2, P3, R3, D_OUT, HAS_SCALE, BLOCK_T, LC)
+                _emit_part(c_s.index(st), out_ptr, t0, end, s, P1 + P2, P3, R3, D_OUT, HAS_SCALE, BLOCK_T, LC, DIAG)
         gl.thread_barrier()  # every consumer warp's reads of the buffer are done
         mbarrier.arrive(empty.index(st))
 
@@ -283,7 +292,7 @@ def _gather_dequant_cache_async_kernel(
         BLOCK_SIZE: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, PAGED: gl.constexpr,
         HAS_SEQ_STARTS: gl.constexpr, HAS_SCALE: gl.constexpr, PDL: gl.constexpr, PRODUCER_REGS: gl.constexpr,
         num_warps: gl.constexpr, GROUP: gl.constexpr = 4, EARLY: gl.constexpr = False,
-        ROW_BYTES: gl.constexpr = 576):
+        ROW_BYTES: gl.constexpr = 576, DIAG: gl.constexpr = 0):
     """plain: out[t, :D_OUT] = round(fp32(cache[row(t), :D_OUT]) * scale), the entry read as parts P1 + P2 + a
     masked P3 (the launcher's _split_entry); fp8_ds_mla (DS_MLA; cache bytes): the 656-byte row dequantized to 576.
     Grid: persistent, a contiguous range of tokens a CTA (module docstring)."""
@@ -317,8 +326,8 @@ def _gather_dequant_cache_async_kernel(
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
         (_consumer, (bufs, full, empty, out_ptr, scale_ptr, n_tokens, P1, P2, P3, R3, D_OUT, DS_MLA,
-                     HAS_SCALE, BLOCK_T, STAGES, V_IN, num_warps)),
+                     HAS_SCALE, BLOCK_T, STAGES, V_IN, DIAG, num_warps)),
         (_producer, (bufs, rows_s, full, empty, cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr, n_tokens, n_req, max_blocks,
                      n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len, P1, P2, P3, R3, DS_MLA, BLOCK_SIZE,
-                     BLOCK_T, STAGES, GROUP, PAGED, HAS_SEQ_STARTS)),
+                     BLOCK_T, STAGES, GROUP, PAGED, HAS_SEQ_STARTS, DIAG)),
     ], [1], [PRODUCER_REGS])
