@@ -42,6 +42,8 @@
 #                                        # sweep of its launch shapes against the Triton default at 64K / 1M tokens
 #   CFG=32,4,2,ap,3 bash benchmarks/gpu_suite.sh s40t  # the cache gather table with that config
 #   bash benchmarks/gpu_suite.sh s42     # one GPU: the async gather's diagnostics (no stores / no reads; WRONG outputs)
+#   bash benchmarks/gpu_suite.sh s43     # one GPU: s40 again (the consumer's whole-sector stores), then the gather
+#                                        # table with the best async config if it beats the default (NEXT TO RUN)
 #   bash benchmarks/gpu_suite.sh s41     # one GPU, one call: s40, the merge GPU tests, then the gather table with the
 #                                        # best async config if it beats the default, else s39's A/B and decode table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
@@ -317,7 +319,7 @@ print(f'{pick(128)},{pick(16)}')")
         $G::test_indices_written_by_the_previous_kernel_under_pdl 2>&1 | tee "$OUT/s40_tests.log" | grep -v PASSED \
         | tail -25; pack
     timeout 200 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
-        "8,4,0,pe;32,4,1,ap,6;32,4,1,ape,6;32,4,1,ap,8,8;32,4,2,ap,4;32,4,2,ape,4;16,4,2,ap,6,8;16,4,3,ap,4;32,4,1,a,6" \
+        "8,4,0,pe;32,4,1,ape,6;32,4,1,ape,8,8;32,4,2,ape,4;16,4,3,ape,4;32,8,1,ape,6;32,4,1,apey,6;32,4,1,apex,6" \
         2>&1 | tee "$OUT/s40_sweep.log" | grep -v "^ *{\|^ *}\|^ *\"" | tail -16 ;;
   s40t)
     timeout 230 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 120 --config "${CFG}" 2>&1 | tee "$OUT/cache_gather.log" | grep -v "check" | tail -28 ;;
@@ -337,6 +339,13 @@ print(f'{pick(128)},{pick(16)}')")
       timeout 150 python3 benchmarks/bench_decode.py --budget 110 --out "$OUT/decode.json" 2>&1 \
           | tee "$OUT/decode.log" | tail -10
     fi ;;
+  s43)  # session 17: s40 with the consumer's whole-sector stores (not yet run on a GPU), then the gather table with
+        # the best async config if it beats the Triton default at 64K tokens on both layouts
+    OUT="$R" bash "$0" s40
+    best=$(python3 benchmarks/pick_gather_config.py "$OUT/cache_gather_sweep.json")
+    echo "async config that beats the default at 64K: '$best'" | tee "$OUT/s43_pick.txt"
+    [ -n "$best" ] && timeout 230 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 110 --config "$best" \
+        2>&1 | tee "$OUT/cache_gather.log" | grep -v "check" | tail -28 ;;
   s42)  # session 16: where the async gather's time goes: no stores ("x") / no cache reads ("y"), 8 consumer warps
     timeout 170 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
         "8,4,0,pe;32,4,1,ape,6;32,8,1,ape,6;32,4,1,apex,6;32,4,1,apey,6;16,4,3,ape,4;16,4,3,apex,4;16,4,3,apey,4" \

@@ -45,10 +45,11 @@ def part_layout(width, vec, warps):
 
 
 @gluon.constexpr_function
-def group_layout(warps):
-    """fp8_ds_mla latent [tokens, 4 groups, 128] bytes: a warp is one token's 512 bytes, 16 a thread."""
-    warps = getattr(warps, "value", warps)
-    return gl.BlockedLayout([1, 1, 16], [1, 4, 8], [warps, 1, 1], [2, 1, 0])
+def group_layout(warps, vec=16):
+    """fp8_ds_mla latent [tokens, 4 groups, 128] elements, vec contiguous a thread (lanes along a group first)."""
+    warps, vec = (getattr(x, "value", x) for x in (warps, vec))
+    lanes_c = min(32, 128 // vec)
+    return gl.BlockedLayout([1, 1, vec], [1, 32 // lanes_c, lanes_c], [warps, 1, 1], [2, 1, 0])
 
 
 @gluon.constexpr_function
@@ -217,21 +218,26 @@ def _consumer(bufs, full, empty, out_ptr, scale_ptr, n_tokens,
               P1: gl.constexpr, P2: gl.constexpr, P3: gl.constexpr, R3: gl.constexpr, D_OUT: gl.constexpr,
               DS_MLA: gl.constexpr, HAS_SCALE: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
               V_IN: gl.constexpr, DIAG: gl.constexpr, num_warps: gl.constexpr):
-    """The default partition: dequantize and store tile k of this CTA from buffer k % STAGES, release it."""
+    """The default partition: dequantize and store tile k of this CTA from buffer k % STAGES, release it. A thread
+    takes 16 bytes of OUTPUT (8 bf16 / fp16, 4 fp32), neighbouring lanes neighbouring 16 bytes: each store
+    instruction writes whole 32-byte sectors. (Session 16's first form took 16 bytes of input, 32 bytes of bf16
+    output a thread: every st.global.v4 wrote half of each of 32 sectors, and with no stores at all the kernel ran
+    near the copy rate, with stores only at ~60 % of it: the stores bounded it.)"""
     begin, end = _cta_range(n_tokens)
     n_my = gl.cdiv(end - begin, BLOCK_T).to(gl.int32)
     if HAS_SCALE:
         s = gl.load(scale_ptr)  # a device scalar: no host sync, CUDA-graph capturable
     else:
         s = 1.0
+    V_OUT: gl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth  # elements in 16 output bytes
     if DS_MLA:
-        LA: gl.constexpr = group_layout(num_warps)
+        LA: gl.constexpr = group_layout(num_warps, V_OUT)
         LS: gl.constexpr = gl.SliceLayout(2, LA)
-        LR: gl.constexpr = part_layout(64, 8, num_warps)
+        LR: gl.constexpr = part_layout(64, V_OUT, num_warps)
     else:
-        LA: gl.constexpr = part_layout(P1, V_IN, num_warps)
-        LB: gl.constexpr = part_layout(P2, V_IN, num_warps)
-        LC: gl.constexpr = part_layout(P3, V_IN, num_warps)
+        LA: gl.constexpr = part_layout(P1, V_OUT, num_warps)
+        LB: gl.constexpr = part_layout(P2, V_OUT, num_warps)
+        LC: gl.constexpr = part_layout(P3, V_OUT, num_warps)
     for k in range(n_my):
         st = k % STAGES
         t0 = begin + k * BLOCK_T
