@@ -13,9 +13,16 @@ tile that holds its data from load to store. Here each CTA lives for the whole l
   cp.async.mbarrier.arrive (each producer lane's arrival lands when its copies have). It runs up to STAGES tiles
   ahead of the consumers: the index chains of later tiles overlap the data of earlier ones, and the bytes in flight
   do not live in registers.
-* the consumer warps (the default partition) wait for a buffer, read it back 16 bytes a thread, dequantize (fp8 ->
-  fp32 exact, one fp32 multiply by the scale, one round-to-nearest-even to the output dtype: the Triton kernels'
-  arithmetic, so the result is bitwise theirs), store each tile's output rows coalesced, and release the buffer.
+* the consumer warps (the default partition) wait for a buffer, read it back (what becomes 16 output bytes a
+  thread), dequantize (fp8 -> fp32 exact, one fp32 multiply by the scale, one round-to-nearest-even to the output
+  dtype: the Triton kernels' arithmetic, so the result is bitwise theirs), store each tile's output rows in whole
+  32-byte sectors, and release the buffer.
+
+Status (RESULTS.md, session 16, 1x H100): opt-in, slower than the Triton default so far. The first forms measured
+66-78 % of copy against the Triton kernels' 90 / 95 % (64K / 1M tokens); with the stores switched off the kernel ran
+at the copy rate, with the reads switched off at ~60 %: a consumer thread then stored 32 bytes, so every store
+instruction wrote half sectors. The consumer layout was changed after that run (16 output bytes a thread) and has
+not yet run on a GPU.
 
 Masked copies (tokens past the end, tokens whose indices are out of range after torch's wrap-around) zero-fill the
 buffer (cp.async with source size 0: no address is read), so such a token's output row is the same
