@@ -346,6 +346,12 @@ print(f'{pick(128)},{pick(16)}')")
     echo "async config that beats the default at 64K: '$best'" | tee "$OUT/s43_pick.txt"
     [ -n "$best" ] && timeout 230 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 110 --config "$best" \
         2>&1 | tee "$OUT/cache_gather.log" | grep -v "check" | tail -28 ;;
+  s43q)  # session 16's last minutes: the fixed consumer's sweep first, then its tests
+    timeout 100 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
+        "8,4,0,pe;32,4,1,ape,6;32,4,2,ape,4;16,4,3,ape,4" 2>&1 | tee "$OUT/s43q_sweep.log" \
+        | grep -v "^ *{\|^ *}\|^ *\"\|^ *[0-9]\|^ *\]" | tail -8; pack
+    timeout 120 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_gather_async_gpu.py 2>&1 \
+        | tee "$OUT/s43q_tests.log" | grep -v PASSED | tail -12 ;;
   s42)  # session 16: where the async gather's time goes: no stores ("x") / no cache reads ("y"), 8 consumer warps
     timeout 170 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
         "8,4,0,pe;32,4,1,ape,6;32,8,1,ape,6;32,4,1,apex,6;32,4,1,apey,6;16,4,3,ape,4;16,4,3,apex,4;16,4,3,apey,4" \
