@@ -42,8 +42,9 @@
 #                                        # sweep of its launch shapes against the Triton default at 64K / 1M tokens
 #   CFG=32,4,2,ap,3 bash benchmarks/gpu_suite.sh s40t  # the cache gather table with that config
 #   bash benchmarks/gpu_suite.sh s42     # one GPU: the async gather's diagnostics (no stores / no reads; WRONG outputs)
-#   bash benchmarks/gpu_suite.sh s43     # one GPU: s40 again (the consumer's whole-sector stores), then the gather
-#                                        # table with the best async config if it beats the default (NEXT TO RUN)
+#   bash benchmarks/gpu_suite.sh s43     # one GPU: s40 again (the consumer's whole-sector stores: 8 consumer warps,
+#                                        # the x / y diagnostics), then the gather table with the best async config if
+#                                        # it beats the default (next to run; s43q ran its first part)
 #   bash benchmarks/gpu_suite.sh s41     # one GPU, one call: s40, the merge GPU tests, then the gather table with the
 #                                        # best async config if it beats the default, else s39's A/B and decode table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
@@ -339,7 +340,7 @@ print(f'{pick(128)},{pick(16)}')")
       timeout 150 python3 benchmarks/bench_decode.py --budget 110 --out "$OUT/decode.json" 2>&1 \
           | tee "$OUT/decode.log" | tail -10
     fi ;;
-  s43)  # session 17: s40 with the consumer's whole-sector stores (not yet run on a GPU), then the gather table with
+  s43)  # session 17: s40 with the consumer's whole-sector stores (s43q: 85-90 %), then the gather table with
         # the best async config if it beats the Triton default at 64K tokens on both layouts
     OUT="$R" bash "$0" s40
     best=$(python3 benchmarks/pick_gather_config.py "$OUT/cache_gather_sweep.json")
