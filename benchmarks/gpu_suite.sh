@@ -319,7 +319,7 @@ print(f'{pick(128)},{pick(16)}')")
         $G::test_out_of_range_indices_write_zeros_and_read_nothing_outside \
         $G::test_indices_written_by_the_previous_kernel_under_pdl 2>&1 | tee "$OUT/s40_tests.log" | grep -v PASSED \
         | tail -25; pack
-    timeout 200 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
+    FX_MLA_DEV_DIAG=1 timeout 200 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
         "8,4,0,pe;32,4,1,ape,6;32,4,1,ape,8,8;32,4,2,ape,4;16,4,3,ape,4;32,8,1,ape,6;32,4,1,apey,6;32,4,1,apex,6" \
         2>&1 | tee "$OUT/s40_sweep.log" | grep -v "^ *{\|^ *}\|^ *\"" | tail -16 ;;
   s40t)
@@ -354,7 +354,7 @@ print(f'{pick(128)},{pick(16)}')")
     timeout 120 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_gather_async_gpu.py 2>&1 \
         | tee "$OUT/s43q_tests.log" | grep -v PASSED | tail -12 ;;
   s42)  # session 16: where the async gather's time goes: no stores ("x") / no cache reads ("y"), 8 consumer warps
-    timeout 170 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
+    FX_MLA_DEV_DIAG=1 timeout 170 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
         "8,4,0,pe;32,4,1,ape,6;32,8,1,ape,6;32,4,1,apex,6;32,4,1,apey,6;16,4,3,ape,4;16,4,3,apex,4;16,4,3,apey,4" \
         2>&1 | tee "$OUT/s42_sweep.log" | grep -v "^ *{\|^ *}\|^ *\"\|^ *[0-9]\|^ *\]" | tail -14 ;;
   s32)

@@ -10,8 +10,8 @@ _spec.loader.exec_module(pgc)
 DEFAULT = [8, 4, 0, "pe"]
 
 
-def _rows(cfg, e64, d64, e1m=95.0, d1m=94.0, bitwise=True):
-    return [dict(config=list(cfg), layout=lay, tokens=n, pct_of_copy=pct, bitwise_vs_op=bitwise)
+def _rows(cfg, e64, d64, e1m=95.0, d1m=94.0, bitwise=True, reason=None):
+    return [dict(config=list(cfg), layout=lay, tokens=n, pct_of_copy=pct, bitwise_vs_op=bitwise, async_reason=reason)
             for lay, n, pct in (("plain", 65536, e64), ("fp8_ds_mla", 65536, d64), ("plain", 1 << 20, e1m),
                                 ("fp8_ds_mla", 1 << 20, d1m))]
 
@@ -27,3 +27,11 @@ def test_none_when_one_layout_is_slower_or_bits_differ():
     rows = _rows(DEFAULT, 90.0, 89.5) + _rows([32, 4, 2, "ape", 3], 93.0, 92.0, bitwise=False)
     assert pgc.pick(rows, DEFAULT) is None
     assert pgc.pick(_rows([32, 4, 2, "ape", 3], 93.0, 92.0), DEFAULT) is None  # no default row: nothing to beat
+
+
+def test_none_within_the_margin_or_when_the_fallback_ran():
+    rows = _rows(DEFAULT, 90.0, 89.5) + _rows([32, 4, 2, "ape", 3], 90.2, 89.7)
+    assert pgc.pick(rows, DEFAULT) is None                      # +0.2: noise, not a win
+    assert pgc.pick(rows, DEFAULT, margin=0.1)[1] == (32, 4, 2, "ape", 3)
+    rows = _rows(DEFAULT, 90.0, 89.5) + _rows([32, 4, 2, "ape", 3], 93.0, 92.0, reason="not a CUDA tensor")
+    assert pgc.pick(rows, DEFAULT) is None                      # the Triton fallback ran under an async label

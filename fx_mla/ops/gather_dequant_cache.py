@@ -78,7 +78,7 @@ EARLY_WAVE = 16  # flag "e": programs an SM that prefetch before the PDL wait (a
 # Config flag "a": the Gluon cp.async kernel (kernels/gather_dequant_cache_async.py), a config (BLOCK_T, consumer
 # warps, CTAs an SM, flags[, stages[, group]]) (stages: shared-memory buffers, default 4; group: tiles an index
 # chain, default 4); "p" there: PDL, "e" (with "p"): the first group's rows into L2 before the PDL wait; "x" / "y":
-# development diagnostics, WRONG results (no output stores / no cache reads). Where it cannot run (async_unsupported) the call takes the
+# development diagnostics, WRONG results (no output stores / no cache reads), refused unless FX_MLA_DEV_DIAG=1. Where it cannot run (async_unsupported) the call takes the
 # Triton kernels with ASYNC_FALLBACK. Its producer warp's registers: ASYNC_PRODUCER_REGS (no spills at BLOCK_T 32 in
 # the offline sm_90 compile, benchmarks/dev_offline_sm90.py --kernel gather).
 ASYNC_FALLBACK = (8, 4, 0, "pe")
@@ -308,6 +308,11 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     flags = rest[0] if rest else ""
     if set(flags) - set("vspeaxy"):
         raise ValueError(f"config flags must be letters of 'vspeaxy', got {flags!r}")
+    if "e" in flags and "p" not in flags:
+        raise ValueError(f"config flag 'e' (prefetch before the PDL wait) needs 'p', got {flags!r}")
+    if set(flags) & set("xy") and ("a" not in flags or os.environ.get("FX_MLA_DEV_DIAG") != "1"):
+        raise ValueError(f"config flags 'x' / 'y' are development diagnostics of flag 'a' that write WRONG outputs; "
+                         f"they need 'a' and FX_MLA_DEV_DIAG=1, got {flags!r}")
     if "a" in flags:
         stages = rest[1] if len(rest) > 1 else 4
         group = rest[2] if len(rest) > 2 else 4
@@ -318,8 +323,6 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
                                  1 if "x" in flags else 2 if "y" in flags else 0)
         block_t, warps, per_sm, flags, rest = *ASYNC_FALLBACK, []  # (why: async_unsupported's reason)
     maxnreg = rest[1] if len(rest) > 1 else 0
-    if "e" in flags and "p" not in flags:
-        raise ValueError(f"config flag 'e' (prefetch before the PDL wait) needs 'p', got {flags!r}")
     if not isinstance(maxnreg, int) or maxnreg < 0:
         raise ValueError(f"config maxnreg must be an int >= 0 (0: the compiler's choice), got {maxnreg!r}")
     n_tiles = -(-n_tokens // block_t)
@@ -378,11 +381,47 @@ def async_unsupported(cache, out, layout, stages=4, block_t=32, warps=4, per_sm=
             or group not in (1, 2, 4, 8)):
         return (f"launch shape (BLOCK_T {block_t}, warps {warps}, CTAs an SM {per_sm}, stages {stages}, "
                 f"group {group})")
+    if _async_maxnreg(per_sm, warps) < 80:
+        return f"{per_sm} CTAs of {warps} consumer warps an SM leave too few registers a thread"
+    props = _props(cache.device)
+    smem = _async_smem_bytes(cache, layout, stages, block_t, group)
+    limit = getattr(props, "shared_memory_per_block_optin", 0) or 232448
+    per_sm_limit = getattr(props, "shared_memory_per_multiprocessor", 0) or 233472
+    if smem > limit or per_sm * (smem + 1024) > per_sm_limit:
+        return (f"shared memory: {per_sm} CTA(s) an SM of {smem} bytes (limits {limit} a block, {per_sm_limit} an "
+                f"SM)")
     try:
         from fx_mla.ops.kernels import gather_dequant_cache_async  # noqa: F401 (Gluon: Triton >= 3.5)
     except Exception as e:  # pragma: no cover - depends on the installed Triton
         return f"Gluon kernel unavailable ({type(e).__name__}: {e})"
     return None
+
+
+def _async_maxnreg(per_sm, warps):
+    """Registers a thread for per_sm CTAs an SM: a CTA is the consumer warps, the producer warp and padding to whole
+    warpgroups (warps + 4 warps)."""
+    return min(256, 65536 // (per_sm * 32 * (warps + 4))) // 8 * 8
+
+
+def _async_smem_bytes(cache, layout, stages, block_t, group):
+    """The async kernel's shared memory a CTA: the stage buffers (its _split_entry parts, a 16-byte stand-in for an
+    absent part), the rows of a group of tiles and the barriers."""
+    if layout == "fp8_ds_mla":
+        row = DS_MLA_ROW_BYTES
+    else:
+        p1, p2, p3 = _split_entry(cache.shape[2])
+        row = p1 + (p2 or 16) + (p3 or 16)
+    return stages * block_t * row + group * block_t * 8 + stages * 16
+
+
+_PROPS = {}
+
+
+def _props(device):
+    p = _PROPS.get(device.index)
+    if p is None:
+        p = _PROPS[device.index] = torch.cuda.get_device_properties(device)
+    return p
 
 
 def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout, n_tokens, block_t,
@@ -401,11 +440,11 @@ def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, sca
     kw = dict(D_OUT=d_out, P1=p1, P2=p2, P3=p3, DS_MLA=layout == "fp8_ds_mla", BLOCK_SIZE=cache.shape[1],
               BLOCK_T=block_t, STAGES=stages, PAGED=paged, HAS_SEQ_STARTS=seq_starts is not None,
               HAS_SCALE=scale is not None, PDL=pdl, PRODUCER_REGS=ASYNC_PRODUCER_REGS, num_warps=warps, GROUP=group,
-              DIAG=diag)
+              DIAG=diag)  # diag: flags "x" / "y", FX_MLA_DEV_DIAG=1 only (launch_gather_dequant_cache)
     if pdl:
         kw.update(launch_pdl=True, EARLY=early, ROW_BYTES=cache.shape[2] * cache.element_size())
-    if per_sm > 1:  # a CTA is 8 warps (the consumers, the producer warp, padding to whole warpgroups)
-        kw.update(maxnreg=min(256, 65536 // (per_sm * 32 * (warps + 4))) // 8 * 8)
+    if per_sm > 1:  # registers capped so that per_sm CTAs fit (_async_maxnreg)
+        kw.update(maxnreg=_async_maxnreg(per_sm, warps))
     _gather_dequant_cache_async_kernel[(grid,)](
         cache, out, scale if scale is not None else dummy, token_to_seq if not paged else dummy,
         cu_seq_lens if not paged else dummy, seq_starts if seq_starts is not None else dummy, block_table,

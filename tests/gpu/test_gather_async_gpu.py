@@ -114,8 +114,10 @@ def test_async_paged_form_bitwise(layout):
 
 @pytest.mark.parametrize("layout", ["plain", "fp8_ds_mla"])
 def test_async_out_of_range_indices_write_zeros_and_read_nothing_outside(layout):
-    """Out-of-range block ids, request ids and positions over a NaN-poisoned cache and block table (poisoned_case):
-    any stray read would put NaN in the output, and those tokens' rows must be the reference's zeros."""
+    """Out-of-range block ids, request ids and positions, and a token before its request's start (a negative offset:
+    floor division and the block-table wrap), over a poisoned cache and block table (poisoned_case): a stray read
+    puts NaN (plain) or huge values (fp8_ds_mla's poisoned scales) in the output, which the bitwise comparison
+    catches; out-of-range tokens' rows must be the reference's zeros."""
     c = poisoned_case(41, layout)
     big_d, wide_d = c.big.to(DEV), c.wide.to(DEV)
     cache_d, cache_c = c.cache(layout, big_d), c.cache(layout)
@@ -161,6 +163,8 @@ def test_async_pdl_chain_in_cuda_graph():
 
     one = torch.ones((), dtype=torch.float32, device=DEV)
     s_d.copy_(one)  # scale 1: the first gather's output is the fp8 values themselves
+    assert gmod.async_unsupported(c_d, mid16, "plain", CFG[4], CFG[0], CFG[1], CFG[2]) is None
+    assert gmod.async_unsupported(mid.view(m // bs, bs, d), out, "plain", CFG[4], CFG[0], CFG[1], CFG[2]) is None
     graph, _ = capture(step)
     for seed in (43, 44):
         new = random_cache(p.num_blocks, bs, d, torch.float8_e4m3fn, torch.Generator().manual_seed(seed))

@@ -93,12 +93,16 @@ def ragged_lengths(total: int, batch: int, gen, empty: int = 1) -> list:
 
 @dataclass
 class PoisonedCase:
-    """Out-of-range indices over a cache inside a NaN-poisoned buffer (GPU tests): any read outside the cache or a
-    block-table row puts NaN in the output. cache / block_table are views into the poisoned buffers."""
+    """Out-of-range indices over a cache inside a poisoned buffer (GPU tests): a read outside the cache or a
+    block-table row puts NaN codes (plain fp8) or huge finite values (fp8_ds_mla rows of 0x7F bytes: scales of
+    ~3.4e38) in the output, caught by a bitwise comparison with the reference. Token 139 is assigned to request 3 while
+    it lies just before that request's start: offset -1 (floor division; the block-table column wraps once into the
+    row).
+    cache / block_table are views into the poisoned buffers."""
     big: torch.Tensor              # uint8 [num_blocks + 2, bs, row bytes]: first and last blocks NaN codes
     wide: torch.Tensor             # int32 [B, max_blocks + 2]: the extra columns name a NaN block
     problem: TokenProblem
-    token_to_seq: torch.Tensor     # token 7 names request B (out of range)
+    token_to_seq: torch.Tensor     # token 7 names request B (out of range), token 139 request 3 (offset -1)
     seq_starts: torch.Tensor       # request 2 runs past its block-table row
     scale: Optional[torch.Tensor]
 
@@ -122,6 +126,7 @@ def poisoned_case(seed, layout="plain") -> PoisonedCase:
     wide[:, 1:-1] = bt
     tts = p.token_to_seq.clone()
     tts[7] = 4                                            # request id == batch
+    tts[139] = 3                                          # request 3 starts at 140: offset -1, its column wraps
     ss = p.seq_starts.clone()
     ss[2] = 16 * (bt.shape[1] - 3)                        # request 2 runs past its row
     return PoisonedCase(big, wide, p, tts, ss, random_scale(g) if layout == "plain" else None)

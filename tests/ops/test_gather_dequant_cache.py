@@ -281,6 +281,12 @@ def test_launch_config_flags_are_checked():
     with pytest.raises(ValueError, match="config flag 'e' .* needs 'p', got 've'"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "ve"))
+    with pytest.raises(ValueError, match="config flag 'e' .* needs 'p', got 'ae'"):
+        gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
+                                         out, "plain", (32, 4, 1, "ae", 4))
+    with pytest.raises(ValueError, match="'x' / 'y' are development diagnostics"):
+        gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
+                                         out, "plain", (32, 4, 1, "apx", 4))
     with pytest.raises(ValueError, match="config maxnreg must be an int >= 0"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "", -1))
@@ -322,6 +328,18 @@ def test_early_prefetch_flag_compiles_to_prefetches_before_the_pdl_wait(layout, 
         assert loads_before == ["ld.global.cg.b32"] * (1 if paged else 4), loads_before
         assert re.search(r"@p prefetch\.global\.L2 \[", before) and "prefetch" not in after
         assert "ld.global.cg" not in after
+
+
+def test_async_launch_budgets():
+    """The async kernel's register cap a thread and shared memory a CTA (async_unsupported declines past them)."""
+    assert gmod._async_maxnreg(1, 4) == 256 and gmod._async_maxnreg(2, 4) == 128 and gmod._async_maxnreg(3, 4) == 80
+    assert gmod._async_maxnreg(3, 8) < 80
+    c576 = torch.empty(2, 64, 576, dtype=torch.float8_e4m3fn)
+    assert gmod._async_smem_bytes(c576, "plain", 4, 32, 4) == 4 * 32 * (576 + 16) + 4 * 32 * 8 + 4 * 16  # P3 stand-in
+    c1024 = torch.empty(2, 64, 1024, dtype=torch.float8_e4m3fn)
+    assert gmod._async_smem_bytes(c1024, "plain", 8, 32, 4) > 232448       # one part: two 16-byte stand-ins
+    ds = torch.empty(2, 64, 656, dtype=torch.uint8)
+    assert gmod._async_smem_bytes(ds, "fp8_ds_mla", 4, 32, 4) == 4 * 32 * 656 + 4 * 32 * 8 + 4 * 16
 
 
 def test_launch_config_covers_every_layout():

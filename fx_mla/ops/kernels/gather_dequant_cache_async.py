@@ -26,8 +26,8 @@ bitwise the op in all GPU tests: still 4-5 points below the Triton kernels.
 
 Masked copies (tokens past the end, tokens whose indices are out of range after torch's wrap-around) zero-fill the
 buffer (cp.async with source size 0: no address is read), so such a token's output row is the same
-round(0 * scale) the Triton kernels write. No address outside the cache, the block table or the metadata arrays is
-formed into a copy or a load.
+round(0 * scale) the Triton kernels write. Nothing outside the cache, the block table or the metadata arrays is
+read (a masked copy's address, e.g. the -16 sentinel row below, is formed but never dereferenced).
 
 The grid (one or a few CTAs an SM) splits the tokens into equal contiguous ranges, one a CTA, walked in tiles of
 BLOCK_T tokens: every CTA moves the same bytes within one token (tiles dealt round-robin would leave some CTAs one
@@ -224,7 +224,7 @@ def _producer(bufs, rows_s, full, empty, cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_
 def _consumer(bufs, full, empty, out_ptr, scale_ptr, n_tokens,
               P1: gl.constexpr, P2: gl.constexpr, P3: gl.constexpr, R3: gl.constexpr, D_OUT: gl.constexpr,
               DS_MLA: gl.constexpr, HAS_SCALE: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
-              V_IN: gl.constexpr, DIAG: gl.constexpr, num_warps: gl.constexpr):
+              DIAG: gl.constexpr, num_warps: gl.constexpr):
     """The default partition: dequantize and store tile k of this CTA from buffer k % STAGES, release it. A thread
     takes 16 bytes of OUTPUT (8 bf16 / fp16, 4 fp32), neighbouring lanes neighbouring 16 bytes: each store
     instruction writes whole 32-byte sectors. (Session 16's first form took 16 bytes of input, 32 bytes of bf16
@@ -283,7 +283,7 @@ def _early_prefetch(cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr, n_tokens, n_req,
     kernel may still be writing them) and serve these prefetch addresses only: every value the kernel computes comes
     from loads after the wait (the Triton kernels' flag "e"). A row out of range is not prefetched."""
     L: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [num_warps, 1], [1, 0])
-    NL: gl.constexpr = (ROW_BYTES + 127) // 128
+    NL: gl.constexpr = (ROW_BYTES + 127) // 128 + 1  # every 128 bytes from the row's start, then its last byte
     NLP: gl.constexpr = 1 << (NL - 1).bit_length()
     begin, end = _cta_range(n_tokens)
     t = begin + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, L))
@@ -339,7 +339,7 @@ def _gather_dequant_cache_async_kernel(
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
         (_consumer, (bufs, full, empty, out_ptr, scale_ptr, n_tokens, P1, P2, P3, R3, D_OUT, DS_MLA,
-                     HAS_SCALE, BLOCK_T, STAGES, V_IN, DIAG, num_warps)),
+                     HAS_SCALE, BLOCK_T, STAGES, DIAG, num_warps)),
         (_producer, (bufs, rows_s, full, empty, cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_ptr, n_tokens, n_req, max_blocks,
                      n_blocks, bt_s0, bt_s1, c_s0, c_s1, row_len, P1, P2, P3, R3, DS_MLA, BLOCK_SIZE,
                      BLOCK_T, STAGES, GROUP, PAGED, HAS_SEQ_STARTS, DIAG)),
