@@ -290,9 +290,7 @@ def run_sweep(dev, gen, cgen, scale, info, configs=None):
                     continue
                 extra = {}
                 if len(cfg) > 3 and "a" in cfg[3]:  # did the Gluon kernel run, or its Triton fallback?
-                    bt_, w_, ps_, _, *more = cfg
-                    extra["async_reason"] = gmod.async_unsupported(sets[0][0], bufs[0], layout, *(more[:1] or [4]),
-                                                                   bt_, w_, ps_, *more[1:2])
+                    extra["async_reason"] = gmod.async_unsupported(sets[0][0], bufs[0], layout, cfg)
                 rows.append(_row(f"token {name} cfg{cfg}", n, n * per_token, device_us=us, same_copy_gbs=same,
                                  config=list(cfg), layout=layout, bitwise_vs_op=_same(bufs[0], ref), **extra))
                 del bufs, calls

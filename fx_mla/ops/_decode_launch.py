@@ -38,6 +38,11 @@ def max_shared(device: torch.device) -> Optional[int]:
     return getattr(torch.cuda.get_device_properties(device_index(device)), "shared_memory_per_block_optin", None)
 
 
+def max_shared_per_sm(device: torch.device) -> Optional[int]:
+    """Shared memory an SM holds on `device`, all its blocks together (None where torch does not report it)."""
+    return getattr(torch.cuda.get_device_properties(device_index(device)), "shared_memory_per_multiprocessor", None)
+
+
 def no_tokens(q, kv_cache, block_table) -> bool:
     """No token to attend to, from the shapes alone (B or H 0, no cache block or no table column): the launchers
     write out = 0, lse = -inf without a kernel (an empty cache leaves the kernels' page-id clamp no target)."""

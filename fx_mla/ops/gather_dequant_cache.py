@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from fx_mla.ops._decode_launch import device_index, sm_count
+from fx_mla.ops._decode_launch import device_index, max_shared, max_shared_per_sm, sm_count
 from fx_mla.ops._device import on_input_device
 from fx_mla.ops._fp8 import FP8_DTYPES, fp8_supported
 
@@ -78,8 +78,8 @@ EARLY_WAVE = 16  # flag "e": programs an SM that prefetch before the PDL wait (a
 # Config flag "a": the Gluon cp.async kernel (kernels/gather_dequant_cache_async.py), a config (BLOCK_T, consumer
 # warps, CTAs an SM, flags[, stages[, group]]) (stages: shared-memory buffers, default 4; group: tiles an index
 # chain, default 4); "p" there: PDL, "e" (with "p"): the first group's rows into L2 before the PDL wait; "x" / "y":
-# development diagnostics, WRONG results (no output stores / no cache reads), refused unless FX_MLA_DEV_DIAG=1. Where it cannot run (async_unsupported) the call takes the
-# Triton kernels with ASYNC_FALLBACK. Its producer warp's registers: ASYNC_PRODUCER_REGS (no spills at BLOCK_T 32 in
+# development diagnostics, WRONG results (no output stores / no cache reads), refused unless FX_MLA_DEV_DIAG=1.
+# Where it cannot run (async_unsupported) the call takes the Triton kernels with ASYNC_FALLBACK. Its producer warp's registers: ASYNC_PRODUCER_REGS (no spills at BLOCK_T 32 in
 # the offline sm_90 compile, benchmarks/dev_offline_sm90.py --kernel gather).
 ASYNC_FALLBACK = (8, 4, 0, "pe")
 ASYNC_PRODUCER_REGS = 96
@@ -304,7 +304,8 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     n_tokens = out.shape[0] * out.shape[1] if paged else out.shape[0]
     if n_tokens == 0 or out.shape[-1] == 0:
         return out
-    block_t, warps, per_sm, *rest = config or CONFIG[layout]
+    config = config or CONFIG[layout]
+    block_t, warps, per_sm, *rest = config
     flags = rest[0] if rest else ""
     if set(flags) - set("vspeaxy"):
         raise ValueError(f"config flags must be letters of 'vspeaxy', got {flags!r}")
@@ -314,13 +315,9 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         raise ValueError(f"config flags 'x' / 'y' are development diagnostics of flag 'a' that write WRONG outputs; "
                          f"they need 'a' and FX_MLA_DEV_DIAG=1, got {flags!r}")
     if "a" in flags:
-        stages = rest[1] if len(rest) > 1 else 4
-        group = rest[2] if len(rest) > 2 else 4
-        why = async_unsupported(cache, out, layout, stages, block_t, warps, per_sm, group)
-        if why is None:
+        if async_unsupported(cache, out, layout, config) is None:
             return _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout,
-                                 n_tokens, block_t, warps, per_sm, stages, group, "p" in flags, "e" in flags,
-                                 1 if "x" in flags else 2 if "y" in flags else 0)
+                                 n_tokens, config)
         block_t, warps, per_sm, flags, rest = *ASYNC_FALLBACK, []  # (why: async_unsupported's reason)
     maxnreg = rest[1] if len(rest) > 1 else 0
     if not isinstance(maxnreg, int) or maxnreg < 0:
@@ -358,11 +355,20 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     return out
 
 
-def async_unsupported(cache, out, layout, stages=4, block_t=32, warps=4, per_sm=1, group=4):
-    """Why the Gluon cp.async kernel (config flag "a") cannot take this call, or None. It needs a CUDA device of
-    compute capability >= 9.0 (warp specialization, setmaxnreg), Triton's Gluon, an fp8 "plain" entry of D bytes
-    with D % 16 == 0 and D <= MAX_COLUMNS or the fp8_ds_mla layout, 16-byte aligned rows (cache pointer and both
-    strides) for 16-byte copies, and a launch shape it was written for."""
+def _async_shape(config):
+    """An async config (BLOCK_T, warps, CTAs an SM, flags[, stages[, group]]) with its defaults filled in."""
+    block_t, warps, per_sm, flags, *more = config
+    stages, group = (list(more) + [4, 4][len(more):])[:2]
+    return block_t, warps, per_sm, flags, stages, group
+
+
+def async_unsupported(cache, out, layout, config):
+    """Why the Gluon cp.async kernel cannot take this call with this config (flag "a"; see ASYNC_FALLBACK), or None.
+    It needs a CUDA device of compute capability >= 9.0 (warp specialization, setmaxnreg), Triton's Gluon, an fp8
+    "plain" entry of D bytes with D % 16 == 0 and D <= MAX_COLUMNS or the fp8_ds_mla layout, 16-byte aligned rows
+    (cache pointer and both strides) for 16-byte copies, a launch shape it was written for, and the registers and
+    shared memory of config's CTAs an SM."""
+    block_t, warps, per_sm, _, stages, group = _async_shape(config)
     if not cache.is_cuda:
         return "not a CUDA tensor"
     if _capability(cache.device)[0] < 9:
@@ -383,10 +389,9 @@ def async_unsupported(cache, out, layout, stages=4, block_t=32, warps=4, per_sm=
                 f"group {group})")
     if _async_maxnreg(per_sm, warps) < 80:
         return f"{per_sm} CTAs of {warps} consumer warps an SM leave too few registers a thread"
-    props = _props(cache.device)
     smem = _async_smem_bytes(cache, layout, stages, block_t, group)
-    limit = getattr(props, "shared_memory_per_block_optin", 0) or 232448
-    per_sm_limit = getattr(props, "shared_memory_per_multiprocessor", 0) or 233472
+    limit = max_shared(cache.device) or 232448
+    per_sm_limit = max_shared_per_sm(cache.device) or 233472
     if smem > limit or per_sm * (smem + 1024) > per_sm_limit:
         return (f"shared memory: {per_sm} CTA(s) an SM of {smem} bytes (limits {limit} a block, {per_sm_limit} an "
                 f"SM)")
@@ -414,22 +419,13 @@ def _async_smem_bytes(cache, layout, stages, block_t, group):
     return stages * block_t * row + group * block_t * 8 + stages * 16
 
 
-_PROPS = {}
-
-
-def _props(device):
-    p = _PROPS.get(device.index)
-    if p is None:
-        p = _PROPS[device.index] = torch.cuda.get_device_properties(device)
-    return p
-
-
-def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout, n_tokens, block_t,
-                  warps, per_sm, stages, group, pdl, early, diag=0):
+def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout, n_tokens, config):
     """The Gluon cp.async kernel (kernels/gather_dequant_cache_async.py): a persistent grid of per_sm CTAs an SM
     (at most one a tile), each CTA an equal contiguous range of tokens; registers capped so per_sm CTAs fit; the
     producer's index chain runs for `group` tiles at once."""
     from fx_mla.ops.kernels.gather_dequant_cache_async import _gather_dequant_cache_async_kernel
+    block_t, warps, per_sm, flags, stages, group = _async_shape(config)
+    pdl = "p" in flags
     paged = token_to_seq is None
     sms = sm_count(device_index(cache.device))
     grid = max(1, min(per_sm * sms, -(-n_tokens // block_t)))
@@ -440,9 +436,9 @@ def _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, sca
     kw = dict(D_OUT=d_out, P1=p1, P2=p2, P3=p3, DS_MLA=layout == "fp8_ds_mla", BLOCK_SIZE=cache.shape[1],
               BLOCK_T=block_t, STAGES=stages, PAGED=paged, HAS_SEQ_STARTS=seq_starts is not None,
               HAS_SCALE=scale is not None, PDL=pdl, PRODUCER_REGS=ASYNC_PRODUCER_REGS, num_warps=warps, GROUP=group,
-              DIAG=diag)  # diag: flags "x" / "y", FX_MLA_DEV_DIAG=1 only (launch_gather_dequant_cache)
+              DIAG=1 if "x" in flags else 2 if "y" in flags else 0)  # x / y: FX_MLA_DEV_DIAG=1 only (the launcher)
     if pdl:
-        kw.update(launch_pdl=True, EARLY=early, ROW_BYTES=cache.shape[2] * cache.element_size())
+        kw.update(launch_pdl=True, EARLY="e" in flags, ROW_BYTES=cache.shape[2] * cache.element_size())
     if per_sm > 1:  # registers capped so that per_sm CTAs fit (_async_maxnreg)
         kw.update(maxnreg=_async_maxnreg(per_sm, warps))
     _gather_dequant_cache_async_kernel[(grid,)](

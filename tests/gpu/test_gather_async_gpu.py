@@ -42,7 +42,7 @@ def _token(cache, p, scale, out_dtype, layout, cfg, check_async=True):
     d_out = 576 if layout == "fp8_ds_mla" else cache.shape[2]
     out = torch.full((p.token_to_seq.numel(), d_out), float("nan"), dtype=out_dtype, device=DEV)
     if check_async:
-        assert gmod.async_unsupported(c_d, out, layout, cfg[4], cfg[0], cfg[1], cfg[2], *cfg[5:]) is None
+        assert gmod.async_unsupported(c_d, out, layout, cfg) is None
     gmod.launch_gather_dequant_cache(c_d, dv.block_table, dv.cu_seq_lens, dv.token_to_seq, dv.seq_starts,
                                      None if scale is None else scale.to(DEV), out, layout, cfg)
     ref = gmod.gather_dequant_cache_reference(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts,
@@ -106,7 +106,7 @@ def test_async_paged_form_bitwise(layout):
     scale = random_scale(g) if layout == "plain" else None
     out = torch.full((32, 32 * 64, 576), float("nan"), dtype=torch.bfloat16, device=DEV)
     c_d = cache.to(DEV)
-    assert gmod.async_unsupported(c_d, out, layout, CFG[4], CFG[0], CFG[1], CFG[2]) is None
+    assert gmod.async_unsupported(c_d, out, layout, CFG) is None
     gmod.launch_gather_dequant_cache(c_d, bt.to(DEV), None, None, None, None if scale is None else scale.to(DEV),
                                      out, layout, CFG)
     assert_bitwise(out.cpu(), gmod.gather_dequant_cache_paged_reference(cache, bt, scale, torch.bfloat16, layout))
@@ -123,7 +123,7 @@ def test_async_out_of_range_indices_write_zeros_and_read_nothing_outside(layout)
     cache_d, cache_c = c.cache(layout, big_d), c.cache(layout)
     s_d = None if c.scale is None else c.scale.to(DEV)
     out = torch.full((c.token_to_seq.numel(), 576), float("nan"), dtype=torch.bfloat16, device=DEV)
-    assert gmod.async_unsupported(cache_d, out, layout, CFG[4], CFG[0], CFG[1], CFG[2]) is None
+    assert gmod.async_unsupported(cache_d, out, layout, CFG) is None
     gmod.launch_gather_dequant_cache(cache_d, wide_d[:, 1:-1], c.problem.cu_seq_lens.to(DEV), c.token_to_seq.to(DEV),
                                      c.seq_starts.to(DEV), s_d, out, layout, CFG)
     out = out.cpu()
@@ -163,8 +163,8 @@ def test_async_pdl_chain_in_cuda_graph():
 
     one = torch.ones((), dtype=torch.float32, device=DEV)
     s_d.copy_(one)  # scale 1: the first gather's output is the fp8 values themselves
-    assert gmod.async_unsupported(c_d, mid16, "plain", CFG[4], CFG[0], CFG[1], CFG[2]) is None
-    assert gmod.async_unsupported(mid.view(m // bs, bs, d), out, "plain", CFG[4], CFG[0], CFG[1], CFG[2]) is None
+    assert gmod.async_unsupported(c_d, mid16, "plain", CFG) is None
+    assert gmod.async_unsupported(mid.view(m // bs, bs, d), out, "plain", CFG) is None
     graph, _ = capture(step)
     for seed in (43, 44):
         new = random_cache(p.num_blocks, bs, d, torch.float8_e4m3fn, torch.Generator().manual_seed(seed))
@@ -190,7 +190,7 @@ def test_async_declines_and_falls_back():
     for layout, cache, scale, why in cases:
         c_d = cache.to(DEV) if cache.is_contiguous() else wide.to(DEV)[:, :, 8:]
         out = torch.full((p.token_to_seq.numel(), cache.shape[2]), float("nan"), dtype=torch.bfloat16, device=DEV)
-        reason = gmod.async_unsupported(c_d, out, layout, CFG[4], CFG[0], CFG[1], CFG[2])
+        reason = gmod.async_unsupported(c_d, out, layout, CFG)
         assert reason is not None and why in reason, (why, reason)
         gmod.launch_gather_dequant_cache(c_d, dv.block_table, dv.cu_seq_lens, dv.token_to_seq, dv.seq_starts,
                                          None if scale is None else scale.to(DEV), out, layout, CFG)

@@ -418,7 +418,7 @@ def _interpreter_checks():
     check(c5, p5, s5, torch.bfloat16, what="576 CONFIG")
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", config=(4, 4, 1), paged=True, what="ds_mla paged")
     # config flag "a" (the Gluon cp.async kernel, CUDA sm_90+ only): CPU tensors take ASYNC_FALLBACK's Triton kernel
-    assert gmod.async_unsupported(cache, cache, "fp8_ds_mla") == "not a CUDA tensor"
+    assert gmod.async_unsupported(cache, cache, "fp8_ds_mla", (32, 4, 2, "ap", 3)) == "not a CUDA tensor"
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", config=(32, 4, 2, "ap", 3), what="async config on CPU")
     check(c5, p5, s5, torch.float16, config=(32, 4, 1, "a", 4), paged=True, what="async config on CPU, paged")
     # out-of-range indices: zeros, wrap like torch, and no read outside the cache or a block-table row

@@ -105,8 +105,8 @@ def _rows(t, live, tts_ptr, cu_ptr, ss_ptr, bt_ptr, bt_s0, bt_s1, n_req, max_blo
 
 
 @gluon.jit
-def _copy_part(dst, base, rows_s, W: gl.constexpr, VALID: gl.constexpr, BLOCK_T: gl.constexpr, SHIFT: gl.constexpr,
-               LAYOUT: gl.constexpr, DIAG: gl.constexpr = 0):
+def _copy_part(dst, base, rows_s, W: gl.constexpr, VALID: gl.constexpr, SHIFT: gl.constexpr, LAYOUT: gl.constexpr,
+               DIAG: gl.constexpr = 0):
     """cp.async of columns [0, VALID) of each token's row part into dst [BT, W]: typed pointer base + (row >> SHIFT)
     (row: the byte offset of a row, a multiple of 16, read from rows_s; negative: the token reads nothing)."""
     row = rows_s.load(gl.SliceLayout(1, LAYOUT))
@@ -208,15 +208,15 @@ def _producer(bufs, rows_s, full, empty, cache_ptr, tts_ptr, cu_ptr, ss_ptr, bt_
                     async_copy.async_copy_global_to_shared(lat_s.index(st), lat_ptr + off3, mask=m3,
                                                            eviction_policy="evict_first")
                     # row offsets are multiples of 16 bytes: exact in fp32 (>> 2) and bf16 (>> 1) elements
-                    _copy_part(sc_s.index(st), sc_ptr, rs, 4, 4, BLOCK_T, 2, LS, DIAG)
-                    _copy_part(rope_s.index(st), rope_ptr, rs, 64, 64, BLOCK_T, 1, LR, DIAG)
+                    _copy_part(sc_s.index(st), sc_ptr, rs, 4, 4, 2, LS, DIAG)
+                    _copy_part(rope_s.index(st), rope_ptr, rs, 64, 64, 1, LR, DIAG)
                 else:
                     a_s, b_s, c_s = bufs
-                    _copy_part(a_s.index(st), cache_ptr, rs, P1, P1, BLOCK_T, 0, LA, DIAG)
+                    _copy_part(a_s.index(st), cache_ptr, rs, P1, P1, 0, LA, DIAG)
                     if P2 > 0:
-                        _copy_part(b_s.index(st), cache_ptr + P1, rs, P2, P2, BLOCK_T, 0, LB, DIAG)
+                        _copy_part(b_s.index(st), cache_ptr + P1, rs, P2, P2, 0, LB, DIAG)
                     if P3 > 0:
-                        _copy_part(c_s.index(st), cache_ptr + (P1 + P2), rs, P3, R3, BLOCK_T, 0, LC, DIAG)
+                        _copy_part(c_s.index(st), cache_ptr + (P1 + P2), rs, P3, R3, 0, LC, DIAG)
                 async_copy.mbarrier_arrive(full.index(st), increment_count=False)
 
 

@@ -339,7 +339,6 @@ def _merge_half(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, pid_b, pid_s, head0,
         lse_s = gl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
         o_rows = gl.expand_dims(rows.to(gl.int64) * L, 2)
         w = lse_s
-        has = head < 0
         denom_o = gl.zeros([HPS], gl.float32, gl.SliceLayout(1, O2))
         head_o = head0 + hb * HPS + ho
         for c0 in gl.static_range(WG * HALF, (WG + 1) * HALF, COLS):
