@@ -340,6 +340,24 @@ print(f'{pick(128)},{pick(16)}')")
       timeout 150 python3 benchmarks/bench_decode.py --budget 110 --out "$OUT/decode.json" 2>&1 \
           | tee "$OUT/decode.log" | tail -10
     fi ;;
+  s44)  # session 17: flag "r" (fp8_ds_mla latent loaded row-contiguous): GPU tests, a sweep with repeats, and the
+        # table with "8,4,0,per" if it beats "pe" on ds_mla at 64K by 0.2 points (mean of the repeats)
+    G=tests/gpu/test_gather_dequant_cache_gpu.py
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda "$G::test_launch_configs_bitwise" -k "per or vr or out_of_range" \
+        $G::test_out_of_range_indices_write_zeros_and_read_nothing_outside 2>&1 | tee "$OUT/s44_tests.log" \
+        | grep -v PASSED | tail -8; pack
+    timeout 200 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
+        "8,4,0,pe;8,4,0,per;16,4,0,per;4,4,0,per;8,4,0,pe;8,4,0,per;16,8,0,per" 2>&1 | tee "$OUT/s44_sweep.log" \
+        | grep -v "^ *{\|^ *}\|^ *\"\|^ *[0-9]\|^ *\]" | tail -10; pack
+    win=$(python3 -c "
+import json, statistics as st
+rows = json.load(open('$OUT/cache_gather_sweep.json'))['rows']
+m = lambda f: st.mean(r['pct_of_copy'] for r in rows if r['config'] == [8, 4, 0, f] and r['layout'].startswith('fp8_ds')
+                      and r['tokens'] == 65536)
+print('yes' if m('per') >= m('pe') + 0.2 else 'no', round(m('pe'), 2), round(m('per'), 2))")
+    echo "per beats pe on ds_mla at 64K: $win" | tee "$OUT/s44_pick.txt"
+    case "$win" in yes*) timeout 230 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 110 \
+        --config 8,4,0,per 2>&1 | tee "$OUT/cache_gather.log" | grep -v "check" | tail -28 ;; esac ;;
   s43)  # session 17: s40 with the consumer's whole-sector stores (s43q: 85-90 %), then the gather table with
         # the best async config if it beats the Triton default at 64K tokens on both layouts
     OUT="$R" bash "$0" s40

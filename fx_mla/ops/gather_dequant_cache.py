@@ -56,7 +56,9 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # 48 registers, 10 programs of 4 warps fit an SM, at 32 all 16). flags, a string of letters (kernels' docstring):
 # "v" = loads as wide as the output stores (no shared-memory layout change between load and store), "s" = streaming
 # output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere), "e" = with "p",
-# each program prefetches its rows into L2 before the PDL wait, by indices read then (kernels' docstring: EARLY).
+# each program prefetches its rows into L2 before the PDL wait, by indices read then (kernels' docstring: EARLY),
+# "r" = fp8_ds_mla only (the plain kernel's rows are read that way already): a row's 512 latent bytes loaded as one
+# contiguous vector (a warp reads 512 bytes of one row, not four 128-byte groups of four rows; ROW_LOAD).
 # Small tiles keep registers low (~32-48 a thread), so many programs share an SM and many independent index chains
 # (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache) are in flight. From bench_cache_gather.py
 # --sweep on an H100 80GB HBM3 (16 configs, bit-identical): (8, 4, 0) best or within 0.1 % of best, both layouts,
@@ -307,8 +309,8 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     config = config or CONFIG[layout]
     block_t, warps, per_sm, *rest = config
     flags = rest[0] if rest else ""
-    if set(flags) - set("vspeaxy"):
-        raise ValueError(f"config flags must be letters of 'vspeaxy', got {flags!r}")
+    if set(flags) - set("vspeaxyr"):
+        raise ValueError(f"config flags must be letters of 'vspeaxyr', got {flags!r}")
     if "e" in flags and "p" not in flags:
         raise ValueError(f"config flag 'e' (prefetch before the PDL wait) needs 'p', got {flags!r}")
     if set(flags) & set("xy") and ("a" not in flags or os.environ.get("FX_MLA_DEV_DIAG") != "1"):
@@ -343,7 +345,7 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
     if maxnreg and cache.is_cuda:  # register cap (more programs an SM); the interpreter has no registers
         common.update(maxnreg=maxnreg)
     if layout == "fp8_ds_mla":
-        _gather_dequant_cache_fp8_ds_mla_kernel[(grid,)](cache, out, *args, **common)
+        _gather_dequant_cache_fp8_ds_mla_kernel[(grid,)](cache, out, *args, ROW_LOAD="r" in flags, **common)
         return out
     d = cache.shape[2]
     for c0 in range(0, d, MAX_COLUMNS):  # wide entries: one launch per MAX_COLUMNS columns (576 takes one)

@@ -84,7 +84,7 @@ def test_paged_form_64k_bitwise(layout):
 
 @pytest.mark.parametrize("config", [(8, 2, 0), (64, 8, 0), (16, 4, 6), (32, 8, 1), (8, 4, 0, "v"), (4, 2, 0, "vs"),
                                     (16, 8, 0, "vsp"), (8, 4, 4, "vs"), (8, 4, 0, "p"), (8, 4, 0, "pe"),
-                                    (16, 4, 6, "pe")], ids=str)
+                                    (16, 4, 6, "pe"), (8, 4, 0, "per"), (16, 4, 6, "per"), (8, 2, 0, "vr")], ids=str)
 @pytest.mark.parametrize("layout", ["plain", "fp8_ds_mla"])
 def test_launch_configs_bitwise(config, layout):
     cache, p, scale = _problem(5, 20000, 576 if layout == "plain" else 656, torch.float8_e4m3fn, layout)

@@ -275,7 +275,7 @@ def test_opcheck(case):
 def test_launch_config_flags_are_checked():
     cache, p, scale = _token_inputs(11, 576, torch.float8_e4m3fn)
     out = torch.empty(p.token_to_seq.numel(), 576, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="config flags must be letters of 'vspeaxy', got 'vz'"):
+    with pytest.raises(ValueError, match="config flags must be letters of 'vspeaxyr', got 'vz'"):
         gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, scale,
                                          out, "plain", (8, 4, 0, "vz"))
     with pytest.raises(ValueError, match="config flag 'e' .* needs 'p', got 've'"):
@@ -413,6 +413,7 @@ def _interpreter_checks():
         cache, p, _ = _token_inputs(4, 656, None, "fp8_ds_mla", **small)
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 4, 0), what=f"ds_mla {out_dtype}")
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 2, 0, "vs"), what=f"ds_mla {out_dtype} vs")
+        check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 4, 0, "r"), what=f"ds_mla {out_dtype} r")
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", what="ds_mla CONFIG")  # config None: CONFIG's
     c5, p5, s5 = _token_inputs(5, 576, torch.float8_e4m3fn, **small)
     check(c5, p5, s5, torch.bfloat16, what="576 CONFIG")

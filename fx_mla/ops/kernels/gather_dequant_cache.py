@@ -250,11 +250,15 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
         PAGED: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr,
         PERSISTENT: tl.constexpr, ROUND_BY_BITS: tl.constexpr, VEC: tl.constexpr, STREAM: tl.constexpr,
-        PDL: tl.constexpr, EARLY: tl.constexpr = False):
+        PDL: tl.constexpr, EARLY: tl.constexpr = False, ROW_LOAD: tl.constexpr = False):
     """fp8_ds_mla layout, a 656-byte row: 512 e4m3 | 4 fp32 group scales | 64 bf16 rope.
     out[t, i] = round(fp32(e4m3[i]) * scale[i // 128]) for i < 512, out[t, 512 + k] = round(rope[k]).
     The latent is one [BLOCK_T, 4, 128] tile (group x element), loaded with the scales and the rope
-    before any store, for the same reason as in the plain kernel."""
+    before any store, for the same reason as in the plain kernel. ROW_LOAD: it is loaded as [BLOCK_T, 512] and
+    viewed as [BLOCK_T, 4, 128] (a free reshape): a warp's 16-byte loads then cover one row's 512 contiguous bytes
+    instead of a 128-byte group of four rows each (rows are 656 bytes apart, so half of them start mid-sector and
+    a 128-byte piece of one touches five sectors, a 512-byte one seventeen).
+    Same values either way (bitwise)."""
     OUT_DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     GROUP: tl.constexpr = 128
     N_GROUPS: tl.constexpr = 4
@@ -281,8 +285,12 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
         lat_base = (cache_ptr + row).to(tl.pointer_type(tl.float8e4nv))
         sc_base = (cache_ptr + row + LATENT).to(tl.pointer_type(tl.float32))
         rope_base = (cache_ptr + row + LATENT + 4 * N_GROUPS).to(tl.pointer_type(tl.bfloat16))
-        x = tl.load(lat_base[:, None, None] + lat_off, mask=ok[:, None, None], other=0.0,
-                    eviction_policy="evict_first")
+        if ROW_LOAD:  # each row's 512 latent bytes as one contiguous vector, then viewed as [4, 128]
+            x = tl.reshape(tl.load(lat_base[:, None] + tl.arange(0, LATENT)[None, :], mask=ok[:, None], other=0.0,
+                                   eviction_policy="evict_first"), [BLOCK_T, N_GROUPS, GROUP])
+        else:
+            x = tl.load(lat_base[:, None, None] + lat_off, mask=ok[:, None, None], other=0.0,
+                        eviction_policy="evict_first")
         sc = tl.load(sc_base[:, None] + k[None, :], mask=ok[:, None], other=0.0)
         rope = tl.load(rope_base[:, None] + e[None, :], mask=ok[:, None], other=0.0,
                        eviction_policy="evict_first")
