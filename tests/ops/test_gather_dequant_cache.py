@@ -314,10 +314,13 @@ def test_early_prefetch_flag_compiles_to_prefetches_before_the_pdl_wait(layout, 
     if layout == "plain":
         fn, sig = kmod._gather_dequant_cache_kernel, dict(cache_ptr="*fp8e4nv", out_ptr="*bf16", scale_ptr="*fp32")
         common.update(D=576, OUT_STRIDE=576, P1=512, P2=64, P3=0, HAS_SCALE=True)
+        variants = [dict(EARLY=False), dict(EARLY=True)]
     else:
         fn, sig = kmod._gather_dequant_cache_fp8_ds_mla_kernel, dict(cache_ptr="*u8", out_ptr="*bf16")
-    for early in (False, True):
-        src = ASTSource(fn=fn, signature={**sig, **meta, **ints}, constexprs={**common, "EARLY": early})
+        variants = [dict(EARLY=e, ROW_LOAD=r) for e in (False, True) for r in (False, True)]  # ROW_LOAD: flag "r"
+    for var in variants:
+        early = var["EARLY"]
+        src = ASTSource(fn=fn, signature={**sig, **meta, **ints}, constexprs={**common, **var})
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
         before, wait, after = ptx.partition("griddepcontrol.wait")
         assert wait and "griddepcontrol.launch_dependents" in after
