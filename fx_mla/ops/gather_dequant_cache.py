@@ -75,15 +75,17 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # L1-bypassing index reads) +1.4 points of copy at 64K tokens on e4m3 576 (88.5 -> 89.9, twice) and +1.2 on ds_mla
 # (88.2 -> 89.4), even at 1M; (4, 4, 0, "pe") and (16, 8, 0, "pe") no better. "pe" the default since then. All its GPU
 # tests (bitwise, PDL chains incl. indices written by the previous kernel) passed.
-CONFIG = {"plain": (8, 4, 0, "pe"), "fp8_ds_mla": (8, 4, 0, "pe")}
+# Session 17 (RESULTS.md, 1x H100, s44): "r" on fp8_ds_mla +0.2 points of copy at 64K tokens and +0.4 at 1M, the same
+# in two interleaved repeats (89.9 -> 90.1, 94.6 -> 95.0); plain unchanged (its rows load that way already).
+CONFIG = {"plain": (8, 4, 0, "pe"), "fp8_ds_mla": (8, 4, 0, "per")}
 EARLY_WAVE = 16  # flag "e": programs an SM that prefetch before the PDL wait (an SM holds at most 16 of 4 warps)
 # Config flag "a": the Gluon cp.async kernel (kernels/gather_dequant_cache_async.py), a config (BLOCK_T, consumer
 # warps, CTAs an SM, flags[, stages[, group]]) (stages: shared-memory buffers, default 4; group: tiles an index
 # chain, default 4); "p" there: PDL, "e" (with "p"): the first group's rows into L2 before the PDL wait; "x" / "y":
 # development diagnostics, WRONG results (no output stores / no cache reads), refused unless FX_MLA_DEV_DIAG=1.
-# Where it cannot run (async_unsupported) the call takes the Triton kernels with ASYNC_FALLBACK. Its producer warp's registers: ASYNC_PRODUCER_REGS (no spills at BLOCK_T 32 in
-# the offline sm_90 compile, benchmarks/dev_offline_sm90.py --kernel gather).
-ASYNC_FALLBACK = (8, 4, 0, "pe")
+# Where it cannot run (async_unsupported) the call takes the Triton kernels with the layout's CONFIG. Its producer
+# warp's registers: ASYNC_PRODUCER_REGS (no spills at BLOCK_T 32 in the offline sm_90 compile,
+# benchmarks/dev_offline_sm90.py --kernel gather).
 ASYNC_PRODUCER_REGS = 96
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
@@ -320,7 +322,7 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         if async_unsupported(cache, out, layout, config) is None:
             return _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout,
                                  n_tokens, config)
-        block_t, warps, per_sm, flags, rest = *ASYNC_FALLBACK, []  # (why: async_unsupported's reason)
+        block_t, warps, per_sm, flags, rest = *CONFIG[layout], []  # (why: async_unsupported's reason)
     maxnreg = rest[1] if len(rest) > 1 else 0
     if not isinstance(maxnreg, int) or maxnreg < 0:
         raise ValueError(f"config maxnreg must be an int >= 0 (0: the compiler's choice), got {maxnreg!r}")
@@ -365,7 +367,8 @@ def _async_shape(config):
 
 
 def async_unsupported(cache, out, layout, config):
-    """Why the Gluon cp.async kernel cannot take this call with this config (flag "a"; see ASYNC_FALLBACK), or None.
+    """Why the Gluon cp.async kernel cannot take this call with this config (flag "a"; the call then runs the layout's
+    CONFIG on the Triton kernels), or None.
     It needs a CUDA device of compute capability >= 9.0 (warp specialization, setmaxnreg), Triton's Gluon, an fp8
     "plain" entry of D bytes with D % 16 == 0 and D <= MAX_COLUMNS or the fp8_ds_mla layout, 16-byte aligned rows
     (cache pointer and both strides) for 16-byte copies, a launch shape it was written for, and the registers and

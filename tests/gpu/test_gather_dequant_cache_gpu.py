@@ -229,7 +229,7 @@ def test_pdl_launches_in_cuda_graph_see_the_previous_kernels_writes(cfg):
 
 
 @pytest.mark.parametrize("layout", ["plain", "fp8_ds_mla"])
-@pytest.mark.parametrize("cfg", [(8, 4, 0, "p"), (8, 4, 0, "pe"), (32, 4, 2, "ape", 3)], ids=str)
+@pytest.mark.parametrize("cfg", [(8, 4, 0, "p"), (8, 4, 0, "pe"), (8, 4, 0, "per"), (32, 4, 2, "ape", 3)], ids=str)
 def test_indices_written_by_the_previous_kernel_under_pdl(layout, cfg):
     """The kernel right before the gather in a captured graph (a PDL primary that lets its dependents start at
     once) writes the block table and token_to_seq the gather reads; before it they hold garbage (huge, negative,

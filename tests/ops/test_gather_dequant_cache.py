@@ -349,7 +349,7 @@ def test_launch_config_covers_every_layout():
     assert set(gmod.CONFIG) == set(gmod.LAYOUTS)
     for layout, (block_t, warps, per_sm, *flags) in gmod.CONFIG.items():
         assert block_t >= 1 and block_t & (block_t - 1) == 0, (layout, block_t)
-        assert warps in (1, 2, 4, 8, 16) and per_sm >= 0 and len(flags) <= 1 and set("".join(flags)) <= set("vspe")
+        assert warps in (1, 2, 4, 8, 16) and per_sm >= 0 and len(flags) <= 1 and set("".join(flags)) <= set("vsper")
 
 
 # ---------------------------------------------------------------- Triton kernels under the interpreter
@@ -421,7 +421,7 @@ def _interpreter_checks():
     c5, p5, s5 = _token_inputs(5, 576, torch.float8_e4m3fn, **small)
     check(c5, p5, s5, torch.bfloat16, what="576 CONFIG")
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", config=(4, 4, 1), paged=True, what="ds_mla paged")
-    # config flag "a" (the Gluon cp.async kernel, CUDA sm_90+ only): CPU tensors take ASYNC_FALLBACK's Triton kernel
+    # config flag "a" (the Gluon cp.async kernel, CUDA sm_90+ only): CPU tensors take the layout's CONFIG (Triton kernel)
     assert gmod.async_unsupported(cache, cache, "fp8_ds_mla", (32, 4, 2, "ap", 3)) == "not a CUDA tensor"
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", config=(32, 4, 2, "ap", 3), what="async config on CPU")
     check(c5, p5, s5, torch.float16, config=(32, 4, 1, "a", 4), paged=True, what="async config on CPU, paged")
