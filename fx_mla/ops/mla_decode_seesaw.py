@@ -112,9 +112,11 @@ _merge_rings: dict = {}  # device index -> (int32 tensor [MERGE_SLOTS, 2], itert
 
 def merge_barrier_slot(device: torch.device) -> torch.Tensor:
     """The (count, generation) int32 pair of the next merging launch on `device` (see MERGE_SLOTS)."""
+    if device.type != "cuda" or MERGE_SLOTS == 0:
+        return torch.zeros(2, dtype=torch.int32, device=device)
     idx = device_index(device)
     ring = _merge_rings.get(idx)
-    if MERGE_SLOTS == 0 or (ring is None and torch.cuda.is_current_stream_capturing()):
+    if ring is None and torch.cuda.is_current_stream_capturing():
         return torch.zeros(2, dtype=torch.int32, device=device)
     if ring is None:
         buf = torch.zeros(MERGE_SLOTS, 2, dtype=torch.int32, device=device)
