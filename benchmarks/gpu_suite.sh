@@ -340,13 +340,17 @@ print(f'{pick(128)},{pick(16)}')")
       timeout 150 python3 benchmarks/bench_decode.py --budget 110 --out "$OUT/decode.json" 2>&1 \
           | tee "$OUT/decode.log" | tail -10
     fi ;;
-  s45)  # session 17: the merge's grid barrier on a ring of self-resetting slots (no memset node a launch): merge GPU
+  s45)  # session 17 (spent; the ring is in git history, 191c8b4): the merge's grid barrier on a ring of
+        # self-resetting slots (no memset node a launch): merge GPU
         # tests, A/B against a zeroed pair a launch (MERGE_SLOTS=0, the old form); TABLE=1: then the decode table
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_seesaw_gpu.py -k "merge" \
         2>&1 | tee "$OUT/s45_tests.log" | grep -v PASSED | tail -12; pack
     timeout 100 python3 benchmarks/dev_lane_rows.py --attr MERGE_SLOTS --modules seesaw --reps 3 \
         --values "MERGE_SLOTS=0,MERGE_SLOTS=4096" --shapes 1x128x65536,2x128x32768 2>&1 | tee "$OUT/s45_ab.log" | tail -3
-    [ -n "$TABLE" ] && timeout 200 python3 benchmarks/bench_decode.py --budget 120 --out "$OUT/decode.json" 2>&1 \
+    [ -n "${TABLE:-}" ] && timeout 200 python3 benchmarks/bench_decode.py --budget 120 --out "$OUT/decode.json" 2>&1 \
+        | tee "$OUT/decode.log" | tail -12 ;;
+  s46)  # session 17: the decode table alone (after s45's ring was measured slower and reverted)
+    timeout 200 python3 benchmarks/bench_decode.py --budget 110 --out "$OUT/decode.json" 2>&1 \
         | tee "$OUT/decode.log" | tail -12 ;;
   s44)  # session 17: flag "r" (fp8_ds_mla latent loaded row-contiguous): GPU tests, a sweep with repeats, and the
         # table with "8,4,0,per" if it beats "pe" on ds_mla at 64K by 0.2 points (mean of the repeats)

@@ -16,7 +16,6 @@ P V, one converting (230,176 bytes). Gluon is imported lazily: this module impor
 """
 from __future__ import annotations
 
-import itertools
 from typing import Optional
 
 import torch
@@ -85,7 +84,7 @@ SCORER_STAGED = "plan"
 SCORER_PDL = False  # False, True or "early"
 # SCORER_MERGE: the split merge inside the scorer kernel instead of the combine kernel after it (kernels/
 # mla_decode_scorer.py, MERGE): the grid is launched cooperatively (every CTA co-resident, one an SM), each output
-# warpgroup arrives at a grid-wide barrier after its epilogue (a (count, generation) slot: MERGE_SLOTS) and then
+# warpgroup arrives at a grid-wide barrier after its epilogue (an int32 counter zeroed for each launch) and then
 # merges its columns of its CTA's share of the heads. Where merge_plan allows (several splits, the grid within one CTA
 # an SM, a head's splits in one merge step) and SCORER_PDL is off; elsewhere the combine kernel as before. Aims at
 # the combine's ~6-7 us and its kernel boundary at 1 x 128 x 64K (session 14's timelines).
@@ -98,34 +97,6 @@ SCORER_PDL = False  # False, True or "early"
 # the second A/B: 4 x 128 x 16K (16 splits) and 8 x 16K as before). On.
 SCORER_MERGE = True
 MERGE_MIN_SPLITS = 32  # fewer splits a request: the combine kernel (see above)
-# The grid barrier's state: a ring of MERGE_SLOTS (count, generation) int32 pairs a device, zeroed once; each merging
-# launch takes the next slot and leaves its count 0 again (kernels/mla_decode_scorer._grid_arrive_wait), so a launch
-# needs no memset of its own (until session 17 a zeroed counter a launch: a memset node before every merging launch
-# in a CUDA graph, one more kernel boundary). A slot is reused only MERGE_SLOTS launches later, so launches that may
-# run at the same time (other streams) do not share one; a captured graph keeps its slots, and a graph's replays are
-# ordered behind each other. Inside a capture with no ring yet on that device (no eager launch before it), a launch
-# takes a zeroed pair of its own (a memset node in the graph, as before); MERGE_SLOTS = 0: always that (the old form,
-# for A/Bs).
-MERGE_SLOTS = 4096
-_merge_rings: dict = {}  # device index -> (int32 tensor [MERGE_SLOTS, 2], itertools.count)
-
-
-def merge_barrier_slot(device: torch.device) -> torch.Tensor:
-    """The (count, generation) int32 pair of the next merging launch on `device` (see MERGE_SLOTS)."""
-    if device.type != "cuda" or MERGE_SLOTS == 0:
-        return torch.zeros(2, dtype=torch.int32, device=device)
-    idx = device_index(device)
-    ring = _merge_rings.get(idx)
-    if ring is None and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(2, dtype=torch.int32, device=device)
-    if ring is None:
-        buf = torch.zeros(MERGE_SLOTS, 2, dtype=torch.int32, device=device)
-        torch.cuda.synchronize(device)  # zeroed before any stream's launch uses it (once a device)
-        ring = _merge_rings.setdefault(idx, (buf, itertools.count()))
-    buf, counter = ring
-    return buf[next(counter) % buf.shape[0]]
-
-
 # SCORER_PROBE: development only (benchmarks/dev_scorer_probe.py), None in the op: an int64 CUDA tensor of at least
 # 16 entries a CTA; the scorer kernel then records timestamps at fixed points of each CTA's life into it.
 SCORER_PROBE = None
@@ -264,8 +235,8 @@ def launch_mla_decode_seesaw(q, kv_cache, block_table, seq_lens, k_scale, q_scal
         if SCORER_MERGE and not SCORER_PDL:
             sms = sm_count(device_index(q.device)) if q.device.type == "cuda" else 132
             rows = merge_plan(batch, groups, num_splits, workspace[0].element_size(), sms)
-            if rows is not None:  # the grid barrier's (count, generation) slot: merge_barrier_slot
-                common.update(merge_ctr_ptr=merge_barrier_slot(q.device), MERGE=True,
+            if rows is not None:  # the counter: zeroed for this launch (a memset in a captured graph)
+                common.update(merge_ctr_ptr=torch.zeros(1, dtype=torch.int32, device=q.device), MERGE=True,
                               SPLITS_POW2=triton.next_power_of_2(num_splits), MERGE_ROWS=rows,
                               launch_cooperative_grid=True)
     else:

@@ -323,8 +323,8 @@ def test_scorer_merge_matches_the_combine_and_float64(lengths, num_splits, out_d
 
 
 def test_scorer_merge_in_a_cuda_graph_is_bitwise_its_eager_launch(monkeypatch):
-    """SCORER_MERGE captured: three merging launches back to back in one graph (each with its barrier slot of the
-    ring, MERGE_SLOTS; the warm-up launch on the side stream created the ring), replayed 20 times with new queries written in place before some replays: every output bitwise the
+    """SCORER_MERGE captured: three merging launches back to back in one graph (each with its counter zeroed by a
+    memset node), replayed 20 times with new queries written in place before some replays: every output bitwise the
     eager merging launch on the same inputs (so no launch reads another's counter or partials), and against
     float64."""
     _skip_unless_supported()
@@ -354,33 +354,3 @@ def test_scorer_merge_in_a_cuda_graph_is_bitwise_its_eager_launch(monkeypatch):
             assert torch.equal(out, w_out) and torch.equal(lse, w_lse), (i, replay)
             if replay % 7 == 1:
                 check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"merge graph {i} replay {replay}")
-
-
-def test_merge_barrier_slots_are_left_ready_and_a_capture_without_a_ring_takes_its_own(monkeypatch):
-    """The grid barrier's (count, generation) slots (MERGE_SLOTS): each merging launch takes the next slot of the
-    device's ring and leaves its count 0 and its generation one higher (no memset needed before the slot's next
-    use), through more launches than the ring has slots (every slot reused, one launch at a time); and a capture
-    before any eager launch (no ring yet) takes a zeroed pair of its own and replays bitwise the eager launch."""
-    _skip_unless_supported()
-    p = make_problem([5000], 128, 64, E4M3, torch.bfloat16, seed=90, device="cuda")
-    monkeypatch.setattr(smod, "MERGE_SLOTS", 3)
-    monkeypatch.setattr(smod, "_merge_rings", {})
-    want = _merge_launch(p, 40, torch.bfloat16, True, monkeypatch)
-    buf, _ = smod._merge_rings[torch.cuda.current_device()]
-    assert buf.tolist() == [[0, 1], [0, 0], [0, 0]]
-    for i in range(7):  # slots 1, 2, 0, 1, 2, 0, 1
-        out, lse = _merge_launch(p, 40, torch.bfloat16, True, monkeypatch)
-        assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), i
-    assert buf.tolist() == [[0, 3], [0, 3], [0, 2]]
-
-    monkeypatch.setattr(smod, "_merge_rings", {})
-    out = torch.empty((1, 128, 512), dtype=torch.bfloat16, device="cuda")
-    lse = torch.empty((1, 128), device="cuda")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # no warm-up: the kernel is compiled already, the ring is not there
-        smod.launch_mla_decode_seesaw(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
-                                      out, lse, num_splits=40, variant="scorer")
-    assert not smod._merge_rings, "a ring created during a capture"
-    for replay in range(3):
-        _replay_poisoned(graph, [(out, lse)])
-        assert torch.equal(out, want[0]) and torch.equal(lse, want[1]), replay

@@ -399,7 +399,7 @@ def test_merge_plan_applies_where_a_cooperative_grid_and_one_merge_step_can(monk
 def test_scorer_merge_setting_launches_a_cooperative_merging_grid(monkeypatch, num_splits, merged):
     """SCORER_MERGE on (CPU tensors, the scorer kernel replaced by a recorder): where merge_plan applies, the scorer
     is launched as a cooperative grid with MERGE, its split count's power of two, the plan's rows and a zeroed int32
-    (count, generation) pair, and no combine follows; elsewhere (one split; 2 x 2 x 40 CTAs > 132) the plain launch and the combine.
+    counter, and no combine follows; elsewhere (one split; 2 x 2 x 40 CTAs > 132) the plain launch and the combine.
     With SCORER_PDL on, no merge."""
     import inspect
 
@@ -431,7 +431,7 @@ def test_scorer_merge_setting_launches_a_cooperative_merging_grid(monkeypatch, n
     if merged:
         assert c["SPLITS_POW2"] == 4 and c["MERGE_ROWS"] == 32
         ctr = c["merge_ctr_ptr"]
-        assert ctr.dtype == torch.int32 and ctr.tolist() == [0, 0]  # (count, generation); CUDA: a ring slot
+        assert ctr.dtype == torch.int32 and ctr.numel() == 1 and int(ctr) == 0
     monkeypatch.setattr(smod, "SCORER_PDL", True)
     smod.launch_mla_decode_seesaw(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=num_splits,
                                   variant="scorer")

@@ -278,27 +278,20 @@ def _merge_tail(mrg, WG: gl.constexpr, L: gl.constexpr, BLOCK_H: gl.constexpr, M
 
 @gluon.jit
 def _grid_arrive_wait(ctr_ptr, target):
-    """MERGE: this partition's arrival at the grid-wide barrier, then its wait for all `target` arrivals (every CTA's
-    two output warpgroups: the split kernel's grid, co-resident by its cooperative launch). ctr_ptr: an int32 pair
-    (count, generation) that no other launch uses while this one runs, count 0 at the launch (the launcher's ring of
-    slots; the kernel leaves it 0 again, so a slot needs no memset before its next launch). The partition's warps
-    first meet (their stores of o / lse issued before the arrival); its first thread reads the generation (acquire),
-    makes the stores visible at GPU scope (fence.acq_rel.gpu) and adds its arrival to the count (acq_rel). The last
-    arrival (the add returned target - 1) sets the count back to 0 and then bumps the generation (release: the
-    reset and every arrival it acquired become visible with it); every other one polls the generation with acquire
-    loads until it changes. The warps meet again, and read the other CTAs' rows with L1-bypassing loads after that.
-    The generation is read before the arrival and bumped only after all of them, so no poller misses its bump; every
-    CTA arrives exactly once a warpgroup, whatever its split's length (empty splits included), so the count is
-    always reached."""
+    """MERGE: this partition's arrival at the grid-wide barrier, then its wait for `target` arrivals (every CTA's two
+    output warpgroups: the split kernel's grid, co-resident by its cooperative launch). The partition's warps first
+    meet (their stores of o / lse issued before the arrival); its first thread makes them visible at GPU scope
+    (fence.acq_rel.gpu, then a release add on the counter, which the launcher zeroes every launch) and polls the
+    counter with acquire loads until it reaches `target`; the warps meet again, and read the other CTAs' rows with
+    L1-bypassing loads after that. Every CTA arrives exactly once a warpgroup, whatever its split's length (empty
+    splits included), so the count is always reached."""
     E_LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     e = gl.arange(0, 128, layout=E_LAYOUT)
     gl.thread_barrier()
     gl.inline_asm_elementwise(
-        "{ .reg .pred p, q; .reg .s32 g, v, h; setp.ne.b32 p, $2, 0; @!p bra DONE; "
-        "ld.acquire.gpu.global.s32 g, [$1+4]; fence.acq_rel.gpu; atom.acq_rel.gpu.global.add.s32 v, [$1], 1; "
-        "add.s32 v, v, 1; setp.lt.s32 q, v, $3; @q bra WAIT; "
-        "st.relaxed.gpu.global.s32 [$1], 0; red.release.gpu.global.add.s32 [$1+4], 1; bra DONE; "
-        "WAIT: ld.acquire.gpu.global.s32 h, [$1+4]; setp.ne.s32 q, h, g; @q bra DONE; nanosleep.u32 32; bra WAIT; "
+        "{ .reg .pred p, q; .reg .s32 v; setp.ne.b32 p, $2, 0; @!p bra DONE; "
+        "fence.acq_rel.gpu; red.release.gpu.global.add.s32 [$1], 1; "
+        "WAIT: ld.acquire.gpu.global.s32 v, [$1]; setp.ge.s32 q, v, $3; @q bra DONE; nanosleep.u32 32; bra WAIT; "
         "DONE: mov.b32 $0, 0; }",
         "=r,l,r,r", [ctr_ptr + e * 0, (e == 0).to(gl.int32), target + e * 0], dtype=gl.int32, is_pure=False,
         pack=1)
@@ -409,8 +402,7 @@ def _mla_decode_scorer_kernel(
     scheduled early (the split merge, which waits for this grid the same way; with one split, whatever follows).
     PDL_EARLY (with PDL and PREFETCH's 16-byte aligned cache): before that wait, the first tile into L2
     (_prefetch_first_tile: L1-bypassing reads used for prefetch addresses only).
-    MERGE (launched as a cooperative grid: every CTA co-resident; merge_ctr_ptr an int32 (count, generation) pair,
-    count 0, used by no other launch meanwhile: _grid_arrive_wait):
+    MERGE (launched as a cooperative grid: every CTA co-resident; merge_ctr_ptr an int32 zeroed for this launch):
     the split merge in this kernel instead of the combine kernel after it. Each output warpgroup, after its
     epilogue, arrives at a grid-wide barrier (_grid_arrive_wait) and merges its columns of its CTA's share of the
     group's heads (_merge_half): no second kernel, its launch gap or its separate reads of the lse's.
