@@ -320,7 +320,7 @@ print(f'{pick(128)},{pick(16)}')")
         $G::test_indices_written_by_the_previous_kernel_under_pdl 2>&1 | tee "$OUT/s40_tests.log" | grep -v PASSED \
         | tail -25; pack
     FX_MLA_DEV_DIAG=1 timeout 200 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
-        "8,4,0,pe;32,4,1,ape,6;32,4,1,ape,8,8;32,4,2,ape,4;16,4,3,ape,4;32,8,1,ape,6;32,4,1,apey,6;32,4,1,apex,6" \
+        "8,4,0,per;32,4,1,ape,6;32,4,1,ape,8,8;32,4,2,ape,4;16,4,3,ape,4;32,8,1,ape,6;32,4,1,apey,6;32,4,1,apex,6" \
         2>&1 | tee "$OUT/s40_sweep.log" | grep -v "^ *{\|^ *}\|^ *\"" | tail -16 ;;
   s40t)
     timeout 230 python3 benchmarks/bench_cache_gather.py --rep 50 --budget-s 120 --config "${CFG}" 2>&1 | tee "$OUT/cache_gather.log" | grep -v "check" | tail -28 ;;

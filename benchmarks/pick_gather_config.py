@@ -3,7 +3,7 @@ tokens on both layouts by at least --margin points of copy (the best min of the 
 async "a" config only where its kernel ran, not its Triton fallback), as bench_cache_gather.py --config takes it
 ("32,4,2,ape,3"); print nothing if none does, or if the sweep was cut short (partial).
 
-    python3 benchmarks/pick_gather_config.py benchmarks/results/cache_gather_sweep.json [--default 8,4,0,pe]
+    python3 benchmarks/pick_gather_config.py benchmarks/results/cache_gather_sweep.json [--default 8,4,0,per]
 """
 import argparse
 import json
@@ -39,7 +39,7 @@ def pick(rows, default, margin=0.3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("sweep")
-    ap.add_argument("--default", default="8,4,0,pe")
+    ap.add_argument("--default", default="8,4,0,per", help="the Triton default of both layouts (\"r\" acts on fp8_ds_mla only)")
     ap.add_argument("--margin", type=float, default=0.3, help="points of copy bandwidth to beat the default by")
     args = ap.parse_args()
     default = [int(x) if x.isdigit() else x for x in args.default.split(",")]

@@ -58,7 +58,9 @@ DS_MLA_D_OUT = DS_MLA_LATENT + DS_MLA_ROPE
 # output stores (.cs), "p" = programmatic dependent launch (sm_90+ CUDA only; ignored elsewhere), "e" = with "p",
 # each program prefetches its rows into L2 before the PDL wait, by indices read then (kernels' docstring: EARLY),
 # "r" = fp8_ds_mla only (the plain kernel's rows are read that way already): a row's 512 latent bytes loaded as one
-# contiguous vector (a warp reads 512 bytes of one row, not four 128-byte groups of four rows; ROW_LOAD).
+# contiguous vector (a warp reads 512 bytes of one row, not four 128-byte groups of four rows; ROW_LOAD; with "v" the
+# latent then still changes layout through shared memory, offline Triton 3.6 sm_90: "vr" keeps "r"'s loads, not "v"'s
+# saving).
 # Small tiles keep registers low (~32-48 a thread), so many programs share an SM and many independent index chains
 # (token_to_seq -> cu_seq_lens/seq_starts -> block_table -> cache) are in flight. From bench_cache_gather.py
 # --sweep on an H100 80GB HBM3 (16 configs, bit-identical): (8, 4, 0) best or within 0.1 % of best, both layouts,
@@ -83,9 +85,12 @@ EARLY_WAVE = 16  # flag "e": programs an SM that prefetch before the PDL wait (a
 # warps, CTAs an SM, flags[, stages[, group]]) (stages: shared-memory buffers, default 4; group: tiles an index
 # chain, default 4); "p" there: PDL, "e" (with "p"): the first group's rows into L2 before the PDL wait; "x" / "y":
 # development diagnostics, WRONG results (no output stores / no cache reads), refused unless FX_MLA_DEV_DIAG=1.
-# Where it cannot run (async_unsupported) the call takes the Triton kernels with the layout's CONFIG. Its producer
+# The Gluon kernel ignores "v", "s" and "r" (its loads and stores have their own layouts). Where it cannot run
+# (async_unsupported) the call takes the Triton kernels with the layout's ASYNC_FALLBACK. Its producer
 # warp's registers: ASYNC_PRODUCER_REGS (no spills at BLOCK_T 32 in the offline sm_90 compile,
 # benchmarks/dev_offline_sm90.py --kernel gather).
+ASYNC_FALLBACK = {"plain": (8, 4, 0, "pe"), "fp8_ds_mla": (8, 4, 0, "per")}  # CONFIG's Triton defaults, kept
+# apart from CONFIG (benchmarks may put an async config there)
 ASYNC_PRODUCER_REGS = 96
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
@@ -322,7 +327,7 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
         if async_unsupported(cache, out, layout, config) is None:
             return _launch_async(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out, layout,
                                  n_tokens, config)
-        block_t, warps, per_sm, flags, rest = *CONFIG[layout], []  # (why: async_unsupported's reason)
+        block_t, warps, per_sm, flags, rest = *ASYNC_FALLBACK[layout], []  # (why: async_unsupported's reason)
     maxnreg = rest[1] if len(rest) > 1 else 0
     if not isinstance(maxnreg, int) or maxnreg < 0:
         raise ValueError(f"config maxnreg must be an int >= 0 (0: the compiler's choice), got {maxnreg!r}")
@@ -368,7 +373,7 @@ def _async_shape(config):
 
 def async_unsupported(cache, out, layout, config):
     """Why the Gluon cp.async kernel cannot take this call with this config (flag "a"; the call then runs the layout's
-    CONFIG on the Triton kernels), or None.
+    ASYNC_FALLBACK on the Triton kernels), or None.
     It needs a CUDA device of compute capability >= 9.0 (warp specialization, setmaxnreg), Triton's Gluon, an fp8
     "plain" entry of D bytes with D % 16 == 0 and D <= MAX_COLUMNS or the fp8_ds_mla layout, 16-byte aligned rows
     (cache pointer and both strides) for 16-byte copies, a launch shape it was written for, and the registers and

@@ -350,6 +350,40 @@ def test_launch_config_covers_every_layout():
     for layout, (block_t, warps, per_sm, *flags) in gmod.CONFIG.items():
         assert block_t >= 1 and block_t & (block_t - 1) == 0, (layout, block_t)
         assert warps in (1, 2, 4, 8, 16) and per_sm >= 0 and len(flags) <= 1 and set("".join(flags)) <= set("vsper")
+    assert gmod.ASYNC_FALLBACK == gmod.CONFIG  # the async kernel's fallback: the Triton defaults
+
+
+@pytest.mark.parametrize("config,row_load", [((8, 4, 0, "per"), True), ((8, 4, 0, "pe"), False), (None, True),
+                                             ((32, 4, 2, "ap", 3), True)], ids=str)
+def test_launcher_passes_row_load_to_the_ds_mla_kernel_only(monkeypatch, config, row_load):
+    """Flag "r" reaches the fp8_ds_mla kernel as ROW_LOAD (None: CONFIG's; an async config on CPU: ASYNC_FALLBACK's,
+    even with CONFIG itself replaced by an async config of five entries, as bench_cache_gather.py --config does); the
+    plain kernel never gets it (kernels replaced by recorders: no launch)."""
+    from fx_mla.ops.kernels import gather_dequant_cache as kmod
+    seen = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.setdefault(self.name, kw)
+
+    monkeypatch.setattr(kmod, "_gather_dequant_cache_fp8_ds_mla_kernel", Recorder("ds"))
+    monkeypatch.setattr(kmod, "_gather_dequant_cache_kernel", Recorder("plain"))
+    if config is not None and "a" in config[3]:
+        monkeypatch.setitem(gmod.CONFIG, "fp8_ds_mla", config)
+        monkeypatch.setitem(gmod.CONFIG, "plain", config)
+    cache, p, _ = _token_inputs(12, 656, torch.uint8, "fp8_ds_mla")
+    out = torch.empty(p.token_to_seq.numel(), 576, dtype=torch.bfloat16)
+    gmod.launch_gather_dequant_cache(cache, p.block_table, p.cu_seq_lens, p.token_to_seq, p.seq_starts, None, out,
+                                     "fp8_ds_mla", config)
+    assert seen["ds"]["ROW_LOAD"] is row_load
+    c2, p2, s2 = _token_inputs(12, 576, torch.float8_e4m3fn)
+    out2 = torch.empty(p2.token_to_seq.numel(), 576, dtype=torch.bfloat16)
+    gmod.launch_gather_dequant_cache(c2, p2.block_table, p2.cu_seq_lens, p2.token_to_seq, p2.seq_starts, s2, out2,
+                                     "plain", config)
+    assert "ROW_LOAD" not in seen["plain"]
 
 
 # ---------------------------------------------------------------- Triton kernels under the interpreter
@@ -417,11 +451,12 @@ def _interpreter_checks():
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 4, 0), what=f"ds_mla {out_dtype}")
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 2, 0, "vs"), what=f"ds_mla {out_dtype} vs")
         check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 4, 0, "r"), what=f"ds_mla {out_dtype} r")
+        check(cache, p, None, out_dtype, "fp8_ds_mla", config=(8, 2, 0, "vr"), what=f"ds_mla {out_dtype} vr")
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", what="ds_mla CONFIG")  # config None: CONFIG's
     c5, p5, s5 = _token_inputs(5, 576, torch.float8_e4m3fn, **small)
     check(c5, p5, s5, torch.bfloat16, what="576 CONFIG")
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", config=(4, 4, 1), paged=True, what="ds_mla paged")
-    # config flag "a" (the Gluon cp.async kernel, CUDA sm_90+ only): CPU tensors take the layout's CONFIG (Triton kernel)
+    # config flag "a" (the Gluon cp.async kernel, CUDA sm_90+ only): CPU tensors take ASYNC_FALLBACK (Triton)
     assert gmod.async_unsupported(cache, cache, "fp8_ds_mla", (32, 4, 2, "ap", 3)) == "not a CUDA tensor"
     check(cache, p, None, torch.bfloat16, "fp8_ds_mla", config=(32, 4, 2, "ap", 3), what="async config on CPU")
     check(c5, p5, s5, torch.float16, config=(32, 4, 1, "a", 4), paged=True, what="async config on CPU, paged")

@@ -34,6 +34,9 @@ Launch flags (constexpr, chosen in the launcher's CONFIG):
   launcher: what one wave of the grid can hold, SMs x 16) do it: later ones start after the previous kernel has
   finished, when the early phase would only add a dependent index chain ahead of the real one.
 
+- ROW_LOAD (fp8_ds_mla kernel only): its latent loaded as [BLOCK_T, 512] and viewed as [BLOCK_T, 4, 128] (that
+  kernel's docstring).
+
 Rounding: fp8/bf16/fp16/fp32 -> fp32 is exact; x * scale is one fp32 multiply; the result is rounded
 once to the output dtype, round-to-nearest-even. ROUND_BY_BITS does that last rounding with integer
 arithmetic for bf16 outputs: only for TRITON_INTERPRET, whose fp32 -> bf16 conversion truncates.
@@ -286,8 +289,8 @@ def _gather_dequant_cache_fp8_ds_mla_kernel(
         sc_base = (cache_ptr + row + LATENT).to(tl.pointer_type(tl.float32))
         rope_base = (cache_ptr + row + LATENT + 4 * N_GROUPS).to(tl.pointer_type(tl.bfloat16))
         if ROW_LOAD:  # each row's 512 latent bytes as one contiguous vector, then viewed as [4, 128]
-            x = tl.reshape(tl.load(lat_base[:, None] + tl.arange(0, LATENT)[None, :], mask=ok[:, None], other=0.0,
-                                   eviction_policy="evict_first"), [BLOCK_T, N_GROUPS, GROUP])
+            x = tl.reshape(tl.load(lat_base[:, None] + _columns(0, LATENT, VEC)[None, :], mask=ok[:, None],
+                                   other=0.0, eviction_policy="evict_first"), [BLOCK_T, N_GROUPS, GROUP])
         else:
             x = tl.load(lat_base[:, None, None] + lat_off, mask=ok[:, None, None], other=0.0,
                         eviction_policy="evict_first")
