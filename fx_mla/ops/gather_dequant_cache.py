@@ -89,8 +89,8 @@ EARLY_WAVE = 16  # flag "e": programs an SM that prefetch before the PDL wait (a
 # (async_unsupported) the call takes the Triton kernels with the layout's ASYNC_FALLBACK. Its producer
 # warp's registers: ASYNC_PRODUCER_REGS (no spills at BLOCK_T 32 in the offline sm_90 compile,
 # benchmarks/dev_offline_sm90.py --kernel gather).
-ASYNC_FALLBACK = {"plain": (8, 4, 0, "pe"), "fp8_ds_mla": (8, 4, 0, "per")}  # CONFIG's Triton defaults, kept
-# apart from CONFIG (benchmarks may put an async config there)
+ASYNC_FALLBACK = dict(CONFIG)  # CONFIG's Triton defaults, copied at import (bench_cache_gather.py --config may put an
+# async config in CONFIG itself)
 ASYNC_PRODUCER_REGS = 96
 MAX_COLUMNS = 1024  # a plain entry wider than this is gathered in column slices (keeps tiles in registers)
 
