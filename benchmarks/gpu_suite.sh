@@ -45,6 +45,7 @@
 #   bash benchmarks/gpu_suite.sh s43     # one GPU: s40 again (the consumer's whole-sector stores: 8 consumer warps,
 #                                        # the x / y diagnostics), then the gather table with the best async config if
 #                                        # it beats the default (next to run; s43q ran its first part)
+#   bash benchmarks/gpu_suite.sh s48     # one GPU: the 16-head "rs" kernel (A operands in registers): tests, A/B
 #   bash benchmarks/gpu_suite.sh s41     # one GPU, one call: s40, the merge GPU tests, then the gather table with the
 #                                        # best async config if it beats the default, else s39's A/B and decode table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
@@ -387,6 +388,12 @@ print('yes' if m('per') >= m('pe') + 0.2 else 'no', round(m('pe'), 2), round(m('
     FX_MLA_DEV_DIAG=1 timeout 170 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
         "8,4,0,pe;32,4,1,ape,6;32,8,1,ape,6;32,4,1,apex,6;32,4,1,apey,6;16,4,3,ape,4;16,4,3,apex,4;16,4,3,apey,4" \
         2>&1 | tee "$OUT/s42_sweep.log" | grep -v "^ *{\|^ *}\|^ *\"\|^ *[0-9]\|^ *\]" | tail -14 ;;
+  s48)  # session 18: the 16-head kernel with both wgmma A operands in registers ("rs", TMA ring): its GPU tests (fail
+        # fast), its A/B against ws8p2 in the op on the 16-head shapes, then the whole gluon16 GPU file
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py -k rs \
+        2>&1 | tee "$OUT/s48_tests.log" | grep -v PASSED | tail -20; pack
+    timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 --values ws8p2,rs \
+        --shapes 32x16x16384,128x16x8192 --reps 3 2>&1 | tee "$OUT/s48_ab.log" | tail -16; pack ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;

@@ -41,7 +41,10 @@ LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 # within noise of ws8p2).
 # Measured and removed (session 5, RESULTS.md; git history): "dc8" / "dc4", two consumer warpgroups on alternate
 # tiles fed by an 8- / 4-warp producer, 9-36 % slower than ws8p2 from HBM (1x H100).
-VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o")
+# "rs" (kernels/mla_decode_gluon16_rs.py): TMA of the raw FP8 tile into a ring, both wgmmas with their A operand read
+# from it straight into registers (no fp16 tile in shared memory: ~140 instead of ~250 KB of shared-memory traffic a
+# 64-token tile); needs block sizes 16, 32 or a multiple of 64 and pages laid out as [block_size, row] slices.
+VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o", "rs")
 VARIANT = "ws8p2"
 # How a producer warp's lanes cover a tile (kernels/mla_decode_gluon.lat_layout): "1x32" = sessions 2-4 (2-way
 # conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "q2x4" 9-11 % faster
@@ -49,6 +52,8 @@ VARIANT = "ws8p2"
 LANES = "q2x4"
 # producer warps, producer registers (setmaxnreg), tiles ahead, consumer overlap; all compile without spills
 # (Triton 3.6, sm_90)
+RS_STAGES = 4       # "rs": raw FP8 tiles in the TMA ring (36 KB each)
+RS_REGS = (232, 40)  # "rs": scorer and loader registers (setmaxnreg); the P V partition gets the rest
 _WS = {"ws4": (4, 232, 1, False), "ws8": (8, 152, 1, False), "ws8p2": (8, 152, 2, False),
        "ws8p3": (8, 184, 3, False), "ws8p2o": (8, 152, 2, True)}
 
@@ -58,6 +63,8 @@ def smem_needed(num_stages: int = NUM_STAGES, variant: str = "ring") -> int:
     ws4 168,228, ws8* 168,232): fp16 query + raw FP8 ring + one fp16 tile + P + 256 bytes of scratch (ring); fp16
     query + two fp16 tiles + P + barriers and scratch (ws)."""
     d = LATENT + ROPE
+    if variant == "rs":  # query + TMA ring + two P^T buffers + (alpha, l) + barriers and scratch (170,600 at 4 stages)
+        return HEADS * d * 2 + RS_STAGES * BLOCK_N * d + 2 * HEADS * BLOCK_N * 2 + 4 * HEADS * 4 + 520
     if variant != "ring":
         return HEADS * d * 2 + 2 * BLOCK_N * d * 2 + HEADS * BLOCK_N * 2 + 296
     return HEADS * d * 2 + num_stages * BLOCK_N * d + BLOCK_N * d * 2 + HEADS * BLOCK_N * 2 + 256
@@ -73,6 +80,14 @@ def gluon16_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_
         return f"variant must be one of {VARIANTS}, got {variant!r}"
     if num_stages not in (2, 3):
         return f"num_stages must be 2 or 3 (4 exceeds the shared memory), got {num_stages}"
+    if variant == "rs" and kv_cache.dim() == 3:
+        page = kv_cache.shape[1]
+        if not (page in (16, 32) or page % BLOCK_N == 0):
+            return f"variant 'rs' takes block sizes 16, 32 or a multiple of {BLOCK_N}, got {page}"
+        if kv_cache.shape[0] > 1 and kv_cache.stride(0) != page * kv_cache.stride(1):
+            return "variant 'rs' needs the cache's blocks back to back (stride(0) == block_size * stride(1))"
+        if kv_cache.shape[0] * page >= 2 ** 31:
+            return "variant 'rs' addresses cache rows with 32-bit TMA coordinates"
     return gluon_unsupported(q, kv_cache, kv_lora_rank, device, kernel="the Gluon kernel", heads_reason=_heads_reason,
                              row_align=16, smem_needed=smem_needed(num_stages, variant))
 
@@ -117,6 +132,11 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
         num_splits = default_num_splits(batch, max_blocks * page, device_index(q.device))
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
                                                 lse, num_splits, poison_workspace)
+    if variant == "rs":
+        kernel = _launch_rs(q, kv_cache, args, consts, num_splits, batch, page)
+        launch_mla_decode_gluon16.last_kernel = kernel
+        combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
+        return out, lse
     common = dict(consts, BLOCK_H=HEADS, BLOCK_N=BLOCK_N, ONE_PAGE=page % BLOCK_N == 0, num_warps=NUM_WARPS)
     if variant == "ring":
         kernel = kmod._mla_decode_gluon16_kernel[(num_splits, batch)](
@@ -128,3 +148,38 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
     launch_mla_decode_gluon16.last_kernel = kernel  # the dev script reads its register / spill counts
     combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
     return out, lse
+
+
+def _launch_rs(q, kv_cache, args, consts, num_splits: int, batch: int, page: int):
+    """The "rs" kernel: TMA descriptors of the cache seen as [num_blocks * block_size, row] bytes (latent boxes of
+    [box, 128] with the 128-byte swizzle, rope boxes [box, 64] with the 64-byte swizzle, box = min(block_size, 64)
+    rows), the shared-memory views of kernels/mla_decode_gluon16_rs.views() as constexprs."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from fx_mla.ops.kernels import mla_decode_gluon16_rs as rmod
+
+    box = min(page, BLOCK_N)
+    rows = kv_cache.shape[0] * page
+    width = LATENT + ROPE
+    lat = TensorDescriptor(kv_cache, [rows, width], [kv_cache.stride(1), 1], [box, 128],
+                           gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2))
+    rope = TensorDescriptor(kv_cache, [rows, width], [kv_cache.stride(1), 1], [box, ROPE],
+                            gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
+    # (q, lat, rope, block_table, seq_lens, k_scale, q_scale, out, lse, part_o, part_lse, sm_scale, heads, splits,
+    #  num_blocks, max_blocks, stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h)
+    rs_args = (args[0], lat, rope) + tuple(args[2:17]) + tuple(args[19:])
+    scorer_regs, loader_regs = RS_REGS
+    return rmod._mla_decode_gluon16_rs_kernel[(num_splits, batch)](
+        *rs_args, **consts, **_rs_views(), BLOCK_H=HEADS, BLOCK_N=BLOCK_N, NUM_STAGES=RS_STAGES,
+        SCORER_REGS=scorer_regs, LOADER_REGS=loader_regs, num_warps=NUM_WARPS)
+
+
+def _rs_views():
+    if _rs_views.cache is None:
+        from fx_mla.ops.kernels import mla_decode_gluon16_rs as rmod
+        _rs_views.cache = rmod.views(BLOCK_N, HEADS, LATENT, ROPE)
+    return _rs_views.cache
+
+
+_rs_views.cache = None

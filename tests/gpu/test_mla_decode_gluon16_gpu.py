@@ -1,7 +1,7 @@
 """GPU tests of the 16-head Hopper Gluon MLA decode kernel: against the float64 reference on ragged problems
 (lengths incl. 0, NaN in every slot the length mask must skip, block sizes 16/32/64), outputs and split workspace
 poisoned with NaN, both ring depths and both ring-read orders, the warp-specialized variants ws4 / ws8 / ws8p2 /
-ws8p3 / ws8p2o and FP8 queries. Skips where gluon16_unsupported_reason declines (not sm_90, not Triton 3.6)."""
+ws8p3 / ws8p2o, the register-operand "rs" kernel (TMA ring) and FP8 queries. Skips where gluon16_unsupported_reason declines (not sm_90, not Triton 3.6)."""
 import pytest
 import torch
 
@@ -21,7 +21,7 @@ def _skip_unless_supported():
         pytest.skip(reason)
 
 
-@pytest.mark.parametrize("variant", ["ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o"])
+@pytest.mark.parametrize("variant", ["ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o", "rs"])
 @pytest.mark.parametrize("block_size", [16, 32, 64])
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
 @pytest.mark.parametrize("cache_dtype,q_dtype,out_dtype", [(E4M3, torch.bfloat16, torch.bfloat16),
@@ -48,7 +48,7 @@ def test_gluon16_variants_match_float64(num_stages, early_read):
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"stages {num_stages} early {early_read}")
 
 
-@pytest.mark.parametrize("variant", ["ring", "ws8p2", "ws8p3", "ws8p2o"])
+@pytest.mark.parametrize("variant", ["ring", "ws8p2", "ws8p3", "ws8p2o", "rs"])
 @pytest.mark.parametrize("q_dtype,cache_dtype,block_size,num_splits", [
     (E4M3, E4M3, 64, None), (E4M3, E4M3, 16, 1), (E5M2, E5M2, 64, 5), (E5M2, E4M3, 32, None)])
 def test_gluon16_decode_fp8_query_matches_float64(variant, q_dtype, cache_dtype, block_size, num_splits):
@@ -61,3 +61,15 @@ def test_gluon16_decode_fp8_query_matches_float64(variant, q_dtype, cache_dtype,
     gmod.launch_mla_decode_gluon16(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, p.q_scale, p.sm_scale,
                                    512, out, lse, num_splits=num_splits, poison_workspace=True, variant=variant)
     check_close(out, lse, *reference_f64(p), what=f"{variant} fp8 q {q_dtype} bs{block_size}")  # fp32: 2e-3
+
+
+def test_gluon16_rs_long_context_matches_float64():
+    """"rs" over many tiles a split (the ring wraps many times, P buffers alternate), ragged ends, pages 64."""
+    _skip_unless_supported()
+    p = make_problem([16384, 4097, 0, 12345], 16, 64, E4M3, torch.bfloat16, seed=11, device="cuda")
+    out = torch.full((4, 16, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lse = torch.full((4, 16), float("nan"), device="cuda")
+    for splits in (1, 3):
+        gmod.launch_mla_decode_gluon16(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
+                                       out, lse, num_splits=splits, poison_workspace=True, variant="rs")
+        check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"rs long, {splits} splits")

@@ -1,0 +1,342 @@
+"""Gluon (Hopper, sm_90) kernel of the memory-bound 16-head MLA decode with both MMAs' A operand in registers.
+
+Import this module only where triton.experimental.gluon is the validated Triton 3.6 version (the launcher in
+fx_mla/ops/mla_decode_gluon16.py imports it lazily, after gluon16_unsupported_reason returned None).
+
+Why: the warp-specialized 16-head kernel (mla_decode_gluon16.py, "ws8p2") converts each FP8 tile into an fp16 tile in
+shared memory, which both wgmmas then read (S^T = K Q^T and O^T += V^T P^T, N = 16 heads): per 64-token tile (36 KB
+of HBM) about 250 KB of shared-memory traffic, so on an H200 the kernel is bound by shared memory, not by HBM. Here
+the raw FP8 tile goes into shared memory once (TMA, 128-byte swizzle) and each consumer warpgroup reads it straight
+into the register layout of a wgmma A operand, converts FP8 -> fp16 in registers and multiplies from registers:
+TMA write 36 KB + two reads of 36 / 32 KB + Q and P (~35 KB) a tile, about 140 KB.
+
+Partitions, one CTA per (split, request) with all 16 heads:
+* loader (1 warp): TMA of tile j into ring slot j % NUM_STAGES (4 latent boxes [rows, 128 B] and one rope box
+  [rows, 64 B] a page piece), one mbarrier `ready` a slot with the byte count; waits `empty` (both consumers done).
+* scorer (4 warps, a worker): S^T [64 tokens, 16 heads] = K Q^T with A = K in registers, the online softmax, P^T and
+  the per-head (alpha, l) into one of two P buffers (`pready`), lse at the end.
+* P V (4 warps, the default partition): O^T [512, 16] += V^T P^T with A = V^T in registers, rescaled by alpha.
+
+Register layouts of A come from the wgmma (DotOperandLayout, k_width 2): a thread holds 2 rows x 2 pairs a k-step.
+A reduction index may be relabelled freely when both operands follow it, and an M index when the output does:
+* scorer: K's column k (latent dim, also Q's column) is the physical byte perm_k(k), chosen so a thread's 16 entries
+  of four k-steps are 16 consecutive bytes of a row (one 128-bit shared load); its row i is token sigma(i) (bits 0
+  and 2 swapped), so that each quarter warp's loads hit 8 different 16-byte bank groups of the swizzled tile;
+* P V: V^T's row m (latent dim, the output row) is the physical byte dim_of_row(m), again 16 consecutive bytes a
+  thread a token; its column (token) is not relabelled; the output rows are written back to dim_of_row(m).
+Both views are shared-memory reinterpretations (SharedLinearLayout) of the same swizzled bytes, so the loads are
+plain ld.shared of the layout the MMA wants. Numerics are those of the other Gluon kernels (exact FP8 -> fp16, fp16
+query scaled by 2**-Q_SHIFT, fp32 online softmax with p rounded to fp16, k_scale into the score scale and output).
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from fx_mla.ops.kernels.mla_decode_gluon import _output_rows, _score_scale, _split_range, _to_mma_dtype
+
+
+# ---- index relabellings: plain Python (the launcher builds the shared-memory views and passes them as constexprs;
+# the same formulas appear as tensor arithmetic in the kernel where offsets need them)
+def _bit(x, b):
+    return (x >> b) & 1
+
+
+def perm_k(k):
+    """Physical byte (within a 512-byte latent or 64-byte rope row) of the scorer's reduction column k: bits
+    (k0, k3, k4, k5, k1, k2, k6, k7, k8) become bits 0..8 of the byte. A thread's k-step entries k0, k3 and its
+    four k-steps k4, k5 then lie in 16 consecutive bytes; its lane bits k1, k2 pick the 16-byte group."""
+    return ((k & ~63) | (_bit(k, 1) << 4) | (_bit(k, 2) << 5) | (_bit(k, 3) << 1) | (_bit(k, 4) << 2)
+            | (_bit(k, 5) << 3) | (k & 1))
+
+
+def perm_k_inverse(p):
+    """Inverse of perm_k: byte bits (p0, p1, p2, p3, p4, p5, p6..) -> column bits (k0, k3, k4, k5, k1, k2, k6..)."""
+    return ((p & ~63) | (_bit(p, 1) << 3) | (_bit(p, 2) << 4) | (_bit(p, 3) << 5) | (_bit(p, 4) << 1)
+            | (_bit(p, 5) << 2) | (p & 1))
+
+
+def sigma(i):
+    """Token of the scorer's row i within a 64-token tile: bits 0 and 2 swapped (an involution)."""
+    return (i & ~5) | (_bit(i, 0) << 2) | _bit(i, 2)
+
+
+def dim_of_row(m):
+    """Latent dim (physical byte of the 512-byte row) of the P V output row m: m = 64 mb + 16 w + 8 h + l4 (mb the
+    wgmma M block, w the warp, h the fragment's second row, l4 = lane // 4) -> 128 w + 16 l4 + 2 mb + h."""
+    return 128 * ((m >> 4) & 3) + 16 * (m & 7) + 2 * ((m >> 6) & 7) + _bit(m, 3)
+
+
+def row_of_dim(d):
+    """Inverse of dim_of_row: byte d = 128 w + 16 l4 + 2 mb + h -> row m = 64 mb + 16 w + 8 h + l4."""
+    w, l4, mb, h = (d >> 7) & 3, (d >> 4) & 7, (d >> 1) & 7, d & 1
+    return 64 * mb + 16 * w + 8 * h + l4
+
+
+def swizzled_bases(rows, row_bytes, swizzle, elem_bytes, chunks=1):
+    """Offset bases (element offset bit -> (chunk, row, column)) of `chunks` stacked tiles [rows, row_bytes /
+    elem_bytes] in the NVMMA / TMA swizzle of `swizzle` bytes: the 16-byte group g of byte address a is stored at
+    g ^ ((a / 128) % (swizzle / 16)). Rows are exactly `swizzle` bytes here."""
+    assert row_bytes == swizzle and swizzle in (64, 128)
+    cols = row_bytes // elem_bytes
+    per16 = 16 // elem_bytes
+    groups = swizzle // 16
+    bases = [(0, 0, 1 << b) for b in range(cols.bit_length() - 1)]
+    for b in range(rows.bit_length() - 1):
+        r = 1 << b
+        bases.append((0, r, (((r * row_bytes) // 128) % groups) * per16))
+    bases += [(1 << b, 0, 0) for b in range(chunks.bit_length() - 1)]
+    return bases
+
+
+def _linear(f, x):
+    """f (linear over GF(2): a bit permutation) applied to x bit by bit."""
+    out, b = 0, 0
+    while x >> b:
+        if (x >> b) & 1:
+            out ^= f(1 << b)
+        b += 1
+    return out
+
+
+def views(block_n: int = 64, block_h: int = 16, latent: int = 512, rope: int = 64):
+    """The shared-memory views (SharedLinearLayout offset bases) of the kernel:
+    K_VIEW [block_n rows i, latent columns k] of a slot's latent tiles (4 chunks [block_n, 128 B], 128-byte swizzle):
+        row i = token sigma(i), column k = byte perm_k(k);
+    KR_VIEW [block_n, rope] of its rope tile ([block_n, 64 B], 64-byte swizzle), the same relabelling;
+    V_VIEW [latent rows m, block_n tokens] of the latent tiles: row m = byte dim_of_row(m);
+    PT_VIEW [block_h, block_n] of a P^T buffer (fp16, 128-byte swizzle) with column i = token sigma(i)."""
+    k = [[_linear(sigma, r), _linear(perm_k_inverse, c * 128 + col)]
+         for c, r, col in swizzled_bases(block_n, 128, 128, 1, latent // 128)]
+    kr = [[_linear(sigma, r), _linear(perm_k_inverse, col)] for _, r, col in swizzled_bases(block_n, rope, rope, 1)]
+    v = [[_linear(row_of_dim, c * 128 + col), r] for c, r, col in swizzled_bases(block_n, 128, 128, 1, latent // 128)]
+    pt = [[r, _linear(sigma, col)] for _, r, col in swizzled_bases(block_h, 2 * block_n, 128, 2)]
+    return {name: gl.SharedLinearLayout(offset_bases=b) for name, b in
+            (("K_VIEW", k), ("KR_VIEW", kr), ("V_VIEW", v), ("PT_VIEW", pt))}
+
+
+# ---- partitions
+@gluon.jit
+def _rs_loader(lat_desc, rope_desc, lat_ring, rope_ring, ready, empty, bt_row, start, end, num_blocks,
+               PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, BOX: gl.constexpr,
+               NUM_STAGES: gl.constexpr):
+    """TMA of each tile into its ring slot: BLOCK_N / BOX page pieces of BOX rows, each 4 latent boxes of 128 bytes
+    and one rope box. Page ids are clamped into the cache; a piece past the split's end reads page 0 (its rows are
+    masked by the consumers); rows past the cache's end are zero-filled by the TMA unit."""
+    CHUNK: gl.constexpr = 128
+    n_tiles = gl.cdiv(end - start, BLOCK_N)
+    for j in range(n_tiles):
+        s = j % NUM_STAGES
+        mbarrier.wait(empty.index(s), ((j // NUM_STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), BLOCK_N * (L + R))
+        n0 = start + j * BLOCK_N
+        for piece in gl.static_range(BLOCK_N // BOX):
+            t0 = n0 + piece * BOX
+            page = gl.load(bt_row + t0 // PAGE, mask=t0 < end, other=0)
+            page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
+            row = page * PAGE + t0 % PAGE
+            for c in gl.static_range(L // CHUNK):
+                tma.async_copy_global_to_shared(lat_desc, [row, c * CHUNK], ready.index(s),
+                                                lat_ring.index(s).slice(c * BLOCK_N + piece * BOX, BOX))
+            tma.async_copy_global_to_shared(rope_desc, [row, L], ready.index(s),
+                                            rope_ring.index(s).slice(piece * BOX, BOX))
+
+
+@gluon.jit
+def _rs_scorer(q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, ready, empty, pready, pfree,
+               start, end, qk_scale, lse_base, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr,
+               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, K_VIEW: gl.constexpr, KR_VIEW: gl.constexpr,
+               PT_VIEW: gl.constexpr):
+    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_H, 16])
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2)
+    STAT: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
+    dtype: gl.constexpr = lat_ring.dtype
+    n_tiles = gl.cdiv(end - start, BLOCK_N)
+    m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, STAT)
+    l_i = gl.zeros([BLOCK_H], gl.float32, STAT)
+    s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, S_LAYOUT)
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S_LAYOUT))
+    tok = (rows & ~5) | ((rows & 1) << 2) | ((rows >> 2) & 1)   # sigma(rows)
+    for j in range(n_tiles):
+        s = j % NUM_STAGES
+        n0 = start + j * BLOCK_N
+        mbarrier.wait(ready.index(s), (j // NUM_STAGES) & 1)
+        k_lat = lat_ring.index(s)._reinterpret(dtype, [BLOCK_N, L], K_VIEW).load(A_LAYOUT)
+        k_pe = rope_ring.index(s)._reinterpret(dtype, [BLOCK_N, R], KR_VIEW).load(A_LAYOUT)
+        acc = warpgroup_mma(k_lat.to(gl.float16), q_nope_smem.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(k_pe.to(gl.float16), q_pe_smem.permute((1, 0)), acc, is_async=True)
+        sc = warpgroup_mma_wait(0, deps=(acc, ))
+        gl.thread_barrier()  # every thread of this partition has read slot s
+        mbarrier.arrive(empty.index(s))
+        # ---- online softmax over the tokens (axis 0); the tile's first token is valid, so maxima are finite
+        sc = gl.where((n0 + tok < end)[:, None], sc * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(sc, 0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(sc - m_new[None, :])
+        l_i = l_i * alpha + gl.sum(p, 0)
+        m_i = m_new
+        b = j % 2
+        mbarrier.wait(pfree.index(b), ((j // 2) & 1) ^ 1)
+        p_smem.index(b)._reinterpret(gl.float16, [BLOCK_H, BLOCK_N], PT_VIEW).store(
+            gl.permute(p.to(gl.float16), (1, 0)))
+        stat_smem.index(2 * b).store(alpha)
+        stat_smem.index(2 * b + 1).store(l_i)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(pready.index(b))
+    has_tok = l_i > 0.0
+    lse = gl.where(has_tok, (m_i + gl.log2(gl.where(has_tok, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    gl.store(lse_base + gl.arange(0, BLOCK_H, layout=STAT), lse)
+
+
+@gluon.jit
+def _token_pairs_fp16(x, E5M2: gl.constexpr):
+    """x: FP8 bytes [L rows m, BLOCK_N tokens] in _rs_pv's V_LOAD order (a thread's 16 bytes of a token are its
+    rows m3, m6, m7, m8) -> the fp16 tensor [L, BLOCK_N] whose 32-bit registers hold two tokens of one row, as the
+    wgmma A operand wants: per 4 bytes of tokens 2u and 2u + 1, two byte permutes and four exact conversions."""
+    xe, xo = gl.split(gl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+    # $4 / $5: bytes (d, d+1, d+2, d+3) of tokens 2u / 2u + 1; a = (2u: d, 2u+1: d, 2u: d+1, 2u+1: d+1), b for d+2, d+3
+    if E5M2:
+        asm: gl.constexpr = ("{ .reg .b32 a, b; .reg .b16 a0, a1, b0, b1; prmt.b32 a, $4, $5, 0x5140; "
+                             "prmt.b32 b, $4, $5, 0x7362; mov.b32 {a0, a1}, a; mov.b32 {b0, b1}, b; "
+                             "cvt.rn.f16x2.e5m2x2 $0, a0; cvt.rn.f16x2.e5m2x2 $1, a1; "
+                             "cvt.rn.f16x2.e5m2x2 $2, b0; cvt.rn.f16x2.e5m2x2 $3, b1; }")
+    else:
+        asm: gl.constexpr = ("{ .reg .b32 a, b; .reg .b16 a0, a1, b0, b1; prmt.b32 a, $4, $5, 0x5140; "
+                             "prmt.b32 b, $4, $5, 0x7362; mov.b32 {a0, a1}, a; mov.b32 {b0, b1}, b; "
+                             "cvt.rn.f16x2.e4m3x2 $0, a0; cvt.rn.f16x2.e4m3x2 $1, a1; "
+                             "cvt.rn.f16x2.e4m3x2 $2, b0; cvt.rn.f16x2.e4m3x2 $3, b1; }")
+    lo, hi = gl.inline_asm_elementwise(
+        asm,
+        "=r,=r,=r,=r,r,r", [xe, xo], dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+    # lo / hi [L, BLOCK_N / 2]: in the slot of (m3, m6) = (e, r) the entry of token 2u + e, row bit m3 = r, and
+    # m6 = 0 (lo) / 1 (hi). Relabel: m6' -> m3, m3' -> the token's bit 0, the new last dim -> m6.
+    z = gl.reshape(gl.join(lo, hi), [2, 2, 2, 2, 2, 2, 8, x.shape[1] // 2, 2])
+    z = gl.permute(z, (0, 1, 8, 3, 4, 2, 6, 7, 5))
+    return gl.reshape(z, [x.shape[0], x.shape[1]])
+
+
+@gluon.jit
+def _rs_pv(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end, k_scale, o_base, o_stride,
+           L: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+           V_VIEW: gl.constexpr, E5M2: gl.constexpr):
+    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_H, 16])
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+    # the A operand's entries of a thread, registers ordered as 16 consecutive bytes of a token first (m3, m6..m8
+    # are the byte's bits 0..3): one 128-bit load a token; the fp16 pairs of the MMA (two tokens) are formed after
+    V_LOAD: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[8, 0], [64, 0], [128, 0], [256, 0], [0, 1], [0, 8], [0, 16], [0, 32]],
+        lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]], block_bases=[],
+        shape=[L, BLOCK_N])
+    STAT: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
+    dtype: gl.constexpr = lat_ring.dtype
+    n_tiles = gl.cdiv(end - start, BLOCK_N)
+    acc = gl.zeros([L, BLOCK_H], gl.float32, O_LAYOUT)
+    l_o = gl.full([BLOCK_H], 1.0, gl.float32, STAT)
+    toks = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, V_LOAD))
+    for j in range(n_tiles):
+        s = j % NUM_STAGES
+        n0 = start + j * BLOCK_N
+        mbarrier.wait(ready.index(s), (j // NUM_STAGES) & 1)
+        x = lat_ring.index(s)._reinterpret(gl.uint8, [L, BLOCK_N], V_VIEW).load(V_LOAD)
+        if n0 + BLOCK_N > end:  # rows past the end hold other tokens' bytes (maybe NaN): zero, as p is 0 there
+            x = gl.where((n0 + toks < end)[None, :], x, 0)
+        v = _token_pairs_fp16(x, E5M2)
+        v = gl.convert_layout(v, A_LAYOUT, assert_trivial=True)
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(s))
+        b = j % 2
+        mbarrier.wait(pready.index(b), (j // 2) & 1)
+        alpha = stat_smem.index(2 * b).load(STAT)
+        l_o = stat_smem.index(2 * b + 1).load(STAT)
+        acc = acc * alpha[None, :]
+        acc = warpgroup_mma(v, p_smem.index(b).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        gl.thread_barrier()
+        mbarrier.arrive(pfree.index(b))
+    o = acc * (k_scale / gl.where(l_o > 0.0, l_o, 1.0))[None, :]
+    heads = gl.arange(0, BLOCK_H, layout=STAT)
+    m = gl.arange(0, L, layout=gl.SliceLayout(1, O_LAYOUT))
+    d = 128 * ((m >> 4) & 3) + 16 * (m & 7) + 2 * ((m >> 6) & 7) + ((m >> 3) & 1)   # dim_of_row(m)
+    gl.store(o_base + heads.to(gl.int64)[None, :] * o_stride + d[:, None], o.to(o_base.dtype.element_ty))
+
+
+@gluon.jit
+def _query_tiles_perm(q_ptr, pid_b, stride_q_b, stride_q_h, L: gl.constexpr, R: gl.constexpr,
+                      BLOCK_H: gl.constexpr, Q_SHIFT: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """The fp16 query [BLOCK_H, L] + [BLOCK_H, R] with its columns in the scorer's order (column k = dim perm_k(k))."""
+    Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NUM_WARPS, 1], [1, 0])
+    ROPE_Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
+    heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, Q_LAYOUT))
+    q_rows = q_ptr + pid_b * stride_q_b + heads.to(gl.int64) * stride_q_h
+    k = gl.arange(0, L, layout=gl.SliceLayout(0, Q_LAYOUT))
+    pk = (k & ~63) | (((k >> 1) & 3) << 4) | (((k >> 4) & 3) << 2) | (((k >> 3) & 1) << 1) | (k & 1)
+    q_nope = _to_mma_dtype(gl.load(q_rows[:, None] + pk[None, :]), Q_SHIFT)
+    heads_r = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_Q_LAYOUT))
+    q_rows_r = q_ptr + pid_b * stride_q_b + heads_r.to(gl.int64) * stride_q_h
+    kr = gl.arange(0, R, layout=gl.SliceLayout(0, ROPE_Q_LAYOUT))
+    pr = (kr & ~63) | (((kr >> 1) & 3) << 4) | (((kr >> 4) & 3) << 2) | (((kr >> 3) & 1) << 1) | (kr & 1)
+    q_pe = _to_mma_dtype(gl.load(q_rows_r[:, None] + L + pr[None, :]), Q_SHIFT)
+    return q_nope, q_pe
+
+
+@gluon.jit
+def _mla_decode_gluon16_rs_kernel(
+        q_ptr, lat_desc, rope_desc, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
+        out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+        sm_scale, num_heads, num_splits, num_blocks, max_blocks,
+        stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h,
+        PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+        Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+        NUM_STAGES: gl.constexpr,
+        SCORER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, K_VIEW: gl.constexpr, KR_VIEW: gl.constexpr,
+        V_VIEW: gl.constexpr, PT_VIEW: gl.constexpr, num_warps: gl.constexpr):
+    gl.static_assert(num_warps == 4, "the default partition (P V) is one warpgroup")
+    gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
+    gl.static_assert(BLOCK_H == 16, "wgmma N = the 16 heads")
+    gl.static_assert(L == 512 and R == 64, "latent 4 x 128 bytes, rope 64 bytes")
+    BOX: gl.constexpr = lat_desc.block_shape[0]
+    gl.static_assert(BLOCK_N % BOX == 0 and (PAGE % BLOCK_N == 0 or PAGE == BOX), "a box is a page piece")
+    pid_s = gl.program_id(0)
+    pid_b = gl.program_id(1).to(gl.int64)
+    SMEM_16: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    LAT_SMEM: gl.constexpr = lat_desc.layout
+    ROPE_SMEM: gl.constexpr = rope_desc.layout
+    dtype: gl.constexpr = lat_desc.dtype
+
+    q_nope, q_pe = _query_tiles_perm(q_ptr, pid_b, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT, num_warps)
+    q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_16, q_nope)
+    q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_16, q_pe)
+    lat_ring = gl.allocate_shared_memory(dtype, [NUM_STAGES, (L // 128) * BLOCK_N, 128], LAT_SMEM)
+    rope_ring = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, R], ROPE_SMEM)
+    p_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_H, BLOCK_N], SMEM_16)
+    stat_smem = gl.allocate_shared_memory(gl.float32, [4, BLOCK_H],
+                                          gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    pready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    pfree = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # the scorer and the P V partition
+    for i in gl.static_range(2):
+        mbarrier.init(pready.index(i), count=1)
+        mbarrier.init(pfree.index(i), count=1)
+    fence_async_shared()
+
+    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
+    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
+    bt_row = block_table_ptr + pid_b * stride_bt_b
+    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, 0, num_heads,
+                                              num_splits, stride_o_b, stride_o_h, L, SINGLE_SPLIT)
+    gl.warp_specialize([
+        (_rs_pv, (lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end, k_scale, o_base, o_stride,
+                  L, BLOCK_H, BLOCK_N, NUM_STAGES, V_VIEW, E5M2)),
+        (_rs_scorer, (q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, ready, empty, pready, pfree,
+                      start, end, qk_scale, lse_base, L, R, BLOCK_H, BLOCK_N, NUM_STAGES, K_VIEW, KR_VIEW,
+                      PT_VIEW)),
+        (_rs_loader, (lat_desc, rope_desc, lat_ring, rope_ring, ready, empty, bt_row, start, end, num_blocks,
+                      PAGE, L, R, BLOCK_N, BOX, NUM_STAGES)),
+    ], [4, 1], [SCORER_REGS, LOADER_REGS])
