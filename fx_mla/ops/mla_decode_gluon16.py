@@ -46,6 +46,7 @@ LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 # 64-token tile); needs block sizes 16, 32 or a multiple of 64 and pages laid out as [block_size, row] slices.
 VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o", "rs")
 VARIANT = "ws8p2"
+RS_FALLBACK = "ws8p2"  # where VARIANT is "rs" and the rs kernel declines the cache (block size, block strides)
 # How a producer warp's lanes cover a tile (kernels/mla_decode_gluon.lat_layout): "1x32" = sessions 2-4 (2-way
 # conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "q2x4" 9-11 % faster
 # than "1x32", "8x4" 5-7 % slower (twice the L1 wavefronts a load in this memory-bound kernel).
@@ -75,21 +76,38 @@ def gluon16_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_
                                variant: Optional[str] = None) -> Optional[str]:
     """None when the 16-head Gluon kernel covers these inputs on `device` (default: q's device), else why not (the
     ring kernel copies 16-byte vectors: 16-byte aligned cache rows)."""
-    variant = VARIANT if variant is None else variant
+    variant = _variant_for(kv_cache) if variant is None else variant
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
     if num_stages not in (2, 3):
         return f"num_stages must be 2 or 3 (4 exceeds the shared memory), got {num_stages}"
-    if variant == "rs" and kv_cache.dim() == 3:
-        page = kv_cache.shape[1]
-        if not (page in (16, 32) or page % BLOCK_N == 0):
-            return f"variant 'rs' takes block sizes 16, 32 or a multiple of {BLOCK_N}, got {page}"
-        if kv_cache.shape[0] > 1 and kv_cache.stride(0) != page * kv_cache.stride(1):
-            return "variant 'rs' needs the cache's blocks back to back (stride(0) == block_size * stride(1))"
-        if kv_cache.shape[0] * page >= 2 ** 31:
-            return "variant 'rs' addresses cache rows with 32-bit TMA coordinates"
+    if variant == "rs":
+        reason = _rs_cache_reason(kv_cache)
+        if reason is not None:
+            return reason
     return gluon_unsupported(q, kv_cache, kv_lora_rank, device, kernel="the Gluon kernel", heads_reason=_heads_reason,
                              row_align=16, smem_needed=smem_needed(num_stages, variant))
+
+
+def _rs_cache_reason(kv_cache: torch.Tensor) -> Optional[str]:
+    """None when the "rs" kernel's TMA boxes can address this cache, else why not."""
+    if kv_cache.dim() != 3:
+        return None  # gluon_unsupported names the rank
+    page = kv_cache.shape[1]
+    if not (page in (16, 32) or page % BLOCK_N == 0):
+        return f"variant 'rs' takes block sizes 16, 32 or a multiple of {BLOCK_N}, got {page}"
+    if kv_cache.shape[0] > 1 and kv_cache.stride(0) != page * kv_cache.stride(1):
+        return "variant 'rs' needs the cache's blocks back to back (stride(0) == block_size * stride(1))"
+    if kv_cache.shape[0] * page >= 2 ** 31:
+        return "variant 'rs' addresses cache rows with 32-bit TMA coordinates"
+    return None
+
+
+def _variant_for(kv_cache: torch.Tensor) -> str:
+    """VARIANT, or RS_FALLBACK where VARIANT is "rs" and that kernel cannot address this cache."""
+    if VARIANT == "rs" and _rs_cache_reason(kv_cache) is not None:
+        return RS_FALLBACK
+    return VARIANT
 
 
 def _heads_reason(heads: int) -> Optional[str]:
@@ -114,7 +132,7 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
     checked: the caller (torch.ops.fx_mla.mla_decode_fp8) validated the inputs and picked this kernel with its
     support check, so neither runs again here (the op's hot path).
     """
-    variant = VARIANT if variant is None else variant
+    variant = _variant_for(kv_cache) if variant is None else variant
     if not checked:
         reason = gluon16_unsupported_reason(q, kv_cache, kv_lora_rank, num_stages=num_stages, variant=variant)
         if reason is not None:

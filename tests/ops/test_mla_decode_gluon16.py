@@ -163,3 +163,27 @@ def test_gluon16_launch_bad_variant_raises_value_error():
         gmod.launch_mla_decode_gluon16(_q(), _cache(), torch.zeros(2, 1, dtype=torch.int32),
                                        torch.ones(2, dtype=torch.int32), torch.ones(1), None, 0.07, 512, out, lse,
                                        variant="bogus")
+
+
+def test_rs_declines_caches_its_tma_boxes_cannot_address(fake_hopper):
+    for block in (16, 32, 64, 128):
+        assert gmod.gluon16_unsupported_reason(_q(), _cache(block=block), 512, CUDA0, variant="rs") is None
+    reason = gmod.gluon16_unsupported_reason(_q(), _cache(block=8), 512, CUDA0, variant="rs")
+    assert reason is not None and "block sizes 16, 32" in reason and "got 8" in reason
+    strided = torch.randn(4, 128, 576).to(E4M3)[:, :64]  # blocks 128 rows apart, 64 used
+    reason = gmod.gluon16_unsupported_reason(_q(), strided, 512, CUDA0, variant="rs")
+    assert reason is not None and "back to back" in reason
+    assert gmod.gluon16_unsupported_reason(_q(), strided, 512, CUDA0, variant="ws8p2") is None
+
+
+def test_smem_needed_rs_covers_compiled_kernel():
+    # 170,600 bytes at 4 stages in the Triton 3.6 sm_90 compile (GluonASTSource, checked by hand)
+    assert 170600 <= gmod.smem_needed(variant="rs") <= 170600 + 512
+
+
+def test_default_rs_falls_back_where_it_declines(fake_hopper, monkeypatch):
+    monkeypatch.setattr(gmod, "VARIANT", "rs")
+    assert gmod._variant_for(_cache(block=64)) == "rs"
+    assert gmod._variant_for(_cache(block=8)) == gmod.RS_FALLBACK
+    # the default (variant=None) then takes the fallback's support check: a block size of 8 stays covered
+    assert gmod.gluon16_unsupported_reason(_q(), _cache(block=8), 512, CUDA0) is None
