@@ -392,7 +392,8 @@ print('yes' if m('per') >= m('pe') + 0.2 else 'no', round(m('pe'), 2), round(m('
         # fast), its A/B against ws8p2 in the op on the 16-head shapes, then the whole gluon16 GPU file
     timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py -k rs \
         2>&1 | tee "$OUT/s48_tests.log" | grep -v PASSED | tail -20; pack
-    timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 --values ws8p2,rs \
+    timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 \
+        --values "VARIANT=ws8p2,VARIANT=rs,VARIANT=rs+RS_STAGES=5" \
         --shapes 32x16x16384,128x16x8192 --reps 3 2>&1 | tee "$OUT/s48_ab.log" | tail -16; pack ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
