@@ -195,6 +195,21 @@ def _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE: gl.co
 
 
 @gluon.jit
+def _cta_work(sm_scale, k_scale_ptr, q_scale_ptr, seq_lens_ptr, block_table_ptr, out_ptr, lse_ptr, part_o_ptr,
+              part_lse_ptr, pid_b, pid_s, num_heads, num_splits, max_blocks, stride_bt_b, stride_o_b, stride_o_h,
+              PAGE: gl.constexpr, L: gl.constexpr, BLOCK_N: gl.constexpr, Q_SHIFT: gl.constexpr,
+              HAS_Q_SCALE: gl.constexpr, SINGLE_SPLIT: gl.constexpr):
+    """What a CTA with all heads of request pid_b, split pid_s works on: (k_scale, qk_scale, start, end, bt_row,
+    o_base, o_stride, lse_base) from _score_scale, _split_range and _output_rows."""
+    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
+    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
+    bt_row = block_table_ptr + pid_b * stride_bt_b
+    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, 0, num_heads,
+                                              num_splits, stride_o_b, stride_o_h, L, SINGLE_SPLIT)
+    return k_scale, qk_scale, start, end, bt_row, o_base, o_stride, lse_base
+
+
+@gluon.jit
 def _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, head0, num_heads, num_splits,
                  stride_o_b, stride_o_h, L: gl.constexpr, SINGLE_SPLIT: gl.constexpr):
     """(o_base, o_stride, lse_base): where a CTA of request pid_b, split pid_s writes the rows of heads head0.. of its

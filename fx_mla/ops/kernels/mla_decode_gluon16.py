@@ -28,8 +28,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from fx_mla.ops.kernels.mla_decode_gluon import (_load_tile, _output_rows, _query_tiles, _row_words, _score_scale,
-                                                 _split_range, lat_layout)
+from fx_mla.ops.kernels.mla_decode_gluon import (_cta_work, _load_tile, _query_tiles, _row_words,
+                                                 _score_scale, _split_range, lat_layout)
 from fx_mla.ops.kernels.mla_decode_gluon import _store_tile as _store_full_tile
 
 
@@ -359,11 +359,10 @@ def _mla_decode_gluon16_ws_kernel(
         mbarrier.init(empty.index(i), count=1)
     fence_async_shared()
 
-    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
-    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
-    bt_row = block_table_ptr + pid_b * stride_bt_b
-    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, 0, num_heads,
-                                              num_splits, stride_o_b, stride_o_h, L, SINGLE_SPLIT)
+    k_scale, qk_scale, start, end, bt_row, o_base, o_stride, lse_base = _cta_work(
+        sm_scale, k_scale_ptr, q_scale_ptr, seq_lens_ptr, block_table_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+        pid_b, pid_s, num_heads, num_splits, max_blocks, stride_bt_b, stride_o_b, stride_o_h, PAGE, L, BLOCK_N,
+        Q_SHIFT, HAS_Q_SCALE, SINGLE_SPLIT)
     gl.warp_specialize([
         (_ws_consumer, (q_nope_smem, q_pe_smem, k_nope, k_pe, p_smem, full, empty, start, end, qk_scale, k_scale,
                         o_base, o_stride, lse_base, L, BLOCK_H, BLOCK_N, OVERLAP)),

@@ -33,7 +33,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from fx_mla.ops.kernels.mla_decode_gluon import _output_rows, _score_scale, _split_range, _to_mma_dtype
+from fx_mla.ops.kernels.mla_decode_gluon import _cta_work, _to_mma_dtype
 
 
 # ---- index relabellings: plain Python (the launcher builds the shared-memory views and passes them as constexprs;
@@ -326,11 +326,10 @@ def _mla_decode_gluon16_rs_kernel(
         mbarrier.init(pfree.index(i), count=1)
     fence_async_shared()
 
-    k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
-    start, end = _split_range(seq_lens_ptr, pid_b, pid_s, num_splits, max_blocks, PAGE, BLOCK_N)
-    bt_row = block_table_ptr + pid_b * stride_bt_b
-    o_base, o_stride, lse_base = _output_rows(out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, pid_b, pid_s, 0, num_heads,
-                                              num_splits, stride_o_b, stride_o_h, L, SINGLE_SPLIT)
+    k_scale, qk_scale, start, end, bt_row, o_base, o_stride, lse_base = _cta_work(
+        sm_scale, k_scale_ptr, q_scale_ptr, seq_lens_ptr, block_table_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+        pid_b, pid_s, num_heads, num_splits, max_blocks, stride_bt_b, stride_o_b, stride_o_h, PAGE, L, BLOCK_N,
+        Q_SHIFT, HAS_Q_SCALE, SINGLE_SPLIT)
     gl.warp_specialize([
         (_rs_pv, (lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end, k_scale, o_base, o_stride,
                   L, BLOCK_H, BLOCK_N, NUM_STAGES, V_VIEW, E5M2)),
