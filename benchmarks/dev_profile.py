@@ -14,6 +14,7 @@ Cases (block 64, e4m3 cache, bf16 query, full-length requests over permuted page
              the ~12 us an empty launch costs (dev_fixed_cost.py, session 7) against ~2.7 us for a trivial kernel
   b8p2       8 x 128 x 16384 with seq_lens 1024 (two pairs a CTA at 8 splits)
 --seesaw-variants: the 128-head cases run once with each mla_decode_seesaw.VARIANT named (default: the module's).
+--gluon16-variants: decode16 runs once with each mla_decode_gluon16.VARIANT named (e.g. ws8p2,rs).
 Every case runs twice (compile + warm) before a final launch, the only one profiled.
 No timing here: ncu replays each kernel with its own clocks off (--clock-control none keeps them as they are).
 """
@@ -65,15 +66,22 @@ def _gather(n):
 
 
 def main():
+    from fx_mla.ops import mla_decode_gluon16 as g16
     from fx_mla.ops import mla_decode_seesaw as smod
     ap = argparse.ArgumentParser()
     ap.add_argument("--which", default="decode16,decode128,b1,gather")
     ap.add_argument("--seesaw-variants", default="")
+    ap.add_argument("--gluon16-variants", default="")
     args = ap.parse_args()
     which = args.which.split(",")
     variants = args.seesaw_variants.split(",") if args.seesaw_variants else [smod.VARIANT]
     if "decode16" in which:
-        _decode(32, 16, 16384)
+        default16 = g16.VARIANT
+        for variant16 in args.gluon16_variants.split(",") if args.gluon16_variants else [default16]:
+            g16.VARIANT = variant16
+            print(f"gluon16 variant {variant16}", flush=True)
+            _decode(32, 16, 16384)
+        g16.VARIANT = default16
     for variant in variants:
         smod.VARIANT = variant
         print(f"seesaw variant {variant}", flush=True)

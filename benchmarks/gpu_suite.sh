@@ -45,7 +45,8 @@
 #   bash benchmarks/gpu_suite.sh s43     # one GPU: s40 again (the consumer's whole-sector stores: 8 consumer warps,
 #                                        # the x / y diagnostics), then the gather table with the best async config if
 #                                        # it beats the default (next to run; s43q ran its first part)
-#   bash benchmarks/gpu_suite.sh s48     # one GPU: the 16-head "rs" kernel (A operands in registers): tests, A/B
+#   bash benchmarks/gpu_suite.sh s48     # one GPU: the 16-head "rs" kernel (A operands in registers): A/B, tests,
+#                                        # Nsight Compute of ws8p2 and rs (not yet run: no machine in session 18)
 #   bash benchmarks/gpu_suite.sh s41     # one GPU, one call: s40, the merge GPU tests, then the gather table with the
 #                                        # best async config if it beats the default, else s39's A/B and decode table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
@@ -394,7 +395,13 @@ print('yes' if m('per') >= m('pe') + 0.2 else 'no', round(m('pe'), 2), round(m('
         --values "VARIANT=ws8p2,VARIANT=rs,VARIANT=rs+RS_STAGES=5" \
         --shapes 32x16x16384,128x16x8192 --reps 2 2>&1 | tee "$OUT/s48_ab.log" | tail -16; pack
     timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py -k rs \
-        2>&1 | tee "$OUT/s48_tests.log" | grep -v PASSED | tail -20; pack ;;
+        2>&1 | tee "$OUT/s48_tests.log" | grep -v PASSED | tail -20; pack
+    # Nsight Compute of both 16-head kernels at 32 x 16 x 16K: shared-memory / DRAM / pipe utilisation
+    timeout 150 ncu --clock-control none --profile-from-start off --set full -o "$OUT/prof48" \
+      python3 benchmarks/dev_profile.py --which decode16 --gluon16-variants ws8p2,rs > "$OUT/ncu48.log" 2>&1
+    tail -4 "$OUT/ncu48.log"; ncu -i "$OUT/prof48.ncu-rep" --page details > "$OUT/details48.txt" 2>&1
+    grep -E "^  [a-z_]|Duration|Memory Throughput|DRAM Throughput|L1/TEX Hit|Shared|Compute \(SM\)" \
+      "$OUT/details48.txt" | head -60; pack ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;
