@@ -73,3 +73,34 @@ def test_gluon16_rs_long_context_matches_float64():
         gmod.launch_mla_decode_gluon16(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
                                        out, lse, num_splits=splits, poison_workspace=True, variant="rs")
         check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"rs long, {splits} splits")
+
+
+def test_gluon16_rs_default_through_the_op_and_cuda_graph(monkeypatch):
+    """VARIANT = "rs" in the op: eager, then captured in a CUDA graph (TMA descriptors are launch parameters) and
+    replayed after the lengths changed in place; a cache with padded blocks falls back to ws8p2 (still correct)."""
+    _skip_unless_supported()
+    monkeypatch.setattr(gmod, "VARIANT", "rs")
+    op = torch.ops.fx_mla.mla_decode_fp8.default
+    p = make_problem([3000, 0, 129, 700], 16, 64, E4M3, torch.bfloat16, seed=13, device="cuda")
+    out, lse = op(*p.args(torch.bfloat16))
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what="rs via the op")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op(*p.args(torch.bfloat16))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = op(*p.args(torch.bfloat16))
+    p.seq_lens.copy_(torch.tensor([2999, 0, 190, 1], dtype=p.seq_lens.dtype, device="cuda"))  # within their pages
+    g_out.fill_(float("nan"))
+    g_lse.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_close(g_out, g_lse, *reference_f64(p), out_tol=1e-2, what="rs graph replay, new lengths")
+    padded = torch.full((p.kv_cache.shape[0], 128, 576), float("nan"), device="cuda").to(E4M3)
+    padded[:, :64] = p.kv_cache
+    p.kv_cache = padded[:, :64]  # blocks 128 rows apart: rs declines, the default falls back to ws8p2
+    assert gmod._variant_for(p.kv_cache) == gmod.RS_FALLBACK
+    out, lse = op(*p.args(torch.bfloat16))
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what="rs fallback, padded blocks")
