@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fx_mla.ops import mla_decode_gluon16 as gmod
+from tests.gpu.graphs import capture
 from tests.ops.mla_decode_fp8_cases import check_close, make_problem, reference_f64
 
 pytestmark = pytest.mark.cuda
@@ -84,14 +85,7 @@ def test_gluon16_rs_default_through_the_op_and_cuda_graph(monkeypatch):
     p = make_problem([3000, 0, 129, 700], 16, 64, E4M3, torch.bfloat16, seed=13, device="cuda")
     out, lse = op(*p.args(torch.bfloat16))
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what="rs via the op")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        op(*p.args(torch.bfloat16))
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out, g_lse = op(*p.args(torch.bfloat16))
+    graph, (g_out, g_lse) = capture(lambda: op(*p.args(torch.bfloat16)))
     p.seq_lens.copy_(torch.tensor([2999, 0, 190, 1], dtype=p.seq_lens.dtype, device="cuda"))  # within their pages
     g_out.fill_(float("nan"))
     g_lse.fill_(float("nan"))
