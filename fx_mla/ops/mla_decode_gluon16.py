@@ -14,6 +14,7 @@ Gluon is imported lazily: this module imports on any Triton (CPU CI runs 3.9); t
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -51,10 +52,10 @@ RS_FALLBACK = "ws8p2"  # where VARIANT is "rs" and the rs kernel declines the ca
 # conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "q2x4" 9-11 % faster
 # than "1x32", "8x4" 5-7 % slower (twice the L1 wavefronts a load in this memory-bound kernel).
 LANES = "q2x4"
-# producer warps, producer registers (setmaxnreg), tiles ahead, consumer overlap; all compile without spills
-# (Triton 3.6, sm_90)
 RS_STAGES = 4       # "rs": raw FP8 tiles in the TMA ring (36 KB each)
 RS_REGS = (232, 40)  # "rs": scorer and loader registers (setmaxnreg); the P V partition gets the rest
+# producer warps, producer registers (setmaxnreg), tiles ahead, consumer overlap; all compile without spills
+# (Triton 3.6, sm_90)
 _WS = {"ws4": (4, 232, 1, False), "ws8": (8, 152, 1, False), "ws8p2": (8, 152, 2, False),
        "ws8p3": (8, 184, 3, False), "ws8p2o": (8, 152, 2, True)}
 
@@ -151,13 +152,10 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
         num_splits = default_num_splits(batch, max_blocks * page, device_index(q.device))
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
                                                 lse, num_splits, poison_workspace)
-    if variant == "rs":
-        kernel = _launch_rs(q, kv_cache, args, consts, num_splits, batch, page)
-        launch_mla_decode_gluon16.last_kernel = kernel
-        combine_splits(*workspace, out, lse, num_splits, kv_lora_rank)
-        return out, lse
     common = dict(consts, BLOCK_H=HEADS, BLOCK_N=BLOCK_N, ONE_PAGE=page % BLOCK_N == 0, num_warps=NUM_WARPS)
-    if variant == "ring":
+    if variant == "rs":
+        kernel = _launch_rs(kv_cache, args, consts, num_splits, batch, page)
+    elif variant == "ring":
         kernel = kmod._mla_decode_gluon16_kernel[(num_splits, batch)](
             *args, NUM_STAGES=num_stages, EARLY_READ=bool(early_read), **common)
     else:
@@ -169,7 +167,7 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
     return out, lse
 
 
-def _launch_rs(q, kv_cache, args, consts, num_splits: int, batch: int, page: int):
+def _launch_rs(kv_cache, args, consts, num_splits: int, batch: int, page: int):
     """The "rs" kernel: TMA descriptors of the cache seen as [num_blocks * block_size, row] bytes (latent boxes of
     [box, 128] with the 128-byte swizzle, rope boxes [box, 64] with the 64-byte swizzle, box = min(block_size, 64)
     rows), the shared-memory views of kernels/mla_decode_gluon16_rs.views() as constexprs."""
@@ -194,11 +192,7 @@ def _launch_rs(q, kv_cache, args, consts, num_splits: int, batch: int, page: int
         SCORER_REGS=scorer_regs, LOADER_REGS=loader_regs, num_warps=NUM_WARPS)
 
 
+@functools.cache
 def _rs_views():
-    if _rs_views.cache is None:
-        from fx_mla.ops.kernels import mla_decode_gluon16_rs as rmod
-        _rs_views.cache = rmod.views(BLOCK_N, HEADS, LATENT, ROPE)
-    return _rs_views.cache
-
-
-_rs_views.cache = None
+    from fx_mla.ops.kernels import mla_decode_gluon16_rs as rmod
+    return rmod.views(BLOCK_N, HEADS, LATENT, ROPE)

@@ -53,6 +53,14 @@ def test_relabellings_are_bijections_with_their_inverses():
     assert all(rs.row_of_dim(rs.dim_of_row(m)) == m for m in range(L))
 
 
+def test_kernel_index_arithmetic_matches_the_relabellings():
+    """The kernels' tensor forms (their Python bodies run on ints) equal the plain-Python relabellings."""
+    from fx_mla.ops.kernels.mla_decode_gluon import _perm_k
+    assert [_perm_k.fn(k) for k in range(L)] == [rs.perm_k(k) for k in range(L)]
+    assert [rs._sigma_t.fn(i) for i in range(BLOCK_N)] == [rs.sigma(i) for i in range(BLOCK_N)]
+    assert [rs._dim_of_row_t.fn(m) for m in range(L)] == [rs.dim_of_row(m) for m in range(L)]
+
+
 def test_views_address_the_swizzled_bytes():
     v = rs.views(BLOCK_N, HEADS, L, R)
     k_map = _view_map(v["K_VIEW"])

@@ -153,19 +153,31 @@ def _to_mma_dtype(q, Q_SHIFT: gl.constexpr):
 
 
 @gluon.jit
+def _perm_k(k):
+    """The 16-head "rs" kernel's reduction order: column k holds dim perm_k(k) (kernels/mla_decode_gluon16_rs.perm_k,
+    the same bit permutation in plain Python: bits (k0, k3, k4, k5, k1, k2, k6..) become the dim's bits 0, 1, ...)."""
+    return (k & ~63) | (((k >> 1) & 3) << 4) | (((k >> 4) & 3) << 2) | (((k >> 3) & 1) << 1) | (k & 1)
+
+
+@gluon.jit
 def _query_tiles(q_ptr, pid_b, head0, stride_q_b, stride_q_h, L: gl.constexpr, R: gl.constexpr,
-                 BLOCK_H: gl.constexpr, Q_SHIFT: gl.constexpr, NUM_WARPS: gl.constexpr):
+                 BLOCK_H: gl.constexpr, Q_SHIFT: gl.constexpr, NUM_WARPS: gl.constexpr, PERM_K: gl.constexpr = False):
     """Heads [head0, head0 + BLOCK_H) of request pid_b as the fp16 MMA operands: latent [BLOCK_H, L] and rope
-    [BLOCK_H, R] (16 bytes a thread along the row), for the callers' shared memory."""
+    [BLOCK_H, R] (16 bytes a thread along the row), for the callers' shared memory. PERM_K: columns in the "rs"
+    kernel's order (column k = dim _perm_k(k) of the latent, of the rope)."""
     Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NUM_WARPS, 1], [1, 0])
     ROPE_Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
     heads = head0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, Q_LAYOUT))
     q_rows = q_ptr + pid_b * stride_q_b + heads.to(gl.int64) * stride_q_h
     offs_ql = gl.arange(0, L, layout=gl.SliceLayout(0, Q_LAYOUT))
+    if PERM_K:
+        offs_ql = _perm_k(offs_ql)
     q_nope = _to_mma_dtype(gl.load(q_rows[:, None] + offs_ql[None, :]), Q_SHIFT)
     heads_r = head0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_Q_LAYOUT))
     q_rows_r = q_ptr + pid_b * stride_q_b + heads_r.to(gl.int64) * stride_q_h
     offs_qr = gl.arange(0, R, layout=gl.SliceLayout(0, ROPE_Q_LAYOUT))
+    if PERM_K:
+        offs_qr = _perm_k(offs_qr)
     q_pe = _to_mma_dtype(gl.load(q_rows_r[:, None] + L + offs_qr[None, :]), Q_SHIFT)
     return q_nope, q_pe
 

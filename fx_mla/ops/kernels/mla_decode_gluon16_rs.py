@@ -33,7 +33,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from fx_mla.ops.kernels.mla_decode_gluon import _cta_work, _to_mma_dtype
+from fx_mla.ops.kernels.mla_decode_gluon import _cta_work, _query_tiles
 
 
 # ---- index relabellings: plain Python (the launcher builds the shared-memory views and passes them as constexprs;
@@ -43,7 +43,8 @@ def _bit(x, b):
 
 
 def perm_k(k):
-    """Physical byte (within a 512-byte latent or 64-byte rope row) of the scorer's reduction column k: bits
+    """Physical byte (within a 512-byte latent or 64-byte rope row) of the scorer's reduction column k (in the kernel:
+    mla_decode_gluon._perm_k, which also orders the query's columns): bits
     (k0, k3, k4, k5, k1, k2, k6, k7, k8) become bits 0..8 of the byte. A thread's k-step entries k0, k3 and its
     four k-steps k4, k5 then lie in 16 consecutive bytes; its lane bits k1, k2 pick the 16-byte group."""
     return ((k & ~63) | (_bit(k, 1) << 4) | (_bit(k, 2) << 5) | (_bit(k, 3) << 1) | (_bit(k, 4) << 2)
@@ -115,6 +116,17 @@ def views(block_n: int = 64, block_h: int = 16, latent: int = 512, rope: int = 6
             (("K_VIEW", k), ("KR_VIEW", kr), ("V_VIEW", v), ("PT_VIEW", pt))}
 
 
+# ---- the same relabellings on index tensors (tests/ops/test_gluon16_rs_layouts.py checks them against the above)
+@gluon.jit
+def _sigma_t(i):
+    return (i & ~5) | ((i & 1) << 2) | ((i >> 2) & 1)
+
+
+@gluon.jit
+def _dim_of_row_t(m):
+    return 128 * ((m >> 4) & 3) + 16 * (m & 7) + 2 * ((m >> 6) & 7) + ((m >> 3) & 1)
+
+
 # ---- partitions
 @gluon.jit
 def _rs_loader(lat_desc, rope_desc, lat_ring, rope_ring, ready, empty, bt_row, start, end, num_blocks,
@@ -157,7 +169,7 @@ def _rs_scorer(q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, r
     l_i = gl.zeros([BLOCK_H], gl.float32, STAT)
     s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, S_LAYOUT)
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S_LAYOUT))
-    tok = (rows & ~5) | ((rows & 1) << 2) | ((rows >> 2) & 1)   # sigma(rows)
+    tok = _sigma_t(rows)
     for j in range(n_tiles):
         s = j % NUM_STAGES
         n0 = start + j * BLOCK_N
@@ -259,27 +271,8 @@ def _rs_pv(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end,
     o = acc * (k_scale / gl.where(l_o > 0.0, l_o, 1.0))[None, :]
     heads = gl.arange(0, BLOCK_H, layout=STAT)
     m = gl.arange(0, L, layout=gl.SliceLayout(1, O_LAYOUT))
-    d = 128 * ((m >> 4) & 3) + 16 * (m & 7) + 2 * ((m >> 6) & 7) + ((m >> 3) & 1)   # dim_of_row(m)
-    gl.store(o_base + heads.to(gl.int64)[None, :] * o_stride + d[:, None], o.to(o_base.dtype.element_ty))
-
-
-@gluon.jit
-def _query_tiles_perm(q_ptr, pid_b, stride_q_b, stride_q_h, L: gl.constexpr, R: gl.constexpr,
-                      BLOCK_H: gl.constexpr, Q_SHIFT: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """The fp16 query [BLOCK_H, L] + [BLOCK_H, R] with its columns in the scorer's order (column k = dim perm_k(k))."""
-    Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NUM_WARPS, 1], [1, 0])
-    ROPE_Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
-    heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, Q_LAYOUT))
-    q_rows = q_ptr + pid_b * stride_q_b + heads.to(gl.int64) * stride_q_h
-    k = gl.arange(0, L, layout=gl.SliceLayout(0, Q_LAYOUT))
-    pk = (k & ~63) | (((k >> 1) & 3) << 4) | (((k >> 4) & 3) << 2) | (((k >> 3) & 1) << 1) | (k & 1)
-    q_nope = _to_mma_dtype(gl.load(q_rows[:, None] + pk[None, :]), Q_SHIFT)
-    heads_r = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_Q_LAYOUT))
-    q_rows_r = q_ptr + pid_b * stride_q_b + heads_r.to(gl.int64) * stride_q_h
-    kr = gl.arange(0, R, layout=gl.SliceLayout(0, ROPE_Q_LAYOUT))
-    pr = (kr & ~63) | (((kr >> 1) & 3) << 4) | (((kr >> 4) & 3) << 2) | (((kr >> 3) & 1) << 1) | (kr & 1)
-    q_pe = _to_mma_dtype(gl.load(q_rows_r[:, None] + L + pr[None, :]), Q_SHIFT)
-    return q_nope, q_pe
+    rows = o_base + heads.to(gl.int64)[None, :] * o_stride + _dim_of_row_t(m)[:, None]
+    gl.store(rows, o.to(o_base.dtype.element_ty))
 
 
 @gluon.jit
@@ -306,7 +299,7 @@ def _mla_decode_gluon16_rs_kernel(
     ROPE_SMEM: gl.constexpr = rope_desc.layout
     dtype: gl.constexpr = lat_desc.dtype
 
-    q_nope, q_pe = _query_tiles_perm(q_ptr, pid_b, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT, num_warps)
+    q_nope, q_pe = _query_tiles(q_ptr, pid_b, 0, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT, num_warps, True)
     q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_16, q_nope)
     q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_16, q_pe)
     lat_ring = gl.allocate_shared_memory(dtype, [NUM_STAGES, (L // 128) * BLOCK_N, 128], LAT_SMEM)
