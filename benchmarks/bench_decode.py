@@ -31,6 +31,7 @@ from fx_mla.mla.decode import paged_decode_attention  # noqa: E402
 from fx_mla.ops import mla_decode_fp8 as dmod  # noqa: E402
 from fx_mla.ops import _decode_launch as launch_mod  # noqa: E402
 from fx_mla.ops import mla_decode_seesaw as ss  # noqa: E402
+from fx_mla.ops import mla_decode_gluon16 as g16  # noqa: E402
 
 SHAPES = [(1, 128, 65536), (8, 128, 16384), (16, 128, 32768), (64, 128, 4096), (32, 16, 16384), (128, 16, 8192)]
 BLOCK, LAT, ROPE = 64, 512, 64
@@ -185,6 +186,7 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start, 
                   combine_pdl=launch_mod.COMBINE_PDL, bf16_partials=launch_mod.PARTIAL_BF16,
                   seesaw_staged_o=ss.STAGED_O, seesaw_staged_max_pairs=ss.STAGED_MAX_PAIRS,  # short splits: bf16 too
                   seesaw_staged_min_splits=ss.STAGED_MIN_SPLITS, seesaw_variant=ss.VARIANT,
+                  gluon16_variant=g16.VARIANT,
                   scorer_prefetch=ss.SCORER_PREFETCH, scorer_early_q=ss.SCORER_EARLY_Q,
                   scorer_staged=ss.SCORER_STAGED, scorer_pdl=ss.SCORER_PDL, scorer_merge=ss.SCORER_MERGE,
                   timing="median of CUDA-graph replays (triton.testing.do_bench)",

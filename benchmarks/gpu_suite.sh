@@ -47,6 +47,8 @@
 #                                        # it beats the default (next to run; s43q ran its first part)
 #   bash benchmarks/gpu_suite.sh s48     # one GPU: the 16-head "rs" kernel (A operands in registers): A/B, tests,
 #                                        # Nsight Compute of ws8p2 and rs (not yet run: no machine in session 18)
+#   bash benchmarks/gpu_suite.sh s49     # one GPU: s48 reordered to fit one call: the A/B, the rs tests, the decode
+#                                        # table with VARIANT="rs" (decode_rs.json), then Nsight Compute
 #   bash benchmarks/gpu_suite.sh s41     # one GPU, one call: s40, the merge GPU tests, then the gather table with the
 #                                        # best async config if it beats the default, else s39's A/B and decode table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
@@ -402,6 +404,20 @@ print('yes' if m('per') >= m('pe') + 0.2 else 'no', round(m('pe'), 2), round(m('
     tail -4 "$OUT/ncu48.log"; ncu -i "$OUT/prof48.ncu-rep" --page details > "$OUT/details48.txt" 2>&1
     grep -E "^  [a-z_]|Duration|Memory Throughput|DRAM Throughput|L1/TEX Hit|Shared|Compute \(SM\)" \
       "$OUT/details48.txt" | head -60; pack ;;
+  s49)  # session 19: s48 in one call (A/B, tests, the decode table with rs as the op's default, then ncu)
+    timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 \
+        --values "VARIANT=ws8p2,VARIANT=rs,VARIANT=rs+RS_STAGES=5" \
+        --shapes 32x16x16384,128x16x8192 --reps 2 2>&1 | tee "$OUT/s49_ab.log" | tail -16; pack
+    timeout 140 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py -k rs \
+        2>&1 | tee "$OUT/s49_tests.log" | grep -v PASSED | tail -20; pack
+    timeout 130 python3 -c "import sys, runpy; import fx_mla.ops.mla_decode_gluon16 as g; g.VARIANT = 'rs'; \
+sys.argv = ['bench_decode.py', '--budget', '100', '--out', '$OUT/decode_rs.json']; \
+runpy.run_path('benchmarks/bench_decode.py', run_name='__main__')" 2>&1 | tee "$OUT/decode_rs.log" | tail -12; pack
+    timeout 120 ncu --clock-control none --profile-from-start off --set full -o "$OUT/prof49" \
+      python3 benchmarks/dev_profile.py --which decode16 --gluon16-variants ws8p2,rs > "$OUT/ncu49.log" 2>&1
+    tail -4 "$OUT/ncu49.log"; ncu -i "$OUT/prof49.ncu-rep" --page details > "$OUT/details49.txt" 2>&1
+    grep -E "^  [a-z_]|Duration|Memory Throughput|DRAM Throughput|L1/TEX Hit|Shared|Compute \(SM\)" \
+      "$OUT/details49.txt" | head -60; pack ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;
