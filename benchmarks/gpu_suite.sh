@@ -404,7 +404,16 @@ print('yes' if m('per') >= m('pe') + 0.2 else 'no', round(m('pe'), 2), round(m('
     tail -4 "$OUT/ncu48.log"; ncu -i "$OUT/prof48.ncu-rep" --page details > "$OUT/details48.txt" 2>&1
     grep -E "^  [a-z_]|Duration|Memory Throughput|DRAM Throughput|L1/TEX Hit|Shared|Compute \(SM\)" \
       "$OUT/details48.txt" | head -60; pack ;;
-  s49)  # session 19: s48 in one call (A/B, tests, the decode table with rs as the op's default, then ncu)
+  s49)  # session 19: s48 in one call (A/B, tests, the decode table with rs as the op's default, then ncu). A smoke
+        # test first: if rs fails or hangs there, the call runs ws8p2's ncu and the gather's PDL tests instead
+    if ! timeout 60 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py \
+        -k "rs and cache_dtype0-q_dtype0-out_dtype0-None-64" 2>&1 | tee "$OUT/s49_smoke.log" | tail -30 \
+        || ! grep -q " passed" "$OUT/s49_smoke.log"; then
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_dequant_cache_gpu.py \
+          -k "pdl or indices_written" 2>&1 | tee "$OUT/s49_gather_pdl.log" | grep -v PASSED | tail -12; pack
+      timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py -k rs \
+          2>&1 | tee "$OUT/s49_tests.log" | grep -v PASSED | tail -40; pack; exit 0
+    fi
     timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 \
         --values "VARIANT=ws8p2,VARIANT=rs,VARIANT=rs+RS_STAGES=5" \
         --shapes 32x16x16384,128x16x8192 --reps 2 2>&1 | tee "$OUT/s49_ab.log" | tail -16; pack
