@@ -49,6 +49,8 @@
 #                                        # Nsight Compute of ws8p2 and rs (not yet run: no machine in session 18)
 #   bash benchmarks/gpu_suite.sh s49     # one GPU: s48 reordered to fit one call: the A/B, the rs tests, the decode
 #                                        # table with VARIANT="rs" (decode_rs.json), then Nsight Compute
+#   bash benchmarks/gpu_suite.sh s49m    # s49 for a call of about 4 minutes: the smoke test, the A/B (ws8p2, rs; one
+#                                        # rep), then the rs tests until the call ends
 #   bash benchmarks/gpu_suite.sh s41     # one GPU, one call: s40, the merge GPU tests, then the gather table with the
 #                                        # best async config if it beats the default, else s39's A/B and decode table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
@@ -427,6 +429,14 @@ runpy.run_path('benchmarks/bench_decode.py', run_name='__main__')" 2>&1 | tee "$
     tail -4 "$OUT/ncu49.log"; ncu -i "$OUT/prof49.ncu-rep" --page details > "$OUT/details49.txt" 2>&1
     grep -E "^  [a-z_]|Duration|Memory Throughput|DRAM Throughput|L1/TEX Hit|Shared|Compute \(SM\)" \
       "$OUT/details49.txt" | head -60; pack ;;
+  s49m)  # session 19: s49's first steps for a short call (little device time left)
+    timeout 50 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py \
+        -k "rs and cache_dtype0-q_dtype0-out_dtype0-None-64" 2>&1 | tee "$OUT/s49_smoke.log" | tail -30; pack
+    grep -q " passed" "$OUT/s49_smoke.log" || exit 0
+    timeout 130 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 --values "VARIANT=ws8p2,VARIANT=rs" \
+        --shapes 32x16x16384,128x16x8192 --reps 1 2>&1 | tee "$OUT/s49_ab.log" | tail -8; pack
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py -k rs \
+        2>&1 | tee "$OUT/s49_tests.log" | grep -v PASSED | tail -40; pack ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;
