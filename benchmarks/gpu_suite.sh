@@ -45,12 +45,12 @@
 #   bash benchmarks/gpu_suite.sh s43     # one GPU: s40 again (the consumer's whole-sector stores: 8 consumer warps,
 #                                        # the x / y diagnostics), then the gather table with the best async config if
 #                                        # it beats the default (next to run; s43q ran its first part)
-#   bash benchmarks/gpu_suite.sh s48     # one GPU: the 16-head "rs" kernel (A operands in registers): A/B, tests,
-#                                        # Nsight Compute of ws8p2 and rs (not yet run: no machine in session 18)
-#   bash benchmarks/gpu_suite.sh s49     # one GPU: s48 reordered to fit one call: the A/B, the rs tests, the decode
-#                                        # table with VARIANT="rs" (decode_rs.json), then Nsight Compute
-#   bash benchmarks/gpu_suite.sh s49m    # s49 for a call of about 4 minutes: the smoke test, the A/B (ws8p2, rs; one
-#                                        # rep), then the rs tests until the call ends
+#   bash benchmarks/gpu_suite.sh s49     # one GPU: the 16-head "rs" kernel (A operands in registers, TMA ring): a
+#                                        # smoke test, the A/B against ws8p2, the rs tests, the decode table with
+#                                        # VARIANT="rs" (decode_rs.json), Nsight Compute of ws8p2 and rs (not yet run:
+#                                        # no machine in sessions 18 and 19; it replaces session 18's s48)
+#   bash benchmarks/gpu_suite.sh s49m    # s49 for a call of about 4 minutes: the smoke test, a one-rep A/B of ws8p2
+#                                        # and rs, then the rs tests
 #   bash benchmarks/gpu_suite.sh s41     # one GPU, one call: s40, the merge GPU tests, then the gather table with the
 #                                        # best async config if it beats the default, else s39's A/B and decode table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
@@ -393,50 +393,31 @@ print('yes' if m('per') >= m('pe') + 0.2 else 'no', round(m('pe'), 2), round(m('
     FX_MLA_DEV_DIAG=1 timeout 170 python3 benchmarks/bench_cache_gather.py --sweep --sweep-configs \
         "8,4,0,pe;32,4,1,ape,6;32,8,1,ape,6;32,4,1,apex,6;32,4,1,apey,6;16,4,3,ape,4;16,4,3,apex,4;16,4,3,apey,4" \
         2>&1 | tee "$OUT/s42_sweep.log" | grep -v "^ *{\|^ *}\|^ *\"\|^ *[0-9]\|^ *\]" | tail -14 ;;
-  s48)  # session 18: the 16-head kernel with both wgmma A operands in registers ("rs", TMA ring): its A/B against
-        # ws8p2 in the op on the 16-head shapes (each output checked against the fp32 reference), then its GPU tests
-    timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 \
-        --values "VARIANT=ws8p2,VARIANT=rs,VARIANT=rs+RS_STAGES=5" \
-        --shapes 32x16x16384,128x16x8192 --reps 2 2>&1 | tee "$OUT/s48_ab.log" | tail -16; pack
-    timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py -k rs \
-        2>&1 | tee "$OUT/s48_tests.log" | grep -v PASSED | tail -20; pack
-    # Nsight Compute of both 16-head kernels at 32 x 16 x 16K: shared-memory / DRAM / pipe utilisation
-    timeout 150 ncu --clock-control none --profile-from-start off --set full -o "$OUT/prof48" \
-      python3 benchmarks/dev_profile.py --which decode16 --gluon16-variants ws8p2,rs > "$OUT/ncu48.log" 2>&1
-    tail -4 "$OUT/ncu48.log"; ncu -i "$OUT/prof48.ncu-rep" --page details > "$OUT/details48.txt" 2>&1
-    grep -E "^  [a-z_]|Duration|Memory Throughput|DRAM Throughput|L1/TEX Hit|Shared|Compute \(SM\)" \
-      "$OUT/details48.txt" | head -60; pack ;;
-  s49)  # session 19: s48 in one call (A/B, tests, the decode table with rs as the op's default, then ncu). A smoke
-        # test first: if rs fails or hangs there, the call runs ws8p2's ncu and the gather's PDL tests instead
-    if ! timeout 60 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py \
-        -k "rs and cache_dtype0-q_dtype0-out_dtype0-None-64" 2>&1 | tee "$OUT/s49_smoke.log" | tail -30 \
-        || ! grep -q " passed" "$OUT/s49_smoke.log"; then
+  s49|s49m)  # sessions 18-19: the rs kernel, ordered so a call cut short returns the most (each step packs)
+    g16_tests() { local t=$1; shift; timeout "$t" python3 -m pytest -q -p no:cacheprovider -m cuda \
+        tests/gpu/test_mla_decode_gluon16_gpu.py "$@" 2>&1; }
+    g16_tests 60 -x -k "rs and cache_dtype0-q_dtype0-out_dtype0-None-64" | tee "$OUT/s49_smoke.log" | tail -30; pack
+    if ! grep -q " passed" "$OUT/s49_smoke.log"; then  # rs failed or hung: every rs test (no -x), then issue 5's
+      # unrun PDL gather tests
+      g16_tests 200 -k rs | tee "$OUT/s49_tests.log" | grep -v PASSED | tail -40; pack
       timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_dequant_cache_gpu.py \
-          -k "pdl or indices_written" 2>&1 | tee "$OUT/s49_gather_pdl.log" | grep -v PASSED | tail -12; pack
-      timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py -k rs \
-          2>&1 | tee "$OUT/s49_tests.log" | grep -v PASSED | tail -40; pack; exit 0
+          -k "pdl or indices_written" 2>&1 | tee "$OUT/s49_gather_pdl.log" | grep -v PASSED | tail -12; exit 0
     fi
-    timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 \
-        --values "VARIANT=ws8p2,VARIANT=rs,VARIANT=rs+RS_STAGES=5" \
-        --shapes 32x16x16384,128x16x8192 --reps 2 2>&1 | tee "$OUT/s49_ab.log" | tail -16; pack
-    timeout 140 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py -k rs \
-        2>&1 | tee "$OUT/s49_tests.log" | grep -v PASSED | tail -20; pack
+    values="VARIANT=ws8p2,VARIANT=rs,VARIANT=rs+RS_STAGES=5" reps=2
+    [ "$1" = s49m ] && values="VARIANT=ws8p2,VARIANT=rs" reps=1
+    timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 --values "$values" \
+        --shapes 32x16x16384,128x16x8192 --reps "$reps" 2>&1 | tee "$OUT/s49_ab.log" | tail -16; pack
+    g16_tests 140 -x -k rs | tee "$OUT/s49_tests.log" | grep -v PASSED | tail -20; pack
+    [ "$1" = s49m ] && exit 0
     timeout 130 python3 -c "import sys, runpy; import fx_mla.ops.mla_decode_gluon16 as g; g.VARIANT = 'rs'; \
 sys.argv = ['bench_decode.py', '--budget', '100', '--out', '$OUT/decode_rs.json']; \
 runpy.run_path('benchmarks/bench_decode.py', run_name='__main__')" 2>&1 | tee "$OUT/decode_rs.log" | tail -12; pack
+    # Nsight Compute of both 16-head kernels at 32 x 16 x 16K: shared-memory / DRAM / pipe utilisation
     timeout 120 ncu --clock-control none --profile-from-start off --set full -o "$OUT/prof49" \
       python3 benchmarks/dev_profile.py --which decode16 --gluon16-variants ws8p2,rs > "$OUT/ncu49.log" 2>&1
     tail -4 "$OUT/ncu49.log"; ncu -i "$OUT/prof49.ncu-rep" --page details > "$OUT/details49.txt" 2>&1
     grep -E "^  [a-z_]|Duration|Memory Throughput|DRAM Throughput|L1/TEX Hit|Shared|Compute \(SM\)" \
       "$OUT/details49.txt" | head -60; pack ;;
-  s49m)  # session 19: s49's first steps for a short call (little device time left)
-    timeout 50 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py \
-        -k "rs and cache_dtype0-q_dtype0-out_dtype0-None-64" 2>&1 | tee "$OUT/s49_smoke.log" | tail -30; pack
-    grep -q " passed" "$OUT/s49_smoke.log" || exit 0
-    timeout 130 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 --values "VARIANT=ws8p2,VARIANT=rs" \
-        --shapes 32x16x16384,128x16x8192 --reps 1 2>&1 | tee "$OUT/s49_ab.log" | tail -8; pack
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_gluon16_gpu.py -k rs \
-        2>&1 | tee "$OUT/s49_tests.log" | grep -v PASSED | tail -40; pack ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;
