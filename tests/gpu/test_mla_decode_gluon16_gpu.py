@@ -1,7 +1,8 @@
 """GPU tests of the 16-head Hopper Gluon MLA decode kernel: against the float64 reference on ragged problems
 (lengths incl. 0, NaN in every slot the length mask must skip, block sizes 16/32/64), outputs and split workspace
 poisoned with NaN, both ring depths and both ring-read orders, the warp-specialized variants ws4 / ws8 / ws8p2 /
-ws8p3 / ws8p2o, the register-operand "rs" kernel (TMA ring) and FP8 queries. Skips where gluon16_unsupported_reason declines (not sm_90, not Triton 3.6)."""
+ws8p3 / ws8p2o, the register-operand "rs" kernel (TMA ring) and FP8 queries. Skips where gluon16_unsupported_reason
+declines (not sm_90, not Triton 3.6)."""
 import pytest
 import torch
 
