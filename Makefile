@@ -2,14 +2,16 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
+# pip install with retries: a dropped download of a large wheel must not fail CI.
+PIP_INSTALL := bash tools/pip_retry.sh $(PY)
 
 .PHONY: venv test demo explain bench-gpu clean
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[test]'
+	$(PIP_INSTALL) -q --upgrade pip
+	$(PIP_INSTALL) -q "$(TORCH_SPEC)"
+	$(PIP_INSTALL) -q -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.stamp
