@@ -154,8 +154,10 @@ def _to_mma_dtype(q, Q_SHIFT: gl.constexpr):
 
 @gluon.jit
 def _perm_k(k):
-    """The 16-head "rs" kernel's reduction order: column k holds dim perm_k(k) (kernels/mla_decode_gluon16_rs.perm_k,
-    the same bit permutation in plain Python: bits (k0, k3, k4, k5, k1, k2, k6..) become the dim's bits 0, 1, ...)."""
+    """The 16-head "rs" kernel's reduction order: column k holds byte _perm_k(k) of a latent / rope row. Bits
+    (k0, k3, k4, k5, k1, k2, k6, k7, k8) of k become bits 0..8 of the byte, so a thread's k-step entries k0, k3 and
+    its four k-steps k4, k5 lie in 16 consecutive bytes and its lane bits k1, k2 pick the 16-byte group. Also run on
+    ints (`_perm_k.fn`, kernels/mla_decode_gluon16_rs.perm_k) to build that kernel's shared-memory views."""
     return (k & ~63) | (((k >> 1) & 3) << 4) | (((k >> 4) & 3) << 2) | (((k >> 3) & 1) << 1) | (k & 1)
 
 

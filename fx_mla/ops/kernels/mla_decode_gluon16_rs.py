@@ -33,39 +33,37 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from fx_mla.ops.kernels.mla_decode_gluon import _cta_work, _query_tiles
+from fx_mla.ops.kernels.mla_decode_gluon import _cta_work, _perm_k, _query_tiles
 
 
-# ---- index relabellings: plain Python (the launcher builds the shared-memory views and passes them as constexprs;
-# the same formulas appear as tensor arithmetic in the kernel where offsets need them)
+# ---- index relabellings. The kernel computes them on index tensors; the launcher builds the shared-memory views
+# from the same functions' Python bodies (`.fn`) on ints, so both use one formula each.
 def _bit(x, b):
     return (x >> b) & 1
 
 
-def perm_k(k):
-    """Physical byte (within a 512-byte latent or 64-byte rope row) of the scorer's reduction column k (in the kernel:
-    mla_decode_gluon._perm_k, which also orders the query's columns): bits
-    (k0, k3, k4, k5, k1, k2, k6, k7, k8) become bits 0..8 of the byte. A thread's k-step entries k0, k3 and its
-    four k-steps k4, k5 then lie in 16 consecutive bytes; its lane bits k1, k2 pick the 16-byte group."""
-    return ((k & ~63) | (_bit(k, 1) << 4) | (_bit(k, 2) << 5) | (_bit(k, 3) << 1) | (_bit(k, 4) << 2)
-            | (_bit(k, 5) << 3) | (k & 1))
+@gluon.jit
+def _sigma_t(i):
+    """Token of the scorer's row i within a 64-token tile: bits 0 and 2 swapped (an involution)."""
+    return (i & ~5) | ((i & 1) << 2) | ((i >> 2) & 1)
+
+
+@gluon.jit
+def _dim_of_row_t(m):
+    """Latent dim (physical byte of the 512-byte row) of the P V output row m: m = 64 mb + 16 w + 8 h + l4 (mb the
+    wgmma M block, w the warp, h the fragment's second row, l4 = lane // 4) -> 128 w + 16 l4 + 2 mb + h."""
+    return 128 * ((m >> 4) & 3) + 16 * (m & 7) + 2 * ((m >> 6) & 7) + ((m >> 3) & 1)
+
+
+perm_k = _perm_k.fn
+sigma = _sigma_t.fn
+dim_of_row = _dim_of_row_t.fn
 
 
 def perm_k_inverse(p):
     """Inverse of perm_k: byte bits (p0, p1, p2, p3, p4, p5, p6..) -> column bits (k0, k3, k4, k5, k1, k2, k6..)."""
     return ((p & ~63) | (_bit(p, 1) << 3) | (_bit(p, 2) << 4) | (_bit(p, 3) << 5) | (_bit(p, 4) << 1)
             | (_bit(p, 5) << 2) | (p & 1))
-
-
-def sigma(i):
-    """Token of the scorer's row i within a 64-token tile: bits 0 and 2 swapped (an involution)."""
-    return (i & ~5) | (_bit(i, 0) << 2) | _bit(i, 2)
-
-
-def dim_of_row(m):
-    """Latent dim (physical byte of the 512-byte row) of the P V output row m: m = 64 mb + 16 w + 8 h + l4 (mb the
-    wgmma M block, w the warp, h the fragment's second row, l4 = lane // 4) -> 128 w + 16 l4 + 2 mb + h."""
-    return 128 * ((m >> 4) & 3) + 16 * (m & 7) + 2 * ((m >> 6) & 7) + _bit(m, 3)
 
 
 def row_of_dim(d):
@@ -114,17 +112,6 @@ def views(block_n: int = 64, block_h: int = 16, latent: int = 512, rope: int = 6
     pt = [[r, _linear(sigma, col)] for _, r, col in swizzled_bases(block_h, 2 * block_n, 128, 2)]
     return {name: gl.SharedLinearLayout(offset_bases=b) for name, b in
             (("K_VIEW", k), ("KR_VIEW", kr), ("V_VIEW", v), ("PT_VIEW", pt))}
-
-
-# ---- the same relabellings on index tensors (tests/ops/test_gluon16_rs_layouts.py checks them against the above)
-@gluon.jit
-def _sigma_t(i):
-    return (i & ~5) | ((i & 1) << 2) | ((i >> 2) & 1)
-
-
-@gluon.jit
-def _dim_of_row_t(m):
-    return 128 * ((m >> 4) & 3) + 16 * (m & 7) + 2 * ((m >> 6) & 7) + ((m >> 3) & 1)
 
 
 # ---- partitions
@@ -202,6 +189,17 @@ def _rs_scorer(q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, r
     gl.store(lse_base + gl.arange(0, BLOCK_H, layout=STAT), lse)
 
 
+def _pairs_asm(fp8):
+    """PTX of _token_pairs_fp16 for FP8 format `fp8` ("e4m3" / "e5m2"): two byte permutes, four exact conversions."""
+    return ("{ .reg .b32 a, b; .reg .b16 a0, a1, b0, b1; prmt.b32 a, $4, $5, 0x5140; prmt.b32 b, $4, $5, 0x7362; "
+            "mov.b32 {a0, a1}, a; mov.b32 {b0, b1}, b; "
+            + " ".join(f"cvt.rn.f16x2.{fp8}x2 ${i}, {r};" for i, r in enumerate(("a0", "a1", "b0", "b1"))) + " }")
+
+
+_PAIRS_ASM_E4M3 = gl.constexpr(_pairs_asm("e4m3"))
+_PAIRS_ASM_E5M2 = gl.constexpr(_pairs_asm("e5m2"))
+
+
 @gluon.jit
 def _token_pairs_fp16(x, E5M2: gl.constexpr):
     """x: FP8 bytes [L rows m, BLOCK_N tokens] in _rs_pv's V_LOAD order (a thread's 16 bytes of a token are its
@@ -210,15 +208,9 @@ def _token_pairs_fp16(x, E5M2: gl.constexpr):
     xe, xo = gl.split(gl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
     # $4 / $5: bytes (d, d+1, d+2, d+3) of tokens 2u / 2u + 1; a = (2u: d, 2u+1: d, 2u: d+1, 2u+1: d+1), b for d+2, d+3
     if E5M2:
-        asm: gl.constexpr = ("{ .reg .b32 a, b; .reg .b16 a0, a1, b0, b1; prmt.b32 a, $4, $5, 0x5140; "
-                             "prmt.b32 b, $4, $5, 0x7362; mov.b32 {a0, a1}, a; mov.b32 {b0, b1}, b; "
-                             "cvt.rn.f16x2.e5m2x2 $0, a0; cvt.rn.f16x2.e5m2x2 $1, a1; "
-                             "cvt.rn.f16x2.e5m2x2 $2, b0; cvt.rn.f16x2.e5m2x2 $3, b1; }")
+        asm: gl.constexpr = _PAIRS_ASM_E5M2
     else:
-        asm: gl.constexpr = ("{ .reg .b32 a, b; .reg .b16 a0, a1, b0, b1; prmt.b32 a, $4, $5, 0x5140; "
-                             "prmt.b32 b, $4, $5, 0x7362; mov.b32 {a0, a1}, a; mov.b32 {b0, b1}, b; "
-                             "cvt.rn.f16x2.e4m3x2 $0, a0; cvt.rn.f16x2.e4m3x2 $1, a1; "
-                             "cvt.rn.f16x2.e4m3x2 $2, b0; cvt.rn.f16x2.e4m3x2 $3, b1; }")
+        asm: gl.constexpr = _PAIRS_ASM_E4M3
     lo, hi = gl.inline_asm_elementwise(
         asm,
         "=r,=r,=r,=r,r,r", [xe, xo], dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
