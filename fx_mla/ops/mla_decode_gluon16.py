@@ -1,6 +1,7 @@
 """Launcher of the Hopper Gluon kernel of the memory-bound 16-head MLA decode
-(fx_mla/ops/kernels/mla_decode_gluon16.py: swap-AB wgmma, one CTA per request and split with all 16 heads; by
-default a warp-specialized producer loading two FP8 tiles ahead, or a cp.async ring of raw FP8 tiles).
+(swap-AB wgmma, one CTA per request and split with all 16 heads): by default kernels/mla_decode_gluon16_rs.py (a TMA
+ring of raw FP8 tiles, both MMAs with their A operand in registers); kernels/mla_decode_gluon16.py's warp-specialized
+producer loading two FP8 tiles ahead (ws8p2, the fallback for caches the TMA boxes cannot address) or cp.async ring.
 
 Same semantics and outputs as ``torch.ops.fx_mla.mla_decode_fp8`` (fx_mla/ops/mla_decode_fp8.py) for the inputs the
 kernel covers: bf16/fp16 query, or FP8 with a per-tensor q_scale, [B, 16, 576], FP8 e4m3/e5m2 paged cache
@@ -44,9 +45,11 @@ LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 # tiles fed by an 8- / 4-warp producer, 9-36 % slower than ws8p2 from HBM (1x H100).
 # "rs" (kernels/mla_decode_gluon16_rs.py): TMA of the raw FP8 tile into a ring, both wgmmas with their A operand read
 # from it straight into registers (no fp16 tile in shared memory: ~140 instead of ~250 KB of shared-memory traffic a
-# 64-token tile); needs block sizes 16, 32 or a multiple of 64 and pages laid out as [block_size, row] slices.
+# 64-token tile); needs block sizes 16, 32 or a multiple of 64 and pages laid out as [block_size, row] slices. The
+# default since session 21: on 1x H100 (RESULTS.md) 10-18 % faster than ws8p2 (78 / 90 % of the roofline at
+# 32 x 16 x 16K / 128 x 16 x 8K against 71 / 76 %); other caches fall back to RS_FALLBACK.
 VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o", "rs")
-VARIANT = "ws8p2"
+VARIANT = "rs"
 RS_FALLBACK = "ws8p2"  # where VARIANT is "rs" and the rs kernel declines the cache (block size, block strides)
 # How a producer warp's lanes cover a tile (kernels/mla_decode_gluon.lat_layout): "1x32" = sessions 2-4 (2-way
 # conflicted fp16 tile stores), "8x4" / "q2x4" conflict-free. 1x H100 (RESULTS.md, session 5): "q2x4" 9-11 % faster

@@ -305,7 +305,7 @@ def test_scorer_pdl_and_probe_settings_are_checked(monkeypatch):
 
 @pytest.mark.parametrize("launcher", ["gluon", "seesaw", "seesaw_producer", "seesaw_auto", "seesaw_scorer",
                                       "seesaw_scorer_early", "gluon16_ring",
-                                      "gluon16_ws8p2"])
+                                      "gluon16_ws8p2", "gluon16_rs"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launcher, splits):
     """Each Gluon launcher, on CPU tensors with its support check bypassed and its kernel replaced by a recorder:
@@ -316,6 +316,7 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
 
     from fx_mla.ops.kernels import mla_decode_gluon as kg
     from fx_mla.ops.kernels import mla_decode_gluon16 as kg16
+    from fx_mla.ops.kernels import mla_decode_gluon16_rs as krs
     from fx_mla.ops.kernels import mla_decode_scorer as ksc
     from fx_mla.ops.kernels import mla_decode_seesaw as ks_
     mod, kmod, name, heads, kw = {
@@ -327,6 +328,7 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         "seesaw_scorer_early": (smod, ksc, "_mla_decode_scorer_kernel", 128, {}),
         "gluon16_ring": (g16mod, kg16, "_mla_decode_gluon16_kernel", 16, dict(variant="ring")),
         "gluon16_ws8p2": (g16mod, kg16, "_mla_decode_gluon16_ws_kernel", 16, dict(variant="ws8p2")),
+        "gluon16_rs": (g16mod, krs, "_mla_decode_gluon16_rs_kernel", 16, {}),  # the default VARIANT
     }[launcher]
     real = getattr(kmod, name)
     calls, merged = [], []
@@ -372,6 +374,12 @@ def test_gluon_launchers_call_their_kernel_with_its_signature(monkeypatch, launc
         assert constexprs.get("PDL_EARLY", False) == (launcher == "seesaw_scorer_early")
     else:
         assert "launch_pdl" not in constexprs
+    if launcher == "gluon16_rs":  # the cache as two TMA descriptors (latent, rope boxes) in the pointer's place
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        lat, rope = args[1], args[2]
+        assert isinstance(lat, TensorDescriptor) and isinstance(rope, TensorDescriptor)
+        assert lat.base is kv and lat.block_shape == [64, 128] and rope.block_shape == [64, 64]
+        args = (args[0], kv) + args[3:]  # the other kernels' argument positions
     [(part_o, part_lse, m_out, m_lse, m_splits, rank, m_pdl)] = merged
     assert part_o is args[8] and part_lse is args[9] and m_out is out and (m_splits, rank) == (splits, 512)
     assert m_pdl == (True if pdl else None)  # the merge waits for a PDL scorer's grid

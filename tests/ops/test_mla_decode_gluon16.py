@@ -98,11 +98,11 @@ def test_gluon16_declines_stage_counts(fake_hopper, stages):
 
 
 def test_gluon16_declines_small_shared_memory(fake_hopper):
-    fake_hopper["smem"] = 200000  # ring: 2 stages fit, 3 do not; the warp-specialized default (168 KB) fits
+    fake_hopper["smem"] = 200000  # ring: 2 stages fit, 3 do not; the default rs kernel (170.6 KB) fits
     reason = gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0, variant="ring")
     assert reason is not None and "shared memory" in reason
     assert gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0, num_stages=2, variant="ring") is None
-    assert gmod.VARIANT == "ws8p2" and gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0) is None
+    assert gmod.VARIANT == "rs" and gmod.gluon16_unsupported_reason(_q(), _cache(), 512, CUDA0) is None
 
 
 def test_launch_args_messages():
