@@ -402,7 +402,8 @@ print('yes' if m('per') >= m('pe') + 0.2 else 'no', round(m('pe'), 2), round(m('
     t 120 tests/gpu/test_mla_decode_gluon16_gpu.py -k rs | tee "$OUT/s50_tests.log" | grep -v PASSED | tail -30; pack
     t 110 tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_decode_attention_pass_gpu.py -k "dispatch or 16-" \
       | tee "$OUT/s50_pass.log" | grep -v PASSED | tail -20; pack
-    timeout 80 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 --values VARIANT=ws8p2,VARIANT=rs \
+    timeout 100 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 \
+        --values VARIANT=ws8p2,VARIANT=rs+RS_DIM_MAJOR_STORE=False,VARIANT=rs \
         --shapes 32x16x16384,128x16x8192 --reps 2 2>&1 | tee "$OUT/s50_ab.log" | tail -4; pack
     timeout 160 python3 benchmarks/bench_decode.py --budget 130 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
       | tail -10; pack

@@ -57,6 +57,7 @@ RS_FALLBACK = "ws8p2"  # where VARIANT is "rs" and the rs kernel declines the ca
 LANES = "q2x4"
 RS_STAGES = 4       # "rs": raw FP8 tiles in the TMA ring (36 KB each)
 RS_REGS = (232, 40)  # "rs": scorer and loader registers (setmaxnreg); the P V partition gets the rest
+RS_DIM_MAJOR_STORE = True  # "rs": the output rows stored as 16-byte vectors of 16 consecutive dims (off: 4-byte)
 # producer warps, producer registers (setmaxnreg), tiles ahead, consumer overlap; all compile without spills
 # (Triton 3.6, sm_90)
 _WS = {"ws4": (4, 232, 1, False), "ws8": (8, 152, 1, False), "ws8p2": (8, 152, 2, False),
@@ -192,7 +193,8 @@ def _launch_rs(kv_cache, args, consts, num_splits: int, batch: int, page: int):
     scorer_regs, loader_regs = RS_REGS
     return rmod._mla_decode_gluon16_rs_kernel[(num_splits, batch)](
         *rs_args, **consts, **_rs_views(), BLOCK_H=HEADS, BLOCK_N=BLOCK_N, NUM_STAGES=RS_STAGES,
-        SCORER_REGS=scorer_regs, LOADER_REGS=loader_regs, num_warps=NUM_WARPS)
+        DIM_MAJOR_STORE=bool(RS_DIM_MAJOR_STORE), SCORER_REGS=scorer_regs, LOADER_REGS=loader_regs,
+        num_warps=NUM_WARPS)
 
 
 @functools.cache

@@ -8,7 +8,9 @@ read their A operands from the raw swizzled FP8 tiles straight into registers:
 * the register loads the kernel makes through those views are 16 consecutive bytes a thread and hit 8 different
   16-byte bank groups in every quarter warp (a 128-bit shared load is served 8 lanes at a time);
 * _token_pairs_fp16's split / byte permute / join / permute turns the loaded bytes into the [row, token] tensor
-  (modelled with numpy on index codes).
+  (modelled with numpy on index codes);
+* the output store's reshape / permute names each accumulator row m by its dim dim_of_row(m), and O_DIMS gives each
+  thread 16 consecutive dims of a head in adjacent registers (16-byte stores).
 The numerics of the kernel itself are checked on a GPU (tests/gpu/test_mla_decode_gluon16_gpu.py)."""
 import numpy as np
 import pytest
@@ -144,3 +146,28 @@ def test_token_pairs_relabelling():
     z = np.stack([lo, hi], axis=-1).reshape(2, 2, 2, 2, 2, 2, 8, BLOCK_N // 2, 2)
     z = z.transpose(0, 1, 8, 3, 4, 2, 6, 7, 5).reshape(L, BLOCK_N)
     assert (z == x).all()
+
+
+def test_output_store_relabels_rows_as_dims_in_16_byte_runs():
+    """_rs_pv's DIM_MAJOR_STORE: reshape [8, 4, 2, 8] (mb, w, h, l4) / permute (w, l4, mb, h) moves accumulator row m
+    to position dim_of_row(m); O_DIMS is the accumulator layout (rs.ACC_*) with rows so renamed, registers 0..15 of
+    a thread 16 consecutive dims of one head, and all of [512, 16] covered once."""
+    m = np.arange(L)
+    z = m.reshape(8, 4, 2, 8).transpose(1, 3, 0, 2).reshape(L)
+    assert all(rs.dim_of_row(int(z[d])) == d for d in range(L))
+    layout = rs.output_dims_layout(L, HEADS)
+    regs, lanes, warps = layout.reg_bases, layout.lane_bases, layout.warp_bases
+    # the same hardware positions as the accumulator's, each row basis renamed by dim_of_row (a linear map)
+    renamed = [[rs.dim_of_row(r), h] for r, h in rs.ACC_REGS + rs.ACC_LANES + rs.ACC_WARPS]
+    assert sorted(map(tuple, regs)) == sorted(map(tuple, renamed[:len(rs.ACC_REGS)]))
+    assert [list(b) for b in lanes + warps] == renamed[len(rs.ACC_REGS):]
+    seen = set()
+    for w in range(4):
+        for lane in range(32):
+            owned = [_apply(regs + lanes + warps, r | lane << len(regs) | w << (len(regs) + 5))
+                     for r in range(1 << len(regs))]
+            for run in range(0, len(owned), 16):
+                d0, h0 = owned[run]
+                assert d0 % 16 == 0 and owned[run:run + 16] == [(d0 + i, h0) for i in range(16)]
+            seen.update(owned)
+    assert seen == {(d, h) for d in range(L) for h in range(HEADS)}

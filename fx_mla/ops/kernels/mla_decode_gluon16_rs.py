@@ -98,20 +98,44 @@ def _linear(f, x):
     return out
 
 
+# the P V accumulator O^T [512 rows m, 16 heads] (NVMMA v3, warps [4, 1], instr [16, 16, 16]) as Triton 3.6 lays it
+# out: register / lane / warp bit -> (row, head) step
+ACC_REGS = [[0, 1], [8, 0], [0, 8], [64, 0], [128, 0], [256, 0]]
+ACC_LANES = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]
+ACC_WARPS = [[16, 0], [32, 0]]
+
+
+def output_dims_layout(latent: int = 512, block_h: int = 16):
+    """O_DIMS: the accumulator's own registers with each row m named by its latent dim dim_of_row(m), the registers
+    ordered dims first, so a thread's 16 consecutive dims of a head are adjacent registers (16-byte stores)."""
+    assert latent == 512 and block_h == 16, "dim_of_row and the accumulator bases are those of 512 x 16"
+
+    def named(bases):
+        return [[dim_of_row(r) if r else 0, h] for r, h in bases]
+
+    regs = named(ACC_REGS)
+    regs = sorted((b for b in regs if b[0]), key=lambda b: b[0]) + [b for b in regs if not b[0]]
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=named(ACC_LANES), warp_bases=named(ACC_WARPS),
+                                      block_bases=[], shape=[latent, block_h])
+
+
 def views(block_n: int = 64, block_h: int = 16, latent: int = 512, rope: int = 64):
     """The shared-memory views (SharedLinearLayout offset bases) of the kernel:
     K_VIEW [block_n rows i, latent columns k] of a slot's latent tiles (4 chunks [block_n, 128 B], 128-byte swizzle):
         row i = token sigma(i), column k = byte perm_k(k);
     KR_VIEW [block_n, rope] of its rope tile ([block_n, 64 B], 64-byte swizzle), the same relabelling;
     V_VIEW [latent rows m, block_n tokens] of the latent tiles: row m = byte dim_of_row(m);
-    PT_VIEW [block_h, block_n] of a P^T buffer (fp16, 128-byte swizzle) with column i = token sigma(i)."""
+    PT_VIEW [block_h, block_n] of a P^T buffer (fp16, 128-byte swizzle) with column i = token sigma(i);
+    and O_DIMS (output_dims_layout), the register layout of the output store."""
     k = [[_linear(sigma, r), _linear(perm_k_inverse, c * 128 + col)]
          for c, r, col in swizzled_bases(block_n, 128, 128, 1, latent // 128)]
     kr = [[_linear(sigma, r), _linear(perm_k_inverse, col)] for _, r, col in swizzled_bases(block_n, rope, rope, 1)]
     v = [[_linear(row_of_dim, c * 128 + col), r] for c, r, col in swizzled_bases(block_n, 128, 128, 1, latent // 128)]
     pt = [[r, _linear(sigma, col)] for _, r, col in swizzled_bases(block_h, 2 * block_n, 128, 2)]
-    return {name: gl.SharedLinearLayout(offset_bases=b) for name, b in
-            (("K_VIEW", k), ("KR_VIEW", kr), ("V_VIEW", v), ("PT_VIEW", pt))}
+    out = {name: gl.SharedLinearLayout(offset_bases=b) for name, b in
+           (("K_VIEW", k), ("KR_VIEW", kr), ("V_VIEW", v), ("PT_VIEW", pt))}
+    out["O_DIMS"] = output_dims_layout(latent, block_h)
+    return out
 
 
 # ---- partitions
@@ -224,7 +248,7 @@ def _token_pairs_fp16(x, E5M2: gl.constexpr):
 @gluon.jit
 def _rs_pv(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end, k_scale, o_base, o_stride,
            L: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-           V_VIEW: gl.constexpr, E5M2: gl.constexpr):
+           V_VIEW: gl.constexpr, E5M2: gl.constexpr, DIM_MAJOR_STORE: gl.constexpr, O_DIMS: gl.constexpr):
     O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_H, 16])
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
@@ -261,10 +285,18 @@ def _rs_pv(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end,
         gl.thread_barrier()
         mbarrier.arrive(pfree.index(b))
     o = acc * (k_scale / gl.where(l_o > 0.0, l_o, 1.0))[None, :]
-    heads = gl.arange(0, BLOCK_H, layout=STAT)
-    m = gl.arange(0, L, layout=gl.SliceLayout(1, O_LAYOUT))
-    rows = o_base + heads.to(gl.int64)[None, :] * o_stride + _dim_of_row_t(m)[:, None]
-    gl.store(rows, o.to(o_base.dtype.element_ty))
+    if DIM_MAJOR_STORE:
+        # relabel the rows m = 64 mb + 16 w + 8 h + l4 as their dims 128 w + 16 l4 + 2 mb + h (no data moves), then
+        # order each thread's registers dims first (O_DIMS, output_dims_layout): its 16 consecutive dims of a head
+        # are 16-byte vector stores (row-wise, each 4-byte store of a warp hits 32 sectors)
+        z = gl.permute(gl.reshape(o, [8, 4, 2, 8, BLOCK_H]), (1, 3, 0, 2, 4))
+        o = gl.convert_layout(gl.reshape(z, [L, BLOCK_H]), O_DIMS, assert_trivial=True)
+        heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, O_DIMS))
+        dims = gl.arange(0, L, layout=gl.SliceLayout(1, O_DIMS))
+    else:
+        heads = gl.arange(0, BLOCK_H, layout=STAT)
+        dims = _dim_of_row_t(gl.arange(0, L, layout=gl.SliceLayout(1, O_LAYOUT)))
+    gl.store(o_base + heads.to(gl.int64)[None, :] * o_stride + dims[:, None], o.to(o_base.dtype.element_ty))
 
 
 @gluon.jit
@@ -275,9 +307,9 @@ def _mla_decode_gluon16_rs_kernel(
         stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
-        NUM_STAGES: gl.constexpr,
+        NUM_STAGES: gl.constexpr, DIM_MAJOR_STORE: gl.constexpr,
         SCORER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, K_VIEW: gl.constexpr, KR_VIEW: gl.constexpr,
-        V_VIEW: gl.constexpr, PT_VIEW: gl.constexpr, num_warps: gl.constexpr):
+        V_VIEW: gl.constexpr, PT_VIEW: gl.constexpr, O_DIMS: gl.constexpr, num_warps: gl.constexpr):
     gl.static_assert(num_warps == 4, "the default partition (P V) is one warpgroup")
     gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
     gl.static_assert(BLOCK_H == 16, "wgmma N = the 16 heads")
@@ -317,7 +349,7 @@ def _mla_decode_gluon16_rs_kernel(
         Q_SHIFT, HAS_Q_SCALE, SINGLE_SPLIT)
     gl.warp_specialize([
         (_rs_pv, (lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end, k_scale, o_base, o_stride,
-                  L, BLOCK_H, BLOCK_N, NUM_STAGES, V_VIEW, E5M2)),
+                  L, BLOCK_H, BLOCK_N, NUM_STAGES, V_VIEW, E5M2, DIM_MAJOR_STORE, O_DIMS)),
         (_rs_scorer, (q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, ready, empty, pready, pfree,
                       start, end, qk_scale, lse_base, L, R, BLOCK_H, BLOCK_N, NUM_STAGES, K_VIEW, KR_VIEW,
                       PT_VIEW)),
