@@ -396,19 +396,20 @@ print('yes' if m('per') >= m('pe') + 0.2 else 'no', round(m('pe'), 2), round(m('
         "8,4,0,pe;32,4,1,ape,6;32,8,1,ape,6;32,4,1,apex,6;32,4,1,apey,6;16,4,3,ape,4;16,4,3,apex,4;16,4,3,apey,4" \
         2>&1 | tee "$OUT/s42_sweep.log" | grep -v "^ *{\|^ *}\|^ *\"\|^ *[0-9]\|^ *\]" | tail -14 ;;
   s50)  # session 21: rs the 16-head default: its GPU tests (the graph-replay test fixed: lengths only shrink), the
-    # dispatch GPU tests and the pass's 16-head tests through the default, the A/B against ws8p2, the decode table,
-    # then issue 5's unrun PDL gather tests (about 9.5 minutes at most)
+    # A/B against ws8p2 and rs's row-wise stores, the dispatch GPU tests and the pass's 16-head tests through the
+    # default, issue 5's unrun PDL gather tests, then the decode table (about 8 minutes at most; a call cut short
+    # keeps the steps it finished)
     t() { local s=$1; shift; timeout "$s" python3 -m pytest -q -p no:cacheprovider -m cuda "$@" 2>&1; }
     t 120 tests/gpu/test_mla_decode_gluon16_gpu.py -k rs | tee "$OUT/s50_tests.log" | grep -v PASSED | tail -30; pack
-    t 110 tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_decode_attention_pass_gpu.py -k "dispatch or 16-" \
-      | tee "$OUT/s50_pass.log" | grep -v PASSED | tail -20; pack
-    timeout 100 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 \
+    timeout 90 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 \
         --values VARIANT=ws8p2,VARIANT=rs+RS_DIM_MAJOR_STORE=False,VARIANT=rs \
         --shapes 32x16x16384,128x16x8192 --reps 2 2>&1 | tee "$OUT/s50_ab.log" | tail -4; pack
-    timeout 160 python3 benchmarks/bench_decode.py --budget 130 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
-      | tail -10; pack
-    t 80 tests/gpu/test_gather_dequant_cache_gpu.py -k "pdl or indices_written" | tee "$OUT/s50_gather_pdl.log" \
-      | grep -v PASSED | tail -12; pack ;;
+    t 90 tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_decode_attention_pass_gpu.py -k "dispatch or 16-" \
+      | tee "$OUT/s50_pass.log" | grep -v PASSED | tail -20; pack
+    t 60 tests/gpu/test_gather_dequant_cache_gpu.py -k "pdl or indices_written" | tee "$OUT/s50_gather_pdl.log" \
+      | grep -v PASSED | tail -12; pack
+    timeout 130 python3 benchmarks/bench_decode.py --budget 110 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
+      | tail -10; pack ;;
   s49|s49m)  # sessions 18-19: the rs kernel, ordered so a call cut short returns the most (each step packs)
     g16_tests() { local t=$1; shift; timeout "$t" python3 -m pytest -q -p no:cacheprovider -m cuda \
         tests/gpu/test_mla_decode_gluon16_gpu.py "$@" 2>&1; }
