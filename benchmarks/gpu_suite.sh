@@ -402,7 +402,7 @@ print('yes' if m('per') >= m('pe') + 0.2 else 'no', round(m('pe'), 2), round(m('
     t() { local s=$1; shift; timeout "$s" python3 -m pytest -q -p no:cacheprovider -m cuda "$@" 2>&1; }
     t 120 tests/gpu/test_mla_decode_gluon16_gpu.py -k rs | tee "$OUT/s50_tests.log" | grep -v PASSED | tail -30; pack
     timeout 90 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 \
-        --values VARIANT=ws8p2,VARIANT=rs+RS_DIM_MAJOR_STORE=False,VARIANT=rs \
+        --values VARIANT=ws8p2,VARIANT=rs,VARIANT=rs+RS_DIM_MAJOR_STORE=True \
         --shapes 32x16x16384,128x16x8192 --reps 2 2>&1 | tee "$OUT/s50_ab.log" | tail -4; pack
     t 90 tests/gpu/test_mla_decode_dispatch_gpu.py tests/gpu/test_decode_attention_pass_gpu.py -k "dispatch or 16-" \
       | tee "$OUT/s50_pass.log" | grep -v PASSED | tail -20; pack

@@ -57,7 +57,8 @@ RS_FALLBACK = "ws8p2"  # where VARIANT is "rs" and the rs kernel declines the ca
 LANES = "q2x4"
 RS_STAGES = 4       # "rs": raw FP8 tiles in the TMA ring (36 KB each)
 RS_REGS = (232, 40)  # "rs": scorer and loader registers (setmaxnreg); the P V partition gets the rest
-RS_DIM_MAJOR_STORE = True  # "rs": the output rows stored as 16-byte vectors of 16 consecutive dims (off: 4-byte)
+RS_DIM_MAJOR_STORE = False  # "rs": the output stored as 16-byte vectors of 16 consecutive dims (off: 4-byte stores
+# by rows); off until measured on a GPU (gpu_suite.sh s50 A/Bs both)
 # producer warps, producer registers (setmaxnreg), tiles ahead, consumer overlap; all compile without spills
 # (Triton 3.6, sm_90)
 _WS = {"ws4": (4, 232, 1, False), "ws8": (8, 152, 1, False), "ws8p2": (8, 152, 2, False),

@@ -77,6 +77,27 @@ def test_gluon16_rs_long_context_matches_float64():
         check_close(out, lse, *reference_f64(p), out_tol=1e-2, what=f"rs long, {splits} splits")
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_gluon16_rs_dim_major_store_matches_float64(monkeypatch, out_dtype):
+    """RS_DIM_MAJOR_STORE: the output leaves as 16-byte vectors of 16 consecutive dims, into out directly (one split)
+    and into the fp32 split workspace (3 splits), also into an out whose rows are not contiguous (scalar stores)."""
+    _skip_unless_supported()
+    monkeypatch.setattr(gmod, "RS_DIM_MAJOR_STORE", True)
+    p = make_problem([1000, 0, 63, 2049], 16, 64, E4M3, torch.bfloat16, seed=17, device="cuda")
+    for splits in (1, 3):
+        out = torch.full((4, 16, 512), float("nan"), dtype=out_dtype, device="cuda")
+        lse = torch.full((4, 16), float("nan"), device="cuda")
+        gmod.launch_mla_decode_gluon16(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
+                                       out, lse, num_splits=splits, poison_workspace=True, variant="rs")
+        check_close(out, lse, *reference_f64(p), what=f"rs dim-major store, {splits} splits, {out_dtype}")
+    wide = torch.full((4, 16, 516), float("nan"), dtype=out_dtype, device="cuda")  # rows 516 apart: narrower stores
+    out, lse = wide[..., :512], torch.full((4, 16), float("nan"), device="cuda")
+    gmod.launch_mla_decode_gluon16(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512, out,
+                                   lse, num_splits=1, variant="rs")
+    check_close(out, lse, *reference_f64(p), what=f"rs dim-major store, padded out rows, {out_dtype}")
+    assert torch.isnan(wide[..., 512:]).all(), "wrote past the out rows"
+
+
 def test_gluon16_rs_default_through_the_op_and_cuda_graph(monkeypatch):
     """VARIANT = "rs" in the op: eager, then captured in a CUDA graph (TMA descriptors are launch parameters) and
     replayed after the lengths changed in place; a cache with padded blocks falls back to ws8p2 (still correct)."""
