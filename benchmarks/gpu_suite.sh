@@ -47,12 +47,6 @@
 #                                        # it beats the default (next to run; s43q ran its first part)
 #   bash benchmarks/gpu_suite.sh s50     # one GPU: rs as the 16-head default: its tests and the 16-head op / pass tests,
 #                                        # the A/B against ws8p2, the decode table, issue 5's PDL gather tests
-#   bash benchmarks/gpu_suite.sh s49     # one GPU: the 16-head "rs" kernel (A operands in registers, TMA ring): a
-#                                        # smoke test, the A/B against ws8p2, the rs tests, the decode table with
-#                                        # VARIANT="rs" (decode_rs.json), Nsight Compute of ws8p2 and rs (not yet run:
-#                                        # no machine in sessions 18 and 19; it replaces session 18's s48)
-#   bash benchmarks/gpu_suite.sh s49m    # s49 for a call of about 4 minutes: the smoke test, a one-rep A/B of ws8p2
-#                                        # and rs, then the rs tests
 #   bash benchmarks/gpu_suite.sh s41     # one GPU, one call: s40, the merge GPU tests, then the gather table with the
 #                                        # best async config if it beats the default, else s39's A/B and decode table
 # (spent recipes are in git history: session 7's s7, session 8's s8 with the tile64 kernel since removed, session
@@ -60,7 +54,7 @@
 # timing knobs and first schedule, since removed; session 13's s29: the scorer options incl. the 8-warp producer,
 # since removed; session 14's s36: marker timelines and the combine's shared-memory preference, since removed;
 # session 15's s37 (the combine's one-step form, SCORER_PDL "trigger": both off, since removed) and s38 (SCORER_MERGE's
-# first run))
+# first run); session 21's s49 / s49m (rs's first run: smoke test, A/B, tests, decode table, Nsight Compute))
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Everything goes under $OUT/w and is packed into $OUT/all.tgz at the end (the device tool returns at most 8 files).
@@ -410,31 +404,6 @@ print('yes' if m('per') >= m('pe') + 0.2 else 'no', round(m('pe'), 2), round(m('
       | grep -v PASSED | tail -12; pack
     timeout 130 python3 benchmarks/bench_decode.py --budget 110 --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" \
       | tail -10; pack ;;
-  s49|s49m)  # sessions 18-19: the rs kernel, ordered so a call cut short returns the most (each step packs)
-    g16_tests() { local t=$1; shift; timeout "$t" python3 -m pytest -q -p no:cacheprovider -m cuda \
-        tests/gpu/test_mla_decode_gluon16_gpu.py "$@" 2>&1; }
-    g16_tests 60 -x -k "rs and cache_dtype0-q_dtype0-out_dtype0-None-64" | tee "$OUT/s49_smoke.log" | tail -30; pack
-    if ! grep -q " passed" "$OUT/s49_smoke.log"; then  # rs failed or hung: every rs test (no -x), then issue 5's
-      # unrun PDL gather tests
-      g16_tests 200 -k rs | tee "$OUT/s49_tests.log" | grep -v PASSED | tail -40; pack
-      timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_gather_dequant_cache_gpu.py \
-          -k "pdl or indices_written" 2>&1 | tee "$OUT/s49_gather_pdl.log" | grep -v PASSED | tail -12; exit 0
-    fi
-    values="VARIANT=ws8p2,VARIANT=rs,VARIANT=rs+RS_STAGES=5" reps=2
-    [ "$1" = s49m ] && values="VARIANT=ws8p2,VARIANT=rs" reps=1
-    timeout 150 python3 benchmarks/dev_lane_rows.py --attr VARIANT --modules gluon16 --values "$values" \
-        --shapes 32x16x16384,128x16x8192 --reps "$reps" 2>&1 | tee "$OUT/s49_ab.log" | tail -16; pack
-    g16_tests 140 -x -k rs | tee "$OUT/s49_tests.log" | grep -v PASSED | tail -20; pack
-    [ "$1" = s49m ] && exit 0
-    timeout 130 python3 -c "import sys, runpy; import fx_mla.ops.mla_decode_gluon16 as g; g.VARIANT = 'rs'; \
-sys.argv = ['bench_decode.py', '--budget', '100', '--out', '$OUT/decode_rs.json']; \
-runpy.run_path('benchmarks/bench_decode.py', run_name='__main__')" 2>&1 | tee "$OUT/decode_rs.log" | tail -12; pack
-    # Nsight Compute of both 16-head kernels at 32 x 16 x 16K: shared-memory / DRAM / pipe utilisation
-    timeout 120 ncu --clock-control none --profile-from-start off --set full -o "$OUT/prof49" \
-      python3 benchmarks/dev_profile.py --which decode16 --gluon16-variants ws8p2,rs > "$OUT/ncu49.log" 2>&1
-    tail -4 "$OUT/ncu49.log"; ncu -i "$OUT/prof49.ncu-rep" --page details > "$OUT/details49.txt" 2>&1
-    grep -E "^  [a-z_]|Duration|Memory Throughput|DRAM Throughput|L1/TEX Hit|Shared|Compute \(SM\)" \
-      "$OUT/details49.txt" | head -60; pack ;;
   s32)
     timeout 400 python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu/test_mla_decode_dispatch_gpu.py 2>&1 \
         | tee "$OUT/s32_tests.log" | grep -v PASSED | tail -8 ;;

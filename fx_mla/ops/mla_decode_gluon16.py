@@ -46,7 +46,7 @@ LATENT, ROPE = GLUON_LATENT, GLUON_ROPE
 # "rs" (kernels/mla_decode_gluon16_rs.py): TMA of the raw FP8 tile into a ring, both wgmmas with their A operand read
 # from it straight into registers (no fp16 tile in shared memory: ~140 instead of ~250 KB of shared-memory traffic a
 # 64-token tile); needs block sizes 16, 32 or a multiple of 64 and pages laid out as [block_size, row] slices. The
-# default since session 21: on 1x H100 (RESULTS.md) 10-18 % faster than ws8p2 (78 / 90 % of the roofline at
+# default since session 21: on 1x H100 (RESULTS.md) 9 / 16 % less time than ws8p2 (78 / 90 % of the roofline at
 # 32 x 16 x 16K / 128 x 16 x 8K against 71 / 76 %); other caches fall back to RS_FALLBACK.
 VARIANTS = ("ring", "ws4", "ws8", "ws8p2", "ws8p3", "ws8p2o", "rs")
 VARIANT = "rs"
@@ -83,15 +83,16 @@ def gluon16_unsupported_reason(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_
                                variant: Optional[str] = None) -> Optional[str]:
     """None when the 16-head Gluon kernel covers these inputs on `device` (default: q's device), else why not (the
     ring kernel copies 16-byte vectors: 16-byte aligned cache rows)."""
-    variant = _variant_for(kv_cache) if variant is None else variant
+    if variant is None:
+        variant = _variant_for(kv_cache)  # "rs" only where its TMA boxes can address this cache
+    elif variant == "rs":
+        reason = _rs_cache_reason(kv_cache)
+        if reason is not None:
+            return reason
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
     if num_stages not in (2, 3):
         return f"num_stages must be 2 or 3 (4 exceeds the shared memory), got {num_stages}"
-    if variant == "rs":
-        reason = _rs_cache_reason(kv_cache)
-        if reason is not None:
-            return reason
     return gluon_unsupported(q, kv_cache, kv_lora_rank, device, kernel="the Gluon kernel", heads_reason=_heads_reason,
                              row_align=16, smem_needed=smem_needed(num_stages, variant))
 

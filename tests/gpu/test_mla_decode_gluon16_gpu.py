@@ -80,7 +80,8 @@ def test_gluon16_rs_long_context_matches_float64():
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_gluon16_rs_dim_major_store_matches_float64(monkeypatch, out_dtype):
     """RS_DIM_MAJOR_STORE: the output leaves as 16-byte vectors of 16 consecutive dims, into out directly (one split)
-    and into the fp32 split workspace (3 splits), also into an out whose rows are not contiguous (scalar stores)."""
+    and into the fp32 split workspace (3 splits), also into an out whose row stride is not a multiple of 16 elements
+    (stores the compiler cannot prove 16-byte aligned)."""
     _skip_unless_supported()
     monkeypatch.setattr(gmod, "RS_DIM_MAJOR_STORE", True)
     p = make_problem([1000, 0, 63, 2049], 16, 64, E4M3, torch.bfloat16, seed=17, device="cuda")
