@@ -186,7 +186,7 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start, 
                   combine_pdl=launch_mod.COMBINE_PDL, bf16_partials=launch_mod.PARTIAL_BF16,
                   seesaw_staged_o=ss.STAGED_O, seesaw_staged_max_pairs=ss.STAGED_MAX_PAIRS,  # short splits: bf16 too
                   seesaw_staged_min_splits=ss.STAGED_MIN_SPLITS, seesaw_variant=ss.VARIANT,
-                  gluon16_variant=g16.VARIANT,
+                  gluon16_variant=g16.VARIANT, gluon16_rs_dim_major_store=g16.RS_DIM_MAJOR_STORE,
                   scorer_prefetch=ss.SCORER_PREFETCH, scorer_early_q=ss.SCORER_EARLY_Q,
                   scorer_staged=ss.SCORER_STAGED, scorer_pdl=ss.SCORER_PDL, scorer_merge=ss.SCORER_MERGE,
                   timing="median of CUDA-graph replays (triton.testing.do_bench)",
@@ -227,7 +227,15 @@ def main():
     ap.add_argument("--scorer-merge", default="", choices=("", "False", "True"),
                     help="the split merge inside the scorer kernel (mla_decode_seesaw.SCORER_MERGE; default: the "
                          "module's)")
+    ap.add_argument("--gluon16-set", default="",
+                    help="ATTR=v[+ATTR2=w] settings of the 16-head launcher module (mla_decode_gluon16), e.g. "
+                         "VARIANT=ws8p2 or RS_DIM_MAJOR_STORE=True")
     args = ap.parse_args()
+    for kv in filter(None, args.gluon16_set.split("+")):
+        attr, _, value = kv.partition("=")
+        if not hasattr(g16, attr):
+            raise SystemExit(f"--gluon16-set: mla_decode_gluon16 has no setting {attr!r}")
+        setattr(g16, attr, {"True": True, "False": False}.get(value, int(value) if value.isdigit() else value))
     if args.scorer_merge:
         ss.SCORER_MERGE = args.scorer_merge == "True"
     if args.scorer_pdl:

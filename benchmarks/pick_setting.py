@@ -15,7 +15,9 @@ import json
 
 # a setting -> bench_decode.py flags
 FLAGS = {("SCORER_PDL", "True"): "--scorer-pdl True", ("SCORER_PDL", "early"): "--scorer-pdl early",
-         ("SCORER_MERGE", "True"): "--scorer-merge True", ("SCORER_MERGE", "False"): "--scorer-merge False"}
+         ("SCORER_MERGE", "True"): "--scorer-merge True", ("SCORER_MERGE", "False"): "--scorer-merge False",
+         ("RS_DIM_MAJOR_STORE", "True"): "--gluon16-set RS_DIM_MAJOR_STORE=True",
+         ("VARIANT", "ws8p2"): "--gluon16-set VARIANT=ws8p2"}
 
 
 def pick(payload: dict, margin: float) -> str:

@@ -30,3 +30,6 @@ def test_the_fastest_setting_that_is_ok_and_no_slower_anywhere_wins():
     assert pick(_payload({base: [50.0, 300.0], trig: [48.0, 301.5]}), 1.0) == trig
     assert flags(both) == "--scorer-pdl early --scorer-merge True" and flags(base) == ""
     assert flags("SCORER_MERGE=True") == "--scorer-merge True" and flags("SCORER_MERGE=False") == "--scorer-merge False"
+    # the 16-head launcher's settings go to bench_decode.py's --gluon16-set
+    assert flags("VARIANT=rs+RS_DIM_MAJOR_STORE=True") == "--gluon16-set RS_DIM_MAJOR_STORE=True"
+    assert flags("VARIANT=ws8p2") == "--gluon16-set VARIANT=ws8p2" and flags("VARIANT=rs") == ""
