@@ -187,6 +187,7 @@ def write_results(path, rows, sweep_rows, props, copy_tbps, mm_tflops, t_start, 
                   seesaw_staged_o=ss.STAGED_O, seesaw_staged_max_pairs=ss.STAGED_MAX_PAIRS,  # short splits: bf16 too
                   seesaw_staged_min_splits=ss.STAGED_MIN_SPLITS, seesaw_variant=ss.VARIANT,
                   gluon16_variant=g16.VARIANT, gluon16_rs_dim_major_store=g16.RS_DIM_MAJOR_STORE,
+                  gluon16_rs_balanced=g16.RS_BALANCED,
                   scorer_prefetch=ss.SCORER_PREFETCH, scorer_early_q=ss.SCORER_EARLY_Q,
                   scorer_staged=ss.SCORER_STAGED, scorer_pdl=ss.SCORER_PDL, scorer_merge=ss.SCORER_MERGE,
                   timing="median of CUDA-graph replays (triton.testing.do_bench)",
@@ -227,11 +228,11 @@ def main():
     ap.add_argument("--scorer-merge", default="", choices=("", "False", "True"),
                     help="the split merge inside the scorer kernel (mla_decode_seesaw.SCORER_MERGE; default: the "
                          "module's)")
-    ap.add_argument("--gluon16-set", default="",
+    ap.add_argument("--gluon16-set", action="append", default=[],
                     help="ATTR=v[+ATTR2=w] settings of the 16-head launcher module (mla_decode_gluon16), e.g. "
-                         "VARIANT=ws8p2 or RS_DIM_MAJOR_STORE=True")
+                         "VARIANT=ws8p2 or RS_DIM_MAJOR_STORE=True (repeatable)")
     args = ap.parse_args()
-    for kv in filter(None, args.gluon16_set.split("+")):
+    for kv in filter(None, "+".join(args.gluon16_set).split("+")):
         attr, _, value = kv.partition("=")
         if not hasattr(g16, attr):
             raise SystemExit(f"--gluon16-set: mla_decode_gluon16 has no setting {attr!r}")

@@ -53,6 +53,9 @@ def main():
                     help="comma-separated values of --attr (default: the LANES settings); a value of the form "
                          "ATTR=v+ATTR2=w sets several module settings at once, e.g. VARIANT=producer+LANES=8x4")
     ap.add_argument("--shapes", default="", help="BxHxS,... (default: the six issue-6 shapes)")
+    ap.add_argument("--ragged", action="store_true",
+                    help="request lengths drawn uniformly from [1, S] (seeded) instead of all S; the floor counts the "
+                         "tokens there are")
     args = ap.parse_args()
     reps = args.reps
     if args.values:
@@ -92,14 +95,18 @@ def main():
     rows = []
     for batch, heads, ctx in SHAPES:
         cache, tables, lens, k_scale, q, _, _ = bd.make_inputs(batch, heads, ctx, 3)
+        if args.ragged:
+            g = torch.Generator().manual_seed(batch * 7919 + ctx)
+            lens = torch.randint(1, ctx + 1, (batch, ), generator=g, dtype=torch.int32).cuda()
         ref_o, ref_l = dmod.mla_decode_fp8_reference(q, cache, tables[0], lens, k_scale, None, bd.SM_SCALE, bd.LAT,
                                                      torch.float32)
         op = (lambda t: torch.ops.fx_mla.mla_decode_fp8(q, cache, t, lens, k_scale, None, bd.SM_SCALE, bd.LAT,
                                                         torch.bfloat16))
-        kv_bytes = batch * ctx * bd.D
-        flops = 2 * batch * heads * ctx * (bd.D + bd.LAT)
+        tokens = int(lens.sum())
+        kv_bytes = tokens * bd.D
+        flops = 2 * heads * tokens * (bd.D + bd.LAT)
         floor_us = max(kv_bytes / (copy_tbps * 1e12), flops / (mm_tflops * 1e12)) * 1e6
-        row = dict(batch=batch, heads=heads, context=ctx, floor_us=floor_us)
+        row = dict(batch=batch, heads=heads, context=ctx, floor_us=floor_us, ragged=args.ragged, tokens=tokens)
         for rep in range(reps):  # 1, 2, 8, 1, 2, 8: drift shows as a difference between the two runs of one setting
             for lanes in SETTINGS:
                 _set(lanes)

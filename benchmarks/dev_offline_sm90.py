@@ -4,6 +4,7 @@ version; it ships ptxas), e.g. `python3 -m venv /tmp/t36 && /tmp/t36/bin/pip ins
 
     /tmp/t36/bin/python benchmarks/dev_offline_sm90.py --kernel scorer [--sass /tmp/scorer.sass]
     /tmp/t36/bin/python benchmarks/dev_offline_sm90.py --kernel seesaw --set PRODUCER=True,WORKER_REGS=200
+    /tmp/t36/bin/python benchmarks/dev_offline_sm90.py --kernel rs --set BALANCED=True,B_POW2=128
     /tmp/t36/bin/python benchmarks/dev_offline_sm90.py --set MERGE=True,SPLITS_POW2=64,STAGED=True,PART_BF16=True
         (PART_BF16: bf16 split partials; not a kernel constexpr)
 
@@ -42,6 +43,15 @@ GATHER_ARGS = [("cache_ptr", "*fp8e4nv"), ("out_ptr", "*bf16"), ("scale_ptr", "*
     (n, "i32") for n in ("n_tokens", "n_req", "max_blocks", "n_blocks", "bt_s0", "bt_s1", "c_s0", "c_s1", "row_len")]
 GATHER = dict(D_OUT=576, P1=512, P2=64, P3=0, DS_MLA=False, BLOCK_SIZE=64, BLOCK_T=32, STAGES=4, PAGED=False,
               HAS_SEQ_STARTS=True, HAS_SCALE=True, PDL=True, PRODUCER_REGS=64, num_warps=4)
+# the 16-head "rs" kernel (its TMA descriptors' signatures are filled in from PAGE and DT by _rs_signature)
+RS_ARGS = [("q_ptr", "*bf16"), ("lat_desc", None), ("rope_desc", None), ("block_table_ptr", "*i32"),
+           ("seq_lens_ptr", "*i32"), ("k_scale_ptr", "*fp32"), ("q_scale_ptr", "*fp32"), ("out_ptr", "*bf16"),
+           ("lse_ptr", "*fp32"), ("part_o_ptr", "*fp32"), ("part_lse_ptr", "*fp32"), ("sm_scale", "fp32")] + [
+    (n, "i32") for n in ("num_heads", "num_splits", "num_blocks", "max_blocks", "stride_q_b", "stride_q_h",
+                         "stride_bt_b", "stride_o_b", "stride_o_h", "batch")]
+RS = dict(PAGE=64, L=512, R=64, BLOCK_H=16, BLOCK_N=64, Q_SHIFT=8, HAS_Q_SCALE=False, E5M2=False, SINGLE_SPLIT=False,
+          NUM_STAGES=4, DIM_MAJOR_STORE=False, BALANCED=False, B_POW2=32, SCORER_REGS=232, LOADER_REGS=40,
+          num_warps=4)
 # name: (module, kernel, constexprs, signature; None = the decode kernels' COMMON / ARGS)
 KERNELS = {
     "scorer": ("fx_mla.ops.kernels.mla_decode_scorer", "_mla_decode_scorer_kernel",
@@ -51,7 +61,21 @@ KERNELS = {
     # the cp.async gather (issue 5); --set DS_MLA=True needs CACHE=u8 (the signature: --sig cache_ptr=*u8)
     "gather": ("fx_mla.ops.kernels.gather_dequant_cache_async", "_gather_dequant_cache_async_kernel", GATHER,
                GATHER_ARGS),
+    # --set BALANCED=True,B_POW2=128 for the balanced schedule; E5M2=True for an e5m2 cache
+    "rs": ("fx_mla.ops.kernels.mla_decode_gluon16_rs", "_mla_decode_gluon16_rs_kernel", RS, RS_ARGS),
 }
+
+
+def _rs_signature(sig, consts):
+    """The rs kernel's TMA descriptor types (box rows min(PAGE, 64); 128-byte latent boxes, 64-byte rope boxes) and
+    its shared-memory views as constexprs."""
+    from fx_mla.ops.kernels import mla_decode_gluon16_rs as rmod
+    box = min(consts["PAGE"], 64)
+    dt = "fp8e5" if consts.get("E5M2") else "fp8e4nv"
+    for name, width in (("lat_desc", 128), ("rope_desc", 64)):
+        sig[name] = (f"tensordesc<{dt}[{box}, {width}],NVMMASharedLayout(swizzle_byte_width={width}, "
+                     "element_bitwidth=8, rank=2, transposed=False, fp4_padded=False, cga_layout=[])>")
+    consts.update(rmod.views(consts["BLOCK_N"], consts["BLOCK_H"], consts["L"], consts["R"]))
 
 
 def _value(v: str):
@@ -87,6 +111,8 @@ def main():
     for kv in filter(None, args.sig.split(",")):
         k, v = kv.split("=", 1)
         sig[k] = v
+    if args.kernel == "rs":
+        _rs_signature(sig, consts)
     if consts.pop("PART_BF16", False):
         sig["part_o_ptr"] = "*bf16"
     for name in fn.arg_names:

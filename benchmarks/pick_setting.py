@@ -17,6 +17,7 @@ import json
 FLAGS = {("SCORER_PDL", "True"): "--scorer-pdl True", ("SCORER_PDL", "early"): "--scorer-pdl early",
          ("SCORER_MERGE", "True"): "--scorer-merge True", ("SCORER_MERGE", "False"): "--scorer-merge False",
          ("RS_DIM_MAJOR_STORE", "True"): "--gluon16-set RS_DIM_MAJOR_STORE=True",
+         ("RS_BALANCED", "True"): "--gluon16-set RS_BALANCED=True",
          ("VARIANT", "ws8p2"): "--gluon16-set VARIANT=ws8p2"}
 
 

@@ -33,3 +33,5 @@ def test_the_fastest_setting_that_is_ok_and_no_slower_anywhere_wins():
     # the 16-head launcher's settings go to bench_decode.py's --gluon16-set
     assert flags("VARIANT=rs+RS_DIM_MAJOR_STORE=True") == "--gluon16-set RS_DIM_MAJOR_STORE=True"
     assert flags("VARIANT=ws8p2") == "--gluon16-set VARIANT=ws8p2" and flags("VARIANT=rs") == ""
+    assert flags("VARIANT=rs+RS_BALANCED=True+RS_DIM_MAJOR_STORE=True") == \
+        "--gluon16-set RS_BALANCED=True --gluon16-set RS_DIM_MAJOR_STORE=True"

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from fx_mla.ops._fp8 import FP8_DTYPES
-from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_kernel
+from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_combine_balanced_kernel, _mla_decode_fp8_combine_kernel
 
 GLUON_TRITON_VERSION = "3.6"  # the only Triton the Gluon kernels are validated on (Gluon's API changes)
 GLUON_LATENT, GLUON_ROPE = 512, 64
@@ -147,6 +147,48 @@ def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, c
     _mla_decode_fp8_combine_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
         part_o, part_lse, out, lse, heads, splits, out.stride(0), out.stride(1),
         L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=block_s, SPLITS_POW2=pow2, num_warps=4, **launch)
+
+
+# ---- the balanced schedule (the 16-head rs kernel's BALANCED form; kernels/mla_decode_gluon16_rs.py): all requests'
+# tiles end to end, cut into num_ctas equal shares of whole tiles; a request's part in one CTA is a segment, written
+# into out / lse when it is the whole request, else into workspace slot r + c
+def balanced_segments(seq_lens, num_ctas: int, cap: int, block_n: int):
+    """The balanced schedule in Python (tests, and the reading of the kernel): [(cta, request, first token, end
+    token, whole)] for lengths clamped to [0, cap], in tile order."""
+    tiles = [(min(max(int(n), 0), cap) + block_n - 1) // block_n for n in seq_lens]
+    total = sum(tiles)
+    out, p0 = [], 0
+    for r, nt in enumerate(tiles):
+        n = min(max(int(seq_lens[r]), 0), cap)
+        for c in range(num_ctas):
+            lo = max((c * total) // num_ctas - p0, 0)
+            hi = min(((c + 1) * total) // num_ctas - p0, nt)
+            if hi > lo:
+                out.append((c, r, lo * block_n, min(hi * block_n, n), lo == 0 and hi == nt))
+        p0 += nt
+    return out
+
+
+def balanced_workspace(q, num_ctas: int, kv_lora_rank: int, poison: bool):
+    """(part_o [(B + G) H, L] fp32, part_lse [(B + G) H] fp32): one slot a segment r + c (at most B + G - 1)."""
+    batch, heads = q.shape[:2]
+    new = torch.full if poison else torch.empty
+    fill = (float("nan"),) if poison else ()
+    rows = (batch + num_ctas) * heads
+    return (new((rows, kv_lora_rank), *fill, dtype=torch.float32, device=q.device),
+            new((rows,), *fill, dtype=torch.float32, device=q.device))
+
+
+def combine_balanced(part_o, part_lse, out, lse, seq_lens, num_ctas: int, cap: int, block_n: int,
+                     kv_lora_rank: int) -> None:
+    """Merge the segments of requests split across CTAs; out = 0, lse = -inf for requests without tokens (the
+    requests within one CTA were written by it)."""
+    batch, heads = lse.shape
+    block_l = min(128, triton.next_power_of_2(kv_lora_rank))
+    _mla_decode_fp8_combine_balanced_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
+        part_o, part_lse, out, lse, seq_lens, batch, num_ctas, cap, heads, out.stride(0), out.stride(1),
+        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=8, B_POW2=max(2, triton.next_power_of_2(batch)), BLOCK_N=block_n,
+        num_warps=4)
 
 
 # A bf16 query over an FP8 cache -> fp16 as q * 2**-8 (the Triton and the Gluon kernels; exact for 2**-6 <= |q| <=

@@ -20,9 +20,10 @@ from typing import Optional
 
 import torch
 
-from fx_mla.ops._decode_launch import (GLUON_LATENT, GLUON_ROPE, GLUON_TRITON_VERSION, check_launch_args,
-                                       combine_splits, device_index, fill_empty, gluon_launch_args, gluon_unsupported,
-                                       no_tokens, num_splits_for, sm_count)
+from fx_mla.ops._decode_launch import (GLUON_LATENT, GLUON_ROPE, GLUON_TRITON_VERSION, balanced_workspace,
+                                       check_launch_args, check_num_splits, combine_balanced, combine_splits,
+                                       device_index, fill_empty, gluon_launch_args, gluon_unsupported, no_tokens,
+                                       num_splits_for, sm_count)
 
 __all__ = ["launch_mla_decode_gluon16", "gluon16_unsupported_reason", "smem_needed", "GLUON_TRITON_VERSION",
            "HEADS", "BLOCK_N", "NUM_STAGES", "EARLY_READ", "VARIANTS", "VARIANT"]
@@ -59,6 +60,14 @@ RS_STAGES = 4       # "rs": raw FP8 tiles in the TMA ring (36 KB each)
 RS_REGS = (232, 40)  # "rs": scorer and loader registers (setmaxnreg); the P V partition gets the rest
 RS_DIM_MAJOR_STORE = False  # "rs": the output stored as 16-byte vectors of 16 consecutive dims (off: 4-byte stores
 # by rows); off until measured on a GPU (gpu_suite.sh s50 A/Bs both)
+# "rs" with the balanced schedule (opt-in, not yet run on a GPU): one CTA an SM, each taking an equal share of all
+# requests' tiles laid end to end, so that ragged batches keep every SM busy (the split form cuts every request into
+# the same number of splits: CTAs of short requests end early while those of the longest run on). Parts of requests
+# go through a [(B + G) x 16, 512] fp32 workspace and _decode_launch.combine_balanced. Batches above
+# RS_BALANCED_MAX_BATCH keep the split form (each CTA scans all lengths), as do tables whose B x (tiles a row) reach
+# 2**31 (the schedule's int32 tile counts).
+RS_BALANCED = False
+RS_BALANCED_MAX_BATCH = 4096
 # producer warps, producer registers (setmaxnreg), tiles ahead, consumer overlap; all compile without spills
 # (Triton 3.6, sm_90)
 _WS = {"ws4": (4, 232, 1, False), "ws8": (8, 152, 1, False), "ws8p2": (8, 152, 2, False),
@@ -122,6 +131,14 @@ def _heads_reason(heads: int) -> Optional[str]:
     return None if heads == HEADS else f"the head count must be {HEADS}, got {heads}"
 
 
+def balanced_applies(batch: int, max_blocks: int, block_size: int, balanced: Optional[bool] = None) -> bool:
+    """Whether an rs launch takes the balanced schedule: `balanced` (None: RS_BALANCED), at most
+    RS_BALANCED_MAX_BATCH requests, and B x (tiles a block-table row) below 2**31 (the schedule counts tiles in
+    int32)."""
+    return bool(RS_BALANCED if balanced is None else balanced) and batch <= RS_BALANCED_MAX_BATCH \
+        and batch * -(-max_blocks * block_size // BLOCK_N) < 2 ** 31
+
+
 def default_num_splits(batch: int, max_len: int, index: int) -> int:
     """About one CTA per SM (the kernel takes ~200 KB of shared memory: one CTA an SM), at least 4 tiles a split."""
     return num_splits_for(batch, 1, max_len, BLOCK_N, sm_count(index), 1)
@@ -130,7 +147,8 @@ def default_num_splits(batch: int, max_len: int, index: int) -> int:
 def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out, lse,
                               num_splits: Optional[int] = None, num_stages: int = NUM_STAGES,
                               early_read: bool = EARLY_READ, poison_workspace: bool = False,
-                              variant: Optional[str] = None, checked: bool = False):
+                              variant: Optional[str] = None, checked: bool = False,
+                              balanced: Optional[bool] = None):
     """Fill out / lse with the decode attention of q over the paged cache; returns (out, lse).
 
     num_splits: splits per request (None: default_num_splits). variant: one of VARIANTS (None: VARIANT);
@@ -139,6 +157,8 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
     or a table without columns: out = 0, lse = -inf without a kernel.
     checked: the caller (torch.ops.fx_mla.mla_decode_fp8) validated the inputs and picked this kernel with its
     support check, so neither runs again here (the op's hot path).
+    balanced: the rs kernel's balanced schedule (None: RS_BALANCED; rs only, batches up to RS_BALANCED_MAX_BATCH);
+    num_splits is then the CTA count (None: the SM count).
     """
     variant = _variant_for(kv_cache) if variant is None else variant
     if not checked:
@@ -154,6 +174,9 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
     batch, heads, _ = q.shape
     page = kv_cache.shape[1]
     max_blocks = block_table.shape[1]
+    if variant == "rs" and balanced_applies(batch, max_blocks, page, balanced):
+        return _launch_rs_balanced(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out,
+                                   lse, num_splits, poison_workspace)
     if num_splits is None:
         num_splits = default_num_splits(batch, max_blocks * page, device_index(q.device))
     args, consts, workspace = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out,
@@ -191,12 +214,40 @@ def _launch_rs(kv_cache, args, consts, num_splits: int, batch: int, page: int):
                             gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
     # (q, lat, rope, block_table, seq_lens, k_scale, q_scale, out, lse, part_o, part_lse, sm_scale, heads, splits,
     #  num_blocks, max_blocks, stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h)
-    rs_args = (args[0], lat, rope) + tuple(args[2:17]) + tuple(args[19:])
+    #  num_blocks, max_blocks, stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h, batch)
+    rs_args = (args[0], lat, rope) + tuple(args[2:17]) + tuple(args[19:]) + (batch, )
     scorer_regs, loader_regs = RS_REGS
-    return rmod._mla_decode_gluon16_rs_kernel[(num_splits, batch)](
+    balanced = consts.pop("BALANCED", False)
+    b_pow2 = consts.pop("B_POW2", 1)
+    grid = (num_splits, ) if balanced else (num_splits, batch)
+    return rmod._mla_decode_gluon16_rs_kernel[grid](
         *rs_args, **consts, **_rs_views(), BLOCK_H=HEADS, BLOCK_N=BLOCK_N, NUM_STAGES=RS_STAGES,
-        DIM_MAJOR_STORE=bool(RS_DIM_MAJOR_STORE), SCORER_REGS=scorer_regs, LOADER_REGS=loader_regs,
-        num_warps=NUM_WARPS)
+        DIM_MAJOR_STORE=bool(RS_DIM_MAJOR_STORE), BALANCED=balanced, B_POW2=b_pow2, SCORER_REGS=scorer_regs,
+        LOADER_REGS=loader_regs, num_warps=NUM_WARPS)
+
+
+def _launch_rs_balanced(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out, lse,
+                        num_ctas: Optional[int], poison: bool):
+    """The rs kernel with the balanced schedule (RS_BALANCED): num_ctas CTAs (None: one an SM), the segment
+    workspace, then combine_balanced (which also writes the requests without tokens)."""
+    import triton
+
+    batch = q.shape[0]
+    page = kv_cache.shape[1]
+    if num_ctas is None:
+        num_ctas = sm_count(device_index(q.device))
+    check_num_splits(num_ctas)
+    args, consts, _ = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out, lse, 1,
+                                        poison)
+    part_o, part_lse = balanced_workspace(q, num_ctas, kv_lora_rank, poison)
+    seq_lens = args[3]  # contiguous
+    args = args[:8] + (part_o, part_lse) + args[10:12] + (num_ctas, ) + args[13:]
+    consts = dict(consts, SINGLE_SPLIT=False, BALANCED=True, B_POW2=max(2, triton.next_power_of_2(batch)))
+    kernel = _launch_rs(kv_cache, args, consts, num_ctas, batch, page)
+    launch_mla_decode_gluon16.last_kernel = kernel
+    combine_balanced(part_o, part_lse, out, lse, seq_lens, num_ctas, block_table.shape[1] * page, BLOCK_N,
+                     kv_lora_rank)
+    return out, lse
 
 
 @functools.cache

@@ -123,3 +123,58 @@ def test_gluon16_rs_default_through_the_op_and_cuda_graph(monkeypatch):
     assert gmod._variant_for(p.kv_cache) == gmod.RS_FALLBACK
     out, lse = op(*p.args(torch.bfloat16))
     check_close(out, lse, *reference_f64(p), out_tol=1e-2, what="rs fallback, padded blocks")
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("num_ctas", [None, 1, 7, 300])
+def test_gluon16_rs_balanced_matches_float64(block_size, num_ctas):
+    """RS_BALANCED: ragged requests (empty ones, a 1-token one, one longer than the rest together) cut into equal
+    shares of CTAs: one CTA (every request whole), 7 (requests split across CTAs, several requests a CTA), the SM
+    count, and 300 CTAs for fewer tiles (CTAs without a share between a request's first and last); workspace and
+    outputs poisoned with NaN."""
+    _skip_unless_supported()
+    p = make_problem([0, 1, 65, 700, 333, 0, 4000, 128], 16, block_size, E4M3, torch.bfloat16, seed=21,
+                     device="cuda")
+    for out_dtype in (torch.bfloat16, torch.float32):
+        out = torch.full((8, 16, 512), float("nan"), dtype=out_dtype, device="cuda")
+        lse = torch.full((8, 16), float("nan"), device="cuda")
+        gmod.launch_mla_decode_gluon16(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, None, p.sm_scale, 512,
+                                       out, lse, num_splits=num_ctas, poison_workspace=True, variant="rs",
+                                       balanced=True)
+        check_close(out, lse, *reference_f64(p), what=f"rs balanced, {num_ctas} CTAs, bs{block_size}, {out_dtype}")
+
+
+def test_gluon16_rs_balanced_fp8_query_and_many_requests():
+    """RS_BALANCED with an FP8 query (q_scale) over an e5m2 cache, and 96 requests on the default CTA count (many
+    requests a CTA: each segment loads its own query)."""
+    _skip_unless_supported()
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, 900, (96, ), generator=g).tolist()
+    p = make_problem(lengths, 16, 64, E5M2, E4M3, seed=22, device="cuda")
+    out = torch.full((96, 16, 512), float("nan"), dtype=torch.float32, device="cuda")
+    lse = torch.full((96, 16), float("nan"), device="cuda")
+    gmod.launch_mla_decode_gluon16(p.q, p.kv_cache, p.block_table, p.seq_lens, p.k_scale, p.q_scale, p.sm_scale, 512,
+                                   out, lse, poison_workspace=True, variant="rs", balanced=True)
+    check_close(out, lse, *reference_f64(p), what="rs balanced, fp8 query, 96 requests")
+
+
+def test_gluon16_rs_balanced_in_the_op_and_cuda_graph(monkeypatch):
+    """RS_BALANCED through the op, captured in a CUDA graph and replayed after the lengths changed in place (the
+    schedule is recomputed from seq_lens on the device: no host sync); bitwise reproducible between two replays."""
+    _skip_unless_supported()
+    monkeypatch.setattr(gmod, "RS_BALANCED", True)
+    op = torch.ops.fx_mla.mla_decode_fp8.default
+    p = make_problem([3000, 0, 129, 700, 64], 16, 64, E4M3, torch.bfloat16, seed=23, device="cuda")
+    out, lse = op(*p.args(torch.bfloat16))
+    check_close(out, lse, *reference_f64(p), out_tol=1e-2, what="rs balanced via the op")
+    graph, (g_out, g_lse) = capture(lambda: op(*p.args(torch.bfloat16)))
+    p.seq_lens.copy_(torch.tensor([100, 0, 129, 690, 1], dtype=p.seq_lens.dtype, device="cuda"))
+    results = []
+    for _ in range(2):
+        g_out.fill_(float("nan"))
+        g_lse.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append((g_out.clone(), g_lse.clone()))
+    check_close(g_out, g_lse, *reference_f64(p), out_tol=1e-2, what="rs balanced graph replay, new lengths")
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

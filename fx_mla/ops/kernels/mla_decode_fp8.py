@@ -262,3 +262,62 @@ def _mla_decode_fp8_combine_kernel(
     if pid_l == 0:
         lse = tl.where(has_tokens, m_safe + tl.log(tl.where(has_tokens, denom, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * num_heads + h, lse)
+
+
+@triton.jit
+def _mla_decode_fp8_combine_balanced_kernel(
+        part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq_lens_ptr, batch, num_ctas, cap, num_heads, stride_o_b,
+        stride_o_h, L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, B_POW2: tl.constexpr,
+        BLOCK_N: tl.constexpr):
+    """Merge request b's segments of the balanced schedule (kernels/mla_decode_gluon16_rs.py, BALANCED): all
+    requests' tiles laid end to end (T in all, request b's at [P_b, P_b + nt_b)), CTA c of G took tiles
+    [c T / G, (c + 1) T / G), so tile x lies in CTA ((x + 1) G - 1) // T, and the CTA c of a part of request b wrote
+    it into workspace slot b + c ([(B + G) H, L] rows of L, lse [(B + G) H]). A request within one CTA was written
+    into out / lse by that CTA (nothing to do here); a request without tiles gets out = 0, lse = -inf.
+    Grid (cdiv(L, BLOCK_L), heads, batch); lengths clamped to [0, cap] as the kernel does."""
+    pid_l = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    idx = tl.arange(0, B_POW2)
+    lens = tl.load(seq_lens_ptr + idx, mask=idx < batch, other=0).to(tl.int32)
+    tiles = (tl.minimum(tl.maximum(lens, 0), cap) + (BLOCK_N - 1)) // BLOCK_N
+    total = tl.sum(tiles, 0).to(tl.int64)
+    p0 = tl.sum(tl.where(idx < b, tiles, 0), 0).to(tl.int64)
+    nt = tl.sum(tl.where(idx == b, tiles, 0), 0).to(tl.int64)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_mask = offs_l < L
+    o_ptrs = out_ptr + b.to(tl.int64) * stride_o_b + h * stride_o_h + offs_l
+    if nt == 0:
+        tl.store(o_ptrs, tl.zeros([BLOCK_L], dtype=tl.float32).to(out_ptr.dtype.element_ty), mask=l_mask)
+        if pid_l == 0:
+            tl.store(lse_ptr + b.to(tl.int64) * num_heads + h, float("-inf"))
+    else:
+        c_first = ((p0 + 1) * num_ctas - 1) // total
+        c_last = ((p0 + nt) * num_ctas - 1) // total
+        if c_last > c_first:
+            # CTAs c_first..c_last, less those whose share is empty (more CTAs than tiles): they wrote nothing
+            n = (c_last - c_first + 1).to(tl.int32)
+            offs_s = tl.arange(0, BLOCK_S)
+            m = float("-inf")
+            for s0 in range(0, n, BLOCK_S):
+                c = c_first + s0 + offs_s
+                s_ok = (s0 + offs_s < n) & (((c + 1) * total) // num_ctas > (c * total) // num_ctas)
+                lse_s = tl.load(part_lse_ptr + (b + c) * num_heads + h, mask=s_ok, other=float("-inf"))
+                m = tl.maximum(m, tl.max(lse_s, 0))
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            denom = 0.0
+            acc = tl.zeros([BLOCK_L], dtype=tl.float32)
+            for s0 in range(0, n, BLOCK_S):
+                c = c_first + s0 + offs_s
+                s_ok = (s0 + offs_s < n) & (((c + 1) * total) // num_ctas > (c * total) // num_ctas)
+                rows = (b + c) * num_heads + h  # workspace row of slot b + c, head h
+                w = tl.exp(tl.load(part_lse_ptr + rows, mask=s_ok, other=float("-inf")) - m_safe)
+                denom += tl.sum(w, 0)
+                o_s = tl.load(part_o_ptr + rows[:, None] * L + offs_l[None, :], mask=s_ok[:, None] & l_mask[None, :],
+                              other=0.0).to(tl.float32)
+                acc += tl.sum(w[:, None] * o_s, 0)
+            has_tokens = denom > 0.0
+            tl.store(o_ptrs, (acc / tl.where(has_tokens, denom, 1.0)).to(out_ptr.dtype.element_ty), mask=l_mask)
+            if pid_l == 0:
+                lse = tl.where(has_tokens, m_safe + tl.log(tl.where(has_tokens, denom, 1.0)), float("-inf"))
+                tl.store(lse_ptr + b.to(tl.int64) * num_heads + h, lse)

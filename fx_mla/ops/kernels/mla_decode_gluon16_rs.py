@@ -33,7 +33,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from fx_mla.ops.kernels.mla_decode_gluon import _cta_work, _perm_k, _query_tiles
+from fx_mla.ops.kernels.mla_decode_gluon import _cta_work, _perm_k, _query_tiles, _score_scale
 
 
 # ---- index relabellings. The kernel computes them on index tensors; the launcher builds the shared-memory views
@@ -138,31 +138,152 @@ def views(block_n: int = 64, block_h: int = 16, latent: int = 512, rope: int = 6
     return out
 
 
-# ---- partitions
+# ---- the balanced schedule (BALANCED): every request's tiles laid end to end, request after request, and cut into
+# num_ctas equal shares of whole tiles; CTA c takes tiles [c T / G, (c + 1) T / G) (T tiles in all, G CTAs). The part
+# of request r that CTA c computes is a "segment": written straight into out / lse when it is the whole request,
+# else into workspace slot r + c (unique: along the tiles, each new segment steps r, c or both), which the balanced
+# combine (kernels/mla_decode_fp8._mla_decode_fp8_combine_balanced_kernel) merges. The cut depends on seq_lens only.
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _balanced_range(seq_lens_ptr, batch, cap, num_ctas, B_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
+                    NUM_WARPS: gl.constexpr):
+    """(b_lo, b_hi, r_first, p_first, n_seg): this CTA's tiles [b_lo, b_hi) of the end-to-end order, the first
+    request r_first with a tile at or after b_lo, the tiles before it (p_first), and the number of requests from
+    r_first on whose tiles start before b_hi (empty requests among them give empty segments)."""
+    LAY: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+    idx = gl.arange(0, B_POW2, layout=LAY)
+    lens = gl.load(seq_lens_ptr + idx, mask=idx < batch, other=0).to(gl.int32)
+    nt = (gl.minimum(gl.maximum(lens, 0), cap) + (BLOCK_N - 1)) // BLOCK_N
+    incl = gl.associative_scan(nt, 0, _add)
+    total = gl.sum(nt, 0).to(gl.int64)
+    c = gl.program_id(0).to(gl.int64)
+    b_lo = ((c * total) // num_ctas).to(gl.int32)
+    b_hi = (((c + 1) * total) // num_ctas).to(gl.int32)
+    r_first = gl.sum((incl <= b_lo).to(gl.int32), 0)
+    p_first = gl.sum(gl.where(idx < r_first, nt, 0), 0)
+    n_seg = gl.maximum(gl.sum((incl - nt < b_hi).to(gl.int32), 0) - r_first, 0)
+    return b_lo, b_hi, r_first, p_first, n_seg
+
+
+@gluon.jit
+def _rs_segment(seq_lens_ptr, r, p, b_lo, b_hi, cap, BLOCK_N: gl.constexpr):
+    """Request r (its first tile at p in the end-to-end order) within [b_lo, b_hi): tokens [start, end) (end =
+    start when the request has no tile there), its tile count nt, and whether the segment is the whole request."""
+    n = gl.minimum(gl.maximum(gl.load(seq_lens_ptr + r).to(gl.int32), 0), cap)
+    nt = gl.cdiv(n, BLOCK_N)
+    lo = gl.maximum(b_lo - p, 0)
+    hi = gl.minimum(b_hi - p, nt)
+    start = lo * BLOCK_N
+    end = gl.maximum(gl.minimum(hi * BLOCK_N, n), start)
+    return start, end, nt, (lo == 0) & (hi == nt)
+
+
+# ---- partitions: each runs a per-tile step (_rs_load_tile, _rs_score_tile, _rs_pv_tile) over one split's tiles
+# (_rs_loader, _rs_scorer, _rs_pv) or over the segments of a balanced share (the *_balanced forms); j counts the
+# CTA's tiles for the ring slots and phases
+@gluon.jit
+def _rs_load_tile(lat_desc, rope_desc, lat_ring, rope_ring, ready, empty, bt_row, n0, end, num_blocks, j,
+                  PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, BOX: gl.constexpr,
+                  NUM_STAGES: gl.constexpr):
+    """TMA of the tile at token n0 into ring slot j % NUM_STAGES: BLOCK_N / BOX page pieces of BOX rows, each 4
+    latent boxes of 128 bytes and one rope box. Page ids are clamped into the cache; a piece past `end` reads page 0
+    (its rows are masked by the consumers); rows past the cache's end are zero-filled by the TMA unit."""
+    CHUNK: gl.constexpr = 128
+    s = j % NUM_STAGES
+    mbarrier.wait(empty.index(s), ((j // NUM_STAGES) & 1) ^ 1)
+    mbarrier.expect(ready.index(s), BLOCK_N * (L + R))
+    for piece in gl.static_range(BLOCK_N // BOX):
+        t0 = n0 + piece * BOX
+        page = gl.load(bt_row + t0 // PAGE, mask=t0 < end, other=0)
+        page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
+        row = page * PAGE + t0 % PAGE
+        for c in gl.static_range(L // CHUNK):
+            tma.async_copy_global_to_shared(lat_desc, [row, c * CHUNK], ready.index(s),
+                                            lat_ring.index(s).slice(c * BLOCK_N + piece * BOX, BOX))
+        tma.async_copy_global_to_shared(rope_desc, [row, L], ready.index(s),
+                                        rope_ring.index(s).slice(piece * BOX, BOX))
+
+
 @gluon.jit
 def _rs_loader(lat_desc, rope_desc, lat_ring, rope_ring, ready, empty, bt_row, start, end, num_blocks,
                PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, BOX: gl.constexpr,
                NUM_STAGES: gl.constexpr):
-    """TMA of each tile into its ring slot: BLOCK_N / BOX page pieces of BOX rows, each 4 latent boxes of 128 bytes
-    and one rope box. Page ids are clamped into the cache; a piece past the split's end reads page 0 (its rows are
-    masked by the consumers); rows past the cache's end are zero-filled by the TMA unit."""
-    CHUNK: gl.constexpr = 128
+    """The split's tiles into the ring (_rs_load_tile)."""
     n_tiles = gl.cdiv(end - start, BLOCK_N)
     for j in range(n_tiles):
-        s = j % NUM_STAGES
-        mbarrier.wait(empty.index(s), ((j // NUM_STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(s), BLOCK_N * (L + R))
-        n0 = start + j * BLOCK_N
-        for piece in gl.static_range(BLOCK_N // BOX):
-            t0 = n0 + piece * BOX
-            page = gl.load(bt_row + t0 // PAGE, mask=t0 < end, other=0)
-            page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
-            row = page * PAGE + t0 % PAGE
-            for c in gl.static_range(L // CHUNK):
-                tma.async_copy_global_to_shared(lat_desc, [row, c * CHUNK], ready.index(s),
-                                                lat_ring.index(s).slice(c * BLOCK_N + piece * BOX, BOX))
-            tma.async_copy_global_to_shared(rope_desc, [row, L], ready.index(s),
-                                            rope_ring.index(s).slice(piece * BOX, BOX))
+        _rs_load_tile(lat_desc, rope_desc, lat_ring, rope_ring, ready, empty, bt_row, start + j * BLOCK_N, end,
+                      num_blocks, j, PAGE, L, R, BLOCK_N, BOX, NUM_STAGES)
+
+
+@gluon.jit
+def _rs_loader_balanced(lat_desc, rope_desc, lat_ring, rope_ring, ready, empty, block_table_ptr, stride_bt_b,
+                        seq_lens_ptr, r_first, p_first, b_lo, b_hi, n_seg, cap, num_blocks, PAGE: gl.constexpr,
+                        L: gl.constexpr, R: gl.constexpr, BLOCK_N: gl.constexpr, BOX: gl.constexpr,
+                        NUM_STAGES: gl.constexpr):
+    """Every segment's tiles into the ring, one after the other (the ring runs on across segments)."""
+    j0 = 0
+    r = r_first
+    p = p_first
+    for _ in range(n_seg):
+        start, end, nt, _whole = _rs_segment(seq_lens_ptr, r, p, b_lo, b_hi, cap, BLOCK_N)
+        bt_row = block_table_ptr + r.to(gl.int64) * stride_bt_b
+        n_tiles = gl.cdiv(end - start, BLOCK_N)
+        for t in range(n_tiles):
+            _rs_load_tile(lat_desc, rope_desc, lat_ring, rope_ring, ready, empty, bt_row, start + t * BLOCK_N, end,
+                          num_blocks, j0 + t, PAGE, L, R, BLOCK_N, BOX, NUM_STAGES)
+        j0 += n_tiles
+        p += nt
+        r += 1
+
+
+@gluon.jit
+def _rs_score_tile(q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, ready, empty, pready, pfree, j,
+                   n0, end, qk_scale, m_i, l_i, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr,
+                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, K_VIEW: gl.constexpr, KR_VIEW: gl.constexpr,
+                   PT_VIEW: gl.constexpr):
+    """Scores of the tile in ring slot j % NUM_STAGES (tokens from n0, masked at `end`), the online softmax step,
+    P^T and (alpha, l) into P buffer j % 2; returns the new (m_i, l_i)."""
+    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_H, 16])
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2)
+    dtype: gl.constexpr = lat_ring.dtype
+    s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, S_LAYOUT)
+    tok = _sigma_t(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S_LAYOUT)))
+    s = j % NUM_STAGES
+    mbarrier.wait(ready.index(s), (j // NUM_STAGES) & 1)
+    k_lat = lat_ring.index(s)._reinterpret(dtype, [BLOCK_N, L], K_VIEW).load(A_LAYOUT)
+    k_pe = rope_ring.index(s)._reinterpret(dtype, [BLOCK_N, R], KR_VIEW).load(A_LAYOUT)
+    acc = warpgroup_mma(k_lat.to(gl.float16), q_nope_smem.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    acc = warpgroup_mma(k_pe.to(gl.float16), q_pe_smem.permute((1, 0)), acc, is_async=True)
+    sc = warpgroup_mma_wait(0, deps=(acc, ))
+    gl.thread_barrier()  # every thread of this partition has read slot s
+    mbarrier.arrive(empty.index(s))
+    # ---- online softmax over the tokens (axis 0); the tile's first token is valid, so maxima are finite
+    sc = gl.where((n0 + tok < end)[:, None], sc * qk_scale, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(sc, 0))
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(sc - m_new[None, :])
+    l_i = l_i * alpha + gl.sum(p, 0)
+    b = j % 2
+    mbarrier.wait(pfree.index(b), ((j // 2) & 1) ^ 1)
+    p_smem.index(b)._reinterpret(gl.float16, [BLOCK_H, BLOCK_N], PT_VIEW).store(gl.permute(p.to(gl.float16), (1, 0)))
+    stat_smem.index(2 * b).store(alpha)
+    stat_smem.index(2 * b + 1).store(l_i)
+    fence_async_shared()
+    gl.thread_barrier()
+    mbarrier.arrive(pready.index(b))
+    return m_new, l_i
+
+
+@gluon.jit
+def _rs_lse(m_i, l_i):
+    """Natural-log lse of the softmax state; -inf where no token was scored."""
+    has_tok = l_i > 0.0
+    return gl.where(has_tok, (m_i + gl.log2(gl.where(has_tok, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
 
 
 @gluon.jit
@@ -170,47 +291,59 @@ def _rs_scorer(q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, r
                start, end, qk_scale, lse_base, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr,
                BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, K_VIEW: gl.constexpr, KR_VIEW: gl.constexpr,
                PT_VIEW: gl.constexpr):
-    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_H, 16])
-    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2)
-    STAT: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
-    dtype: gl.constexpr = lat_ring.dtype
+    """S^T = K Q^T and the online softmax over the split's tiles (_rs_score_tile); its lse at the end."""
+    STAT: gl.constexpr = gl.SliceLayout(0, gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                     instr_shape=[16, BLOCK_H, 16]))
     n_tiles = gl.cdiv(end - start, BLOCK_N)
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, STAT)
     l_i = gl.zeros([BLOCK_H], gl.float32, STAT)
-    s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, S_LAYOUT)
-    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, S_LAYOUT))
-    tok = _sigma_t(rows)
     for j in range(n_tiles):
-        s = j % NUM_STAGES
-        n0 = start + j * BLOCK_N
-        mbarrier.wait(ready.index(s), (j // NUM_STAGES) & 1)
-        k_lat = lat_ring.index(s)._reinterpret(dtype, [BLOCK_N, L], K_VIEW).load(A_LAYOUT)
-        k_pe = rope_ring.index(s)._reinterpret(dtype, [BLOCK_N, R], KR_VIEW).load(A_LAYOUT)
-        acc = warpgroup_mma(k_lat.to(gl.float16), q_nope_smem.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        acc = warpgroup_mma(k_pe.to(gl.float16), q_pe_smem.permute((1, 0)), acc, is_async=True)
-        sc = warpgroup_mma_wait(0, deps=(acc, ))
-        gl.thread_barrier()  # every thread of this partition has read slot s
-        mbarrier.arrive(empty.index(s))
-        # ---- online softmax over the tokens (axis 0); the tile's first token is valid, so maxima are finite
-        sc = gl.where((n0 + tok < end)[:, None], sc * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(sc, 0))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(sc - m_new[None, :])
-        l_i = l_i * alpha + gl.sum(p, 0)
-        m_i = m_new
-        b = j % 2
-        mbarrier.wait(pfree.index(b), ((j // 2) & 1) ^ 1)
-        p_smem.index(b)._reinterpret(gl.float16, [BLOCK_H, BLOCK_N], PT_VIEW).store(
-            gl.permute(p.to(gl.float16), (1, 0)))
-        stat_smem.index(2 * b).store(alpha)
-        stat_smem.index(2 * b + 1).store(l_i)
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(pready.index(b))
-    has_tok = l_i > 0.0
-    lse = gl.where(has_tok, (m_i + gl.log2(gl.where(has_tok, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    gl.store(lse_base + gl.arange(0, BLOCK_H, layout=STAT), lse)
+        m_i, l_i = _rs_score_tile(q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, ready, empty,
+                                  pready, pfree, j, start + j * BLOCK_N, end, qk_scale, m_i, l_i, L, R, BLOCK_H,
+                                  BLOCK_N, NUM_STAGES, K_VIEW, KR_VIEW, PT_VIEW)
+    gl.store(lse_base + gl.arange(0, BLOCK_H, layout=STAT), _rs_lse(m_i, l_i))
+
+
+@gluon.jit
+def _rs_scorer_balanced(q_ptr, stride_q_b, stride_q_h, q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem,
+                        stat_smem, ready, empty, pready, pfree, seq_lens_ptr, r_first, p_first, b_lo, b_hi, n_seg,
+                        cap, qk_scale, lse_ptr, part_lse_ptr, L: gl.constexpr, R: gl.constexpr,
+                        BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, Q_SHIFT: gl.constexpr,
+                        NUM_STAGES: gl.constexpr, K_VIEW: gl.constexpr, KR_VIEW: gl.constexpr,
+                        PT_VIEW: gl.constexpr):
+    """The scorer over the segments: each loads its request's query into shared memory first (the previous
+    segment's MMAs have completed: _rs_score_tile waits for them), and writes its lse into lse (a whole request)
+    or into the workspace slot r + c."""
+    STAT: gl.constexpr = gl.SliceLayout(0, gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                     instr_shape=[16, BLOCK_H, 16]))
+    heads = gl.arange(0, BLOCK_H, layout=STAT)
+    c = gl.program_id(0)
+    j0 = 0
+    r = r_first
+    p = p_first
+    for _ in range(n_seg):
+        start, end, nt, whole = _rs_segment(seq_lens_ptr, r, p, b_lo, b_hi, cap, BLOCK_N)
+        n_tiles = gl.cdiv(end - start, BLOCK_N)
+        if n_tiles > 0:
+            q_nope, q_pe = _query_tiles(q_ptr, r.to(gl.int64), 0, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT,
+                                        4, True)
+            q_nope_smem.store(q_nope)
+            q_pe_smem.store(q_pe)
+            fence_async_shared()
+            gl.thread_barrier()
+            m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, STAT)
+            l_i = gl.zeros([BLOCK_H], gl.float32, STAT)
+            for t in range(n_tiles):
+                m_i, l_i = _rs_score_tile(q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, ready,
+                                          empty, pready, pfree, j0 + t, start + t * BLOCK_N, end, qk_scale, m_i,
+                                          l_i, L, R, BLOCK_H, BLOCK_N, NUM_STAGES, K_VIEW, KR_VIEW, PT_VIEW)
+            if whole:
+                gl.store(lse_ptr + r.to(gl.int64) * BLOCK_H + heads, _rs_lse(m_i, l_i))
+            else:
+                gl.store(part_lse_ptr + (r + c).to(gl.int64) * BLOCK_H + heads, _rs_lse(m_i, l_i))
+        j0 += n_tiles
+        p += nt
+        r += 1
 
 
 def _pairs_asm(fp8):
@@ -245,46 +378,59 @@ def _token_pairs_fp16(x, E5M2: gl.constexpr):
     return gl.reshape(z, [x.shape[0], x.shape[1]])
 
 
-@gluon.jit
-def _rs_pv(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end, k_scale, o_base, o_stride,
-           L: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-           V_VIEW: gl.constexpr, E5M2: gl.constexpr, DIM_MAJOR_STORE: gl.constexpr, O_DIMS: gl.constexpr):
-    O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_H, 16])
-    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
-    # the A operand's entries of a thread, registers ordered as 16 consecutive bytes of a token first (m3, m6..m8
-    # are the byte's bits 0..3): one 128-bit load a token; the fp16 pairs of the MMA (two tokens) are formed after
-    V_LOAD: gl.constexpr = gl.DistributedLinearLayout(
+@gluon.constexpr_function
+def _o_layout(block_h):
+    """The P V accumulator O^T [L, BLOCK_H] (one warpgroup, N = the heads)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, getattr(block_h, "value",
+                                                                                                   block_h), 16])
+
+
+@gluon.constexpr_function
+def _v_load_layout(latent, block_n):
+    """The A operand's entries of a thread, registers ordered as 16 consecutive bytes of a token first (m3, m6..m8
+    are the byte's bits 0..3): one 128-bit load a token; the fp16 pairs of the MMA (two tokens) are formed after."""
+    return gl.DistributedLinearLayout(
         reg_bases=[[8, 0], [64, 0], [128, 0], [256, 0], [0, 1], [0, 8], [0, 16], [0, 32]],
         lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]], block_bases=[],
-        shape=[L, BLOCK_N])
+        shape=[getattr(latent, "value", latent), getattr(block_n, "value", block_n)])
+
+
+@gluon.jit
+def _rs_pv_tile(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, j, n0, end, acc, L: gl.constexpr,
+                BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, V_VIEW: gl.constexpr,
+                E5M2: gl.constexpr):
+    """O^T += V^T P^T for the tile in ring slot j % NUM_STAGES (tokens from n0, zeroed at `end`) after rescaling by
+    alpha; returns (acc, l) with l the scorer's running sum published with this tile's P."""
+    O_LAYOUT: gl.constexpr = _o_layout(BLOCK_H)
+    A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+    V_LOAD: gl.constexpr = _v_load_layout(L, BLOCK_N)
     STAT: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
-    dtype: gl.constexpr = lat_ring.dtype
-    n_tiles = gl.cdiv(end - start, BLOCK_N)
-    acc = gl.zeros([L, BLOCK_H], gl.float32, O_LAYOUT)
-    l_o = gl.full([BLOCK_H], 1.0, gl.float32, STAT)
     toks = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, V_LOAD))
-    for j in range(n_tiles):
-        s = j % NUM_STAGES
-        n0 = start + j * BLOCK_N
-        mbarrier.wait(ready.index(s), (j // NUM_STAGES) & 1)
-        x = lat_ring.index(s)._reinterpret(gl.uint8, [L, BLOCK_N], V_VIEW).load(V_LOAD)
-        if n0 + BLOCK_N > end:  # rows past the end hold other tokens' bytes (maybe NaN): zero, as p is 0 there
-            x = gl.where((n0 + toks < end)[None, :], x, 0)
-        v = _token_pairs_fp16(x, E5M2)
-        v = gl.convert_layout(v, A_LAYOUT, assert_trivial=True)
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(s))
-        b = j % 2
-        mbarrier.wait(pready.index(b), (j // 2) & 1)
-        alpha = stat_smem.index(2 * b).load(STAT)
-        l_o = stat_smem.index(2 * b + 1).load(STAT)
-        acc = acc * alpha[None, :]
-        acc = warpgroup_mma(v, p_smem.index(b).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        gl.thread_barrier()
-        mbarrier.arrive(pfree.index(b))
-    o = acc * (k_scale / gl.where(l_o > 0.0, l_o, 1.0))[None, :]
+    s = j % NUM_STAGES
+    mbarrier.wait(ready.index(s), (j // NUM_STAGES) & 1)
+    x = lat_ring.index(s)._reinterpret(gl.uint8, [L, BLOCK_N], V_VIEW).load(V_LOAD)
+    if n0 + BLOCK_N > end:  # rows past the end hold other tokens' bytes (maybe NaN): zero, as p is 0 there
+        x = gl.where((n0 + toks < end)[None, :], x, 0)
+    v = _token_pairs_fp16(x, E5M2)
+    v = gl.convert_layout(v, A_LAYOUT, assert_trivial=True)
+    gl.thread_barrier()
+    mbarrier.arrive(empty.index(s))
+    b = j % 2
+    mbarrier.wait(pready.index(b), (j // 2) & 1)
+    alpha = stat_smem.index(2 * b).load(STAT)
+    l_o = stat_smem.index(2 * b + 1).load(STAT)
+    acc = acc * alpha[None, :]
+    acc = warpgroup_mma(v, p_smem.index(b).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
+    gl.thread_barrier()
+    mbarrier.arrive(pfree.index(b))
+    return acc, l_o
+
+
+@gluon.jit
+def _rs_store_o(o, o_base, o_stride, L: gl.constexpr, BLOCK_H: gl.constexpr, DIM_MAJOR_STORE: gl.constexpr,
+                O_DIMS: gl.constexpr):
+    """The normalized O^T [L rows m, BLOCK_H] into rows o_base + head * o_stride, row m at its dim dim_of_row(m)."""
     if DIM_MAJOR_STORE:
         # relabel the rows m = 64 mb + 16 w + 8 h + l4 as their dims 128 w + 16 l4 + 2 mb + h (no data moves), then
         # order each thread's registers dims first (O_DIMS, output_dims_layout): its 16 consecutive dims of a head
@@ -294,9 +440,58 @@ def _rs_pv(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end,
         heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, O_DIMS))
         dims = gl.arange(0, L, layout=gl.SliceLayout(1, O_DIMS))
     else:
-        heads = gl.arange(0, BLOCK_H, layout=STAT)
+        O_LAYOUT: gl.constexpr = _o_layout(BLOCK_H)
+        heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, O_LAYOUT))
         dims = _dim_of_row_t(gl.arange(0, L, layout=gl.SliceLayout(1, O_LAYOUT)))
     gl.store(o_base + heads.to(gl.int64)[None, :] * o_stride + dims[:, None], o.to(o_base.dtype.element_ty))
+
+
+@gluon.jit
+def _rs_pv(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end, k_scale, o_base, o_stride,
+           L: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+           V_VIEW: gl.constexpr, E5M2: gl.constexpr, DIM_MAJOR_STORE: gl.constexpr, O_DIMS: gl.constexpr):
+    """O^T over the split's tiles (_rs_pv_tile), normalized and stored (_rs_store_o)."""
+    O_LAYOUT: gl.constexpr = _o_layout(BLOCK_H)
+    n_tiles = gl.cdiv(end - start, BLOCK_N)
+    acc = gl.zeros([L, BLOCK_H], gl.float32, O_LAYOUT)
+    l_o = gl.full([BLOCK_H], 1.0, gl.float32, gl.SliceLayout(0, O_LAYOUT))
+    for j in range(n_tiles):
+        acc, l_o = _rs_pv_tile(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, j, start + j * BLOCK_N, end,
+                               acc, L, BLOCK_H, BLOCK_N, NUM_STAGES, V_VIEW, E5M2)
+    o = acc * (k_scale / gl.where(l_o > 0.0, l_o, 1.0))[None, :]
+    _rs_store_o(o, o_base, o_stride, L, BLOCK_H, DIM_MAJOR_STORE, O_DIMS)
+
+
+@gluon.jit
+def _rs_pv_balanced(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, seq_lens_ptr, r_first, p_first, b_lo,
+                    b_hi, n_seg, cap, k_scale, out_ptr, part_o_ptr, stride_o_b, stride_o_h, L: gl.constexpr,
+                    BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, V_VIEW: gl.constexpr,
+                    E5M2: gl.constexpr, DIM_MAJOR_STORE: gl.constexpr, O_DIMS: gl.constexpr):
+    """P V over the segments: each segment's O into out (a whole request) or into workspace slot r + c."""
+    O_LAYOUT: gl.constexpr = _o_layout(BLOCK_H)
+    c = gl.program_id(0)
+    j0 = 0
+    r = r_first
+    p = p_first
+    for _ in range(n_seg):
+        start, end, nt, whole = _rs_segment(seq_lens_ptr, r, p, b_lo, b_hi, cap, BLOCK_N)
+        n_tiles = gl.cdiv(end - start, BLOCK_N)
+        if n_tiles > 0:
+            acc = gl.zeros([L, BLOCK_H], gl.float32, O_LAYOUT)
+            l_o = gl.full([BLOCK_H], 1.0, gl.float32, gl.SliceLayout(0, O_LAYOUT))
+            for t in range(n_tiles):
+                acc, l_o = _rs_pv_tile(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, j0 + t,
+                                       start + t * BLOCK_N, end, acc, L, BLOCK_H, BLOCK_N, NUM_STAGES, V_VIEW, E5M2)
+            o = acc * (k_scale / gl.where(l_o > 0.0, l_o, 1.0))[None, :]
+            if whole:
+                _rs_store_o(o, out_ptr + r.to(gl.int64) * stride_o_b, stride_o_h, L, BLOCK_H, DIM_MAJOR_STORE,
+                            O_DIMS)
+            else:
+                _rs_store_o(o, part_o_ptr + (r + c).to(gl.int64) * (BLOCK_H * L), L, L, BLOCK_H, DIM_MAJOR_STORE,
+                            O_DIMS)
+        j0 += n_tiles
+        p += nt
+        r += 1
 
 
 @gluon.jit
@@ -304,28 +499,34 @@ def _mla_decode_gluon16_rs_kernel(
         q_ptr, lat_desc, rope_desc, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
         sm_scale, num_heads, num_splits, num_blocks, max_blocks,
-        stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h,
+        stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h, batch,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
-        NUM_STAGES: gl.constexpr, DIM_MAJOR_STORE: gl.constexpr,
+        NUM_STAGES: gl.constexpr, DIM_MAJOR_STORE: gl.constexpr, BALANCED: gl.constexpr, B_POW2: gl.constexpr,
         SCORER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, K_VIEW: gl.constexpr, KR_VIEW: gl.constexpr,
         V_VIEW: gl.constexpr, PT_VIEW: gl.constexpr, O_DIMS: gl.constexpr, num_warps: gl.constexpr):
+    """Grid (num_splits, batch): CTA (s, b) computes split s of request b. BALANCED: grid (num_splits,) with
+    num_splits the CTA count G; CTA c computes its equal share of all requests' tiles (_balanced_range), whole
+    requests into out / lse and parts of requests into workspace slots r + c (B_POW2 >= batch)."""
     gl.static_assert(num_warps == 4, "the default partition (P V) is one warpgroup")
     gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
     gl.static_assert(BLOCK_H == 16, "wgmma N = the 16 heads")
     gl.static_assert(L == 512 and R == 64, "latent 4 x 128 bytes, rope 64 bytes")
     BOX: gl.constexpr = lat_desc.block_shape[0]
     gl.static_assert(BLOCK_N % BOX == 0 and (PAGE % BLOCK_N == 0 or PAGE == BOX), "a box is a page piece")
-    pid_s = gl.program_id(0)
-    pid_b = gl.program_id(1).to(gl.int64)
     SMEM_16: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     LAT_SMEM: gl.constexpr = lat_desc.layout
     ROPE_SMEM: gl.constexpr = rope_desc.layout
     dtype: gl.constexpr = lat_desc.dtype
 
-    q_nope, q_pe = _query_tiles(q_ptr, pid_b, 0, stride_q_b, stride_q_h, L, R, BLOCK_H, Q_SHIFT, num_warps, True)
-    q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_16, q_nope)
-    q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_16, q_pe)
+    if BALANCED:  # each segment's query is loaded by the scorer
+        q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_16)
+        q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_16)
+    else:
+        q_nope, q_pe = _query_tiles(q_ptr, gl.program_id(1).to(gl.int64), 0, stride_q_b, stride_q_h, L, R, BLOCK_H,
+                                    Q_SHIFT, num_warps, True)
+        q_nope_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, L], SMEM_16, q_nope)
+        q_pe_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_H, R], SMEM_16, q_pe)
     lat_ring = gl.allocate_shared_memory(dtype, [NUM_STAGES, (L // 128) * BLOCK_N, 128], LAT_SMEM)
     rope_ring = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, R], ROPE_SMEM)
     p_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_H, BLOCK_N], SMEM_16)
@@ -343,16 +544,34 @@ def _mla_decode_gluon16_rs_kernel(
         mbarrier.init(pfree.index(i), count=1)
     fence_async_shared()
 
-    k_scale, qk_scale, start, end, bt_row, o_base, o_stride, lse_base = _cta_work(
-        sm_scale, k_scale_ptr, q_scale_ptr, seq_lens_ptr, block_table_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
-        pid_b, pid_s, num_heads, num_splits, max_blocks, stride_bt_b, stride_o_b, stride_o_h, PAGE, L, BLOCK_N,
-        Q_SHIFT, HAS_Q_SCALE, SINGLE_SPLIT)
-    gl.warp_specialize([
-        (_rs_pv, (lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end, k_scale, o_base, o_stride,
-                  L, BLOCK_H, BLOCK_N, NUM_STAGES, V_VIEW, E5M2, DIM_MAJOR_STORE, O_DIMS)),
-        (_rs_scorer, (q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, ready, empty, pready, pfree,
-                      start, end, qk_scale, lse_base, L, R, BLOCK_H, BLOCK_N, NUM_STAGES, K_VIEW, KR_VIEW,
-                      PT_VIEW)),
-        (_rs_loader, (lat_desc, rope_desc, lat_ring, rope_ring, ready, empty, bt_row, start, end, num_blocks,
-                      PAGE, L, R, BLOCK_N, BOX, NUM_STAGES)),
-    ], [4, 1], [SCORER_REGS, LOADER_REGS])
+    if BALANCED:
+        k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
+        cap = max_blocks * PAGE
+        b_lo, b_hi, r_first, p_first, n_seg = _balanced_range(seq_lens_ptr, batch, cap, num_splits, B_POW2, BLOCK_N,
+                                                               num_warps)
+        gl.warp_specialize([
+            (_rs_pv_balanced, (lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, seq_lens_ptr, r_first,
+                               p_first, b_lo, b_hi, n_seg, cap, k_scale, out_ptr, part_o_ptr, stride_o_b,
+                               stride_o_h, L, BLOCK_H, BLOCK_N, NUM_STAGES, V_VIEW, E5M2, DIM_MAJOR_STORE, O_DIMS)),
+            (_rs_scorer_balanced, (q_ptr, stride_q_b, stride_q_h, q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem,
+                                   stat_smem, ready, empty, pready, pfree, seq_lens_ptr, r_first, p_first, b_lo, b_hi,
+                                   n_seg, cap, qk_scale, lse_ptr, part_lse_ptr, L, R, BLOCK_H, BLOCK_N, Q_SHIFT,
+                                   NUM_STAGES, K_VIEW, KR_VIEW, PT_VIEW)),
+            (_rs_loader_balanced, (lat_desc, rope_desc, lat_ring, rope_ring, ready, empty, block_table_ptr,
+                                   stride_bt_b, seq_lens_ptr, r_first, p_first, b_lo, b_hi, n_seg, cap, num_blocks,
+                                   PAGE, L, R, BLOCK_N, BOX, NUM_STAGES)),
+        ], [4, 1], [SCORER_REGS, LOADER_REGS])
+    else:
+        k_scale, qk_scale, start, end, bt_row, o_base, o_stride, lse_base = _cta_work(
+            sm_scale, k_scale_ptr, q_scale_ptr, seq_lens_ptr, block_table_ptr, out_ptr, lse_ptr, part_o_ptr,
+            part_lse_ptr, gl.program_id(1).to(gl.int64), gl.program_id(0), num_heads, num_splits, max_blocks,
+            stride_bt_b, stride_o_b, stride_o_h, PAGE, L, BLOCK_N, Q_SHIFT, HAS_Q_SCALE, SINGLE_SPLIT)
+        gl.warp_specialize([
+            (_rs_pv, (lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end, k_scale, o_base, o_stride,
+                      L, BLOCK_H, BLOCK_N, NUM_STAGES, V_VIEW, E5M2, DIM_MAJOR_STORE, O_DIMS)),
+            (_rs_scorer, (q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, ready, empty, pready, pfree,
+                          start, end, qk_scale, lse_base, L, R, BLOCK_H, BLOCK_N, NUM_STAGES, K_VIEW, KR_VIEW,
+                          PT_VIEW)),
+            (_rs_loader, (lat_desc, rope_desc, lat_ring, rope_ring, ready, empty, bt_row, start, end, num_blocks,
+                          PAGE, L, R, BLOCK_N, BOX, NUM_STAGES)),
+        ], [4, 1], [SCORER_REGS, LOADER_REGS])
