@@ -303,16 +303,25 @@ def _split_entry(d):
 
 
 def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out,
-                                layout="plain", config=None):
+                                layout="plain", config=None, check_out=True):
     """Fill out ([n, D_out], or [B, T, D_out] when token_to_seq is None: the paged form). Device-agnostic
     (CPU tensors run under TRITON_INTERPRET=1). config: (BLOCK_T, num_warps, programs_per_sm[, flags[, maxnreg]])
-    override."""
+    override. The op checks the other arguments before the call and passes its own `out` (check_out=False); a direct
+    call has `out` checked here (_check_out). The kernels read the metadata vectors as contiguous arrays: strided
+    ones are copied first (on the device: no host sync)."""
     from fx_mla.ops.kernels.gather_dequant_cache import (_gather_dequant_cache_fp8_ds_mla_kernel,
                                                          _gather_dequant_cache_kernel)
     paged = token_to_seq is None
+    if check_out:
+        _check_out(out, cache, block_table, token_to_seq, layout)
     n_tokens = out.shape[0] * out.shape[1] if paged else out.shape[0]
     if n_tokens == 0 or out.shape[-1] == 0:
         return out
+    if n_tokens >= 2 ** 31:
+        raise ValueError(f"the output has {n_tokens} tokens; the kernels number tokens in int32 (below 2**31)")
+    if not paged:
+        token_to_seq, cu_seq_lens = token_to_seq.contiguous(), cu_seq_lens.contiguous()
+        seq_starts = seq_starts.contiguous() if seq_starts is not None else None
     config = config or CONFIG[layout]
     block_t, warps, per_sm, *rest = config
     flags = rest[0] if rest else ""
@@ -362,6 +371,20 @@ def launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, s
                                               *args, D=width, OUT_STRIDE=d, P1=p1, P2=p2, P3=p3,
                                               HAS_SCALE=scale is not None, **common)
     return out
+
+
+def _check_out(out, cache, block_table, token_to_seq, layout):
+    """out of a launch: the op's output shape ([num_tokens, D_out], or [B, max_blocks * block_size, D_out] for the
+    paged form) and dtype, contiguous (the kernels index its rows as token * D_out)."""
+    if token_to_seq is None:
+        shape = _paged_shape(cache, block_table, layout)
+    else:
+        shape = (token_to_seq.shape[0], _d_out(cache, layout))
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype not in OUT_DTYPES \
+            or not out.is_contiguous() or out.device != cache.device:
+        raise ValueError(f"out must be a contiguous bf16, fp16 or fp32 tensor of shape {shape} on {cache.device}, "
+                         f"got {getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))} "
+                         f"on {getattr(out, 'device', None)}")
 
 
 def _async_shape(config):
@@ -518,7 +541,7 @@ def _paged_cuda(cache, block_table, scale, out_dtype, layout="plain", checked=Fa
     _check_paged_call(cache, block_table, scale, out_dtype, layout, checked)
     _check_cuda(cache, layout)
     out = torch.empty(_paged_shape(cache, block_table, layout), dtype=out_dtype, device=cache.device)
-    return launch_gather_dequant_cache(cache, block_table, None, None, None, scale, out, layout)
+    return launch_gather_dequant_cache(cache, block_table, None, None, None, scale, out, layout, check_out=False)
 
 
 def _paged_fake(cache, block_table, scale, out_dtype, layout="plain", checked=False):
@@ -539,7 +562,7 @@ def _token_cuda(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale
     _check_cuda(cache, layout)
     out = torch.empty((token_to_seq.shape[0], _d_out(cache, layout)), dtype=out_dtype, device=cache.device)
     return launch_gather_dequant_cache(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out,
-                                       layout)
+                                       layout, check_out=False)
 
 
 def _token_fake(cache, block_table, cu_seq_lens, token_to_seq, seq_starts, scale, out_dtype, layout="plain",

@@ -24,6 +24,7 @@ no cache block, no table column) give out = 0 and lse = -inf without a kernel.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from typing import Optional, Tuple
 
@@ -33,9 +34,9 @@ import triton.language as tl
 
 from fx_mla.mla.decode import gather_pages
 from fx_mla.mla.validate import check_block_ids
-from fx_mla.ops._decode_launch import (Q_SHIFT, _expect, check_capacity, check_num_splits, combine_splits,
-                                       device_index, fill_empty, max_shared, no_tokens, num_splits_for,
-                                       sm_count, split_workspace)
+from fx_mla.ops._decode_launch import (Q_SHIFT, _expect, check_capacity, check_launch_args, check_num_splits,
+                                       combine_splits, device_index, fill_empty, max_shared, no_tokens,
+                                       num_splits_for, sm_count, split_workspace)
 from fx_mla.ops._fp8 import FP8_DTYPES, fp8_supported
 from fx_mla.ops.kernels.mla_decode_fp8 import _mla_decode_fp8_kernel
 from fx_mla.ops.kernels.mla_decode_fp8_tc import _mla_decode_narrow_kernel, _mla_decode_wide_kernel
@@ -142,6 +143,8 @@ def _check_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, 
     _expect(kv_cache.shape[2] == head_dim, ValueError,
             f"kv_cache's last dim ({kv_cache.shape[2]}) must equal q's head dim D ({head_dim})")
     _expect(kv_cache.shape[1] > 0, ValueError, "kv_cache's block_size (dim 1) must be positive")
+    _expect(kv_cache.stride(2) == 1 or head_dim <= 1, ValueError,
+            f"kv_cache must be contiguous in its last dim (D), got strides {tuple(kv_cache.stride())}")
     _expect(isinstance(kv_lora_rank, int) and 0 < kv_lora_rank <= head_dim, ValueError,
             f"kv_lora_rank must be an int in [1, D={head_dim}], got {kv_lora_rank!r}")
     _expect(block_table.dtype == torch.int32, TypeError, f"block_table must be int32, got {block_table.dtype}")
@@ -163,6 +166,7 @@ def _check_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, 
         _expect(q_scale is None, ValueError, f"q_scale must be None with a {q.dtype} query (it scales fp8 queries)")
     _expect(out_dtype in OUT_DTYPES, TypeError, f"out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
     _expect(isinstance(sm_scale, (float, int)), TypeError, f"sm_scale must be a float, got {type(sm_scale).__name__}")
+    _expect(math.isfinite(sm_scale), ValueError, f"sm_scale must be finite, got {sm_scale}")
     for name, t in named[1:]:
         _expect(t.device == q.device, ValueError, f"{name} must be on q's device {q.device}, got {t.device}")
 
@@ -180,8 +184,12 @@ def mla_decode_fp8_reference(q, kv_cache, block_table, seq_lens, k_scale, q_scal
                              out_dtype):
     """paged_decode_attention's math in fp32 (dequantized cache, scores, probabilities times V), the fp8
     query's scale applied first; cache slots past each length are zeroed so garbage there (even NaN) is
-    ignored, as the kernel's masked loads ignore it."""
-    qf = q.float() * q_scale if q.dtype in FP8_DTYPES else q.float()
+    ignored, as the kernel's masked loads ignore it. Shapes with no token to attend to give out = 0, lse = -inf (as
+    the launchers do); the one-element scales act as 0-dim ones whatever their shape (as in the kernels)."""
+    if no_tokens(q, kv_cache, block_table):  # also: gather_pages cannot view an empty batch as [0, -1, D]
+        return fill_empty(*_empty_outputs(q, kv_lora_rank, out_dtype))
+    k_scale = k_scale.reshape(())  # a [1, 1, 1, 1] scale would broadcast the outputs to 4 dims
+    qf = q.float() * q_scale.reshape(()) if q.dtype in FP8_DTYPES else q.float()
     # a strided table (eager accepts one) gathers pages in its own layout: made contiguous for gather_pages' view
     kv = gather_pages(kv_cache, block_table.contiguous(), torch.float32, k_scale)
     valid = torch.arange(kv.shape[1], device=q.device)[None, :] < seq_lens[:, None]
@@ -212,13 +220,21 @@ _sm_count, _num_splits = sm_count, num_splits_for
 def launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out_dtype,
                           config: Optional[DecodeConfig] = None, num_splits: Optional[int] = None,
                           num_sms: Optional[int] = None, out: Optional[torch.Tensor] = None,
-                          lse: Optional[torch.Tensor] = None, poison_workspace: bool = False):
+                          lse: Optional[torch.Tensor] = None, poison_workspace: bool = False,
+                          checked: bool = False):
     """Run the Triton kernels (any device Triton runs on, CPU tensors under TRITON_INTERPRET=1).
 
     config / num_splits / num_sms override the choices of choose_config / _num_splits (benchmarks, tests);
     out / lse are optional preallocated outputs and poison_workspace fills the split workspace with NaN
     (tests: every element the kernels read must have been written).
+    checked: the caller (torch.ops.fx_mla.mla_decode_fp8) validated the arguments; a direct call has them checked
+    here (shapes, dtypes and devices only: no host sync), out / lse included, so that no kernel indexes past them.
     """
+    if not checked:
+        _check_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank, out_dtype)
+        if out is not None or lse is not None:
+            check_launch_args(q, kv_cache, kv_lora_rank, out, lse, block_table, seq_lens, k_scale, q_scale,
+                              "the Triton kernel")
     batch, heads, head_dim = q.shape
     rope = head_dim - kv_lora_rank
     reason = kernel_unsupported_reason(q.dtype, kv_cache.dtype, head_dim, kv_lora_rank)
@@ -327,7 +343,7 @@ def _mla_decode_fp8_cuda(q, kv_cache, block_table, seq_lens, k_scale, q_scale, s
         choice = cuda_kernel_choice(q, kv_cache, kv_lora_rank)
         if choice == "triton":
             return launch_mla_decode_fp8(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, kv_lora_rank,
-                                         out_dtype)
+                                         out_dtype, checked=True)
         name = {"seesaw": "mla_decode_seesaw", "gluon": "mla_decode_gluon", "gluon16": "mla_decode_gluon16"}[choice]
         launch = getattr(importlib.import_module(f"fx_mla.ops.{name}"), f"launch_{name}")
         # checked: _check_args above and cuda_kernel_choice's support check cover the launcher's own checks
