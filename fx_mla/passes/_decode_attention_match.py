@@ -27,6 +27,8 @@ RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 PAGED = fx_mla.gather_dequant_cache_paged.default
 NOTS = (aten.bitwise_not.default, aten.logical_not.default)
 LAST = (-1, 2)  # the token dim of [B, H, T]
+FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+INTS = (torch.int32, torch.int64)
 
 
 class Decline(Exception):
@@ -46,10 +48,23 @@ def _real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if not is_op(u, aten.sym_size.int)]
 
 
-def _back(node: Any, casts: bool = True) -> tuple[Any, list[torch.fx.Node]]:
-    """(base, chain): walk back through views (and casts) from ``node``; chain runs base → node."""
+def _float_cast(node: Any) -> bool:
+    """A cast between bf16, fp16, fp32 and fp64: it changes values by a 16-bit float's rounding at most, which the
+    op's tolerance covers. Casts to or from FP8, integer or bool types change them more (or, from FP8, leave a
+    base the op cannot take without its scale): they are part of the computation, not a layout."""
+    return is_op(node, CONVERT) and node_dtype(node) in FLOATS and node_dtype(node.args[0]) in FLOATS
+
+
+def _int_cast(node: Any) -> bool:
+    """A cast between int32 and int64 (exact for positions and lengths, which are below 2**31)."""
+    return is_op(node, CONVERT) and node_dtype(node) in INTS and node_dtype(node.args[0]) in INTS
+
+
+def _back(node: Any, casts: Any = _float_cast) -> tuple[Any, list[torch.fx.Node]]:
+    """(base, chain): walk back through views (and the casts ``casts`` accepts, None: none) from ``node``; chain
+    runs base → node."""
     chain = []
-    while is_op(node, *VIEWS) or (casts and is_op(node, CONVERT)):
+    while is_op(node, *VIEWS) or (casts is not None and casts(node)):
         if is_op(node, *RESHAPES, CONVERT) and _gathered(node.args[0]):
             break  # a gather's reshape (or cast): the gathered [B, T, D] itself
         chain.append(node)
@@ -208,10 +223,10 @@ def _paged_kv(node: Any) -> Optional[KV]:
             x, scale = x.args if _one_element_f32(x.args[1]) else x.args[::-1]
             if not _one_element_f32(scale):
                 return None
-        if is_op(x, CONVERT):
+        if is_op(x, CONVERT) and node_dtype(x) in FLOATS:  # the dequantizing cast (FP8 → model dtype)
             x = x.args[0]
         gather = x.args[0] if is_op(x, *RESHAPES) else x
-        if gather is not x and is_op(gather, CONVERT):  # cast before the reshape
+        if gather is not x and is_op(gather, CONVERT) and node_dtype(gather) in FLOATS:  # cast, then reshape
             gather = gather.args[0]
         if is_op(gather, aten.index.Tensor) and len(gather.args[1]) == 1 and gather.args[1][0] is not None:
             cache, index = gather.args[0], gather.args[1][0]
@@ -285,11 +300,11 @@ def _scores(bmm: torch.fx.Node) -> Scores:
             if not _is_neg_inf(other):
                 break
             mask, valid = u, u.args[1] is cur
-        elif not (is_op(u, *VIEWS) or is_op(u, CONVERT)):
+        elif not (is_op(u, *VIEWS) or _float_cast(u)):
             break
         nodes.append(u)
         cur = u
-    views = [n for n in nodes if is_op(n, *VIEWS) or is_op(n, CONVERT)]
+    views = [n for n in nodes if is_op(n, *VIEWS) or _float_cast(n)]
     out = node_shape(cur)
     if not _holds(_labels(bmm, views), [0, 1, 2]) or out is None or len(out) != 3 or \
             not all(same_size(a, b) for a, b in zip(out, node_shape(bmm))):
@@ -301,7 +316,7 @@ def _scores(bmm: torch.fx.Node) -> Scores:
 
 def _along(operand: Any, axis: int, rank: int, size: Any) -> Optional[torch.fx.Node]:
     """The 1-D base of ``operand`` when, broadcast to ``rank`` dims, it varies only along ``axis`` (of ``size``)."""
-    base, views = _back(operand, casts=True)
+    base, views = _back(operand, casts=_int_cast)
     shape, base_shape, labels = node_shape(operand), node_shape(base), _labels(base, views)
     if labels is None or shape is None or base_shape is None or len(base_shape) != 1 or len(shape) > rank:
         return None
@@ -313,7 +328,7 @@ def _along(operand: Any, axis: int, rank: int, size: Any) -> Optional[torch.fx.N
 
 def _single(operand: Any) -> Optional[torch.fx.Node]:
     """The 1-D, one-element base of ``operand`` when every axis of ``operand`` has size 1 (batch 1's lengths)."""
-    base, _ = _back(operand, casts=True)
+    base, _ = _back(operand, casts=_int_cast)
     shape, base_shape = node_shape(operand), node_shape(base)
     if shape is None or base_shape is None or len(base_shape) != 1 or static_int(base_shape[0]) != 1 \
             or any(static_int(d) != 1 for d in shape):
@@ -329,7 +344,7 @@ def _length_mask(sc: Scores, batch: Any, tokens: Any) -> torch.fx.Node:
         raise Decline("the scores are not masked by sequence length (no where/masked_fill with -inf)")
     cond, chain, flips = sc.mask.args[0], [], 0
     while True:  # views and logical nots between the comparison and the where
-        cmp, views = _back(cond, casts=False)
+        cmp, views = _back(cond, casts=None)
         chain = views + chain
         if not is_op(cmp, *NOTS):
             break
@@ -348,7 +363,7 @@ def _length_mask(sc: Scores, batch: Any, tokens: Any) -> torch.fx.Node:
     lens = (_single(cmp.args[1 - kind[0]]) if labels[0] is None
             else _along(cmp.args[1 - kind[0]], labels[0], len(cs), batch))
     if pos is None or lens is None or not is_op(pos, prims.iota.default) or arg(pos, 1, "start", 0) != 0 or \
-            arg(pos, 2, "step", 1) != 1 or node_dtype(lens) not in (torch.int32, torch.int64):
+            arg(pos, 2, "step", 1) != 1 or node_dtype(pos) not in INTS or node_dtype(lens) not in INTS:
         raise Decline(not_length)
     # kept tokens: cond (after the nots) selects s in where(cond, s, -inf), -inf in where(cond, -inf, s)
     if kind[1] ^ (flips % 2 == 1) != sc.mask_valid_polarity:

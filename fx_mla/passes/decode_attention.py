@@ -27,13 +27,17 @@ as the cache_gather pass writes it for index_select, reshaped to ``[B, T, D]``; 
 ``p = arange(T)``, ``bs`` the cache's block size, directly or through cache_gather's op: that is
 ``cache[block_table]``, and the op reads the 3-D cache through the table); the values are its first L
 entries; scores are scaled by Python numbers only; the mask is a per-request length mask. The head dim and L are specialized (guarded) to ints, as the kernel needs.
+Casts are looked through only between bf16, fp16, fp32 and fp64 (the mask's positions and lengths: int32 / int64):
+a cast to FP8, an integer or bool type inside the attention is computation the op would drop, so it ends the match
+(a query cast up from FP8 or int8 is passed as that cast, the tensor the plain graph multiplies).
 
 Declines (reported) when: the mask is not ``positions < seq_lens[:, None]`` (causal, a boolean mask input, no mask);
 the softmax / logsumexp is not recognized; an intermediate (scores, probabilities, ...) has another user; dtypes or
 shapes the kernel does not cover (``kernel_unsupported_reason``: head dim, L, rope width, dtypes, capability);
 block_table not int32; a flattened-slot gather whose slots are not that formula over a block table (slots passed
 in, another block size), reported as per-token slots, with or without the cache_gather pass first; a scaled
-non-FP8 cache.
+non-FP8 cache; a cache not contiguous in D; an input of the op on another device than the query (eager takes a CPU
+index or a CPU 0-dim scale with a CUDA cache).
 """
 from __future__ import annotations
 
@@ -50,9 +54,10 @@ from fx_mla.ops._fp8 import FP8_DTYPES
 from fx_mla.ops.mla_decode_fp8 import OUT_DTYPES, kernel_unsupported_reason
 
 from ..report import short_dtype
-from ._decode_attention_match import (KV, Decline, _back, _find_lse, _holds, _labels, _length_mask, _one_element_f32,
-                                      _paged_kv, _probs, _real_users, _scores, _size)
-from .match import CONVERT, arg, is_op, node_dtype, node_shape, same_size, set_val, static_int, tensor_val
+from ._decode_attention_match import (FLOATS, KV, Decline, _back, _find_lse, _holds, _labels, _length_mask,
+                                      _one_element_f32, _paged_kv, _probs, _real_users, _scores, _size)
+from .match import (CONVERT, arg, is_op, node_device, node_dtype, node_shape, same_size, set_val, static_int,
+                    tensor_val)
 
 PASS = "decode_attention"
 aten, fx_mla = torch.ops.aten, torch.ops.fx_mla
@@ -94,7 +99,8 @@ def _fp8_query(q: torch.fx.Node) -> Optional[tuple[torch.fx.Node, torch.fx.Node]
     if not is_op(q, aten.mul.Tensor) or len(q.args) != 2:
         return None
     for conv, scale in (q.args, q.args[::-1]):
-        if is_op(conv, CONVERT) and node_dtype(conv.args[0]) in FP8_DTYPES and _one_element_f32(scale):
+        if is_op(conv, CONVERT) and node_dtype(conv.args[0]) in FP8_DTYPES and node_dtype(conv) in FLOATS and \
+                _one_element_f32(scale):
             return conv.args[0], scale
     return None
 
@@ -186,6 +192,8 @@ def _match(bmm: torch.fx.Node, ctx) -> Optional[Plan]:
         raise Decline(f"a {short_dtype(cache_dtype)} cache times a scale: mla_decode_fp8 scales FP8 caches only")
     if kv.k_scale is not None and not _one_element_f32(kv.k_scale):
         raise Decline("k_scale is not a one-element float32 tensor")
+    if static_int(tensor_val(kv.cache).stride(-1)) != 1 and static_int(node_shape(kv.cache)[-1]) != 1:
+        raise Decline("the cache is not contiguous in its last dim (D); mla_decode_fp8 reads rows of D entries")
     if plan.out_dtype not in OUT_DTYPES:
         raise Decline(f"the output dtype {short_dtype(plan.out_dtype)} is not bf16, fp16 or f32")
     cap = ctx.capability if ctx.is_cuda else None
@@ -198,6 +206,13 @@ def _match(bmm: torch.fx.Node, ctx) -> Optional[Plan]:
             plan.q, plan.q_scale = fp8
         else:
             note = f"; dequantized query ({why})"
+    # eager takes a CPU index or a CPU 0-dim scale with a CUDA cache; the op takes every input on the query's device
+    inputs = {"kv_cache": kv.cache, "block_table": kv.block_table, "seq_lens": seq_lens, "k_scale": kv.k_scale,
+              "q_scale": plan.q_scale}
+    for name, node in inputs.items():
+        if node is not None and node_device(node) != node_device(plan.q):
+            raise Decline(f"{name} is on {node_device(node)}, the query on {node_device(plan.q)}: mla_decode_fp8 "
+                          "takes its inputs on one device")
     reason = kernel_unsupported_reason(node_dtype(plan.q), cache_dtype, head_dim, latent, cap)
     if reason is not None:
         raise Decline(f"mla_decode_fp8 does not cover this attention: {reason}")
