@@ -26,6 +26,8 @@ _NAMER: list = [None]  # the report's GraphNamer, so reasons use the printed gra
 
 
 def _n(node) -> str:
+    if not isinstance(node, torch.fx.Node):  # a constant or None where a matcher expected a node
+        return repr(node)
     return "%" + (_NAMER[0].name(node) if _NAMER[0] is not None else node.name)
 
 
@@ -109,6 +111,8 @@ def _ds_mla_tail(gather: torch.fx.Node) -> Union[Tail, str]:
         rows = real[0]
         nodes.append(rows)
     no = "656-byte rows gathered, but not dequantized in the fp8_ds_mla form the pass knows: "
+    if static_int(node_shape(rows)[-1]) != _gdc.DS_MLA_ROW_BYTES:  # a reshape regrouped the bytes of the rows
+        return no + f"{_n(rows)} has rows of {_sz(node_shape(rows)[-1])} bytes, not the cache's 656"
     lat, scales, rope = (_byte_view(rows, *part) for part in ((0, 512, torch.float8_e4m3fn),
                                                               (512, 528, torch.float32), (528, 656, torch.bfloat16)))
     if None in (lat, scales, rope) or len(rows.users) != 3 or len(lat.users) != 4 or len(scales.users) != 4:
@@ -227,6 +231,12 @@ def _strip_upcast(node):
     return node
 
 
+def _unscaled(node) -> bool:
+    """An ``add``/``sub`` whose second operand is not multiplied (no ``alpha``, or ``alpha=1``)."""
+    alpha = node.kwargs.get("alpha", 1)
+    return isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha == 1
+
+
 def _is_size(value, size) -> bool:
     v = value.meta.get("val") if isinstance(value, torch.fx.Node) else value
     return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) and same_size(v, size)
@@ -255,11 +265,13 @@ def _token_meta(cache, blk, slot) -> Union[tuple, str]:
     raw, starts = off.args[1], None
     if is_op(raw, aten.add.Tensor):
         x, y = raw.args
+        if not _unscaled(raw):
+            return no + f"{_n(raw)} adds seq_starts[request] times alpha={_n(raw.kwargs['alpha'])}"
         raw, starts = (x, y) if is_op(x, aten.sub.Tensor) else (y, x)
         if not (is_op(starts, aten.index.Tensor) and list(starts.args[1]) == [b]):
             return no + f"{_n(starts)} is not seq_starts[request]"
         starts = _strip_upcast(starts.args[0])
-    if not (is_op(raw, aten.sub.Tensor) and is_op(raw.args[0], prims.iota.default)
+    if not (is_op(raw, aten.sub.Tensor) and _unscaled(raw) and is_op(raw.args[0], prims.iota.default)
             and raw.args[0].kwargs.get("start") == 0 and raw.args[0].kwargs.get("step") == 1
             and is_op(raw.args[1], aten.index.Tensor) and list(raw.args[1].args[1]) == [b]):
         return no + f"{_n(raw)} is not arange(num_tokens) - cu_seq_lens[request]"

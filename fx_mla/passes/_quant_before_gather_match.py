@@ -127,6 +127,9 @@ def _chain_semantics(path: list[Node], chain: AllGatherChain):
     k = path.index(scalings[0]) if scalings else next(i for i, n in enumerate(path) if not _is(n, CONVERT)
                                                       or n is path[-1])
     pre, post = path[:k], path[k + bool(scalings):-1]
+    clamp = next((n for n in pre if not _is(n, CONVERT)), None)
+    if clamp is not None:
+        raise Decline(f"%{clamp.name} clamps before the scaling; quant_fp8 clamps only the scaled values")
     x_dtype = node_dtype(pre[-1]) if pre else node_dtype(chain.result)
     fp8 = path[-1].args[1]
     if x_dtype not in INPUT_DTYPES or fp8 not in FP8_DTYPES:

@@ -30,7 +30,8 @@ before the multiply (the cast alone is still fused).
 Declines (reported): cache dtype or output dtype the op does not cover (int8 / uint8 caches of other row widths
 cast to a float included), a cache whose last dim is not contiguous,
 fp8 on CUDA below compute capability 8.9, index dtypes other than int32/int64, index patterns not recognised
-(more than 2-D block indices, other token index arithmetic, indexing another dim), metadata shapes the op
+(more than 2-D block indices, other token index arithmetic such as an add/sub with alpha, indexing another dim),
+fp8_ds_mla rows reshaped to another row width than 656 bytes, metadata shapes the op
 rejects, a bf16/fp16 multiply by an fp32 scale for Inductor with emulate_precision_casts on CUDA (above), fp8 rows
 gathered without a dequantize (e.g. feeding an all-gather after quant_before_gather's mirror
 rewrite: the op has no fp8 → fp8 copy), and other users of the gathered fp8 rows.

@@ -6,7 +6,8 @@ FP8 travels as uint8, since gloo cannot all-gather float8):
 * static per-tensor scale:   all_gather(x) → wait → [reorg] → quantize(·, s)
                           ⇒  quant_fp8(x, s) → view(u8) → all_gather → wait → [reorg] → view(fp8)
 * dynamic per-tensor scale:  s = f(amax(|gathered|)): the amax becomes amax(|x|) → all_reduce(MAX) → wait (max is
-                             exact, so s is bitwise the same on every rank), then as above.
+                             exact, so s is bitwise the same on every rank; a NaN flag travels in the same all-reduce,
+                             since a MAX all-reduce drops NaN where amax keeps it), then as above.
 * per-token scales (reductions over dims other than 0 and d): the whole chain runs on x's rows before the gather;
   scales that later ops read (a dequant) are all-gathered as fp32 through the same [reorg].
 * mirror (context path):     all_gather(dequantize(x_fp8)) ⇒ dequantize(all_gather(x_fp8)); dequantize = converts
@@ -26,7 +27,8 @@ q_scale/k_scale are); a scale computed from rank-local tensors is declined.
 
 Declines (reported; graph intact): group size not a static int; the gathered tensor or a step of its quantization
 has other users; an op that is not part of a quantization between the gather and the FP8 cast; no clamp, a clamp
-other than ±fp8 max, or a rounding convert after the scaling; a narrowing convert before the scaling where the
+other than ±fp8 max, a clamp before the scaling, or a rounding convert after the scaling; a scale that broadcasts the
+data to more dims; a narrowing convert before the scaling where the
 compiled graph drops it (default Inductor on CUDA); a scale that is not 1-element fp32, is computed from
 rank-local data, or reads the gathered data other than through an amax; a Python-number divisor that is not a power
 of two (eager CPU divides, eager CUDA and Inductor multiply by its reciprocal); unsupported dtypes; a CUDA device
@@ -51,7 +53,7 @@ from ._quant_before_gather_match import (REDUCTIONS, Decline, _chain, _chain_sem
                                          _dequant_chain, _exact_in, _find_fp8_cast, _one_element, _replicated,
                                          _scale_cone)
 from .match import (CONVERT, AllGatherChain, downstream, erase_unused, hoist_before, is_op as _is, node_dtype,
-                    node_shape, set_vals, tensor_val)
+                    node_shape, same_shape, set_vals, tensor_val)
 
 PASS = "quant_before_gather"
 aten, c10d = torch.ops.aten, torch.ops._c10d_functional
@@ -161,6 +163,10 @@ def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, 
     region = {chain.wait, *chain.nodes[2:]}
     gathered = downstream(chain.wait)
     path = _data_path(fp8_cast, chain.result, region, gathered)
+    if not same_shape(node_shape(fp8_cast), node_shape(chain.result)):
+        raise Decline(f"the quantization broadcasts the gathered tensor ({len(node_shape(chain.result))} dims) to "
+                      f"another shape (%{fp8_cast.name}: {len(node_shape(fp8_cast))} dims); quant_fp8 keeps its "
+                      f"input's shape")
     pre, scaling, fp8, implicit = _chain_semantics(path, chain)
     reason = fp8_supported(fp8, ctx.capability if ctx.is_cuda else None)
     if reason:
@@ -232,14 +238,28 @@ def _quant_before(graph: torch.fx.Graph, chain: AllGatherChain, fp8_cast: Node, 
 
 
 def _all_reduced_amax(graph, amax: Node, x: Node, chain: AllGatherChain) -> list[Node]:
-    """amax(|x|) over this rank → all_reduce(MAX) → wait, in fp32 (exact for bf16/fp16; gloo reduces fp32)."""
+    """amax(|x|) over this rank → all_reduce(MAX) → wait, in fp32 (exact for bf16/fp16; gloo reduces fp32).
+
+    torch's amax of the gathered tensor is NaN when any rank's part holds a NaN, but a MAX all-reduce drops NaN
+    (gloo's compares with '<', NCCL's is fmax): each rank sends [its amax, isnan(its amax)] in one all-reduce and a
+    raised flag makes the result NaN."""
     nodes = [_call(graph, aten.abs.default, x)] if _is(amax.args[0], aten.abs.default) else []
     nodes.append(graph.call_function(amax.target, (nodes[-1] if nodes else x, *amax.args[1:]), dict(amax.kwargs)))
     dtype = node_dtype(amax)
     if dtype != torch.float32:
         nodes.append(_call(graph, CONVERT, nodes[-1], torch.float32))
+    local = nodes[-1]
+    nodes.append(nan := _call(graph, CONVERT, _call(graph, aten.isnan.default, local), torch.float32))
+    nodes.append(nan.args[0])
+    nodes += [_call(graph, aten.unsqueeze.default, n, 0) for n in (local, nan)]
+    nodes.append(_call(graph, aten.cat.default, nodes[-2:]))
     nodes.append(_call(graph, c10d.all_reduce.default, nodes[-1], "max", chain.group_name))
-    nodes.append(_call(graph, c10d.wait_tensor.default, nodes[-1]))
+    nodes.append(wait := _call(graph, c10d.wait_tensor.default, nodes[-1]))
+    nodes.append(flag := _call(graph, aten.gt.Scalar, _call(graph, aten.select.int, wait, 0, 1), 0))
+    nodes += [flag.args[0], _call(graph, aten.select.int, wait, 0, 0)]
+    nodes.append(_call(graph, aten.full.default, [], math.nan, dtype=torch.float32, device=tensor_val(x).device,
+                       pin_memory=False))
+    nodes.append(_call(graph, aten.where.self, flag, nodes[-1], nodes[-2]))
     if dtype != torch.float32:
         nodes.append(_call(graph, CONVERT, nodes[-1], dtype))
     amax.replace_all_uses_with(nodes[-1])
