@@ -48,7 +48,7 @@ RS_ARGS = [("q_ptr", "*bf16"), ("lat_desc", None), ("rope_desc", None), ("block_
            ("seq_lens_ptr", "*i32"), ("k_scale_ptr", "*fp32"), ("q_scale_ptr", "*fp32"), ("out_ptr", "*bf16"),
            ("lse_ptr", "*fp32"), ("part_o_ptr", "*fp32"), ("part_lse_ptr", "*fp32"), ("sm_scale", "fp32")] + [
     (n, "i32") for n in ("num_heads", "num_splits", "num_blocks", "max_blocks", "stride_q_b", "stride_q_h",
-                         "stride_bt_b", "stride_o_b", "stride_o_h", "batch")]
+                         "stride_bt_b", "stride_o_b", "stride_o_h", "batch")] + [("tile_prefix_ptr", "*i32")]
 RS = dict(PAGE=64, L=512, R=64, BLOCK_H=16, BLOCK_N=64, Q_SHIFT=8, HAS_Q_SCALE=False, E5M2=False, SINGLE_SPLIT=False,
           NUM_STAGES=4, DIM_MAJOR_STORE=False, BALANCED=False, B_POW2=32, SCORER_REGS=232, LOADER_REGS=40,
           num_warps=4)

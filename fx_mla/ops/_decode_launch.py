@@ -54,9 +54,11 @@ def fill_empty(out: torch.Tensor, lse: torch.Tensor):
 
 
 def check_capacity(kv_cache, block_table) -> None:
-    capacity = block_table.shape[1] * kv_cache.shape[1]  # the kernels clamp lengths to it in int32
-    _expect(capacity < 2 ** 31, ValueError, f"block_table's max_blocks ({block_table.shape[1]}) * kv_cache's "
-                                            f"block_size ({kv_cache.shape[1]}) = {capacity} must be below 2**31")
+    # the kernels clamp lengths to it in int32 and round them up to 64-token tiles there
+    capacity = block_table.shape[1] * kv_cache.shape[1]
+    _expect(capacity <= 2 ** 31 - 64, ValueError,
+            f"block_table's max_blocks ({block_table.shape[1]}) * kv_cache's block_size ({kv_cache.shape[1]}) = "
+            f"{capacity} must be below 2**31 (at most 2**31 - 64)")
 
 
 def num_splits_for(batch: int, groups: int, max_len: int, block_n: int, num_sms: int, occupancy: int) -> int:
@@ -169,26 +171,35 @@ def balanced_segments(seq_lens, num_ctas: int, cap: int, block_n: int):
     return out
 
 
+def balanced_prefix(seq_lens, cap: int, block_n: int):
+    """tile_prefix as the kernel's CTA 0 writes it: request r's first tile in the end-to-end order, then T."""
+    out = [0]
+    for n in seq_lens:
+        out.append(out[-1] + (min(max(int(n), 0), cap) + block_n - 1) // block_n)
+    return out
+
+
 def balanced_workspace(q, num_ctas: int, kv_lora_rank: int, poison: bool):
-    """(part_o [(B + G) H, L] fp32, part_lse [(B + G) H] fp32): one slot a segment r + c (at most B + G - 1)."""
+    """(part_o [(B + G) H, L] fp32, part_lse [(B + G) H] fp32, tile_prefix [B + 1] int32): one slot a segment
+    r + c (at most B + G - 1); tile_prefix is written by the kernel's CTA 0 for the combine."""
     batch, heads = q.shape[:2]
     new = torch.full if poison else torch.empty
     fill = (float("nan"),) if poison else ()
     rows = (batch + num_ctas) * heads
+    prefix = torch.full((batch + 1,), -1, dtype=torch.int32, device=q.device) if poison else \
+        torch.empty((batch + 1,), dtype=torch.int32, device=q.device)
     return (new((rows, kv_lora_rank), *fill, dtype=torch.float32, device=q.device),
-            new((rows,), *fill, dtype=torch.float32, device=q.device))
+            new((rows,), *fill, dtype=torch.float32, device=q.device), prefix)
 
 
-def combine_balanced(part_o, part_lse, out, lse, seq_lens, num_ctas: int, cap: int, block_n: int,
-                     kv_lora_rank: int) -> None:
+def combine_balanced(part_o, part_lse, out, lse, tile_prefix, num_ctas: int, kv_lora_rank: int) -> None:
     """Merge the segments of requests split across CTAs; out = 0, lse = -inf for requests without tokens (the
-    requests within one CTA were written by it)."""
+    requests within one CTA were written by it). tile_prefix: the kernel's [B + 1] first tiles and T."""
     batch, heads = lse.shape
     block_l = min(128, triton.next_power_of_2(kv_lora_rank))
     _mla_decode_fp8_combine_balanced_kernel[(triton.cdiv(kv_lora_rank, block_l), heads, batch)](
-        part_o, part_lse, out, lse, seq_lens, batch, num_ctas, cap, heads, out.stride(0), out.stride(1),
-        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=8, B_POW2=max(2, triton.next_power_of_2(batch)), BLOCK_N=block_n,
-        num_warps=4)
+        part_o, part_lse, out, lse, tile_prefix, batch, num_ctas, heads, out.stride(0), out.stride(1),
+        L=kv_lora_rank, BLOCK_L=block_l, BLOCK_S=8, num_warps=4)
 
 
 # A bf16 query over an FP8 cache -> fp16 as q * 2**-8 (the Triton and the Gluon kernels; exact for 2**-6 <= |q| <=

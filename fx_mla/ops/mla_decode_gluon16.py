@@ -196,7 +196,7 @@ def launch_mla_decode_gluon16(q, kv_cache, block_table, seq_lens, k_scale, q_sca
     return out, lse
 
 
-def _launch_rs(kv_cache, args, consts, num_splits: int, batch: int, page: int):
+def _launch_rs(kv_cache, args, consts, num_splits: int, batch: int, page: int, tile_prefix=None):
     """The "rs" kernel: TMA descriptors of the cache seen as [num_blocks * block_size, row] bytes (latent boxes of
     [box, 128] with the 128-byte swizzle, rope boxes [box, 64] with the 64-byte swizzle, box = min(block_size, 64)
     rows), the shared-memory views of kernels/mla_decode_gluon16_rs.views() as constexprs."""
@@ -214,8 +214,10 @@ def _launch_rs(kv_cache, args, consts, num_splits: int, batch: int, page: int):
                             gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
     # (q, lat, rope, block_table, seq_lens, k_scale, q_scale, out, lse, part_o, part_lse, sm_scale, heads, splits,
     #  num_blocks, max_blocks, stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h)
-    #  num_blocks, max_blocks, stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h, batch)
-    rs_args = (args[0], lat, rope) + tuple(args[2:17]) + tuple(args[19:]) + (batch, )
+    #  num_blocks, max_blocks, stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h, batch, tile_prefix:
+    #  the balanced schedule's [B + 1] int32, written by its CTA 0; unused by the split form, which gets seq_lens)
+    rs_args = (args[0], lat, rope) + tuple(args[2:17]) + tuple(args[19:]) + (
+        batch, args[3] if tile_prefix is None else tile_prefix)
     scorer_regs, loader_regs = RS_REGS
     balanced = consts.pop("BALANCED", False)
     b_pow2 = consts.pop("B_POW2", 1)
@@ -239,14 +241,12 @@ def _launch_rs_balanced(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm
     check_num_splits(num_ctas)
     args, consts, _ = gluon_launch_args(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm_scale, out, lse, 1,
                                         poison)
-    part_o, part_lse = balanced_workspace(q, num_ctas, kv_lora_rank, poison)
-    seq_lens = args[3]  # contiguous
+    part_o, part_lse, prefix = balanced_workspace(q, num_ctas, kv_lora_rank, poison)
     args = args[:8] + (part_o, part_lse) + args[10:12] + (num_ctas, ) + args[13:]
     consts = dict(consts, SINGLE_SPLIT=False, BALANCED=True, B_POW2=max(2, triton.next_power_of_2(batch)))
-    kernel = _launch_rs(kv_cache, args, consts, num_ctas, batch, page)
+    kernel = _launch_rs(kv_cache, args, consts, num_ctas, batch, page, prefix)
     launch_mla_decode_gluon16.last_kernel = kernel
-    combine_balanced(part_o, part_lse, out, lse, seq_lens, num_ctas, block_table.shape[1] * page, BLOCK_N,
-                     kv_lora_rank)
+    combine_balanced(part_o, part_lse, out, lse, prefix, num_ctas, kv_lora_rank)
     return out, lse
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fx_mla.ops import mla_decode_gluon16 as g16mod
-from fx_mla.ops._decode_launch import balanced_segments
+from fx_mla.ops._decode_launch import balanced_prefix, balanced_segments
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCK_N = 64
@@ -30,6 +30,7 @@ def _kernel_segments(lens, num_ctas, cap):
     """The kernel's walk (_balanced_range, then _rs_segment per request) replayed on ints."""
     nt = [(min(max(n, 0), cap) + BLOCK_N - 1) // BLOCK_N for n in lens]
     incl = [sum(nt[:i + 1]) for i in range(len(nt))]
+    assert balanced_prefix(lens, cap, BLOCK_N) == [0] + incl  # CTA 0's tile_prefix: incl - nt, then T
     total = sum(nt)
     out = []
     for c in range(num_ctas):
@@ -111,18 +112,20 @@ def test_balanced_launcher_calls_the_kernel_and_its_combine(monkeypatch, fake_ho
     out, lse = torch.empty(batch, heads, 512, dtype=torch.bfloat16), torch.empty(batch, heads)
     assert g16mod.launch_mla_decode_gluon16(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=7) == (out, lse)
     [(grid, args, constexprs)] = calls
-    assert grid == (7, ) and args[13] == 7 and args[-1] == batch  # num_splits = the CTA count; batch last
+    assert grid == (7, ) and args[13] == 7 and args[-2] == batch  # num_splits = the CTA count; batch, tile_prefix
     assert constexprs["BALANCED"] and constexprs["B_POW2"] == 8 and not constexprs["SINGLE_SPLIT"]
-    part_o, part_lse = args[9], args[10]  # after the two descriptors
+    part_o, part_lse, prefix = args[9], args[10], args[-1]  # after the two descriptors
     assert part_o.shape == ((batch + 7) * heads, 512) and part_lse.shape == ((batch + 7) * heads, )
-    [(c_o, c_lse, c_out, c_lse_out, c_lens, c_ctas, c_cap, c_block_n, c_lat)] = combined
-    assert c_o is part_o and c_lse is part_lse and c_out is out and c_lse_out is lse and torch.equal(c_lens, lens)
-    assert (c_ctas, c_cap, c_block_n, c_lat) == (7, 3 * 64, 64, 512)
+    assert prefix.dtype == torch.int32 and prefix.shape == (batch + 1, )
+    [(c_o, c_lse, c_out, c_lse_out, c_prefix, c_ctas, c_lat)] = combined
+    assert c_o is part_o and c_lse is part_lse and c_out is out and c_lse_out is lse and c_prefix is prefix
+    assert (c_ctas, c_lat) == (7, 512)
     # off (the default), or batches above RS_BALANCED_MAX_BATCH: the split form
     monkeypatch.setattr(g16mod, "RS_BALANCED_MAX_BATCH", batch - 1)
     monkeypatch.setattr(g16mod, "combine_splits", lambda *a, **k: None)
     g16mod.launch_mla_decode_gluon16(q, kv, bt, lens, ks, None, 0.1, 512, out, lse, num_splits=3)
     assert calls[-1][0] == (3, batch) and not calls[-1][2]["BALANCED"] and calls[-1][2]["B_POW2"] == 1
+    assert calls[-1][1][-1] is calls[-1][1][4]  # tile_prefix unused: seq_lens in its place
 
 
 def test_balanced_applies_only_where_its_int32_tile_counts_hold(monkeypatch):
@@ -148,7 +151,7 @@ def _combine_checks():
     into its slot r + c (fp32), or into out / lse for a whole request; every other slot and the rows of the merged
     requests are NaN. The combine must give the float64 softmax over all tokens, leave the whole requests' rows
     bitwise as they were, and write out = 0, lse = -inf for requests without tokens."""
-    from fx_mla.ops._decode_launch import balanced_workspace, combine_balanced
+    from fx_mla.ops._decode_launch import balanced_prefix, balanced_workspace, combine_balanced
     assert os.environ.get("TRITON_INTERPRET") == "1"
     heads, lat = 3, 96
     # (4, 192, 40): more CTAs than tiles, so some CTAs between a request's first and last have no share
@@ -160,7 +163,9 @@ def _combine_checks():
         scores = torch.randn(batch, heads, cap, generator=g, dtype=torch.float64) * 3
         values = torch.randn(batch, cap, lat, generator=g, dtype=torch.float64)
         q = torch.empty(batch, heads, 1)
-        part_o, part_lse = balanced_workspace(q, num_ctas, lat, poison=True)
+        part_o, part_lse, prefix = balanced_workspace(q, num_ctas, lat, poison=True)
+        assert bool((prefix == -1).all())  # poisoned: the kernel's CTA 0 writes it
+        prefix.copy_(torch.tensor(balanced_prefix(lens, cap, BLOCK_N), dtype=torch.int32))
         out = torch.full((batch, heads, lat), float("nan"), dtype=out_dtype)
         lse = torch.full((batch, heads), float("nan"))
         ref_o = torch.zeros(batch, heads, lat, dtype=torch.float64)
@@ -182,8 +187,7 @@ def _combine_checks():
                 ref_lse[r] = torch.logsumexp(scores[r, :, :n], dim=1)
                 ref_o[r] = torch.softmax(scores[r, :, :n], dim=1) @ values[r, :n]
         before_o, before_lse = out.clone(), lse.clone()
-        combine_balanced(part_o, part_lse, out, lse, torch.tensor(lens, dtype=torch.int32), num_ctas, cap, BLOCK_N,
-                         lat)
+        combine_balanced(part_o, part_lse, out, lse, prefix, num_ctas, lat)
         assert split and not out.isnan().any() and not lse.isnan().any(), (lens, split)
         for r, n in enumerate(lens):
             if r not in split and min(max(n, 0), cap) > 0:  # written by its one CTA: untouched

@@ -60,6 +60,11 @@ def test_launchers_reject_capacity_past_int32():
     with pytest.raises(ValueError, match=r"max_blocks .* must be below 2\*\*31"):
         dmod.check_capacity(kv, bt)
     dmod.check_capacity(kv, bt[:, :2 ** 24])
+    # 2**31 - 32 tokens: an int32 length rounded up to a 64-token tile would overflow
+    kv32, wide = torch.empty(1, 32, 576), torch.zeros(1, 1, dtype=torch.int32).expand(1, 2 ** 26 - 1)
+    with pytest.raises(ValueError, match=r"at most 2\*\*31 - 64"):
+        dmod.check_capacity(kv32, wide)
+    dmod.check_capacity(kv32, wide[:, :2 ** 26 - 2])  # 2**31 - 64 tokens
 
 
 def test_triton_launcher_rejects_bad_num_splits():

@@ -266,24 +266,20 @@ def _mla_decode_fp8_combine_kernel(
 
 @triton.jit
 def _mla_decode_fp8_combine_balanced_kernel(
-        part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, seq_lens_ptr, batch, num_ctas, cap, num_heads, stride_o_b,
-        stride_o_h, L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, B_POW2: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+        part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, tile_prefix_ptr, batch, num_ctas, num_heads, stride_o_b,
+        stride_o_h, L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr):
     """Merge request b's segments of the balanced schedule (kernels/mla_decode_gluon16_rs.py, BALANCED): all
-    requests' tiles laid end to end (T in all, request b's at [P_b, P_b + nt_b)), CTA c of G took tiles
-    [c T / G, (c + 1) T / G), so tile x lies in CTA ((x + 1) G - 1) // T, and the CTA c of a part of request b wrote
-    it into workspace slot b + c ([(B + G) H, L] rows of L, lse [(B + G) H]). A request within one CTA was written
-    into out / lse by that CTA (nothing to do here); a request without tiles gets out = 0, lse = -inf.
-    Grid (cdiv(L, BLOCK_L), heads, batch); lengths clamped to [0, cap] as the kernel does."""
+    requests' tiles laid end to end (T in all, request b's at [P_b, P_(b+1)): tile_prefix, written by the kernel's
+    CTA 0), CTA c of G took tiles [c T / G, (c + 1) T / G) (none where G > T and that range is empty), so tile x lies
+    in CTA ((x + 1) G - 1) // T, and the CTA c of a part of request b wrote it into workspace slot b + c
+    ([(B + G) H, L] rows of L, lse [(B + G) H]). A request within one CTA was written into out / lse by that CTA
+    (nothing to do here); a request without tiles gets out = 0, lse = -inf. Grid (cdiv(L, BLOCK_L), heads, batch)."""
     pid_l = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    idx = tl.arange(0, B_POW2)
-    lens = tl.load(seq_lens_ptr + idx, mask=idx < batch, other=0).to(tl.int32)
-    tiles = (tl.minimum(tl.maximum(lens, 0), cap) + (BLOCK_N - 1)) // BLOCK_N
-    total = tl.sum(tiles, 0).to(tl.int64)
-    p0 = tl.sum(tl.where(idx < b, tiles, 0), 0).to(tl.int64)
-    nt = tl.sum(tl.where(idx == b, tiles, 0), 0).to(tl.int64)
+    p0 = tl.load(tile_prefix_ptr + b).to(tl.int64)
+    nt = tl.load(tile_prefix_ptr + b + 1).to(tl.int64) - p0
+    total = tl.load(tile_prefix_ptr + batch).to(tl.int64)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     l_mask = offs_l < L
     o_ptrs = out_ptr + b.to(tl.int64) * stride_o_b + h * stride_o_h + offs_l

@@ -149,11 +149,12 @@ def _add(a, b):
 
 
 @gluon.jit
-def _balanced_range(seq_lens_ptr, batch, cap, num_ctas, B_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
+def _balanced_range(seq_lens_ptr, tile_prefix_ptr, batch, cap, num_ctas, B_POW2: gl.constexpr, BLOCK_N: gl.constexpr,
                     NUM_WARPS: gl.constexpr):
     """(b_lo, b_hi, r_first, p_first, n_seg): this CTA's tiles [b_lo, b_hi) of the end-to-end order, the first
     request r_first with a tile at or after b_lo, the tiles before it (p_first), and the number of requests from
-    r_first on whose tiles start before b_hi (empty requests among them give empty segments)."""
+    r_first on whose tiles start before b_hi (empty requests among them give empty segments). CTA 0 also writes
+    tile_prefix [B + 1] (request r's tiles start at tile_prefix[r]; tile_prefix[B] = T) for the balanced combine."""
     LAY: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
     idx = gl.arange(0, B_POW2, layout=LAY)
     lens = gl.load(seq_lens_ptr + idx, mask=idx < batch, other=0).to(gl.int32)
@@ -166,6 +167,9 @@ def _balanced_range(seq_lens_ptr, batch, cap, num_ctas, B_POW2: gl.constexpr, BL
     r_first = gl.sum((incl <= b_lo).to(gl.int32), 0)
     p_first = gl.sum(gl.where(idx < r_first, nt, 0), 0)
     n_seg = gl.maximum(gl.sum((incl - nt < b_hi).to(gl.int32), 0) - r_first, 0)
+    if c == 0:
+        gl.store(tile_prefix_ptr + idx, incl - nt, mask=idx < batch)
+        gl.store(tile_prefix_ptr + batch, total.to(gl.int32))
     return b_lo, b_hi, r_first, p_first, n_seg
 
 
@@ -499,7 +503,7 @@ def _mla_decode_gluon16_rs_kernel(
         q_ptr, lat_desc, rope_desc, block_table_ptr, seq_lens_ptr, k_scale_ptr, q_scale_ptr,
         out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
         sm_scale, num_heads, num_splits, num_blocks, max_blocks,
-        stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h, batch,
+        stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h, batch, tile_prefix_ptr,
         PAGE: gl.constexpr, L: gl.constexpr, R: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         Q_SHIFT: gl.constexpr, HAS_Q_SCALE: gl.constexpr, E5M2: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
         NUM_STAGES: gl.constexpr, DIM_MAJOR_STORE: gl.constexpr, BALANCED: gl.constexpr, B_POW2: gl.constexpr,
@@ -507,7 +511,8 @@ def _mla_decode_gluon16_rs_kernel(
         V_VIEW: gl.constexpr, PT_VIEW: gl.constexpr, O_DIMS: gl.constexpr, num_warps: gl.constexpr):
     """Grid (num_splits, batch): CTA (s, b) computes split s of request b. BALANCED: grid (num_splits,) with
     num_splits the CTA count G; CTA c computes its equal share of all requests' tiles (_balanced_range), whole
-    requests into out / lse and parts of requests into workspace slots r + c (B_POW2 >= batch)."""
+    requests into out / lse and parts of requests into workspace slots r + c (B_POW2 >= batch), and CTA 0 the
+    requests' first tiles into tile_prefix [B + 1] int32 for the balanced combine (unused by the split form)."""
     gl.static_assert(num_warps == 4, "the default partition (P V) is one warpgroup")
     gl.static_assert(BLOCK_N == 64, "the wgmma M side of S^T: one warpgroup, 64 tokens")
     gl.static_assert(BLOCK_H == 16, "wgmma N = the 16 heads")
@@ -547,8 +552,8 @@ def _mla_decode_gluon16_rs_kernel(
     if BALANCED:
         k_scale, qk_scale = _score_scale(sm_scale, k_scale_ptr, q_scale_ptr, Q_SHIFT, HAS_Q_SCALE)
         cap = max_blocks * PAGE
-        b_lo, b_hi, r_first, p_first, n_seg = _balanced_range(seq_lens_ptr, batch, cap, num_splits, B_POW2, BLOCK_N,
-                                                               num_warps)
+        b_lo, b_hi, r_first, p_first, n_seg = _balanced_range(seq_lens_ptr, tile_prefix_ptr, batch, cap, num_splits,
+                                                               B_POW2, BLOCK_N, num_warps)
         gl.warp_specialize([
             (_rs_pv_balanced, (lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, seq_lens_ptr, r_first,
                                p_first, b_lo, b_hi, n_seg, cap, k_scale, out_ptr, part_o_ptr, stride_o_b,
