@@ -154,31 +154,6 @@ def combine_splits(part_o, part_lse, out, lse, splits: int, kv_lora_rank: int, c
 # ---- the balanced schedule (the 16-head rs kernel's BALANCED form; kernels/mla_decode_gluon16_rs.py): all requests'
 # tiles end to end, cut into num_ctas equal shares of whole tiles; a request's part in one CTA is a segment, written
 # into out / lse when it is the whole request, else into workspace slot r + c
-def balanced_segments(seq_lens, num_ctas: int, cap: int, block_n: int):
-    """The balanced schedule in Python (tests, and the reading of the kernel): [(cta, request, first token, end
-    token, whole)] for lengths clamped to [0, cap], in tile order."""
-    tiles = [(min(max(int(n), 0), cap) + block_n - 1) // block_n for n in seq_lens]
-    total = sum(tiles)
-    out, p0 = [], 0
-    for r, nt in enumerate(tiles):
-        n = min(max(int(seq_lens[r]), 0), cap)
-        for c in range(num_ctas):
-            lo = max((c * total) // num_ctas - p0, 0)
-            hi = min(((c + 1) * total) // num_ctas - p0, nt)
-            if hi > lo:
-                out.append((c, r, lo * block_n, min(hi * block_n, n), lo == 0 and hi == nt))
-        p0 += nt
-    return out
-
-
-def balanced_prefix(seq_lens, cap: int, block_n: int):
-    """tile_prefix as the kernel's CTA 0 writes it: request r's first tile in the end-to-end order, then T."""
-    out = [0]
-    for n in seq_lens:
-        out.append(out[-1] + (min(max(int(n), 0), cap) + block_n - 1) // block_n)
-    return out
-
-
 def balanced_workspace(q, num_ctas: int, kv_lora_rank: int, poison: bool):
     """(part_o [(B + G) H, L] fp32, part_lse [(B + G) H] fp32, tile_prefix [B + 1] int32): one slot a segment
     r + c (at most B + G - 1); tile_prefix is written by the kernel's CTA 0 for the combine."""

@@ -19,6 +19,7 @@ import functools
 from typing import Optional
 
 import torch
+import triton
 
 from fx_mla.ops._decode_launch import (GLUON_LATENT, GLUON_ROPE, GLUON_TRITON_VERSION, balanced_workspace,
                                        check_launch_args, check_num_splits, combine_balanced, combine_splits,
@@ -213,18 +214,17 @@ def _launch_rs(kv_cache, args, consts, num_splits: int, batch: int, page: int, t
     rope = TensorDescriptor(kv_cache, [rows, width], [kv_cache.stride(1), 1], [box, ROPE],
                             gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
     # (q, lat, rope, block_table, seq_lens, k_scale, q_scale, out, lse, part_o, part_lse, sm_scale, heads, splits,
-    #  num_blocks, max_blocks, stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h)
     #  num_blocks, max_blocks, stride_q_b, stride_q_h, stride_bt_b, stride_o_b, stride_o_h, batch, tile_prefix:
     #  the balanced schedule's [B + 1] int32, written by its CTA 0; unused by the split form, which gets seq_lens)
+    balanced = tile_prefix is not None
     rs_args = (args[0], lat, rope) + tuple(args[2:17]) + tuple(args[19:]) + (
-        batch, args[3] if tile_prefix is None else tile_prefix)
+        batch, tile_prefix if balanced else args[3])
     scorer_regs, loader_regs = RS_REGS
-    balanced = consts.pop("BALANCED", False)
-    b_pow2 = consts.pop("B_POW2", 1)
     grid = (num_splits, ) if balanced else (num_splits, batch)
     return rmod._mla_decode_gluon16_rs_kernel[grid](
         *rs_args, **consts, **_rs_views(), BLOCK_H=HEADS, BLOCK_N=BLOCK_N, NUM_STAGES=RS_STAGES,
-        DIM_MAJOR_STORE=bool(RS_DIM_MAJOR_STORE), BALANCED=balanced, B_POW2=b_pow2, SCORER_REGS=scorer_regs,
+        DIM_MAJOR_STORE=bool(RS_DIM_MAJOR_STORE), BALANCED=balanced,
+        B_POW2=max(2, triton.next_power_of_2(batch)) if balanced else 1, SCORER_REGS=scorer_regs,
         LOADER_REGS=loader_regs, num_warps=NUM_WARPS)
 
 
@@ -232,8 +232,6 @@ def _launch_rs_balanced(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm
                         num_ctas: Optional[int], poison: bool):
     """The rs kernel with the balanced schedule (RS_BALANCED): num_ctas CTAs (None: one an SM), the segment
     workspace, then combine_balanced (which also writes the requests without tokens)."""
-    import triton
-
     batch = q.shape[0]
     page = kv_cache.shape[1]
     if num_ctas is None:
@@ -243,8 +241,7 @@ def _launch_rs_balanced(q, kv_cache, block_table, seq_lens, k_scale, q_scale, sm
                                         poison)
     part_o, part_lse, prefix = balanced_workspace(q, num_ctas, kv_lora_rank, poison)
     args = args[:8] + (part_o, part_lse) + args[10:12] + (num_ctas, ) + args[13:]
-    consts = dict(consts, SINGLE_SPLIT=False, BALANCED=True, B_POW2=max(2, triton.next_power_of_2(batch)))
-    kernel = _launch_rs(kv_cache, args, consts, num_ctas, batch, page, prefix)
+    kernel = _launch_rs(kv_cache, args, dict(consts, SINGLE_SPLIT=False), num_ctas, batch, page, prefix)
     launch_mla_decode_gluon16.last_kernel = kernel
     combine_balanced(part_o, part_lse, out, lse, prefix, num_ctas, kv_lora_rank)
     return out, lse

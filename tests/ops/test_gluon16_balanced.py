@@ -11,10 +11,34 @@ import pytest
 import torch
 
 from fx_mla.ops import mla_decode_gluon16 as g16mod
-from fx_mla.ops._decode_launch import balanced_prefix, balanced_segments
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCK_N = 64
+
+
+def balanced_segments(seq_lens, num_ctas: int, cap: int, block_n: int):
+    """The balanced schedule in Python, from its definition (_decode_launch's comment): [(cta, request, first
+    token, end token, whole)] for lengths clamped to [0, cap], in tile order."""
+    tiles = [(min(max(int(n), 0), cap) + block_n - 1) // block_n for n in seq_lens]
+    total = sum(tiles)
+    out, p0 = [], 0
+    for r, nt in enumerate(tiles):
+        n = min(max(int(seq_lens[r]), 0), cap)
+        for c in range(num_ctas):
+            lo = max((c * total) // num_ctas - p0, 0)
+            hi = min(((c + 1) * total) // num_ctas - p0, nt)
+            if hi > lo:
+                out.append((c, r, lo * block_n, min(hi * block_n, n), lo == 0 and hi == nt))
+        p0 += nt
+    return out
+
+
+def balanced_prefix(seq_lens, cap: int, block_n: int):
+    """tile_prefix as the kernel's CTA 0 writes it: request r's first tile in the end-to-end order, then T."""
+    out = [0]
+    for n in seq_lens:
+        out.append(out[-1] + (min(max(int(n), 0), cap) + block_n - 1) // block_n)
+    return out
 
 
 def _ragged(batch, cap, seed):
@@ -151,7 +175,7 @@ def _combine_checks():
     into its slot r + c (fp32), or into out / lse for a whole request; every other slot and the rows of the merged
     requests are NaN. The combine must give the float64 softmax over all tokens, leave the whole requests' rows
     bitwise as they were, and write out = 0, lse = -inf for requests without tokens."""
-    from fx_mla.ops._decode_launch import balanced_prefix, balanced_workspace, combine_balanced
+    from fx_mla.ops._decode_launch import balanced_workspace, combine_balanced
     assert os.environ.get("TRITON_INTERPRET") == "1"
     heads, lat = 3, 96
     # (4, 192, 40): more CTAs than tiles, so some CTAs between a request's first and last have no share

@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from fx_mla.ops.kernels.mla_decode_gluon import _cta_work, _perm_k, _query_tiles, _score_scale
+from fx_mla.ops.kernels.mla_decode_scorer import mma_layout
 
 
 # ---- index relabellings. The kernel computes them on index tensors; the launcher builds the shared-memory views
@@ -251,8 +252,7 @@ def _rs_score_tile(q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_sme
                    PT_VIEW: gl.constexpr):
     """Scores of the tile in ring slot j % NUM_STAGES (tokens from n0, masked at `end`), the online softmax step,
     P^T and (alpha, l) into P buffer j % 2; returns the new (m_i, l_i)."""
-    S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_H, 16])
+    S_LAYOUT: gl.constexpr = mma_layout(BLOCK_H)  # S^T [tokens, heads]
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2)
     dtype: gl.constexpr = lat_ring.dtype
     s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, S_LAYOUT)
@@ -296,8 +296,7 @@ def _rs_scorer(q_nope_smem, q_pe_smem, lat_ring, rope_ring, p_smem, stat_smem, r
                BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, K_VIEW: gl.constexpr, KR_VIEW: gl.constexpr,
                PT_VIEW: gl.constexpr):
     """S^T = K Q^T and the online softmax over the split's tiles (_rs_score_tile); its lse at the end."""
-    STAT: gl.constexpr = gl.SliceLayout(0, gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                                     instr_shape=[16, BLOCK_H, 16]))
+    STAT: gl.constexpr = gl.SliceLayout(0, mma_layout(BLOCK_H))
     n_tiles = gl.cdiv(end - start, BLOCK_N)
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, STAT)
     l_i = gl.zeros([BLOCK_H], gl.float32, STAT)
@@ -318,8 +317,7 @@ def _rs_scorer_balanced(q_ptr, stride_q_b, stride_q_h, q_nope_smem, q_pe_smem, l
     """The scorer over the segments: each loads its request's query into shared memory first (the previous
     segment's MMAs have completed: _rs_score_tile waits for them), and writes its lse into lse (a whole request)
     or into the workspace slot r + c."""
-    STAT: gl.constexpr = gl.SliceLayout(0, gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                                     instr_shape=[16, BLOCK_H, 16]))
+    STAT: gl.constexpr = gl.SliceLayout(0, mma_layout(BLOCK_H))
     heads = gl.arange(0, BLOCK_H, layout=STAT)
     c = gl.program_id(0)
     j0 = 0
@@ -382,32 +380,20 @@ def _token_pairs_fp16(x, E5M2: gl.constexpr):
     return gl.reshape(z, [x.shape[0], x.shape[1]])
 
 
-@gluon.constexpr_function
-def _o_layout(block_h):
-    """The P V accumulator O^T [L, BLOCK_H] (one warpgroup, N = the heads)."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, getattr(block_h, "value",
-                                                                                                   block_h), 16])
-
-
-@gluon.constexpr_function
-def _v_load_layout(latent, block_n):
-    """The A operand's entries of a thread, registers ordered as 16 consecutive bytes of a token first (m3, m6..m8
-    are the byte's bits 0..3): one 128-bit load a token; the fp16 pairs of the MMA (two tokens) are formed after."""
-    return gl.DistributedLinearLayout(
-        reg_bases=[[8, 0], [64, 0], [128, 0], [256, 0], [0, 1], [0, 8], [0, 16], [0, 32]],
-        lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]], block_bases=[],
-        shape=[getattr(latent, "value", latent), getattr(block_n, "value", block_n)])
-
-
 @gluon.jit
 def _rs_pv_tile(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, j, n0, end, acc, L: gl.constexpr,
                 BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, V_VIEW: gl.constexpr,
                 E5M2: gl.constexpr):
     """O^T += V^T P^T for the tile in ring slot j % NUM_STAGES (tokens from n0, zeroed at `end`) after rescaling by
     alpha; returns (acc, l) with l the scorer's running sum published with this tile's P."""
-    O_LAYOUT: gl.constexpr = _o_layout(BLOCK_H)
+    O_LAYOUT: gl.constexpr = mma_layout(BLOCK_H)  # O^T [L, heads]
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
-    V_LOAD: gl.constexpr = _v_load_layout(L, BLOCK_N)
+    # the A operand's entries of a thread, registers ordered as 16 consecutive bytes of a token first (m3, m6..m8
+    # are the byte's bits 0..3): one 128-bit load a token; the fp16 pairs of the MMA (two tokens) are formed after
+    V_LOAD: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[8, 0], [64, 0], [128, 0], [256, 0], [0, 1], [0, 8], [0, 16], [0, 32]],
+        lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]], block_bases=[],
+        shape=[L, BLOCK_N])
     STAT: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
     toks = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, V_LOAD))
     s = j % NUM_STAGES
@@ -444,7 +430,7 @@ def _rs_store_o(o, o_base, o_stride, L: gl.constexpr, BLOCK_H: gl.constexpr, DIM
         heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, O_DIMS))
         dims = gl.arange(0, L, layout=gl.SliceLayout(1, O_DIMS))
     else:
-        O_LAYOUT: gl.constexpr = _o_layout(BLOCK_H)
+        O_LAYOUT: gl.constexpr = mma_layout(BLOCK_H)
         heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, O_LAYOUT))
         dims = _dim_of_row_t(gl.arange(0, L, layout=gl.SliceLayout(1, O_LAYOUT)))
     gl.store(o_base + heads.to(gl.int64)[None, :] * o_stride + dims[:, None], o.to(o_base.dtype.element_ty))
@@ -455,7 +441,7 @@ def _rs_pv(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, start, end,
            L: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
            V_VIEW: gl.constexpr, E5M2: gl.constexpr, DIM_MAJOR_STORE: gl.constexpr, O_DIMS: gl.constexpr):
     """O^T over the split's tiles (_rs_pv_tile), normalized and stored (_rs_store_o)."""
-    O_LAYOUT: gl.constexpr = _o_layout(BLOCK_H)
+    O_LAYOUT: gl.constexpr = mma_layout(BLOCK_H)
     n_tiles = gl.cdiv(end - start, BLOCK_N)
     acc = gl.zeros([L, BLOCK_H], gl.float32, O_LAYOUT)
     l_o = gl.full([BLOCK_H], 1.0, gl.float32, gl.SliceLayout(0, O_LAYOUT))
@@ -472,7 +458,7 @@ def _rs_pv_balanced(lat_ring, p_smem, stat_smem, ready, empty, pready, pfree, se
                     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, V_VIEW: gl.constexpr,
                     E5M2: gl.constexpr, DIM_MAJOR_STORE: gl.constexpr, O_DIMS: gl.constexpr):
     """P V over the segments: each segment's O into out (a whole request) or into workspace slot r + c."""
-    O_LAYOUT: gl.constexpr = _o_layout(BLOCK_H)
+    O_LAYOUT: gl.constexpr = mma_layout(BLOCK_H)
     c = gl.program_id(0)
     j0 = 0
     r = r_first
